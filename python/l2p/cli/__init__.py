@@ -1,0 +1,40 @@
+"""The ``l2p`` command. Each subcommand lives in its own module under ``l2p.cli`` and
+exposes ``register(subparsers)``; adding one is one module plus one line in SUBCOMMANDS."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Module names under l2p.cli, in the order ``l2p --help`` lists them.
+SUBCOMMANDS = [
+    "info",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="l2p",
+        description="Latent-to-pixel transfer for diffusers transformers.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"l2p.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        # Mistakes a user can fix: one line, no traceback.
+        print(f"l2p {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

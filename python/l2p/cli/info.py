@@ -1,0 +1,69 @@
+"""``l2p info``: what was compiled and what backend="auto" picks for each op."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+
+from l2p import __version__
+from l2p.ops import _dispatch, _extension
+
+_OPS = ("patch_embed", "unpatchify", "attention")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def collect() -> dict:
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    auto = {
+        op: {
+            dev: {str(dt).removeprefix("torch."): _dispatch.auto_choice(op, dev, dt) for dt in _DTYPES}
+            for dev in devices
+        }
+        for op in _OPS
+    }
+    info = {
+        "l2p": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cpu_threads": torch.get_num_threads(),
+        "extension": _extension.build_info(),
+        "auto": auto,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    ext = info["extension"]
+    print(f"l2p {info['l2p']}  (python {info['python']}, torch {info['torch']}, "
+          f"CUDA {info['torch_cuda'] or 'none'})")
+    if "error" in ext:
+        print(f"compiled extension: NOT AVAILABLE ({ext['error']})")
+    else:
+        archs = ext["cuda_archs"] or "-"
+        print(f"compiled extension: CPU kernels yes (gemm: {ext['cpu_gemm']}), "
+              f"CUDA kernels {'yes' if ext['cuda'] else 'no'} (archs: {archs}), "
+              f"built against torch {ext['torch_version']}")
+    print(f"CPU threads: {info['cpu_threads']}" + (f"; GPU: {info['gpu']}" if "gpu" in info else ""))
+    print('backend="auto" picks:')
+    for op, per_device in info["auto"].items():
+        for dev, per_dtype in per_device.items():
+            picks = ", ".join(f"{dt}={b}" for dt, b in per_dtype.items())
+            print(f"  {op:12s} {dev:5s} {picks}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("info", help="show the build and the backends 'auto' picks")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)

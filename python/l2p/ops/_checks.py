@@ -1,0 +1,61 @@
+"""Input validation shared by the op fronts: every mistake a caller can make becomes a
+ValueError or TypeError that says what to change, before any kernel runs."""
+
+from __future__ import annotations
+
+import torch
+
+
+def require_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def require_rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    if t.dim() != rank:
+        raise ValueError(f"{name} must be {layout} ({rank} dims), got shape {tuple(t.shape)}")
+
+
+def require_nonempty(name: str, t: torch.Tensor) -> None:
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); pass at least one element")
+
+
+def require_float(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def require_same(kind: str, reference_name: str, reference: torch.Tensor, **others) -> None:
+    """All tensors in ``others`` (None allowed) share ``reference``'s dtype and device."""
+    for name, t in others.items():
+        if t is None:
+            continue
+        if kind in ("dtype", "both") and t.dtype != reference.dtype:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but {reference_name} has {reference.dtype}; "
+                f"cast them to one dtype"
+            )
+        if kind in ("device", "both") and t.device != reference.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {reference_name} is on {reference.device}; "
+                f"move them to one device"
+            )
+
+
+def require_patch_size(patch_size: object) -> int:
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    return patch_size
+
+
+def require_divisible(height: int, width: int, patch_size: int, what: str = "image") -> None:
+    if height % patch_size or width % patch_size:
+        fix_h = -(-height // patch_size) * patch_size
+        fix_w = -(-width // patch_size) * patch_size
+        raise ValueError(
+            f"{what} size {height}x{width} is not a multiple of patch_size {patch_size}; "
+            f"resize or pad it to {fix_h}x{fix_w} (or {height - height % patch_size}x"
+            f"{width - width % patch_size})"
+        )

@@ -1,0 +1,79 @@
+"""Which implementation runs an op: ``backend="auto"|"cpp"|"cuda"|"torch"``.
+
+"auto" consults AUTO_RULES, one entry per (op, device type): the dtypes for which the
+compiled kernel beat the torch way in bench/ (see bench/RESULTS.md for the figures). Where
+no rule matches, or the extension is not built, "auto" takes the torch way, so no user is
+slower than plain torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from l2p.ops import _extension
+
+BACKENDS = ("auto", "cpp", "cuda", "torch")
+
+_ALL_FLOATS = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
+
+# (op, device type) -> dtypes whose compiled kernel is the fastest measured path.
+AUTO_RULES: dict[tuple[str, str], frozenset[torch.dtype]] = {
+    ("patch_embed", "cpu"): _ALL_FLOATS,
+    ("unpatchify", "cpu"): _ALL_FLOATS,
+    ("attention", "cpu"): frozenset({torch.float32, torch.float64}),
+}
+
+# Device type each compiled backend serves.
+_COMPILED_DEVICE = {"cpp": "cpu", "cuda": "cuda"}
+
+
+def _compiled_for(device_type: str) -> str | None:
+    for backend, dev in _COMPILED_DEVICE.items():
+        if dev == device_type:
+            return backend
+    return None
+
+
+def _kernel_registered(op: str, device_type: str) -> bool:
+    if not _extension.is_compiled():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"l2p::{_kernel_name(op)}", key)
+
+
+def _kernel_name(op: str) -> str:
+    return "attention_forward" if op == "attention" else op
+
+
+def auto_choice(op: str, device_type: str, dtype: torch.dtype) -> str:
+    """The backend "auto" picks for this op on this device type and dtype."""
+    compiled = _compiled_for(device_type)
+    if compiled is None or not _kernel_registered(op, device_type):
+        return "torch"
+    if dtype in AUTO_RULES.get((op, device_type), frozenset()):
+        return compiled
+    return "torch"
+
+
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Check an explicit backend against the inputs, or resolve "auto"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return auto_choice(op, device.type, dtype)
+    if backend == "torch":
+        return backend
+    _extension.require_compiled(backend)
+    wanted = _COMPILED_DEVICE[backend]
+    if device.type != wanted:
+        raise ValueError(
+            f"backend={backend!r} runs on {wanted} tensors but the inputs are on {device}; "
+            f"move them or use backend='auto'"
+        )
+    if not _kernel_registered(op, wanted):
+        raise RuntimeError(
+            f"l2p was built without a {backend} kernel for {op}; rebuild with "
+            + ("L2P_CUDA=1 against a CUDA build of torch" if backend == "cuda" else "the default settings")
+            + " or use backend='auto'"
+        )
+    return backend

@@ -1,0 +1,152 @@
+"""``l2p.ops.attention``: memory-efficient (flash-style) scaled dot-product attention."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from l2p.ops import _checks, _dispatch, _extension
+
+MAX_HEAD_DIM = 256
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Non-causal attention softmax(q k^T * scale + mask) v, in the layout of
+    ``F.scaled_dot_product_attention``.
+
+    Args:
+        q: (B, Hq, Nq, Dh).
+        k: (B, Hk, Nk, Dh); Hq must be a multiple of Hk (grouped-query attention: query head
+            h reads key/value head h // (Hq // Hk)).
+        v: (B, Hk, Nk, Dv).
+        attn_mask: optional, broadcastable to (B, Hq, Nq, Nk): boolean (True = attend) or
+            additive float. The key-padding shape (B, 1, 1, Nk) is the common case. A query
+            row with no key to attend to gets zeros, as in PyTorch.
+        scale: defaults to 1/sqrt(Dh).
+        backend: "auto" (fastest measured path), "cpp", "cuda" or "torch"
+            (``F.scaled_dot_product_attention``).
+
+    The compiled kernels tile the keys with an online softmax, so memory is O(N), and the
+    backward pass recomputes the probabilities instead of storing them. Computation is in
+    float32 for float16 / bfloat16 inputs.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.require_tensor(name, t)
+        _checks.require_rank(name, t, 4, "(B, H, N, D)")
+        _checks.require_float(name, t)
+        _checks.require_nonempty(name, t)
+    _checks.require_same("both", "q", q, k=k, v=v)
+    batch, hq, nq, dh = q.shape
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"q, k, v batch sizes differ: {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k has {k.shape[1]} heads but v has {v.shape[1]}; they must match")
+    hk = k.shape[1]
+    if hq % hk:
+        raise ValueError(
+            f"q has {hq} heads, not a multiple of the {hk} key/value heads; grouped-query "
+            "attention needs Hq % Hk == 0"
+        )
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k has {k.shape[2]} keys but v has {v.shape[2]} values")
+    if k.shape[3] != dh:
+        raise ValueError(f"q head dim {dh} differs from k head dim {k.shape[3]}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(dh)
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    mask = None
+    if attn_mask is not None:
+        mask = _additive_mask(attn_mask, q, k)
+    chosen = _dispatch.resolve("attention", backend, q.device, q.dtype)
+    if chosen != "torch" and max(dh, v.shape[3]) > MAX_HEAD_DIM:
+        if backend != "auto":
+            raise ValueError(
+                f"head dim {max(dh, v.shape[3])} exceeds {MAX_HEAD_DIM}, the most the compiled "
+                "kernels support; use backend='torch'"
+            )
+        chosen = "torch"
+    if chosen == "torch":
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=_torch_mask(attn_mask, q), scale=float(scale),
+            enable_gqa=hq != hk,
+        )
+    out, _ = torch.ops.l2p.attention_forward(q, k, v, mask, float(scale))
+    return out
+
+
+def _additive_mask(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A float32 additive view of the mask at (B, Hq, Nq, Nk), broadcast without copying."""
+    _checks.require_tensor("attn_mask", attn_mask)
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if attn_mask.dim() > 4:
+        raise ValueError(f"attn_mask has {attn_mask.dim()} dims; at most 4 (B, H, Nq, Nk)")
+    try:
+        torch.broadcast_shapes(tuple(attn_mask.shape), target)
+        if torch.broadcast_shapes(tuple(attn_mask.shape), target) != target:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, Hq, Nq, Nk) "
+            f"= {target}; a key-padding mask is (B, 1, 1, Nk)"
+        ) from None
+    if attn_mask.dtype == torch.bool:
+        additive = torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device)
+        additive.masked_fill_(~attn_mask, float("-inf"))
+    elif attn_mask.is_floating_point():
+        additive = attn_mask.to(torch.float32)
+    else:
+        raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    return additive.expand(target)
+
+
+def _torch_mask(attn_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    if attn_mask is None or attn_mask.dtype == torch.bool:
+        return attn_mask
+    return attn_mask.to(q.dtype)
+
+
+def _register() -> None:
+    @torch.library.register_fake("l2p::attention_forward")
+    def _(q, k, v, attn_mask, scale):
+        out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+        lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
+        return out, lse
+
+    @torch.library.register_fake("l2p::attention_backward")
+    def _(grad_out, q, k, v, out, lse, attn_mask, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, attn_mask, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.l2p.attention_backward(
+            grad_out, q, k, v, out, lse, attn_mask, ctx.scale
+        )
+        return dq, dk, dv, None, None
+
+    torch.library.register_autograd(
+        "l2p::attention_forward", backward, setup_context=setup_context
+    )
+
+
+if _extension.is_compiled():
+    _register()

@@ -1,0 +1,91 @@
+"""``l2p.ops.patch_embed``: pixel patches -> tokens, fused (no im2col copy of the image)."""
+
+from __future__ import annotations
+
+import torch
+
+from l2p.ops import _checks, _dispatch, _extension
+from l2p.ops.reference import patch_embed_reference
+
+
+def patch_embed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    patch_size: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Embed the non-overlapping ``patch_size`` x ``patch_size`` patches of ``x``.
+
+    Args:
+        x: image batch (B, C, H, W); H and W multiples of ``patch_size``.
+        weight: (D, C, p, p), laid out exactly as ``nn.Conv2d`` stores it, so the weights of
+            a diffusers ``PatchEmbed`` projection work unchanged.
+        bias: optional (D,).
+        backend: "auto" (fastest measured path), "cpp", "cuda" or "torch".
+
+    Returns:
+        Tokens (B, (H/p)*(W/p), D), row-major over the patch grid; equal to
+        ``F.conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)``.
+    """
+    _checks.require_tensor("x", x)
+    _checks.require_tensor("weight", weight)
+    p = _checks.require_patch_size(patch_size)
+    _checks.require_rank("x", x, 4, "(B, C, H, W)")
+    _checks.require_rank("weight", weight, 4, "(D, C, p, p)")
+    _checks.require_float("x", x)
+    _checks.require_nonempty("x", x)
+    _checks.require_nonempty("weight", weight)
+    _checks.require_same("both", "x", x, weight=weight, bias=bias)
+    if tuple(weight.shape[1:]) != (x.shape[1], p, p):
+        raise ValueError(
+            f"weight must be (D, {x.shape[1]}, {p}, {p}) for a {x.shape[1]}-channel image and "
+            f"patch_size {p}, got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    _checks.require_divisible(x.shape[2], x.shape[3], p)
+    chosen = _dispatch.resolve("patch_embed", backend, x.device, x.dtype)
+    if chosen == "torch":
+        return patch_embed_reference(x, weight, bias, p)
+    return torch.ops.l2p.patch_embed(x, weight, bias, p)
+
+
+def _register() -> None:
+    @torch.library.register_fake("l2p::patch_embed")
+    def _(x, weight, bias, patch_size):
+        tokens = (x.shape[2] // patch_size) * (x.shape[3] // patch_size)
+        return x.new_empty((x.shape[0], tokens, weight.shape[0]))
+
+    @torch.library.register_fake("l2p::patch_weight_grad")
+    def _(x, grad_tokens, patch_size):
+        return x.new_empty((grad_tokens.shape[2], x.shape[1], patch_size, patch_size))
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, patch_size = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.patch_size = patch_size
+
+    def backward(ctx, grad):
+        # The input gradient of a patch embedding is an un-patchify by the transposed
+        # weight, so both directions run on the fused kernels.
+        x, weight = ctx.saved_tensors
+        p = ctx.patch_size
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            adjoint = weight.reshape(weight.shape[0], -1).t()
+            grad_x = torch.ops.l2p.unpatchify(grad, adjoint, None, p, x.shape[2], x.shape[3])
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.l2p.patch_weight_grad(x, grad, p)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 1))
+        return grad_x, grad_w, grad_b, None
+
+    torch.library.register_autograd(
+        "l2p::patch_embed", backward, setup_context=setup_context
+    )
+
+
+if _extension.is_compiled():
+    _register()
