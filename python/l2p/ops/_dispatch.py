@@ -27,27 +27,17 @@ AUTO_RULES: dict[tuple[str, str], frozenset[torch.dtype]] = {
 _COMPILED_DEVICE = {"cpp": "cpu", "cuda": "cuda"}
 
 
-def _compiled_for(device_type: str) -> str | None:
-    for backend, dev in _COMPILED_DEVICE.items():
-        if dev == device_type:
-            return backend
-    return None
+_COMPILED_FOR_DEVICE = {dev: backend for backend, dev in _COMPILED_DEVICE.items()}
 
 
 def _kernel_registered(op: str, device_type: str) -> bool:
-    if not _extension.is_compiled():
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"l2p::{_kernel_name(op)}", key)
-
-
-def _kernel_name(op: str) -> str:
-    return "attention_forward" if op == "attention" else op
+    kernel = "attention_forward" if op == "attention" else op
+    return (kernel, device_type) in _extension.REGISTERED_KERNELS
 
 
 def auto_choice(op: str, device_type: str, dtype: torch.dtype) -> str:
     """The backend "auto" picks for this op on this device type and dtype."""
-    compiled = _compiled_for(device_type)
+    compiled = _COMPILED_FOR_DEVICE.get(device_type)
     if compiled is None or not _kernel_registered(op, device_type):
         return "torch"
     if dtype in AUTO_RULES.get((op, device_type), frozenset()):

@@ -6,11 +6,11 @@ asking explicitly for a compiled backend without it is an error that says how to
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
+import torch
 
-@functools.cache
+
 def _load() -> tuple[Any, str | None]:
     try:
         from l2p import _C  # noqa: PLC0415 - importing registers the kernels
@@ -19,9 +19,31 @@ def _load() -> tuple[Any, str | None]:
     return _C, None
 
 
+# Loaded once at import, so that the dispatch decisions below are plain constants that
+# torch.compile can trace through.
+_EXT, _LOAD_ERROR = _load()
+
+
+def _registered_kernels() -> frozenset[tuple[str, str]]:
+    if _EXT is None:
+        return frozenset()
+    ops = ("patch_embed", "unpatchify", "patch_weight_grad", "attention_forward",
+           "attention_backward")
+    return frozenset(
+        (op, device)
+        for op in ops
+        for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"l2p::{op}", key)
+    )
+
+
+# (op name, device type) pairs that have a compiled kernel, e.g. ("attention_forward", "cpu").
+REGISTERED_KERNELS = _registered_kernels()
+
+
 def is_compiled() -> bool:
     """True when ``l2p._C`` was built and imports."""
-    return _load()[0] is not None
+    return _EXT is not None
 
 
 def has_cuda_kernels() -> bool:
@@ -30,18 +52,16 @@ def has_cuda_kernels() -> bool:
 
 def build_info() -> dict[str, Any]:
     """How the extension was built: ``cuda``, ``cuda_archs``, ``cpu_gemm``, ``torch_version``."""
-    ext, error = _load()
-    if ext is None:
+    if _EXT is None:
         return {"cuda": False, "cuda_archs": "", "cpu_gemm": None, "torch_version": None,
-                "error": error}
-    return dict(ext.build_info())
+                "error": _LOAD_ERROR}
+    return dict(_EXT.build_info())
 
 
 def require_compiled(backend: str) -> None:
-    ext, error = _load()
-    if ext is None:
+    if _EXT is None:
         raise RuntimeError(
             f"backend={backend!r} needs the compiled extension l2p._C, which failed to import "
-            f"({error}). Reinstall with `pip install --no-build-isolation .` from the l2p "
+            f"({_LOAD_ERROR}). Reinstall with `pip install --no-build-isolation .` from the l2p "
             "source tree, or use backend='torch'."
         )

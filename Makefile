@@ -1,0 +1,27 @@
+# The two Quickstart commands of README.md: `make demo` and `make test`.
+# Both install what is missing into the current Python environment first.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# The CPU build of torch that this project's CI machines keep on disk. Installed only when no
+# torch is importable: a user's own torch (e.g. a CUDA build) is always kept.
+TORCH_CPU_PIN ?= torch==2.13.0
+BUILD_REQUIREMENTS := setuptools>=64 wheel pybind11>=2.12 ninja cmake>=3.18
+
+.PHONY: install demo test bench info
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU_PIN)"
+	$(PIP) install --quiet $(BUILD_REQUIREMENTS)
+	$(PIP) install --quiet --no-build-isolation ".[test,train]"
+
+demo: install
+	l2p info
+
+test: install
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) -m pytest bench --benchmark-enable --benchmark-columns=min,median,max,rounds -q
+
+info:
+	l2p info
