@@ -21,6 +21,11 @@ AUTO_RULES: dict[tuple[str, str], frozenset[torch.dtype]] = {
     ("patch_embed", "cpu"): _ALL_FLOATS,
     ("unpatchify", "cpu"): _ALL_FLOATS,
     ("attention", "cpu"): frozenset({torch.float32, torch.float64}),
+    # Measured on an H200 in bf16 (fp16 runs the same kernels): patch_embed 0.54 ms against
+    # Conv2d's 17 ms at 4096^2, p=16; unpatchify 0.51 ms against Linear+permute's 0.57 ms.
+    # Attention on CUDA stays with torch: its flash and cuDNN backends were 2.3-4.5x faster.
+    ("patch_embed", "cuda"): frozenset({torch.bfloat16, torch.float16}),
+    ("unpatchify", "cuda"): frozenset({torch.bfloat16, torch.float16}),
 }
 
 # Device type each compiled backend serves.

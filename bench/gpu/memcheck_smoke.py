@@ -1,0 +1,24 @@
+"""Small CUDA calls of every l2p op, for compute-sanitizer memcheck (bench/gpu/device_run.sh)."""
+
+import torch
+
+import l2p.ops
+
+dev = "cuda"
+for dtype in (torch.bfloat16, torch.float32):
+    for dh in (36, 40, 128, 256):
+        q = torch.randn(1, 4, 70, dh, device=dev, dtype=dtype, requires_grad=True)
+        k = torch.randn(1, 2, 45, dh, device=dev, dtype=dtype, requires_grad=True)
+        v = torch.randn(1, 2, 45, dh, device=dev, dtype=dtype, requires_grad=True)
+        mask = torch.rand(1, 1, 1, 45, device=dev) > 0.3
+        out = l2p.ops.attention(q, k, v, attn_mask=mask, backend="cuda")
+        out.float().sum().backward()
+    x = torch.randn(2, 3, 48, 32, device=dev, dtype=dtype, requires_grad=True)
+    w = torch.randn(24, 3, 16, 16, device=dev, dtype=dtype, requires_grad=True)
+    y = l2p.ops.patch_embed(x, w, patch_size=16, backend="cuda")
+    y.float().sum().backward()
+    wt = torch.randn(3 * 256, 24, device=dev, dtype=dtype, requires_grad=True)
+    img = l2p.ops.unpatchify(y.detach().requires_grad_(), wt, patch_size=16, height=48, width=32, backend="cuda")
+    img.float().sum().backward()
+torch.cuda.synchronize()
+print("memcheck smoke: all ops ran")
