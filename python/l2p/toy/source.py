@@ -1,0 +1,370 @@
+"""The toy source model: a real diffusers PixArt-Sigma pipeline trained on ShapesWorld.
+
+It plays the part a pretrained latent DiT plays in L2P: a latent text-to-image model whose
+own generations become the pixel model's training data. Every part is a stock diffusers /
+transformers class, saved with ``save_pretrained`` (safetensors), so
+``diffusers.DiffusionPipeline.from_pretrained(folder)`` loads it like any checkpoint:
+
+- ``vae``: AutoencoderKL, 64x64x3 <-> 16x16x4 (factor 4), trained first on reconstructions;
+- ``text_encoder``: a small T5 encoder, trained jointly with the transformer;
+- ``tokenizer``: a T5 (unigram) tokenizer whose pieces are ShapesWorld's words;
+- ``transformer``: PixArtTransformer2DModel (patch 2, so an 8x8 token grid), flow matching;
+- ``scheduler``: DPMSolverMultistepScheduler in flow-prediction mode (as Sana uses it), so the
+  pipeline samples the flow ODE. At 64 px, call the pipeline with
+  ``use_resolution_binning=False`` (its bins start at 256 px).
+
+``train_toy_source`` runs the whole recipe on whatever device is given; ``l2p toy
+train-source`` is its command.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from l2p.toy import world as toy_world
+from l2p.toy.grammar import generate_scenes
+from l2p.toy.render import render_array
+
+# Where the shipped, trained toy source lives inside the package.
+SHIPPED_SOURCE_DIR = Path(__file__).resolve().parent / "weights" / "shapes-pixart"
+
+
+@dataclass
+class ToySourceConfig:
+    """Architecture and training recipe of the toy source. Defaults are the shipped model's."""
+
+    image_size: int = 64
+    # AutoencoderKL: len(vae_channels) - 1 downsamplings, so factor 4 with three levels.
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    latent_channels: int = 4
+    # PixArt transformer.
+    layers: int = 8
+    heads: int = 5
+    head_dim: int = 32
+    latent_patch: int = 2
+    # T5 text encoder.
+    text_dim: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    max_tokens: int = 24
+    # Data: ShapesWorld renders of the training split.
+    train_scenes: int = 30000
+    data_seed: int = 0
+    # Recipe.
+    vae_steps: int = 3000
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    dit_steps: int = 12000
+    dit_batch: int = 128
+    dit_lr: float = 4e-4
+    warmup_steps: int = 500
+    caption_dropout: float = 0.1
+    flow_shift: float = 1.0
+    seed: int = 0
+    workers: int = 0  # processes for rendering; 0 = one per CPU
+    # Wall-clock budget for both training phases (0 = none). When set, each phase measures
+    # its speed on its first steps and shortens its schedule to fit its share (a quarter for
+    # the autoencoder); the steps actually run are written to the training record.
+    time_budget_s: float = 0.0
+
+    def scaled(self, **overrides) -> "ToySourceConfig":
+        return ToySourceConfig(**{**asdict(self), **overrides})
+
+
+def toy_vocabulary() -> list[str]:
+    """Every word a ShapesWorld prompt can use."""
+    words = {"a", "an", "and", "of", "the", "to"}
+    words.update(toy_world.NUMBER_WORDS.values())
+    words.update(toy_world.PALETTE)
+    words.update(toy_world.SIZES)
+    words.update(toy_world.SHAPES)
+    words.update(toy_world.PLURALS.values())
+    for phrase in toy_world.RELATION_PHRASES.values():
+        words.update(phrase.split())
+    return sorted(words)
+
+
+def build_toy_tokenizer(max_tokens: int = 24):
+    """A T5 unigram tokenizer whose pieces are whole ShapesWorld words (plus single letters,
+    so an unknown word still tokenizes, letter by letter)."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -1.0) for w in toy_vocabulary()]
+    vocab += [("\u2581", -5.0)] + [(c, -10.0) for c in "abcdefghijklmnopqrstuvwxyz.,"]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_tokens)
+
+
+def build_toy_pipeline(cfg: ToySourceConfig, seed: int = 0):
+    """An untrained PixArtSigmaPipeline with the toy architecture (deterministic in seed)."""
+    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline,
+                           PixArtTransformer2DModel)
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    levels = len(cfg.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(cfg.vae_channels), layers_per_block=1,
+        norm_num_groups=min(16, min(cfg.vae_channels)), sample_size=cfg.image_size,
+    )
+    factor = 2 ** (levels - 1)
+    tokenizer = build_toy_tokenizer(cfg.max_tokens)
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=cfg.text_dim, d_kv=cfg.text_dim // cfg.text_heads,
+        d_ff=cfg.text_dim * 2, num_layers=cfg.text_layers, num_heads=cfg.text_heads,
+        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0,
+    ))
+    inner = cfg.heads * cfg.head_dim
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        num_layers=cfg.layers, cross_attention_dim=inner, caption_channels=cfg.text_dim,
+        sample_size=cfg.image_size // factor, patch_size=cfg.latent_patch,
+        norm_num_groups=1, interpolation_scale=1, use_additional_conditions=False,
+    )
+    scheduler = DPMSolverMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=cfg.flow_shift,
+    )
+    return PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                               transformer=transformer, scheduler=scheduler)
+
+
+def _render_one(args) -> np.ndarray:
+    scene_dict, size = args
+    return render_array(toy_world.Scene.from_dict(scene_dict), size)
+
+
+def render_training_set(n: int, seed: int, size: int, workers: int = 0):
+    """``n`` ShapesWorld training scenes: (uint8 images (n, size, size, 3), prompts)."""
+    scenes = generate_scenes(n, seed, split="train")
+    jobs = [(s.to_dict(), size) for s in scenes]
+    workers = workers or (os.cpu_count() or 1)
+    if workers > 1 and n >= 256:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            images = pool.map(_render_one, jobs, chunksize=64)
+    else:
+        images = [_render_one(j) for j in jobs]
+    return np.stack(images), [s.prompt for s in scenes]
+
+
+def _to_model_range(batch_uint8: np.ndarray, device) -> torch.Tensor:
+    x = torch.from_numpy(batch_uint8).to(device).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _fit_steps(planned: int, step: int, started: float, budget_s: float) -> int:
+    """Shrink a schedule of ``planned`` steps so that it ends within ``budget_s`` seconds,
+    judging by the speed of the ``step`` steps run since ``started``."""
+    if budget_s <= 0 or step == 0:
+        return planned
+    per_step = (time.time() - started) / step
+    return max(step + 1, min(planned, int(budget_s / per_step)))
+
+
+def train_vae(vae, images: np.ndarray, cfg: ToySourceConfig, device, log: Callable[[str], None]):
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    total, started, step = cfg.vae_steps, time.time(), 0
+    while step < total:
+        if step == 20:
+            total = _fit_steps(total, step, started, cfg.time_budget_s * 0.25)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, total, cfg.vae_lr, min(200, cfg.warmup_steps))
+        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=gen).numpy()
+        x = _to_model_range(images[idx], device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 250 == 0 or step == total - 1:
+            log(f"vae step {step}/{total} loss {loss.item():.4f}")
+        step += 1
+    vae.eval()
+    return total
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, device, batch: int = 256) -> torch.Tensor:
+    """Posterior means of all images, unscaled, on the CPU."""
+    out = []
+    for i in range(0, len(images), batch):
+        out.append(vae.encode(_to_model_range(images[i:i + batch], device)).latent_dist.mean.cpu())
+    return torch.cat(out)
+
+
+def encode_text(pipe, prompts: list[str], device, max_tokens: int):
+    """(embeddings, mask) exactly as PixArtSigmaPipeline.encode_prompt computes them: padding
+    beyond the prompt is masked, so a shorter max length changes nothing for real tokens."""
+    tokens = pipe.tokenizer([p.lower().strip() for p in prompts], padding="max_length",
+                            max_length=max_tokens, truncation=True, add_special_tokens=True,
+                            return_tensors="pt")
+    ids = tokens.input_ids.to(device)
+    mask = tokens.attention_mask.to(device)
+    return pipe.text_encoder(ids, attention_mask=mask)[0], mask
+
+
+def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: ToySourceConfig,
+                      device, log: Callable[[str], None], budget_s: float = 0.0):
+    """Flow matching on the scaled latents: x_t = (1-s) x0 + s eps, the model predicts
+    eps - x0 at timestep 1000*s, s logit-normal; the text encoder trains jointly."""
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    transformer, text_encoder = pipe.transformer.to(device), pipe.text_encoder.to(device)
+    transformer.train()
+    text_encoder.train()
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.01)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    x0_all = latents * pipe.vae.config.scaling_factor
+    total, started, step = cfg.dit_steps, time.time(), 0
+    while step < total:
+        if step == 20:
+            total = _fit_steps(total, step, started, budget_s)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, total, cfg.dit_lr, min(cfg.warmup_steps, total // 10))
+        idx = torch.randint(0, len(prompts), (cfg.dit_batch,), generator=gen)
+        drop = torch.rand(cfg.dit_batch, generator=gen) < cfg.caption_dropout
+        batch_prompts = ["" if d else prompts[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        x0 = x0_all[idx].to(device)
+        eps = torch.randn(x0.shape, generator=gen).to(device)
+        s = torch.sigmoid(torch.randn(cfg.dit_batch, generator=gen)).to(device)
+        if cfg.flow_shift != 1.0:
+            s = cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s)
+        xt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
+        with autocast:
+            emb, mask = encode_text(pipe, batch_prompts, device, cfg.max_tokens)
+            pred = transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask,
+                               timestep=s * 1000,
+                               added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        loss = F.mse_loss(pred.float(), eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 250 == 0 or step == total - 1:
+            log(f"transformer step {step}/{total} loss {loss.item():.4f}")
+        step += 1
+    transformer.eval()
+    text_encoder.eval()
+    return total
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | torch.device = "cpu",
+                     log: Callable[[str], None] = print, command: str | None = None) -> Path:
+    """Render the training set, train the autoencoder, then the transformer and text encoder;
+    write the pipeline folder (atomically) with a training record beside the weights."""
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    started = time.time()
+    pipe = build_toy_pipeline(cfg, seed=cfg.seed)
+    log(f"rendering {cfg.train_scenes} ShapesWorld scenes at {cfg.image_size}px")
+    images, prompts = render_training_set(cfg.train_scenes, cfg.data_seed, cfg.image_size, cfg.workers)
+    vae_steps = train_vae(pipe.vae, images, cfg, device, log)
+    latents = encode_latents(pipe.vae, images, device)
+    # Unit variance in the transformer's space, as the published VAEs' scaling factors do.
+    pipe.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    log(f"latent scaling factor {pipe.vae.config.scaling_factor:.4f}")
+    remaining = cfg.time_budget_s - (time.time() - started) if cfg.time_budget_s else 0.0
+    dit_steps = train_transformer(pipe, latents, prompts, cfg, device, log, max(remaining, 1.0) if cfg.time_budget_s else 0.0)
+    pipe.to("cpu")
+    elapsed = time.time() - started
+    record = {
+        "config": asdict(cfg),
+        "steps_run": {"vae": vae_steps, "transformer": dit_steps},
+        "command": command,
+        "seconds": round(elapsed, 1),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    save_pipeline_atomically(pipe, out_dir, extra_files={"training_record.json": json.dumps(record, indent=2)})
+    log(f"toy source written to {out_dir} in {elapsed:.0f} s")
+    return out_dir
+
+
+def save_pipeline_atomically(pipe, out_dir: Path, extra_files: dict[str, str] | None = None) -> None:
+    """save_pretrained into a sibling temporary folder, then swap it into place."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_toy_source(path: str | Path | None = None, device: str | torch.device = "cpu"):
+    """The toy source pipeline (the shipped one by default)."""
+    from diffusers import PixArtSigmaPipeline
+
+    path = Path(path) if path is not None else SHIPPED_SOURCE_DIR
+    if not (path / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"no toy source at {path}: train one with `l2p toy train-source --out {path}`"
+        )
+    return PixArtSigmaPipeline.from_pretrained(path, local_files_only=True, use_safetensors=True).to(device)
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], *, seed: int = 0, steps: int = 20, guidance: float = 4.5,
+             batch_size: int = 64) -> np.ndarray:
+    """Images for ``prompts`` as uint8 (n, H, W, 3); image i uses generator seed ``seed + i``."""
+    size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        gens = [torch.Generator(pipe.device).manual_seed(seed + start + i) for i in range(len(chunk))]
+        result = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                      generator=gens, output_type="np", use_resolution_binning=False,
+                      max_sequence_length=pipe.tokenizer.model_max_length, clean_caption=False)
+        out.append(np.clip(np.round(result.images * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
