@@ -1,0 +1,265 @@
+"""The training dataset: rendered images with ``metadata.csv``, or a plain folder of real
+images with sidecar ``.txt`` captions; fixed-size center crops or aspect-ratio buckets;
+caption dropout for classifier-free guidance.
+
+Every image is checked once when the dataset is built (PIL open + verify: the header and the
+chunk checksums, no decoding), so a missing or corrupt file costs a counted warning, not a
+crash hours into training. A ``file_name`` that would leave the folder (absolute, ``..``, or a
+symlink pointing outside) is a ValueError naming its row: metadata from elsewhere must not be
+able to make training read arbitrary files.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+CAPTION_COLUMNS = ("text", "caption", "prompt")
+
+
+@dataclass(frozen=True)
+class CaptionedFile:
+    file_name: str  # relative to the dataset folder, "/"-separated
+    path: Path
+    caption: str
+
+
+def _inside(root: Path, file_name: str, where: str) -> Path:
+    """``root / file_name`` if it stays inside ``root``; else a ValueError naming ``where``."""
+    posix = PurePosixPath(file_name.replace("\\", "/"))
+    if (not file_name or posix.is_absolute() or PureWindowsPath(file_name).drive
+            or ".." in posix.parts):
+        raise ValueError(f"{where}: file_name {file_name!r} escapes the dataset folder; "
+                         "file names must be relative paths inside it, without '..'")
+    path = root / posix
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{where}: file_name {file_name!r} resolves outside the dataset folder "
+                         f"(a symlink to {str(path.resolve())!r}); copy the file into the folder")
+    return path
+
+
+def list_captioned_files(root: str | os.PathLike, caption_column: str | None = None) -> list[CaptionedFile]:
+    """The (file, caption) pairs of a dataset folder, images not yet checked.
+
+    With ``root/metadata.csv``: its ``file_name`` column and the caption column (``caption_column``,
+    else the first of text, caption, prompt). Without: every image file below ``root`` and the
+    ``.txt`` file of the same stem beside it ("" when there is none).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {str(root)!r} does not exist")
+    meta = root / "metadata.csv"
+    if meta.is_file():
+        with meta.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = reader.fieldnames or []
+            column = caption_column or next((c for c in CAPTION_COLUMNS if c in fields), None)
+            if "file_name" not in fields or column not in fields:
+                raise ValueError(f"{meta} needs a 'file_name' column and a caption column "
+                                 f"({caption_column or ' or '.join(CAPTION_COLUMNS)}); found {fields}")
+            # Line numbers count the header as line 1, as an editor shows them.
+            return [CaptionedFile(row["file_name"], _inside(root, row["file_name"], f"{meta} line {line}"),
+                                  row[column] or "")
+                    for line, row in enumerate(reader, 2)]
+    files = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+        name = path.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in PurePosixPath(name).parts):
+            continue  # hidden files, e.g. unfinished temporary PNGs
+        sidecar = path.with_suffix(".txt")
+        caption = sidecar.read_text("utf-8").strip() if sidecar.is_file() else ""
+        files.append(CaptionedFile(name, _inside(root, name, str(path)), caption))
+    return files
+
+
+def _probe(path: Path, min_side: int) -> tuple[str | None, tuple[int, int]]:
+    """("missing" | "corrupt" | "too_small" | None, (width, height))."""
+    if not path.is_file():
+        return "missing", (0, 0)
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.verify()
+    except Exception:  # noqa: BLE001 - PIL raises many types for broken files
+        return "corrupt", (0, 0)
+    return ("too_small" if min(size) < min_side else None), size
+
+
+def make_buckets(base_size: int, patch_size: int, *, max_aspect: float = 2.0,
+                 step: int | None = None) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets (height, width): sides are multiples of ``patch_size`` (so every
+    bucket is a whole token grid), areas close to ``base_size**2`` and aspect ratios within
+    ``[1/max_aspect, max_aspect]``. ``step`` (a multiple of the patch, default base/16 rounded
+    to the patch) spaces the heights."""
+    if base_size % patch_size:
+        raise ValueError(f"base size {base_size} must be a multiple of the patch size {patch_size}")
+    step = step or max(patch_size, round(base_size / 16 / patch_size) * patch_size)
+    if step % patch_size:
+        raise ValueError(f"bucket step {step} must be a multiple of the patch size {patch_size}")
+    area = base_size * base_size
+    buckets = set()
+    for h in range(step, int(base_size * math.sqrt(max_aspect)) + 1, step):
+        w = max(patch_size, round(area / h / patch_size) * patch_size)
+        if 1 / max_aspect <= w / h <= max_aspect:
+            buckets.add((h, w))
+    return sorted(buckets)
+
+
+def _resize_center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
+    if image.size == (width, height):
+        return image
+    scale = max(height / image.height, width / image.width)
+    new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+class ImageCaptionDataset(Dataset):
+    """Images and captions for training, as ``{"pixel_values": (3, H, W) float in [-1, 1],
+    "text": str, "index": int}`` (plus ``"embeddings"``, a dict of tensors, when an
+    :class:`~l2p.data.embed.PromptEmbeddingCache` is given).
+
+    ``size`` (an int or (height, width)) center-crops every image to one size; ``buckets``
+    (from :func:`make_buckets`) instead gives each image the bucket closest to its aspect
+    ratio; pair it with :class:`AspectRatioBucketSampler` so a batch shares one size.
+    ``caption_dropout`` replaces the caption with "" with that probability, decided by
+    (seed, epoch, index): call ``set_epoch`` each epoch (before creating the DataLoader
+    iterator when workers are used). Unusable images are dropped at construction and counted in
+    ``skipped`` (missing, corrupt, too_small); ``missing_captions`` counts images of a plain
+    folder without a ``.txt`` caption.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, size: int | tuple[int, int] = 1024,
+                 buckets: Sequence[tuple[int, int]] | None = None, caption_dropout: float = 0.0,
+                 seed: int = 0, caption_column: str | None = None, min_side: int = 0,
+                 embeddings=None, num_threads: int = 8):
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        self.root = Path(root)
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.buckets = [tuple(b) for b in buckets] if buckets else None
+        self.caption_dropout = caption_dropout
+        self.seed = seed
+        self.epoch = 0
+        self.embeddings = embeddings
+
+        candidates = list_captioned_files(self.root, caption_column)
+        with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+            probes = list(pool.map(lambda f: _probe(f.path, min_side), candidates))
+        self.skipped: Counter = Counter()
+        bad: list[str] = []
+        self.files: list[CaptionedFile] = []
+        self.image_sizes: list[tuple[int, int]] = []  # (width, height) as PIL reports
+        for file, (problem, wh) in zip(candidates, probes):
+            if problem:
+                self.skipped[problem] += 1
+                bad.append(f"{file.file_name} ({problem})")
+            else:
+                self.files.append(file)
+                self.image_sizes.append(wh)
+        self.missing_captions = sum(1 for f in self.files if not f.caption) \
+            if not (self.root / "metadata.csv").is_file() else 0
+        if bad:
+            warnings.warn(f"{self.root}: skipped {len(bad)} of {len(candidates)} images "
+                          f"({dict(self.skipped)}), e.g. {', '.join(bad[:3])}", RuntimeWarning, stacklevel=2)
+        if self.missing_captions:
+            warnings.warn(f"{self.root}: {self.missing_captions} images have no .txt caption and "
+                          "train with the empty caption", RuntimeWarning, stacklevel=2)
+        if self.buckets:
+            ratios = np.log([w / h for h, w in self.buckets])
+            self.item_buckets = [int(np.argmin(np.abs(ratios - math.log(w / h)))) for w, h in self.image_sizes]
+        else:
+            self.item_buckets = [0] * len(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(height, width) that item ``index`` is cropped to."""
+        return self.buckets[self.item_buckets[index]] if self.buckets else self.size
+
+    def caption(self, index: int) -> str:
+        """The caption of item ``index`` this epoch, after caption dropout."""
+        if self.caption_dropout > 0:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            if rng.random() < self.caption_dropout:
+                return ""
+        return self.files[index].caption
+
+    def __getitem__(self, index: int) -> dict:
+        file = self.files[index]
+        height, width = self.target_size(index)
+        try:
+            with Image.open(file.path) as im:
+                image = _resize_center_crop(im.convert("RGB"), height, width)
+        except OSError as exc:
+            raise OSError(f"{file.file_name} passed the check but cannot be decoded ({exc}); "
+                          "remove or replace it") from exc
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        item = {"pixel_values": pixels.float() / 127.5 - 1.0, "text": self.caption(index), "index": index}
+        if self.embeddings is not None:
+            item["embeddings"] = self.embeddings[item["text"]]
+        return item
+
+
+class AspectRatioBucketSampler(Sampler[list[int]]):
+    """A batch sampler whose batches hold indices of one bucket (so one tensor shape).
+
+    Each epoch (``set_epoch``) shuffles within buckets and then the order of batches, from
+    (seed, epoch): reproducible and the same on every rank. With ``world_size`` > 1 rank r takes
+    batches r, r + world_size, ...; every rank gets the same number of batches.
+    """
+
+    def __init__(self, dataset: ImageCaptionDataset, batch_size: int, *, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = False, rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.dataset, self.batch_size = dataset, batch_size
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        by_bucket: dict[int, list[int]] = {}
+        for index, bucket in enumerate(self.dataset.item_buckets):
+            by_bucket.setdefault(bucket, []).append(index)
+        batches = []
+        for bucket in sorted(by_bucket):
+            indices = by_bucket[bucket]
+            if self.shuffle:
+                indices = [indices[i] for i in rng.permutation(len(indices))]
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start:start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        usable = len(batches) - len(batches) % self.world_size
+        return batches[:usable]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._all_batches()[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        return len(self._all_batches()) // self.world_size

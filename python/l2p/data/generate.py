@@ -1,0 +1,382 @@
+"""Rendering the synthetic training set with the source pipeline: resumable, rank-parallel,
+with one ``metadata.csv`` (``file_name,text,...``, the layout the official code reads).
+
+Resume and merge design. Every image is fully determined by (prompt index, image index): its
+file name ``images/PPPP/PPPPPPP_III.png`` and its seed ``derive_seed(seed, p, i)``. A PNG is
+written to a hidden temporary name in its final folder and moved into place with
+``os.replace``, so a file with the final name is always complete; re-running skips every
+image whose PNG exists and renders the rest. The image's own record (prompt, seed, size,
+source, steps, guidance) is stored inside the PNG as an iTXt chunk, so image and record land
+in one atomic step and can never disagree. ``metadata.csv`` is never appended to: it is
+rebuilt (atomically) from the PNGs at the end of a run, reusing the rows of the previous
+``metadata.csv`` whose files still exist and reading only the headers of new PNGs. A crash
+at any instant therefore loses at most the images in flight, never leaves a half-written
+file or a duplicate row, and an interrupted run's metadata is restored by the next run or by
+``rebuild_metadata``. Under torchrun each rank renders the jobs ``j % world_size == rank``;
+after a barrier rank 0 rebuilds the one ``metadata.csv`` from everything on disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import inspect
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from l2p.data.prompts import read_prompts
+
+logger = logging.getLogger(__name__)
+
+METADATA_COLUMNS = ("file_name", "text", "seed", "height", "width", "source", "steps", "guidance",
+                    "prompt_index", "image_index")
+MANIFEST = "generation.json"
+PNG_RECORD_KEY = "l2p"
+TOY_SOURCE = "toy"
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """The local diffusers pipeline folder that ``--source`` names.
+
+    ``"toy"`` is l2p's built-in toy source (ShapesWorld, shipped inside the package).
+    Anything else must be a folder saved with ``save_pretrained`` (it has ``model_index.json``).
+    """
+    if str(source) == TOY_SOURCE:
+        from l2p.toy.source import SHIPPED_SOURCE_DIR
+
+        if not (SHIPPED_SOURCE_DIR / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the built-in toy source is missing from this install ({SHIPPED_SOURCE_DIR}); "
+                "train it with `l2p toy train-source`"
+            )
+        return SHIPPED_SOURCE_DIR
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"source pipeline folder {str(path)!r} does not exist (models are "
+                                "never downloaded: save or download the pipeline first)")
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"{str(path)!r} is not a diffusers pipeline folder (no model_index.json); "
+                         "pass the folder written by DiffusionPipeline.save_pretrained")
+    return path
+
+
+def load_pipeline(source: str | os.PathLike, *, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32, **components):
+    """``DiffusionPipeline.from_pretrained`` on a local folder: no download, no remote code,
+    safetensors only. ``components`` overrides pipeline parts (``transformer=None`` skips one)."""
+    from diffusers import DiffusionPipeline
+
+    if dtype != torch.float32:  # float32 is the default; diffusers >= 0.36 renames the argument
+        components["torch_dtype"] = dtype
+    pipe = DiffusionPipeline.from_pretrained(resolve_source(source), local_files_only=True,
+                                             use_safetensors=True, **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def image_name(prompt_index: int, image_index: int) -> str:
+    """The file name (relative to the output folder) of one image; 1000 prompts a folder."""
+    return f"images/{prompt_index // 1000:04d}/{prompt_index:07d}_{image_index:03d}.png"
+
+
+def derive_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    """A 63-bit seed that depends only on (seed, prompt index, image index), not on the rank,
+    batch or order in which the image is rendered."""
+    hi, lo = np.random.SeedSequence([seed, prompt_index, image_index]).generate_state(2, np.uint32)
+    return (int(hi) << 31) ^ int(lo)
+
+
+@dataclass
+class GenerationConfig:
+    """Everything that decides which images ``generate_images`` writes."""
+
+    source: str
+    prompts: str
+    out: str
+    images_per_prompt: int = 2
+    steps: int | None = None  # None: the pipeline's default
+    guidance: float | None = None  # None: the pipeline's default
+    height: int = 1024
+    width: int = 1024
+    seed: int = 0
+    batch_size: int = 4
+    device: str | None = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+
+
+@dataclass
+class GenerationSummary:
+    rank: int
+    world_size: int
+    planned: int = 0  # images in this rank's slice
+    existing: int = 0  # already on disk, skipped
+    rendered: int = 0
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    metadata_rows: int | None = None  # set on the rank that rebuilt metadata.csv
+
+    def __str__(self) -> str:
+        text = (f"rank {self.rank}/{self.world_size}: {self.rendered} rendered, {self.existing} already "
+                f"present, {len(self.failed)} failed of {self.planned} in {self.seconds:.1f} s")
+        if self.failed:
+            more = ", ..." if len(self.failed) > 5 else ""
+            text += f" (failed: {', '.join(self.failed[:5])}{more}; re-run to retry them)"
+        if self.metadata_rows is not None:
+            text += f"; metadata.csv has {self.metadata_rows} rows"
+        return text
+
+
+# --------------------------------------------------------------------------- ranks
+
+@dataclass
+class _Ranks:
+    rank: int
+    world_size: int
+    local_rank: int
+    joined: bool = False  # part of a torch.distributed job (else: no barrier is possible)
+    group: object | None = None
+    owns_process_group: bool = False
+
+    def barrier(self) -> None:
+        if self.joined and self.world_size > 1:
+            torch.distributed.barrier(group=self.group)
+
+    def close(self) -> None:
+        if self.owns_process_group:
+            torch.distributed.destroy_process_group()
+
+
+def _join_ranks() -> _Ranks:
+    """Rank and world size from torch.distributed when initialised, else from torchrun's
+    environment (WORLD_SIZE, RANK, LOCAL_RANK), joining a gloo group for the final barrier.
+    The barrier gets a long timeout of its own because ranks may finish hours apart."""
+    import torch.distributed as dist
+
+    long_wait = timedelta(days=7)
+    if dist.is_available() and dist.is_initialized():
+        group = dist.new_group(backend="gloo", timeout=long_wait)
+        return _Ranks(dist.get_rank(), dist.get_world_size(),
+                      int(os.environ.get("LOCAL_RANK", dist.get_rank())), joined=True, group=group)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return _Ranks(0, 1, 0)
+    dist.init_process_group("gloo", timeout=long_wait)
+    return _Ranks(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")),
+                  joined=True, owns_process_group=True)
+
+
+# --------------------------------------------------------------------------- records
+
+def _atomic_write_png(image: Image.Image, path: Path, record: dict, tmp_tag: str) -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(PNG_RECORD_KEY, json.dumps(record, ensure_ascii=False))
+    tmp = path.with_name(f".{path.stem}.{tmp_tag}.tmp.png")
+    image.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+
+
+def read_png_record(path: str | os.PathLike) -> dict:
+    """The record ``generate_images`` stored inside a PNG (reads the header only)."""
+    with Image.open(path) as im:
+        return json.loads(im.info[PNG_RECORD_KEY])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def rebuild_metadata(out: str | os.PathLike) -> int:
+    """Write ``out/metadata.csv`` from the PNGs under ``out/images`` (sorted by name) and
+    return the row count. Rows of the existing metadata.csv are reused when their file still
+    exists; only PNGs without a row are opened. Safe to run at any time."""
+    out = Path(out)
+    known: dict[str, dict] = {}
+    meta = out / "metadata.csv"
+    if meta.is_file():
+        with meta.open(newline="", encoding="utf-8") as f:
+            known = {row["file_name"]: row for row in csv.DictReader(f)}
+    rows = []
+    for png in sorted((out / "images").glob("*/*.png")):
+        if png.name.startswith("."):
+            continue  # an unfinished temporary file
+        name = png.relative_to(out).as_posix()
+        row = known.get(name)
+        if row is None:
+            try:
+                row = {"file_name": name, **read_png_record(png)}
+            except (OSError, KeyError, ValueError) as exc:
+                logger.warning("%s has no readable l2p record (%s); left out of metadata.csv", name, exc)
+                continue
+        rows.append({k: row.get(k, "") for k in METADATA_COLUMNS})
+    tmp = meta.with_name(f".metadata.csv.{os.getpid()}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=METADATA_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, meta)
+    return len(rows)
+
+
+def _check_manifest(out: Path, manifest: dict) -> None:
+    """Refuse to continue a folder that was rendered with other prompts or settings: its images
+    would not match the ones this run would make."""
+    path = out / MANIFEST
+    if path.is_file():
+        old = json.loads(path.read_text("utf-8"))
+        changed = [k for k in manifest if k != "images_per_prompt" and old.get(k) != manifest[k]]
+        if changed:
+            raise ValueError(f"{out} was rendered with different {', '.join(changed)} "
+                             f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); "
+                             "use a new --out folder or the original settings")
+    _atomic_write_text(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+
+
+# --------------------------------------------------------------------------- rendering
+
+def _call_kwargs(pipe, config: GenerationConfig) -> tuple[dict, dict]:
+    """Arguments for ``pipe(...)`` that this pipeline accepts (the rest keep its defaults),
+    and the steps and guidance that will really be used, for the records."""
+    params = inspect.signature(pipe.__call__).parameters
+    wanted = {"height": config.height, "width": config.width, "num_inference_steps": config.steps,
+              "guidance_scale": config.guidance, "num_images_per_prompt": 1, "output_type": "pil",
+              # Binning renders at the nearest trained size and then resizes to the requested
+              # one; resampled images would teach the pixel model interpolation artefacts.
+              "use_resolution_binning": False}
+    kwargs = {k: v for k, v in wanted.items() if v is not None and k in params}
+    effective = {}
+    for name, key in (("steps", "num_inference_steps"), ("guidance", "guidance_scale")):
+        default = params[key].default if key in params else ""
+        effective[name] = kwargs.get(key, "" if default is inspect.Parameter.empty else default)
+    return kwargs, effective
+
+
+def _render(pipe, texts: list[str], seeds: list[int], kwargs: dict, device: str) -> list[Image.Image]:
+    gen_device = device if device.startswith("cuda") else "cpu"
+    generators = [torch.Generator(gen_device).manual_seed(s) for s in seeds]
+    images = pipe(prompt=texts, generator=generators, **kwargs).images
+    if len(images) != len(texts):
+        raise RuntimeError(f"the pipeline returned {len(images)} images for {len(texts)} prompts")
+    return images
+
+
+def _batches(jobs: list, size: int) -> Iterator[list]:
+    for start in range(0, len(jobs), size):
+        yield jobs[start:start + size]
+
+
+def generate_images(config: GenerationConfig, *, pipe=None, rank: int | None = None,
+                    world_size: int | None = None,
+                    progress: bool = True) -> GenerationSummary:
+    """Render ``images_per_prompt`` images for every prompt into ``config.out``.
+
+    Continues where a previous run stopped; a failing image is logged and counted, and the
+    next run retries it. ``pipe`` may be passed to reuse a loaded pipeline; ``rank`` and
+    ``world_size`` override what torch.distributed / torchrun say (then no barrier is held
+    and the caller runs :func:`rebuild_metadata` once all ranks are done).
+    """
+    from tqdm.auto import tqdm
+
+    if config.images_per_prompt < 1 or config.batch_size < 1:
+        raise ValueError("--images-per-prompt and --batch-size must be at least 1")
+    if config.height <= 0 or config.width <= 0:
+        raise ValueError("--height and --width must be positive")
+    start_time = time.perf_counter()
+    source = str(resolve_source(config.source).resolve())
+    prompts = read_prompts(config.prompts)
+    if not prompts:
+        raise ValueError(f"{config.prompts} holds no prompts")
+    ranks = _join_ranks() if rank is None else _Ranks(rank, world_size or 1, rank)
+    try:
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        _check_manifest(out, {
+            "source": source, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+            "num_prompts": len(prompts), "images_per_prompt": config.images_per_prompt,
+            "height": config.height, "width": config.width, "steps": config.steps,
+            "guidance": config.guidance, "seed": config.seed,
+        })
+        tmp_tag = f"rank{ranks.rank}"
+        for stale in (out / "images").glob(f"*/.*.{tmp_tag}.tmp.png"):
+            stale.unlink()  # left by a run of this rank that was killed mid-write
+
+        jobs = [(p, i) for p in range(len(prompts)) for i in range(config.images_per_prompt)]
+        mine = jobs[ranks.rank::ranks.world_size]
+        todo = [(p, i) for p, i in mine if not (out / image_name(p, i)).exists()]
+        summary = GenerationSummary(ranks.rank, ranks.world_size, planned=len(mine),
+                                    existing=len(mine) - len(todo))
+        if todo:
+            if config.device:
+                device = config.device
+            elif pipe is not None:
+                device = str(pipe.device)
+            else:
+                device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
+            if pipe is None:
+                dtype = (torch.bfloat16 if device.startswith("cuda") else torch.float32) \
+                    if config.dtype == "auto" else getattr(torch, config.dtype)
+                pipe = load_pipeline(config.source, device=device, dtype=dtype)
+            kwargs, effective = _call_kwargs(pipe, config)
+            common = {"height": config.height, "width": config.width, "source": source, **effective}
+            bar = tqdm(total=len(mine), initial=summary.existing, unit="img",
+                       desc=f"rank {ranks.rank}" if ranks.world_size > 1 else "generate",
+                       disable=not progress or ranks.rank != 0)
+            for batch in _batches(todo, config.batch_size):
+                for (p, i), image in _render_batch(pipe, prompts, batch, config, kwargs, device, summary):
+                    path = out / image_name(p, i)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    record = {"text": prompts[p], "seed": derive_seed(config.seed, p, i), **common,
+                              "prompt_index": p, "image_index": i}
+                    _atomic_write_png(image, path, record, tmp_tag)
+                    summary.rendered += 1
+                bar.update(len(batch))
+            bar.close()
+        ranks.barrier()
+        if ranks.rank == 0 and (ranks.joined or ranks.world_size == 1):
+            summary.metadata_rows = rebuild_metadata(out)
+        summary.seconds = time.perf_counter() - start_time
+        return summary
+    finally:
+        ranks.close()
+
+
+def _render_batch(pipe, prompts: list[str], batch: list[tuple[int, int]], config: GenerationConfig,
+                  kwargs: dict, device: str, summary: GenerationSummary):
+    """Yield ((p, i), image) for the batch; if the batch fails, retry image by image so one
+    bad prompt costs one image, and log and count the images that still fail."""
+    def render(jobs):
+        return _render(pipe, [prompts[p] for p, _ in jobs],
+                       [derive_seed(config.seed, p, i) for p, i in jobs], kwargs, device)
+
+    try:
+        yield from zip(batch, render(batch))
+        return
+    except Exception as exc:  # noqa: BLE001 - any pipeline error is per-image, never fatal
+        if len(batch) == 1:
+            _log_failure(batch[0], exc, summary)
+            return
+        logger.warning("batch of %d failed (%s); retrying image by image", len(batch), exc)
+    for job in batch:
+        try:
+            yield job, render([job])[0]
+        except Exception as exc:  # noqa: BLE001
+            _log_failure(job, exc, summary)
+
+
+def _log_failure(job: tuple[int, int], exc: Exception, summary: GenerationSummary) -> None:
+    name = image_name(*job)
+    logger.error("failed to render %s: %s: %s", name, type(exc).__name__, exc)
+    summary.failed.append(name)
+
+

@@ -1,0 +1,180 @@
+"""The training dataset: metadata.csv and plain folders, crops, buckets, caption dropout,
+corrupt and missing images, file names that escape the folder."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from l2p.data.dataset import AspectRatioBucketSampler, ImageCaptionDataset, list_captioned_files, make_buckets
+
+
+def _image(path, w, h, seed=0):
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def _metadata(root, rows, fields=("file_name", "text")):
+    with (root / "metadata.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        writer.writerows(rows)
+
+
+@pytest.fixture
+def generated(tmp_path):
+    root = tmp_path / "gen"
+    rows = []
+    for i in range(6):
+        name = f"images/0000/{i:07d}_000.png"
+        _image(root / name, 32, 32, seed=i)
+        rows.append((name, f"caption {i}"))
+    _metadata(root, rows)
+    return root
+
+
+def test_metadata_folder_items(generated):
+    ds = ImageCaptionDataset(generated, size=16)
+    assert len(ds) == 6 and not ds.skipped
+    item = ds[2]
+    x = item["pixel_values"]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.5 and x.max() > 0.5
+    assert item["text"] == "caption 2" and item["index"] == 2
+    batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    assert batch["pixel_values"].shape == (2, 3, 16, 16) and batch["text"] == ["caption 0", "caption 1"]
+
+
+def test_exact_size_is_untouched_and_crop_is_centered(tmp_path):
+    root = tmp_path / "d"
+    _image(root / "wide.png", 64, 32)
+    _metadata(root, [("wide.png", "a wide image")])
+    full = ImageCaptionDataset(root, size=(32, 64))[0]["pixel_values"]
+    ref = torch.from_numpy(np.array(Image.open(root / "wide.png"))).permute(2, 0, 1).float() / 127.5 - 1
+    torch.testing.assert_close(full, ref)
+    crop = ImageCaptionDataset(root, size=32)[0]["pixel_values"]
+    torch.testing.assert_close(crop, ref[:, :, 16:48])  # scale 1: the middle square
+
+
+def test_plain_folder_with_sidecar_captions(tmp_path):
+    root = tmp_path / "real"
+    _image(root / "a.jpg", 40, 30)
+    (root / "a.txt").write_text("a photo of a\n")
+    _image(root / "sub" / "b.png", 30, 40)
+    (root / "sub" / "b.txt").write_text("b")
+    _image(root / "c.webp", 20, 20)
+    _image(root / ".hidden.png", 20, 20)
+    (root / "notes.md").write_text("not an image")
+    with pytest.warns(RuntimeWarning, match="1 images have no .txt caption"):
+        ds = ImageCaptionDataset(root, size=16)
+    assert [f.file_name for f in ds.files] == ["a.jpg", "c.webp", "sub/b.png"]
+    assert [ds[i]["text"] for i in range(3)] == ["a photo of a", "", "b"]
+    assert ds.missing_captions == 1
+
+
+def test_corrupt_and_missing_images_are_skipped_and_counted(generated):
+    (generated / "images/0000/0000001_000.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    data = (generated / "images/0000/0000003_000.png").read_bytes()
+    (generated / "images/0000/0000003_000.png").write_bytes(data[: len(data) // 2])  # truncated
+    (generated / "images/0000/0000004_000.png").unlink()
+    with pytest.warns(RuntimeWarning, match=r"skipped 3 of 6 images .*'corrupt': 2.*'missing': 1"):
+        ds = ImageCaptionDataset(generated, size=16)
+    assert ds.skipped == {"corrupt": 2, "missing": 1}
+    assert [ds[i]["text"] for i in range(len(ds))] == ["caption 0", "caption 2", "caption 5"]
+
+
+def test_min_side_skips_small_images(tmp_path):
+    root = tmp_path / "d"
+    _image(root / "big.png", 64, 64)
+    _image(root / "small.png", 64, 16)
+    _metadata(root, [("big.png", "big"), ("small.png", "small")])
+    with pytest.warns(RuntimeWarning, match="too_small"):
+        ds = ImageCaptionDataset(root, size=32, min_side=32)
+    assert len(ds) == 1 and ds.skipped == {"too_small": 1}
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside.png", "images/../../outside.png",
+                                  "C:/Windows/x.png", "..\\outside.png"])
+def test_file_names_that_escape_are_rejected(tmp_path, name):
+    root = tmp_path / "d"
+    _image(root / "ok.png", 8, 8)
+    _metadata(root, [("ok.png", "fine"), (name, "bad")])
+    with pytest.raises(ValueError, match=r"metadata.csv line 3: file_name .* escapes the dataset folder"):
+        ImageCaptionDataset(root, size=8)
+
+
+def test_symlink_escaping_the_folder_is_rejected(tmp_path):
+    root = tmp_path / "d"
+    _image(tmp_path / "secret.png", 8, 8)
+    _image(root / "ok.png", 8, 8)
+    os.symlink(tmp_path / "secret.png", root / "link.png")
+    _metadata(root, [("ok.png", "fine"), ("link.png", "bad")])
+    with pytest.raises(ValueError, match="line 3: file_name 'link.png' resolves outside"):
+        list_captioned_files(root)
+    os.symlink(root / "ok.png", root / "inner.png")  # a link that stays inside is fine
+    _metadata(root, [("inner.png", "fine")])
+    assert len(ImageCaptionDataset(root, size=8)) == 1
+
+
+def test_caption_dropout_is_deterministic_per_seed_and_epoch(generated):
+    ds = ImageCaptionDataset(generated, size=8, caption_dropout=0.5, seed=3)
+    pattern = [ds.caption(i) == "" for i in range(len(ds))]
+    assert pattern == [ImageCaptionDataset(generated, size=8, caption_dropout=0.5, seed=3).caption(i) == ""
+                       for i in range(len(ds))]
+    patterns = set()
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        patterns.add(tuple(ds[i]["text"] == "" for i in range(len(ds))))
+    assert len(patterns) > 1
+    assert all(ImageCaptionDataset(generated, size=8, caption_dropout=1.0)[i]["text"] == "" for i in range(6))
+    with pytest.raises(ValueError, match="caption_dropout"):
+        ImageCaptionDataset(generated, caption_dropout=1.5)
+
+
+def test_make_buckets():
+    buckets = make_buckets(1024, 16)
+    assert (1024, 1024) in buckets
+    for h, w in buckets:
+        assert h % 16 == 0 and w % 16 == 0
+        assert 0.5 <= w / h <= 2.0
+        assert abs(h * w / 1024**2 - 1) < 0.1
+    assert make_buckets(64, 16) == [(48, 80), (64, 64), (80, 48)]
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        make_buckets(100, 16)
+
+
+def test_bucket_sampler(tmp_path):
+    root = tmp_path / "d"
+    rows = []
+    for i, (w, h) in enumerate([(64, 32)] * 5 + [(32, 32)] * 4 + [(32, 64)] * 3):
+        _image(root / f"{i}.png", w, h, seed=i)
+        rows.append((f"{i}.png", f"c{i}"))
+    _metadata(root, rows)
+    buckets = make_buckets(32, 8, step=8)
+    ds = ImageCaptionDataset(root, buckets=buckets)
+    assert {ds.target_size(0), ds.target_size(5), ds.target_size(9)} == {(24, 40), (32, 32), (40, 24)}
+
+    sampler = AspectRatioBucketSampler(ds, batch_size=2, seed=1)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(12)) and len(sampler) == len(batches)
+    for b in batches:
+        assert len({ds.target_size(i) for i in b}) == 1
+        shapes = {ds[i]["pixel_values"].shape for i in b}
+        assert len(shapes) == 1 and all(s[1] % 8 == 0 and s[2] % 8 == 0 for s in shapes)
+    assert batches == list(AspectRatioBucketSampler(ds, batch_size=2, seed=1))
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+
+    full = AspectRatioBucketSampler(ds, batch_size=2, seed=1, drop_last=True)
+    assert all(len(b) == 2 for b in full)
+    r0 = list(AspectRatioBucketSampler(ds, batch_size=2, seed=1, rank=0, world_size=2))
+    r1 = list(AspectRatioBucketSampler(ds, batch_size=2, seed=1, rank=1, world_size=2))
+    assert len(r0) == len(r1) and not {i for b in r0 for i in b} & {i for b in r1 for i in b}
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler)
+    assert sum(len(b["text"]) for b in loader) == 12

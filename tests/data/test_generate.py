@@ -1,0 +1,200 @@
+"""Rendering with a tiny PixArt-Sigma pipeline: files, records, resume, failures, ranks."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from l2p.cli import main
+from l2p.data import generate as G
+
+PROMPTS = ["a red fox in the snow", "a blue vintage car on a road", "a bowl of ramen", "a lighthouse at dusk"]
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pixart):
+    return G.load_pipeline(tiny_pixart)
+
+
+def _config(tiny_pixart, prompt_file, out, **kw):
+    values = dict(source=str(tiny_pixart), prompts=str(prompt_file), out=str(out), images_per_prompt=2,
+                  steps=2, height=32, width=32, seed=11, batch_size=3)
+    values.update(kw)
+    return G.GenerationConfig(**values)
+
+
+def _metadata(out):
+    with (out / "metadata.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _all_names(n_prompts=len(PROMPTS), k=2):
+    return [G.image_name(p, i) for p in range(n_prompts) for i in range(k)]
+
+
+def test_generate_writes_images_and_metadata(tiny_pixart, prompt_file, tmp_path, pipe):
+    out = tmp_path / "out"
+    summary = G.generate_images(_config(tiny_pixart, prompt_file, out), pipe=pipe, progress=False)
+    assert (summary.rendered, summary.existing, summary.failed, summary.metadata_rows) == (8, 0, [], 8)
+    rows = _metadata(out)
+    assert list(rows[0]) == list(G.METADATA_COLUMNS)
+    assert [r["file_name"] for r in rows] == _all_names()
+    for r in rows:
+        p, i = int(r["prompt_index"]), int(r["image_index"])
+        assert r["text"] == PROMPTS[p]
+        assert int(r["seed"]) == G.derive_seed(11, p, i)
+        assert (r["height"], r["width"], r["steps"], r["source"]) == ("32", "32", "2", str(tiny_pixart.resolve()))
+        assert float(r["guidance"]) == 4.5  # the pipeline's default, recorded
+        with Image.open(out / r["file_name"]) as im:
+            assert im.size == (32, 32) and im.mode == "RGB"
+        assert G.read_png_record(out / r["file_name"])["text"] == PROMPTS[p]
+    # An image depends only on (seed, prompt, index), not on its batch.
+    first = out / G.image_name(1, 1)
+    before = np.asarray(Image.open(first))
+    first.unlink()
+    again = G.generate_images(_config(tiny_pixart, prompt_file, out, batch_size=1), pipe=pipe, progress=False)
+    assert (again.rendered, again.existing) == (1, 7)
+    np.testing.assert_allclose(np.asarray(Image.open(first)).astype(int), before.astype(int), atol=1)
+
+
+def test_resume_after_interruption(tiny_pixart, prompt_file, tmp_path, pipe, monkeypatch):
+    out = tmp_path / "out"
+    write = G._atomic_write_png
+    written = []
+
+    def write_then_die(image, path, record, tmp_tag):
+        if len(written) == 3:
+            # Killed in the middle of a write: a temporary file is left behind.
+            image.save(path.with_name(f".{path.stem}.{tmp_tag}.tmp.png"))
+            raise KeyboardInterrupt
+        write(image, path, record, tmp_tag)
+        written.append(path)
+
+    monkeypatch.setattr(G, "_atomic_write_png", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        G.generate_images(_config(tiny_pixart, prompt_file, out), pipe=pipe, progress=False)
+    pngs = list((out / "images").glob("*/*.png"))
+    assert sorted(p.name.startswith(".") for p in pngs) == [False, False, False, True]
+    assert G.rebuild_metadata(out) == 3  # what an interrupted run has is already usable
+
+    monkeypatch.setattr(G, "_atomic_write_png", write)
+    summary = G.generate_images(_config(tiny_pixart, prompt_file, out), pipe=pipe, progress=False)
+    assert (summary.rendered, summary.existing, summary.metadata_rows) == (5, 3, 8)
+    assert not list((out / "images").glob("*/.*"))  # the stale temporary file is gone
+    names = [r["file_name"] for r in _metadata(out)]
+    assert names == _all_names() and len(set(names)) == 8
+    # More images per prompt later: only the new ones are rendered.
+    more = G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=3), pipe=pipe, progress=False)
+    assert (more.rendered, more.existing, more.metadata_rows) == (4, 8, 12)
+
+
+def test_failures_are_counted_not_fatal(tiny_pixart, prompt_file, tmp_path, pipe, monkeypatch, caplog):
+    out = tmp_path / "out"
+    render = G._render
+
+    def flaky(pipe_, texts, seeds, kwargs, device):
+        if "ramen" in " ".join(texts):
+            raise RuntimeError("out of memory (simulated)")
+        return render(pipe_, texts, seeds, kwargs, device)
+
+    monkeypatch.setattr(G, "_render", flaky)
+    summary = G.generate_images(_config(tiny_pixart, prompt_file, out), pipe=pipe, progress=False)
+    assert summary.failed == [G.image_name(2, 0), G.image_name(2, 1)]
+    assert summary.rendered == 6 and summary.metadata_rows == 6
+    assert "failed to render images/0000/0000002_000.png" in caplog.text
+    assert "2 failed" in str(summary)
+    monkeypatch.setattr(G, "_render", render)
+    retry = G.generate_images(_config(tiny_pixart, prompt_file, out), pipe=pipe, progress=False)
+    assert (retry.rendered, retry.failed, retry.metadata_rows) == (2, [], 8)
+
+
+def test_ranks_render_disjoint_slices_and_one_metadata(tiny_pixart, prompt_file, tmp_path, pipe):
+    out = tmp_path / "out"
+    s0 = G.generate_images(_config(tiny_pixart, prompt_file, out), pipe=pipe, rank=0, world_size=3, progress=False)
+    s1 = G.generate_images(_config(tiny_pixart, prompt_file, out), pipe=pipe, rank=1, world_size=3, progress=False)
+    s2 = G.generate_images(_config(tiny_pixart, prompt_file, out), pipe=pipe, rank=2, world_size=3, progress=False)
+    assert [s.rendered for s in (s0, s1, s2)] == [3, 3, 2]
+    assert not (out / "metadata.csv").exists()  # explicit ranks: the caller merges
+    assert G.rebuild_metadata(out) == 8
+    assert [r["file_name"] for r in _metadata(out)] == _all_names()
+
+
+def test_source_resolution_and_changed_settings(tiny_pixart, prompt_file, tmp_path, pipe, monkeypatch):
+    import l2p.toy.source as toy_source
+
+    monkeypatch.setattr(toy_source, "SHIPPED_SOURCE_DIR", tmp_path / "no-toy")
+    with pytest.raises(FileNotFoundError, match="toy source is missing"):
+        G.resolve_source("toy")
+    monkeypatch.setattr(toy_source, "SHIPPED_SOURCE_DIR", Path(tiny_pixart))
+    assert G.resolve_source("toy") == Path(tiny_pixart)
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        G.resolve_source(tmp_path / "nope")
+    with pytest.raises(ValueError, match="model_index.json"):
+        G.resolve_source(tmp_path)
+    out = tmp_path / "out"
+    G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=1), pipe=pipe, progress=False)
+    with pytest.raises(ValueError, match="different height"):
+        G.generate_images(_config(tiny_pixart, prompt_file, out, height=64), pipe=pipe, progress=False)
+
+
+def test_derive_seed_is_stable_and_distinct():
+    seeds = {G.derive_seed(0, p, i) for p in range(100) for i in range(4)}
+    assert len(seeds) == 400 and all(0 <= s < 2**63 for s in seeds)
+    assert G.derive_seed(0, 5, 1) == G.derive_seed(0, 5, 1) != G.derive_seed(1, 5, 1)
+
+
+def test_cli_generate(tiny_pixart, prompt_file, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    args = ["data", "generate", "--source", str(tiny_pixart), "--prompts", str(prompt_file), "--out", str(out),
+            "--images-per-prompt", "1", "--steps", "2", "--height", "32", "--width", "32", "--batch-size", "4"]
+    assert main(args) == 0
+    assert "4 rendered" in capsys.readouterr().out
+    assert len(_metadata(out)) == 4
+    (out / "metadata.csv").unlink()
+    assert main(["data", "generate", "--out", str(out), "--merge-only"]) == 0
+    assert len(_metadata(out)) == 4
+    import l2p.toy.source as toy_source
+
+    monkeypatch.setattr(toy_source, "SHIPPED_SOURCE_DIR", tmp_path / "no-toy")
+    assert main(args[:2] + ["--source", "toy", "--prompts", str(prompt_file), "--out", str(out)]) == 2
+    assert "toy source is missing" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_merge_one_metadata(tiny_pixart, prompt_file, tmp_path):
+    """Two real processes under torchrun (gloo, CPU): each renders its slice, rank 0 merges
+    after the barrier."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    script = tmp_path / "run.py"
+    script.write_text("import sys, torch\ntorch.set_num_threads(1)\nfrom l2p.cli import main\n"
+                      "sys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), str(script), "data", "generate", "--source", str(tiny_pixart),
+         "--prompts", str(prompt_file), "--out", str(out), "--images-per-prompt", "2", "--steps", "2",
+         "--height", "32", "--width", "32", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0/2: 4 rendered" in proc.stdout and "rank 1/2: 4 rendered" in proc.stdout
+    assert [r["file_name"] for r in _metadata(out)] == _all_names()
