@@ -1,0 +1,149 @@
+"""What L2P needs to know about one diffusers transformer family.
+
+An adapter names, by dotted module path inside the source model, the latent input
+projection that the pixel embedding replaces, the final projection that the head replaces,
+the ordered "blocks" that ``set_trainable`` counts from both ends, and the final norm /
+modulation modules that are trained with the head. It also knows the latent layout (so the
+source forward can be handed a zero latent with exactly the pixel token grid), how the
+replaced input projection must return the pixel tokens, where the image tokens sit in the
+last-layer features, and the prediction convention and sign the source pipeline expects.
+Everything not named here (timestep, text and caption embedders, position tables, middle
+blocks) is shared conditioning and stays frozen under "first_last:N".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import diffusers
+import torch
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 1 and not n & (n - 1)
+
+
+class SourceAdapter:
+    source_class: ClassVar[str]
+    input_module: ClassVar[str]
+    output_module: ClassVar[str]
+    block_groups: ClassVar[tuple[str, ...]]
+    output_modules: ClassVar[tuple[str, ...]] = ()
+    # Name of the source forward's first (noisy latent) argument.
+    pixel_argument: ClassVar[str] = "hidden_states"
+    # "epsilon" or "flow" (velocity eps - x0), as the source scheduler reads the output.
+    prediction: ClassVar[str] = "flow"
+    # The source transformer returns output_sign * (scheduler's model output); the pixel
+    # model keeps that sign, so the source pipeline's own negation still applies.
+    output_sign: ClassVar[int] = 1
+    vae_scale_factor: ClassVar[int] = 8
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = dict(config)
+
+    # -- latent layout -------------------------------------------------------------------
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config["in_channels"])
+
+    @property
+    def latent_patch(self) -> int:
+        return int(self.config["patch_size"])
+
+    def source_type(self) -> type:
+        return getattr(diffusers, self.source_class)
+
+    def pixel_patch_size(
+        self, vae_scale_factor: int | None = None, patch_size: int | None = None
+    ) -> int:
+        """The pixel patch: latent patch x VAE factor by default (the latent token grid),
+        or ``patch_size``, which must be the latent patch times a power of two."""
+        lp = self.latent_patch
+        if patch_size is None:
+            factor = self.vae_scale_factor if vae_scale_factor is None else vae_scale_factor
+            valid = isinstance(factor, int) and not isinstance(factor, bool)
+            if not valid or not _power_of_two(factor) or factor < 2:
+                raise ValueError(
+                    f"vae_scale_factor must be a power of two >= 2 (8 for SD/SD3/FLUX, 32 for "
+                    f"Sana's DC-AE), got {factor!r}"
+                )
+            return lp * factor
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
+            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+        if patch_size % lp or not _power_of_two(patch_size // lp) or patch_size // lp < 2:
+            choices = ", ".join(str(lp * 2**k) for k in range(1, 8))
+            raise ValueError(
+                f"patch_size {patch_size} is not the latent patch ({lp}) times a power of two "
+                f">= 2; {self.source_class} takes one of {choices}, ... "
+                f"(default {lp * self.vae_scale_factor} keeps the latent token grid)"
+            )
+        return patch_size
+
+    # -- the call ------------------------------------------------------------------------
+    def pixels_from_input(self, value: Any) -> Any:
+        """The noisy image as the caller passed it, normalised to (B, 3, H, W)."""
+        return value
+
+    def dummy_latent(self, batch: int, rows: int, cols: int, dtype, device) -> Any:
+        """A zero latent with the token grid (rows, cols), in the form the source takes."""
+        p = self.latent_patch
+        return torch.zeros(batch, self.latent_channels, rows * p, cols * p, dtype=dtype, device=device)
+
+    def check_arguments(self, arguments: Mapping[str, Any], rows: int, cols: int) -> None:
+        """Reject caller arguments that describe another token grid."""
+
+    def arrange_tokens(
+        self, tokens: torch.Tensor, rows: int, cols: int, latent_input: torch.Tensor
+    ) -> torch.Tensor:
+        """What the replaced input projection returns: here (B, N, D) for a Linear on
+        packed latent tokens."""
+        expected = (tokens.shape[0], tokens.shape[1])
+        if tuple(latent_input.shape[:2]) != expected:
+            raise ValueError(
+                f"{self.source_class} fed its input projection {tuple(latent_input.shape)} "
+                f"but the pixels give {expected[0]} x {expected[1]} tokens ({rows}x{cols}); "
+                f"the pixel grid and the latent grid must match"
+            )
+        return tokens
+
+    def image_tokens(
+        self, captured: torch.Tensor, n_tokens: int, arguments: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """The image tokens (B, N, D) of the last-layer features the final projection got."""
+        if captured.shape[1] != n_tokens:
+            raise RuntimeError(
+                f"{self.source_class} produced {captured.shape[1]} output tokens, expected "
+                f"{n_tokens}"
+            )
+        return captured
+
+
+class PatchEmbedAdapter(SourceAdapter):
+    """Families whose input is a diffusers ``PatchEmbed``: its Conv2d ``proj`` is replaced
+    and must return a (B, D, rows, cols) map, which PatchEmbed flattens (no copy) and to
+    which it adds its own position table."""
+
+    def arrange_tokens(self, tokens, rows, cols, latent_input):
+        p = self.latent_patch
+        grid = (latent_input.shape[-2] // p, latent_input.shape[-1] // p)
+        if grid != (rows, cols) or latent_input.shape[0] != tokens.shape[0]:
+            raise ValueError(
+                f"{self.source_class} fed its patch embedding a latent of shape "
+                f"{tuple(latent_input.shape)} (grid {grid[0]}x{grid[1]}) but the pixels give "
+                f"a {rows}x{cols} grid"
+            )
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], rows, cols)
+
+
+class PackedLatentAdapter(SourceAdapter):
+    """Families fed packed latent tokens (B, N, 4*C): each token folds a 2x2 block of the
+    latent (FLUX, Qwen-Image); a Linear embeds them."""
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config["in_channels"]) // 4
+
+    def dummy_latent(self, batch, rows, cols, dtype, device):
+        channels = int(self.config["in_channels"])
+        return torch.zeros(batch, rows * cols, channels, dtype=dtype, device=device)

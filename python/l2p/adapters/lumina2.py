@@ -1,0 +1,22 @@
+"""Lumina2Transformer2DModel (Lumina-Image 2.0): latents patchified inside
+``rope_embedder``, then ``x_embedder``; joint sequence [caption, image] per sample with the
+caption length from the attention mask. ``norm_out.linear_2`` is the output projection
+(``linear_1`` the final scale). The pipeline negates the output."""
+
+import torch
+
+from l2p.adapters.base import SourceAdapter
+
+
+class Lumina2Adapter(SourceAdapter):
+    source_class = "Lumina2Transformer2DModel"
+    input_module = "x_embedder"
+    output_module = "norm_out.linear_2"
+    block_groups = ("noise_refiner", "layers")
+    output_modules = ("norm_out",)
+    output_sign = -1
+
+    def image_tokens(self, captured, n_tokens, arguments):
+        mask = arguments["encoder_attention_mask"]
+        starts = mask.sum(dim=1).tolist()
+        return torch.stack([captured[i, s : s + n_tokens] for i, s in enumerate(starts)])

@@ -1,0 +1,66 @@
+"""ZImageTransformer2DModel (Z-Image / -Turbo): latents enter as a list of (C, 1, H, W),
+are patchified inside (order f, ph, pw, c), padded to a multiple of 32 tokens per image and
+embedded together; the image tokens lead the unified [image, caption] sequence. The model
+returns the negative velocity (the pipeline negates), t = 1 - sigma."""
+
+import torch
+from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
+
+from l2p.adapters.base import SourceAdapter
+
+
+class ZImageAdapter(SourceAdapter):
+    source_class = "ZImageTransformer2DModel"
+    block_groups = ("noise_refiner", "layers")
+    output_modules = ("all_final_layer",)
+    pixel_argument = "x"
+    output_sign = -1
+
+    @property
+    def latent_patch(self) -> int:
+        return int(self.config["all_patch_size"][0])
+
+    @property
+    def _key(self) -> str:
+        # The source embeds/projects through the ModuleDict entry of the (patch, frame
+        # patch) pair its forward is called with; the defaults are the first pair.
+        return f"{self.latent_patch}-{int(self.config['all_f_patch_size'][0])}"
+
+    @property
+    def input_module(self) -> str:
+        return f"all_x_embedder.{self._key}"
+
+    @property
+    def output_module(self) -> str:
+        return f"all_final_layer.{self._key}.linear"
+
+    def pixels_from_input(self, value):
+        # The source takes a list of (C, 1, H, W); accept that form too.
+        if isinstance(value, (list, tuple)):
+            frames = [v.squeeze(1) if v.dim() == 4 else v for v in value]
+            return torch.stack(frames)
+        return value
+
+    def dummy_latent(self, batch, rows, cols, dtype, device):
+        p = self.latent_patch
+        return [
+            torch.zeros(self.latent_channels, 1, rows * p, cols * p, dtype=dtype, device=device)
+            for _ in range(batch)
+        ]
+
+    def arrange_tokens(self, tokens, rows, cols, latent_input):
+        # Each image's tokens padded (by repeating the last) to a multiple of SEQ_MULTI_OF
+        # and concatenated, exactly as the source pads its patches before embedding.
+        b, n, _ = tokens.shape
+        pad = (-n) % SEQ_MULTI_OF
+        if latent_input.shape[0] != b * (n + pad):
+            raise ValueError(
+                f"ZImageTransformer2DModel fed its embedder {latent_input.shape[0]} patches but "
+                f"the pixels give {b} x {n} tokens ({rows}x{cols})"
+            )
+        if pad:
+            tokens = torch.cat([tokens, tokens[:, -1:].expand(b, pad, tokens.shape[2])], dim=1)
+        return tokens.reshape(b * (n + pad), tokens.shape[2])
+
+    def image_tokens(self, captured, n_tokens, arguments):
+        return captured[:, :n_tokens]

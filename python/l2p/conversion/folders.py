@@ -1,0 +1,237 @@
+"""Folder-level conversion and merging, behind ``l2p convert`` and ``l2p merge``.
+
+Only safetensors are read and only the supported diffusers classes are built: no pickle, no
+remote code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from l2p.adapters import ADAPTERS, get_adapter
+from l2p.conversion.convert import ConversionReport, convert_to_pixel, parameters_on_meta
+from l2p.conversion.delta import check_delta_config, load_delta
+from l2p.models import PixelTransformer2DModel
+
+PIXEL_CLASS = PixelTransformer2DModel.__name__
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+
+
+def _kind(folder: Path) -> str:
+    """"pipeline" or "model"; a clear error for anything else."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a directory")
+    if (folder / "model_index.json").is_file():
+        return "pipeline"
+    if (folder / "config.json").is_file():
+        return "model"
+    raise ValueError(
+        f"{folder} is not a diffusers model folder: it has neither config.json (a transformer "
+        f"folder) nor model_index.json (a pipeline folder); pass the folder that "
+        f"save_pretrained wrote"
+    )
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        hint = (f" (found {', '.join(pickles)}: L2P never loads pickle checkpoints; re-save them "
+                f"with save_pretrained(..., safe_serialization=True))") if pickles else ""
+        raise ValueError(f"{folder} has no .safetensors weights{hint}")
+    return files
+
+
+def _stored_dtype(folder: Path) -> torch.dtype:
+    with safe_open(str(_weight_files(folder)[0]), framework="pt") as f:
+        first = next(iter(f.keys()))
+        return _DTYPES.get(f.get_slice(first).get_dtype(), torch.float32)
+
+
+def load_source_transformer(folder: Path):
+    """A supported diffusers transformer from its save_pretrained folder (safetensors)."""
+    config = _read_json(folder / "config.json")
+    name = config.get("_class_name")
+    if name is None:
+        raise ValueError(f"{folder}/config.json has no _class_name: not a diffusers model config")
+    if name == PIXEL_CLASS:
+        raise ValueError(f"{folder} is already a pixel model ({PIXEL_CLASS})")
+    if name not in ADAPTERS:
+        raise ValueError(
+            f"{name} is not supported by L2P; supported transformers: {', '.join(ADAPTERS)}"
+        )
+    adapter = get_adapter(name, config)
+    return adapter.source_type().from_pretrained(
+        str(folder), use_safetensors=True, torch_dtype=_stored_dtype(folder)
+    )
+
+
+def _vae_scale_factor(vae_dir: Path) -> int | None:
+    """The VAE's spatial factor, computed as the diffusers pipelines compute it."""
+    if not (vae_dir / "config.json").is_file():
+        return None
+    config = _read_json(vae_dir / "config.json")
+    if "encoder_block_out_channels" in config:  # AutoencoderDC (Sana)
+        return 2 ** (len(config["encoder_block_out_channels"]) - 1)
+    if "temperal_downsample" in config:  # AutoencoderKLQwenImage / Wan
+        return 2 ** len(config["temperal_downsample"])
+    if "block_out_channels" in config:  # AutoencoderKL
+        return 2 ** (len(config["block_out_channels"]) - 1)
+    return None
+
+
+def _prepare_out(out: Path) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not empty; choose a new --out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _finish(tmp: Path, out: Path) -> None:
+    if out.is_dir():
+        out.rmdir()  # empty, checked in _prepare_out
+    os.replace(tmp, out)
+
+
+def _copy_pipeline_parts(source: Path, dest: Path, skip: set[str]) -> None:
+    for item in source.iterdir():
+        if item.name in skip or item.name.startswith("."):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dest / item.name)
+        else:
+            shutil.copy2(item, dest / item.name)
+
+
+def convert_folder(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    patch_size: int | None = None,
+    head: str | dict = "detailer",
+    seed: int = 0,
+) -> ConversionReport:
+    """Convert a transformer folder, or a pipeline folder (written without its VAE; text
+    encoders, tokenizers and scheduler copied; model_index.json names the pixel
+    transformer as ["l2p", "PixelTransformer2DModel"] and records the conversion under
+    "_l2p")."""
+    source, out = Path(source), Path(out)
+    kind = _kind(source)
+    if kind == "model":
+        transformer = load_source_transformer(source)
+        pixel = convert_to_pixel(transformer, patch_size=patch_size, head=head, seed=seed)
+        tmp = _prepare_out(out)
+        try:
+            pixel.save_pretrained(str(tmp), safe_serialization=True)
+            _finish(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return pixel.conversion_report
+
+    index = _read_json(source / "model_index.json")
+    entry = index.get("transformer")
+    if not entry or entry[1] is None:
+        raise ValueError(
+            f"{source}/model_index.json has no transformer; L2P converts transformer "
+            f"pipelines ({', '.join(ADAPTERS)})"
+        )
+    transformer = load_source_transformer(source / "transformer")
+    factor = _vae_scale_factor(source / "vae")
+    pixel = convert_to_pixel(
+        transformer, vae_scale_factor=factor, patch_size=patch_size, head=head, seed=seed
+    )
+    tmp = _prepare_out(out)
+    try:
+        _copy_pipeline_parts(source, tmp, skip={"vae", "transformer", "model_index.json"})
+        pixel.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
+        index["transformer"] = ["l2p", PIXEL_CLASS]
+        if "vae" in index:
+            index["vae"] = [None, None]
+        index["_l2p"] = {
+            "source_pipeline": index.get("_class_name"),
+            "source_transformer": type(transformer).__name__,
+            "pixel_transformer": PIXEL_CLASS,
+            "patch_size": pixel.config.patch_size,
+            "vae_scale_factor": factor,
+            "prediction": pixel.prediction,
+            "output_sign": pixel.output_sign,
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _finish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return pixel.conversion_report
+
+
+def _pixel_model_dir(base: Path) -> Path:
+    if _kind(base) == "pipeline":
+        entry = _read_json(base / "model_index.json").get("transformer")
+        if not entry or entry[1] != PIXEL_CLASS:
+            raise ValueError(
+                f"{base} is not a converted pipeline (its transformer is {entry}); run l2p "
+                f"convert first"
+            )
+        return base / "transformer"
+    return base
+
+
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in _weight_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            state.update({k: f.get_tensor(k) for k in f.keys()})
+    return state
+
+
+def merge_folder(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike) -> list[str]:
+    """Write ``base`` (a converted model or pipeline folder) with the delta's tensors in
+    place, bit-identical to the model the delta was saved from. Returns the merged names."""
+    base, out = Path(base), Path(out)
+    model_dir = _pixel_model_dir(base)
+    config = _read_json(model_dir / "config.json")
+    if config.get("_class_name") != PIXEL_CLASS:
+        raise ValueError(
+            f"{model_dir} holds {config.get('_class_name')}, not a pixel model; merge onto the "
+            f"folder l2p convert wrote"
+        )
+    tensors, metadata = load_delta(delta)
+    check_delta_config(config, metadata)
+    state = load_state(model_dir)
+    for name, value in tensors.items():
+        if name not in state:
+            raise ValueError(f"delta tensor {name} has no place in {model_dir}")
+        if state[name].shape != value.shape or state[name].dtype != value.dtype:
+            raise ValueError(
+                f"delta tensor {name} is {tuple(value.shape)} {value.dtype} but {model_dir} has "
+                f"{tuple(state[name].shape)} {state[name].dtype}"
+            )
+        state[name] = value
+    with parameters_on_meta():  # every parameter is about to be assigned from `state`
+        model = PixelTransformer2DModel.from_config(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    tmp = _prepare_out(out)
+    try:
+        if model_dir is base:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        else:
+            _copy_pipeline_parts(base, tmp, skip={"transformer"})
+            model.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
+        _finish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(tensors)

@@ -1,0 +1,84 @@
+"""The Detailer Head (DiP, used by L2P over the whole image): a light conv U-Net on the
+noisy image whose bottleneck sits on the token grid and takes the last-layer token
+features."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def default_detailer_channels(patch_size: int) -> list[int]:
+    """Encoder widths, one per level, ending at 512: 64,128,256,512 for P=16 and
+    16,32,64,128,256,512 for P=64 (the official 1K and 4K heads)."""
+    levels = int(math.log2(patch_size))
+    return [max(512 >> (levels - 1 - i), 8) for i in range(levels)]
+
+
+class DetailerHead(nn.Module):
+    """Conv U-Net over the full noisy image x_t with the token features at its bottleneck.
+
+    Encoder: per level a 3x3 conv + SiLU (kept as the skip), then 2x2 average pooling;
+    log2(P) levels bring (H, W) down to the token grid (H/P, W/P). Bottleneck: the token
+    features (B, D, H/P, W/P) are concatenated and fused by a 1x1 conv. Decoder: per level
+    2x nearest upsampling, concatenation with the skip, 3x3 conv + SiLU (widths mirror the
+    encoder: 512 -> 256 -> 128 -> 64 -> 64 at P=16); a 1x1 conv gives the output channels.
+    """
+
+    def __init__(
+        self,
+        patch_size: int,
+        token_dim: int,
+        channels: list[int] | tuple[int, ...] | None = None,
+        in_channels: int = 3,
+        out_channels: int = 3,
+    ):
+        super().__init__()
+        if patch_size < 2 or patch_size & (patch_size - 1):
+            raise ValueError(
+                f"DetailerHead needs a power-of-two patch_size >= 2 (one 2x2 pooling per level), "
+                f"got {patch_size}"
+            )
+        levels = int(math.log2(patch_size))
+        channels = list(channels) if channels is not None else default_detailer_channels(patch_size)
+        if len(channels) != levels or any(int(c) <= 0 for c in channels):
+            raise ValueError(
+                f"DetailerHead channels must list {levels} positive widths for patch_size "
+                f"{patch_size} (log2 of it), got {channels}"
+            )
+        self.patch_size = patch_size
+        self.token_dim = token_dim
+        self.channels = [int(c) for c in channels]
+        widths = [in_channels] + self.channels
+        self.encoder = nn.ModuleList(
+            nn.Conv2d(widths[i], widths[i + 1], 3, padding=1) for i in range(levels)
+        )
+        self.fuse = nn.Conv2d(self.channels[-1] + token_dim, self.channels[-1], 1)
+        # Decoder level i (finest = 0) outputs the width of the encoder level above it.
+        dec_out = [self.channels[0]] + self.channels[:-1]
+        dec_in = [self.channels[-1]] + dec_out[:0:-1]
+        self.decoder = nn.ModuleList(
+            nn.Conv2d(dec_in[k] + self.channels[levels - 1 - k], dec_out[levels - 1 - k], 3, padding=1)
+            for k in range(levels)
+        )
+        self.proj_out = nn.Conv2d(self.channels[0], out_channels, 1)
+
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """image (B, C, H, W), tokens (B, (H/P)*(W/P), D) row-major -> (B, out, H, W)."""
+        b, _, h, w = image.shape
+        rows, cols = h // self.patch_size, w // self.patch_size
+        grid = tokens.transpose(1, 2).reshape(b, tokens.shape[2], rows, cols)
+        skips = []
+        x = image
+        for conv in self.encoder:
+            x = F.silu(conv(x))
+            skips.append(x)
+            x = F.avg_pool2d(x, 2)
+        x = F.silu(self.fuse(torch.cat([x, grid.to(x.dtype)], dim=1)))
+        for conv in self.decoder:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = F.silu(conv(torch.cat([x, skips.pop()], dim=1)))
+        return self.proj_out(x)
