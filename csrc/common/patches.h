@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 
-namespace l2p::cpu {
+namespace l2p {
 
 struct PatchGeometry {
   int64_t channels, height, width, patch;
@@ -18,6 +18,10 @@ struct PatchGeometry {
   int64_t tokens() const { return rows() * cols(); }
   int64_t features() const { return channels * patch * patch; }
 };
+
+}  // namespace l2p
+
+namespace l2p::cpu {
 
 // A tile: T patches starting at (row, col0) of image b.
 struct PatchTile {

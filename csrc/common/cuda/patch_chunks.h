@@ -24,12 +24,6 @@ inline int64_t chunk_tokens(int64_t total_tokens, int64_t features) {
   return std::max<int64_t>(1, std::min({total_tokens, kMaxChunkTokens, by_size}));
 }
 
-inline void check_on_gpu(const at::Tensor& t, const at::Tensor& reference, const char* name,
-                         const char* reference_name) {
-  TORCH_CHECK_VALUE(t.device() == reference.device(), "l2p: ", name, " is on ", t.device(),
-                    " but ", reference_name, " is on ", reference.device());
-}
-
 // matrix[0:chunk.count] <- patches of image (both contiguous, same dtype).
 inline void gather_chunk(const at::Tensor& image, at::Tensor& matrix, const PatchChunk& chunk) {
   C10_CUDA_CHECK(gather_patches(image.const_data_ptr(), matrix.data_ptr(), chunk,

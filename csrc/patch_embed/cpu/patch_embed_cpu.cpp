@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/cpu_gemm.h"
+#include "common/patch_checks.h"
 #include "common/patches.h"
 
 namespace l2p::cpu {
@@ -16,15 +17,6 @@ namespace {
 // Tokens per tile: enough rows to keep the GEMM efficient, few enough that the patch
 // buffer (T x C*p*p) stays in cache.
 constexpr int64_t kTileTokens = 64;
-
-PatchGeometry check_image_and_patch(const at::Tensor& x, int64_t p, const char* what) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "l2p: ", what, " must be (B, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(p > 0, "l2p: patch_size must be positive, got ", p);
-  TORCH_CHECK_VALUE(x.size(2) % p == 0 && x.size(3) % p == 0, "l2p: image size ", x.size(2),
-                    "x", x.size(3), " is not a multiple of patch_size ", p);
-  TORCH_CHECK_VALUE(x.size(1) > 0, "l2p: ", what, " has no channels");
-  return PatchGeometry{x.size(1), x.size(2), x.size(3), p};
-}
 
 template <typename scalar_t>
 void patch_embed_kernel(const at::Tensor& x, const at::Tensor& weight,
@@ -71,20 +63,8 @@ void patch_embed_kernel(const at::Tensor& x, const at::Tensor& weight,
 
 at::Tensor patch_embed_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, int64_t patch_size) {
-  const PatchGeometry g = check_image_and_patch(x_in, patch_size, "x");
-  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(1) == g.channels &&
-                        weight.size(2) == patch_size && weight.size(3) == patch_size,
-                    "l2p: patch_embed weight must be (D, ", g.channels, ", ", patch_size, ", ",
-                    patch_size, "), got ", weight.sizes());
-  TORCH_CHECK_TYPE(weight.scalar_type() == x_in.scalar_type(),
-                   "l2p: patch_embed weight dtype ", weight.scalar_type(),
-                   " differs from x dtype ", x_in.scalar_type());
+  const PatchGeometry g = check_patch_embed_args(x_in, weight, bias, patch_size);
   const int64_t D = weight.size(0);
-  TORCH_CHECK_VALUE(D > 0, "l2p: patch_embed weight has no output features");
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == D, "l2p: bias must be (", D, ")");
-    TORCH_CHECK_TYPE(bias->scalar_type() == x_in.scalar_type(), "l2p: bias dtype differs");
-  }
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty({x.size(0), g.tokens(), D}, x.options());
   if (out.numel() == 0) return out;
@@ -125,13 +105,7 @@ void patch_weight_grad_kernel(const at::Tensor& x, const at::Tensor& grad_tokens
 
 at::Tensor patch_weight_grad_cpu(const at::Tensor& x_in, const at::Tensor& grad_tokens,
                                  int64_t patch_size) {
-  const PatchGeometry g = check_image_and_patch(x_in, patch_size, "x");
-  TORCH_CHECK_VALUE(grad_tokens.dim() == 3 && grad_tokens.size(0) == x_in.size(0) &&
-                        grad_tokens.size(1) == g.tokens(),
-                    "l2p: grad_tokens must be (", x_in.size(0), ", ", g.tokens(),
-                    ", D), got ", grad_tokens.sizes());
-  TORCH_CHECK_TYPE(grad_tokens.scalar_type() == x_in.scalar_type(),
-                   "l2p: grad_tokens dtype differs from x dtype");
+  const PatchGeometry g = check_patch_weight_grad_args(x_in, grad_tokens, patch_size);
   const at::Tensor x = x_in.contiguous();
   const int64_t D = grad_tokens.size(2);
   at::Tensor result;

@@ -6,39 +6,16 @@
 #include <torch/library.h>
 
 #include "common/cuda/patch_chunks.h"
+#include "common/patch_checks.h"
 
 namespace l2p::cuda {
 namespace {
 
-void check_image_and_patch(const at::Tensor& x, int64_t p, const char* what) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "l2p: ", what, " must be (B, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(p > 0, "l2p: patch_size must be positive, got ", p);
-  TORCH_CHECK_VALUE(x.size(2) % p == 0 && x.size(3) % p == 0, "l2p: image size ", x.size(2),
-                    "x", x.size(3), " is not a multiple of patch_size ", p);
-  TORCH_CHECK_VALUE(x.size(1) > 0, "l2p: ", what, " has no channels");
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "l2p: ", what,
-                   " must be floating point, got ", x.scalar_type());
-}
-
 at::Tensor patch_embed_cuda(const at::Tensor& x_in, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, int64_t patch_size) {
-  check_image_and_patch(x_in, patch_size, "x");
+  check_patch_embed_args(x_in, weight, bias, patch_size);
   const int64_t C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), p = patch_size;
-  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(1) == C && weight.size(2) == p &&
-                        weight.size(3) == p,
-                    "l2p: patch_embed weight must be (D, ", C, ", ", p, ", ", p, "), got ",
-                    weight.sizes());
-  TORCH_CHECK_TYPE(weight.scalar_type() == x_in.scalar_type(),
-                   "l2p: patch_embed weight dtype ", weight.scalar_type(),
-                   " differs from x dtype ", x_in.scalar_type());
-  check_on_gpu(weight, x_in, "weight", "x");
   const int64_t D = weight.size(0);
-  TORCH_CHECK_VALUE(D > 0, "l2p: patch_embed weight has no output features");
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == D, "l2p: bias must be (", D, ")");
-    TORCH_CHECK_TYPE(bias->scalar_type() == x_in.scalar_type(), "l2p: bias dtype differs");
-    check_on_gpu(*bias, x_in, "bias", "x");
-  }
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), K = C * p * p, N = (H / p) * (W / p), total = B * N;
@@ -66,15 +43,9 @@ at::Tensor patch_embed_cuda(const at::Tensor& x_in, const at::Tensor& weight,
 // multiplied by cuBLAS (fp32 accumulation inside) and summed across chunks in fp32.
 at::Tensor patch_weight_grad_cuda(const at::Tensor& x_in, const at::Tensor& grad_tokens,
                                   int64_t patch_size) {
-  check_image_and_patch(x_in, patch_size, "x");
+  check_patch_weight_grad_args(x_in, grad_tokens, patch_size);
   const int64_t B = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const int64_t p = patch_size, K = C * p * p, N = (H / p) * (W / p), total = B * N;
-  TORCH_CHECK_VALUE(grad_tokens.dim() == 3 && grad_tokens.size(0) == B &&
-                        grad_tokens.size(1) == N,
-                    "l2p: grad_tokens must be (", B, ", ", N, ", D), got ", grad_tokens.sizes());
-  TORCH_CHECK_TYPE(grad_tokens.scalar_type() == x_in.scalar_type(),
-                   "l2p: grad_tokens dtype differs from x dtype");
-  check_on_gpu(grad_tokens, x_in, "grad_tokens", "x");
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const int64_t D = grad_tokens.size(2);
   if (D == 0 || total == 0) return at::zeros({D, C, p, p}, x_in.options());

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/cpu_gemm.h"
+#include "common/patch_checks.h"
 #include "common/patches.h"
 
 namespace l2p::cpu {
@@ -57,29 +58,8 @@ void unpatchify_kernel(const at::Tensor& tokens, const at::Tensor& weight,
 at::Tensor unpatchify_cpu(const at::Tensor& tokens_in, const at::Tensor& weight,
                           const c10::optional<at::Tensor>& bias, int64_t patch_size,
                           int64_t height, int64_t width) {
-  TORCH_CHECK_VALUE(tokens_in.dim() == 3 && tokens_in.size(2) > 0,
-                    "l2p: tokens must be (B, N, D) with D > 0, got ", tokens_in.sizes());
-  TORCH_CHECK_VALUE(patch_size > 0, "l2p: patch_size must be positive, got ", patch_size);
-  TORCH_CHECK_VALUE(height > 0 && width > 0 && height % patch_size == 0 &&
-                        width % patch_size == 0,
-                    "l2p: image size ", height, "x", width,
-                    " must be positive multiples of patch_size ", patch_size);
-  const int64_t pp = patch_size * patch_size;
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == tokens_in.size(2) &&
-                        weight.size(0) % pp == 0 && weight.size(0) > 0,
-                    "l2p: unpatchify weight must be (C*", pp, ", ", tokens_in.size(2),
-                    "), got ", weight.sizes());
-  const PatchGeometry g{weight.size(0) / pp, height, width, patch_size};
-  TORCH_CHECK_VALUE(tokens_in.size(1) == g.tokens(), "l2p: ", tokens_in.size(1),
-                    " tokens cannot fill a ", height, "x", width, " image with patch_size ",
-                    patch_size, " (needs ", g.tokens(), ")");
-  TORCH_CHECK_TYPE(weight.scalar_type() == tokens_in.scalar_type(),
-                   "l2p: unpatchify weight dtype differs from tokens dtype");
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0),
-                      "l2p: bias must be (", weight.size(0), ")");
-    TORCH_CHECK_TYPE(bias->scalar_type() == tokens_in.scalar_type(), "l2p: bias dtype differs");
-  }
+  const PatchGeometry g =
+      check_unpatchify_args(tokens_in, weight, bias, patch_size, height, width);
   const at::Tensor tokens = tokens_in.contiguous();
   at::Tensor image = at::empty({tokens.size(0), g.channels, height, width}, tokens.options());
   if (image.numel() == 0) return image;

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "common/cuda/patch_chunks.h"
+#include "common/patch_checks.h"
 
 namespace l2p::cuda {
 namespace {
@@ -13,31 +14,9 @@ namespace {
 at::Tensor unpatchify_cuda(const at::Tensor& tokens_in, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, int64_t patch_size,
                            int64_t height, int64_t width) {
-  TORCH_CHECK_VALUE(tokens_in.dim() == 3 && tokens_in.size(2) > 0,
-                    "l2p: tokens must be (B, N, D) with D > 0, got ", tokens_in.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(tokens_in.scalar_type()),
-                   "l2p: tokens must be floating point, got ", tokens_in.scalar_type());
-  TORCH_CHECK_VALUE(patch_size > 0, "l2p: patch_size must be positive, got ", patch_size);
-  TORCH_CHECK_VALUE(height > 0 && width > 0 && height % patch_size == 0 &&
-                        width % patch_size == 0,
-                    "l2p: image size ", height, "x", width,
-                    " must be positive multiples of patch_size ", patch_size);
-  const int64_t p = patch_size, pp = p * p;
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == tokens_in.size(2) &&
-                        weight.size(0) % pp == 0 && weight.size(0) > 0,
-                    "l2p: unpatchify weight must be (C*", pp, ", ", tokens_in.size(2),
-                    "), got ", weight.sizes());
-  const int64_t K = weight.size(0), C = K / pp, N = (height / p) * (width / p);
-  TORCH_CHECK_VALUE(tokens_in.size(1) == N, "l2p: ", tokens_in.size(1), " tokens cannot fill a ",
-                    height, "x", width, " image with patch_size ", p, " (needs ", N, ")");
-  TORCH_CHECK_TYPE(weight.scalar_type() == tokens_in.scalar_type(),
-                   "l2p: unpatchify weight dtype differs from tokens dtype");
-  check_on_gpu(weight, tokens_in, "weight", "tokens");
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == K, "l2p: bias must be (", K, ")");
-    TORCH_CHECK_TYPE(bias->scalar_type() == tokens_in.scalar_type(), "l2p: bias dtype differs");
-    check_on_gpu(*bias, tokens_in, "bias", "tokens");
-  }
+  check_unpatchify_args(tokens_in, weight, bias, patch_size, height, width);
+  const int64_t p = patch_size, K = weight.size(0), C = K / (p * p);
+  const int64_t N = (height / p) * (width / p);
   const c10::cuda::OptionalCUDAGuard guard(tokens_in.device());
   const at::Tensor tokens = tokens_in.contiguous();
   const int64_t B = tokens.size(0), D = tokens.size(2), total = B * N;
