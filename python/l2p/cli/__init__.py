@@ -10,6 +10,11 @@ import sys
 # Module names under l2p.cli, in the order ``l2p --help`` lists them.
 SUBCOMMANDS = [
     "info",
+    "convert",
+    "merge",
+    "train",
+    "data",
+    "toy",
 ]
 
 

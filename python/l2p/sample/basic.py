@@ -1,0 +1,99 @@
+"""A minimal pixel-space sampler: the source's own scheduler drives the pixel model.
+
+L2P keeps the source's prediction convention, sign and token grid, so sampling is the source
+pipeline's denoising loop with the VAE removed: start from Gaussian pixels, call the pixel model
+with the source's conditioning each step (classifier-free guidance with the empty caption) and
+let the source scheduler update the image. This is what the trainer uses for its sample grids.
+It works for flow-matching sources (FlowMatchEuler, DPM-Solver in flow mode) and DDPM-style
+ones (epsilon / v) alike, since it only calls the scheduler's ``set_timesteps`` / ``step``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from l2p.train import conditioning as condmod
+from l2p.train.config import ObjectiveConfig
+from l2p.train.objective import Objective
+
+
+def _scheduler(scheduler_config: dict):
+    import diffusers
+
+    cls = getattr(diffusers, scheduler_config["_class_name"])
+    return cls.from_config(scheduler_config)
+
+
+@torch.no_grad()
+def sample_images(model, cond: dict, empty_cond: dict, *, scheduler_config: dict, steps: int = 20,
+                  guidance: float = 4.5, seed: int = 0, height: int = 64, width: int = 64,
+                  flow_guidance: float = 1.0) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] for the B captions encoded in ``cond``.
+
+    Args:
+        model: a pixel model (``l2p.convert_to_pixel``) of a family in
+            ``l2p.train.conditioning.FAMILIES``.
+        cond / empty_cond: the captions' conditioning tensors (``TextEncoder`` or the embedding
+            cache) and those of the empty caption (batch 1), used for CFG.
+        scheduler_config: the source pipeline's scheduler config (with ``_class_name``).
+        guidance: CFG scale; 1 turns CFG off. ``flow_guidance`` feeds guidance-distilled
+            models (FLUX-dev style guidance embedding).
+        seed: the initial noise is drawn on the CPU from this seed, so images do not depend
+            on the device.
+    """
+    family = condmod.family_for(model.config.source_class)
+    device = next(model.parameters()).device
+    sched = _scheduler(scheduler_config)
+    p = model.config.patch_size
+    kwargs = {}
+    if scheduler_config.get("use_dynamic_shifting", False):
+        # FLUX-style dynamic shift: mu from the token count, as the source pipeline computes it
+        # (the trainer's shift is k = exp(mu) on the same line).
+        objective = Objective.from_scheduler_config(scheduler_config, ObjectiveConfig())
+        kwargs["mu"] = math.log(objective.shift_for((height // p) * (width // p)))
+    sched.set_timesteps(steps, device=device, **kwargs)
+    batch = next(v.shape[0] if isinstance(v, torch.Tensor) else len(v) for v in cond.values())
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, height, width, generator=g).to(device) * getattr(sched, "init_noise_sigma", 1.0)
+    use_cfg = guidance != 1.0
+    cond = condmod.to_device(cond, device, torch.float32)
+    if use_cfg:
+        uncond = condmod.select(cond, torch.zeros(batch, dtype=torch.bool), empty_cond)
+        cond = condmod.stack([uncond, cond])
+    for t in sched.timesteps:
+        x_in = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+        if use_cfg:
+            x_in = torch.cat([x_in, x_in])
+        ts = t.to(device).expand(x_in.shape[0])
+        out = model(**family.call(cond, x_in, ts, model, flow_guidance), return_dict=False)[0].float()
+        if use_cfg:
+            out_uncond, out_cond = out.chunk(2)
+            out = out_uncond + guidance * (out_cond - out_uncond)
+        # The pixel model keeps the source's sign; the source pipeline undoes it here.
+        out = out * model.output_sign
+        x = sched.step(out, t, x, return_dict=False)[0]
+    if not math.isfinite(float(x.abs().max())):
+        raise FloatingPointError("sampling produced non-finite pixels")
+    return x.clamp(-1, 1)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int) -> Path:
+    """Tile (N, 3, H, W) images in [-1, 1] into one PNG, ``columns`` per row."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = math.ceil(n / columns)
+    grid = torch.ones(3, rows * h, columns * w)
+    for i, img in enumerate(images.float().cpu()):
+        r, c = divmod(i, columns)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = (img + 1) / 2
+    arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(arr).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

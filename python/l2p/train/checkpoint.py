@@ -1,0 +1,216 @@
+"""Atomic, pickle-free training checkpoints.
+
+A checkpoint is a directory ``<run>/checkpoints/step-00000100/``:
+
+    trainable.safetensors     the trainable tensors (the delta), by parameter name
+    ema.safetensors           EMA of the trainable tensors (fp32)
+    optimizer.safetensors     every optimizer state tensor, as "<param name>/<key>"
+    optimizer.json            the rest of the optimizer state dict (param groups, names)
+    rng-rank<R>.safetensors   torch CPU and CUDA generator states of rank R (uint8)
+    rng-rank<R>.json          python ``random`` and numpy states of rank R
+    state.json                step, data position, counters, LR schedule, world size
+
+Everything is written into a hidden temporary directory that is renamed into place only when
+complete, so a run killed at any instant leaves either the old or the new checkpoint, never a
+half-written one. Only tensors (safetensors) and JSON are written: nothing is pickled, and
+loading never executes code. Under FSDP the sharded tensors are stored per rank
+(``*-rank<R>.safetensors``) and resuming needs the same world size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories are ignored)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # FSDP2 DTensors are stored as this rank's shard.
+    return {k: (v.to_local() if hasattr(v, "to_local") else v).detach().contiguous().cpu()
+            for k, v in tensors.items()}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer state <-> (tensors, JSON)
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer, param_names: list[str]) -> tuple[dict, dict]:
+    """Split ``optimizer.state_dict()`` into named tensors and a JSON-able remainder.
+    ``param_names[i]`` names the optimizer's i-th parameter (its param_groups order)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in sd["state"].items():
+        name = param_names[idx]
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}/{key}"] = value
+            else:
+                scalars.setdefault(name, {})[key] = value
+    meta = {"param_groups": sd["param_groups"], "param_names": param_names, "scalars": scalars,
+            "has_state": [param_names[i] for i in sd["state"]]}
+    return tensors, meta
+
+
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, param_names: list[str], tensors: dict, meta: dict) -> None:
+    if meta["param_names"] != param_names:
+        raise ValueError("the checkpoint's optimizer was built over different parameters "
+                         "(model.trainable changed?); resume with the same config")
+    index = {n: i for i, n in enumerate(param_names)}
+    state: dict[int, dict] = {index[n]: dict(meta["scalars"].get(n, {})) for n in meta["has_state"]}
+    for key, value in tensors.items():
+        name, _, field = key.rpartition("/")
+        state.setdefault(index[name], {})[field] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": [version, list(internal), gauss],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = sorted((k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+
+
+def _barrier():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, rank: int, trainable: dict[str, torch.Tensor],
+                    ema: dict[str, torch.Tensor] | None, optimizer: torch.optim.Optimizer,
+                    param_names: list[str], state: dict, keep_last: int, sharded: bool = False) -> Path:
+    """Write checkpoint ``step`` atomically and prune to the newest ``keep_last``. Every rank
+    calls it; rank 0 owns the directory. With ``sharded`` every rank writes its own tensors."""
+    root = checkpoint_root(run_dir)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    suffix = f"-rank{rank}" if sharded else ""
+    if rank == 0 or sharded:
+        save_file(_contiguous(trainable), str(tmp / f"trainable{suffix}.safetensors"))
+        if ema is not None:
+            save_file(_contiguous(ema), str(tmp / f"ema{suffix}.safetensors"))
+        tensors, meta = optimizer_to_flat(optimizer, param_names)
+        save_file(_contiguous(tensors), str(tmp / f"optimizer{suffix}.safetensors"))
+        _write_json(tmp / f"optimizer{suffix}.json", meta)
+    rng_tensors, rng_meta = rng_state()
+    save_file(_contiguous(rng_tensors), str(tmp / f"rng-rank{rank}.safetensors"))
+    _write_json(tmp / f"rng-rank{rank}.json", rng_meta)
+    _barrier()
+    if rank == 0:
+        _write_json(tmp / "state.json", dict(state, sharded=sharded))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # a rerun past the same step: replace it
+            trash = root / f".old-{final.name}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
+            shutil.rmtree(trash)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, *, rank: int) -> dict:
+    """The pieces of a checkpoint as tensors and JSON (see the module docstring)."""
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete l2p checkpoint (no state.json)")
+    state = json.loads((path / "state.json").read_text())
+    suffix = f"-rank{rank}" if state.get("sharded") else ""
+    rng_file = path / f"rng-rank{rank}.safetensors"
+    if not rng_file.is_file():
+        raise ValueError(f"{path} was written by {state.get('world_size')} processes; resume with "
+                         f"the same number (rank {rank} has no RNG state there)")
+    out = {
+        "state": state,
+        "trainable": load_file(str(path / f"trainable{suffix}.safetensors")),
+        "optimizer": load_file(str(path / f"optimizer{suffix}.safetensors")),
+        "optimizer_meta": json.loads((path / f"optimizer{suffix}.json").read_text()),
+        "rng": load_file(str(rng_file)),
+        "rng_meta": json.loads((path / f"rng-rank{rank}.json").read_text()),
+    }
+    ema_file = path / f"ema{suffix}.safetensors"
+    out["ema"] = load_file(str(ema_file)) if ema_file.is_file() else None
+    return out

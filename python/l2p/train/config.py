@@ -1,0 +1,354 @@
+"""The trainer's one typed configuration: nested dataclasses, read from YAML, overridden with
+``--set section.key=value``, written back as YAML next to every run.
+
+Unknown keys are errors that name the nearest valid key, and values are checked against the
+field types, so a typo in a long run's config fails in the first second, not after an hour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config a user wrote that the trainer cannot run; the message says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    # A diffusers pipeline folder, a transformer folder, or "toy" (the built-in ShapesWorld source).
+    source: str = "toy"
+    # Pixel patch size; None = latent patch x VAE factor (keeps the source's token grid).
+    patch_size: int | None = None
+    head: str = "detailer"
+    # Detailer Head encoder widths, one per level (log2 P levels); empty = the defaults
+    # (64, 128, 256, 512 at P = 16).
+    head_channels: list[int] = field(default_factory=list)
+    # Which parameters train: "first_last:N", "all", or comma-separated name patterns.
+    trainable: str = "first_last:5"
+    # Seed of the freshly initialised layers (pixel embedding, head).
+    init_seed: int = 0
+    # Recompute block activations in the backward pass: "none", "trainable" or "all" blocks.
+    gradient_checkpointing: str = "none"
+
+
+@dataclass
+class DataConfig:
+    # Images folder with metadata.csv (file_name,text), e.g. the output of `l2p data generate`.
+    path: str = ""
+    resolution: int = 64
+    # Aspect-ratio buckets of about resolution^2 pixels with aspect ratios up to this (e.g. 2.0);
+    # None = square center crops. A global batch always holds one bucket.
+    bucket_max_aspect: float | None = None
+    # Probability that a sample's caption is replaced by the empty prompt (for CFG).
+    caption_dropout: float = 0.1
+    # Text-embedding cache of `l2p data embed`; "auto" = use <path>/embeddings when present.
+    embeddings: str | None = "auto"
+    # DataLoader worker processes that prefetch exactly the coming batches (0 = load in the loop).
+    num_workers: int = 0
+
+
+@dataclass
+class ObjectiveConfig:
+    # "auto" = the source's own: flow matching for flow schedulers, else the scheduler's
+    # prediction_type ("epsilon" or "v_prediction").
+    prediction: str = "auto"
+    # Density of the flow time s in (0, 1) before the shift: "uniform" or "logit_normal".
+    timestep_density: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    # Time shift k in s' = k s / (1 + (k-1) s). None = the source scheduler's (static shift or
+    # dynamic shift from the image sequence length).
+    shift: float | None = None
+    # Guidance value fed to guidance-distilled sources (FLUX-dev's guidance embedding; 3.5 as
+    # in the diffusers FLUX training examples). Ignored by sources without one.
+    guidance: float = 3.5
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    # "cosine" (to min_lr_ratio * lr) or "constant", both after a linear warmup.
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    # Clip the global gradient norm to this value; 0 disables clipping.
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/l2p"
+    max_steps: int = 1000
+    # Per-process micro-batch; the global batch is batch_size x grad_accum x world size.
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    # "auto" = bf16 autocast on GPUs, fp32 on the CPU; or "no" / "bf16".
+    mixed_precision: str = "auto"
+    # Stop after this many non-finite steps in a row (each one is skipped and counted).
+    max_nonfinite_steps: int = 5
+    # "latest" (newest checkpoint in output_dir, if any), a checkpoint folder, or None.
+    resume: str | None = None
+    device: str = "auto"
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.999
+    # Start averaging after this many optimizer steps (a copy of the weights until then).
+    start_step: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep_last: int = 3
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class SampleConfig:
+    # Render a prompt x seed grid every N steps (0 = never; the final model is always sampled
+    # when prompts are given).
+    every: int = 0
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 20
+    guidance: float = 4.5
+    # Output size; None = data.resolution.
+    resolution: int | None = None
+
+
+@dataclass
+class DistributedConfig:
+    # "ddp" or "fsdp" (FSDP2 fully_shard per block, then the root; frozen blocks included).
+    strategy: str = "ddp"
+    # None = nccl on GPUs, gloo on the CPU.
+    backend: str | None = None
+
+
+@dataclass
+class LowMemoryConfig:
+    # Cached text embeddings only (text encoders never loaded) and frozen blocks in bf16.
+    enabled: bool = False
+    frozen_dtype: str = "bfloat16"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    low_memory: LowMemoryConfig = field(default_factory=LowMemoryConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    def validate(self) -> "Config":
+        _check_choice("model.gradient_checkpointing", self.model.gradient_checkpointing,
+                      ("none", "trainable", "all"))
+        _check_choice("objective.prediction", self.objective.prediction,
+                      ("auto", "flow", "epsilon", "v_prediction"))
+        _check_choice("objective.timestep_density", self.objective.timestep_density,
+                      ("uniform", "logit_normal"))
+        _check_choice("optim.schedule", self.optim.schedule, ("cosine", "constant"))
+        _check_choice("train.mixed_precision", self.train.mixed_precision, ("auto", "no", "bf16"))
+        _check_choice("distributed.strategy", self.distributed.strategy, ("ddp", "fsdp"))
+        _check_choice("low_memory.frozen_dtype", self.low_memory.frozen_dtype,
+                      ("bfloat16", "float16", "float32"))
+        for name, value, low in [
+            ("train.max_steps", self.train.max_steps, 1),
+            ("train.batch_size", self.train.batch_size, 1),
+            ("train.grad_accum", self.train.grad_accum, 1),
+            ("train.max_nonfinite_steps", self.train.max_nonfinite_steps, 1),
+            ("checkpoint.keep_last", self.checkpoint.keep_last, 1),
+            ("data.resolution", self.data.resolution, 1),
+        ]:
+            if value < low:
+                raise ConfigError(f"{name} must be >= {low}, got {value}")
+        if self.data.bucket_max_aspect is not None and self.data.bucket_max_aspect < 1.0:
+            raise ConfigError(f"data.bucket_max_aspect must be >= 1 (or null), got {self.data.bucket_max_aspect}")
+        if not 0.0 <= self.data.caption_dropout <= 1.0:
+            raise ConfigError(f"data.caption_dropout must be in [0, 1], got {self.data.caption_dropout}")
+        if not 0.0 <= self.ema.decay < 1.0:
+            raise ConfigError(f"ema.decay must be in [0, 1), got {self.ema.decay}")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        return self
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}"
+                          + _suggest(str(value), choices))
+
+
+def _suggest(name: str, candidates) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# dict/YAML -> dataclasses, with type checking and coercion
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        if isinstance(value, (tuple, list)):
+            return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, str):  # a comma-separated --set value
+            return [_coerce(_parse_scalar(v.strip()), args[0], key) for v in value.split(",") if v.strip()]
+        raise ConfigError(f"{key} must be a list, got {value!r}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {annotation!r}")
+
+
+def _build(cls, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            valid = [f"{prefix}.{n}" if prefix else n for n in names]
+            raise ConfigError(f"unknown config key {full!r}" + _suggest(full, valid)
+                              + f"; valid keys here: {', '.join(names)}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value, full)
+        else:
+            kwargs[key] = _coerce(value, annotation, full)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict | None) -> Config:
+    return _build(Config, data or {}, "").validate()
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=c`` overrides to a plain config dict; values are parsed as YAML scalars
+    (``1e-4``, ``true``, ``[a, b]``, ``null``) and type-checked when the dict is built."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = _parse_scalar(text)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file (if given) <- ``--set`` overrides, checked."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections, got {type(data).__name__}")
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+DEFAULT_CONFIG_DIR = Path(__file__).parent / "configs"

@@ -1,0 +1,93 @@
+"""torchrun integration: process group from torchrun's environment, DDP or FSDP2 wrapping.
+
+torchrun publishes RANK / WORLD_SIZE / LOCAL_RANK; ``DistEnv.from_torchrun`` is the one place
+that reads them. A plain ``python -m l2p.train`` run is world size 1 and never touches
+torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+from torch import nn
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_torchrun(cls) -> "DistEnv":
+        env = os.environ
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            return cls()
+        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(env: DistEnv, device: torch.device, backend: str | None = None) -> None:
+    """Join the process group that torchrun (or a test's launcher) set up (env:// rendezvous)."""
+    if not env.enabled or torch.distributed.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                                         timeout=timedelta(minutes=30))
+
+
+def shutdown_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def pick_device(name: str, env: DistEnv) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", env.local_rank)
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", env.local_rank)
+    return device
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    # Frozen parameters are ignored by DDP (requires_grad False); every trainable one is
+    # used in every step, so no unused-parameter search is needed.
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def wrap_fsdp(model: nn.Module, blocks: list[nn.Module], *, bf16: bool) -> nn.Module:
+    """FSDP2: shard every block (trainable and frozen alike), then the root, which holds the
+    embeddings and the head. Parameters become DTensors sharded on dim 0."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for block in blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+    return values

@@ -1,0 +1,523 @@
+"""The training run: source -> convert_to_pixel -> set_trainable -> the source's objective on
+pixels, with checkpoints that resume exactly.
+
+Exactness: every random draw of a step (each sample's time, noise and caption-dropout coin)
+comes from a generator seeded by (seed, step, the sample's slot in the global batch), the data
+order is a seeded permutation per epoch with its position checkpointed, the LR is a pure
+function of the step, and optimizer, EMA and RNG states are saved bit-exactly. A run resumed
+from step k therefore repeats what the uninterrupted run did after step k, and K processes with
+the same global batch draw what one process draws.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from l2p.train import checkpoint as ckpt
+from l2p.train import conditioning as condmod
+from l2p.train.config import Config, ConfigError
+from l2p.train.data import BatchPlan, DataPosition, collate, local_batches, open_dataset, sample_seed
+from l2p.train.distributed import (DistEnv, all_reduce_sum, init_distributed, pick_device,
+                                   shutdown_distributed, wrap_ddp, wrap_fsdp)
+from l2p.train.ema import EMA
+from l2p.train.objective import Objective
+from l2p.train.source import open_source
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    output_dir: Path | None = None
+    final_dir: Path | None = None
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warmup, then constant or
+    cosine decay to ``min_lr_ratio * lr`` at ``max_steps``."""
+    o, total = cfg.optim, cfg.train.max_steps
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _checkpoint_blocks(blocks: list[nn.Module]) -> None:
+    """Recompute each block's activations in the backward pass (non-reentrant checkpoint)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        block.forward = forward
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv | None = None):
+        from l2p.conversion import convert_to_pixel, set_trainable
+
+        self.cfg = cfg
+        self.env = env or DistEnv.from_torchrun()
+        self.device = pick_device(cfg.train.device, self.env)
+        init_distributed(self.env, self.device, cfg.distributed.backend)
+        self.out = Path(cfg.train.output_dir)
+        self.fsdp = self.env.enabled and cfg.distributed.strategy == "fsdp"
+
+        use_bf16 = cfg.train.mixed_precision == "bf16" or (
+            cfg.train.mixed_precision == "auto" and self.device.type == "cuda")
+        if cfg.low_memory.enabled:
+            use_bf16 = True  # frozen bf16 weights need autocast
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+
+        # -- source and pixel model ------------------------------------------------------
+        self.source = open_source(cfg.model.source)
+        # Low-memory mode reads the source in the frozen dtype (no full fp32 copy in host
+        # memory) and upcasts only what trains; new layers are then initialised in that dtype.
+        frozen_dtype = getattr(torch, cfg.low_memory.frozen_dtype) \
+            if cfg.low_memory.enabled and not self.fsdp else torch.float32
+        transformer = self.source.load_transformer(frozen_dtype)
+        model = convert_to_pixel(transformer, vae_scale_factor=self.source.vae_scale_factor,
+                                 patch_size=cfg.model.patch_size, head=self._head_config(),
+                                 seed=cfg.model.init_seed)
+        del transformer
+        self.trainable_report = set_trainable(model, cfg.model.trainable)
+        self.family = condmod.family_for(model.config.source_class)
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()  # fp32 master weights for everything that trains
+        blocks = model.blocks()
+        trainable_blocks = [b for _, b in blocks if any(p.requires_grad for p in b.parameters())]
+        if cfg.model.gradient_checkpointing == "trainable":
+            _checkpoint_blocks(trainable_blocks)
+        elif cfg.model.gradient_checkpointing == "all":
+            _checkpoint_blocks([b for _, b in blocks])
+        model.to(self.device).train()
+        self.model = model
+        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if self.fsdp:
+            self.wrapped = wrap_fsdp(model, [b for _, b in blocks], bf16=use_bf16)
+        elif self.env.enabled:
+            self.wrapped = wrap_ddp(model, self.device)
+        else:
+            self.wrapped = model
+        named = dict(model.named_parameters())
+        self.params = [named[n] for n in self.param_names]
+
+        o = cfg.optim
+        fused = all(p.is_cuda for p in self.params) and not self.fsdp
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                           weight_decay=o.weight_decay, fused=fused or None)
+        self.ema = EMA({n: named[n] for n in self.param_names}, cfg.ema.decay, cfg.ema.start_step) \
+            if cfg.ema.enabled else None
+        self.objective = Objective.from_scheduler_config(self.source.scheduler_config, cfg.objective,
+                                                         sign=float(model.output_sign))
+
+        # -- data and text conditioning --------------------------------------------------
+        self.dataset = open_dataset(cfg.data.path, cfg.data.resolution, cfg.train.seed,
+                                    patch_size=model.config.patch_size, max_aspect=cfg.data.bucket_max_aspect)
+        self.plan = BatchPlan(self.dataset, cfg.train.batch_size * cfg.train.grad_accum * self.env.world_size,
+                              cfg.train.seed, buckets=cfg.data.bucket_max_aspect is not None)
+        self.text = self._text_conditioning()
+        self.empty = self.text([""])
+
+        # -- counters --------------------------------------------------------------------
+        self.step = 0
+        self.position = DataPosition(sampler_seed=cfg.train.seed)
+        self.skipped_steps = 0
+        self.consecutive_nonfinite = 0
+        self.images_seen = 0
+        self._loader = None
+        self._rng_to_restore = None
+        self._resume()
+
+    # ------------------------------------------------------------------------------------
+    def _head_config(self):
+        m = self.cfg.model
+        if m.head_channels:
+            if m.head != "detailer":
+                raise ConfigError("model.head_channels applies to the detailer head only")
+            return {"type": "detailer", "channels": list(m.head_channels)}
+        return m.head
+
+    def _text_conditioning(self):
+        cfg = self.cfg
+        cache_dir = cfg.data.embeddings
+        if cache_dir == "auto":
+            auto = Path(cfg.data.path) / "embeddings"
+            cache_dir = str(auto) if auto.is_dir() else None
+        if cache_dir is not None:
+            from l2p.train.embedding_cache import open_embedding_cache
+
+            return open_embedding_cache(cache_dir)
+        if cfg.low_memory.enabled:
+            raise ConfigError("low_memory.enabled needs cached text embeddings (text encoders are never "
+                              "loaded): run `l2p data embed --source SRC --data DATA` first, or set "
+                              "data.embeddings to the cache folder")
+        pipe = self.source.load_text_pipeline(self.device)
+        return condmod.TextEncoder(pipe, self.model.config.source_class, self.device)
+
+    def _resume(self) -> None:
+        which = self.cfg.train.resume
+        if which is None:
+            return
+        path = ckpt.latest_checkpoint(self.out) if which == "latest" else Path(which)
+        if path is None:
+            return  # "latest" with nothing to resume: a fresh run
+        loaded = ckpt.load_checkpoint(path, rank=self.env.rank)
+        state = loaded["state"]
+        if state.get("world_size", 1) != self.env.world_size and state.get("sharded"):
+            raise ValueError(f"{path} holds FSDP shards of {state['world_size']} processes; resume "
+                             f"with the same number (got {self.env.world_size})")
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name in self.param_names:
+                if name not in loaded["trainable"]:
+                    raise ValueError(f"{path} lacks trainable tensor {name}; resume with the run's own config")
+                _local(named[name]).copy_(loaded["trainable"][name])
+        opt_tensors = loaded["optimizer"]
+        if self.fsdp:
+            opt_tensors = _as_dtensors(opt_tensors, named)
+        ckpt.optimizer_from_flat(self.optimizer, self.param_names, opt_tensors, loaded["optimizer_meta"])
+        if self.ema is not None and loaded["ema"] is not None:
+            self.ema.load_state_dict(loaded["ema"])
+        self.step = int(state["step"])
+        self.position = DataPosition(**state["position"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
+        self.images_seen = int(state["images_seen"])
+        self._rng_to_restore = (loaded["rng"], loaded["rng_meta"])
+        self._log(f"resumed from {path} at step {self.step}")
+
+    def _log(self, message: str) -> None:
+        if self.env.is_main:
+            print(f"[l2p-train] {message}", flush=True)
+
+    # ------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _load(self, indices: list[int]) -> dict:
+        if self._loader is None:
+            return collate([self.dataset[i] for i in indices])
+        batch = next(self._loader)
+        if batch["index"] != indices:
+            raise RuntimeError(f"data loader out of step: got {batch['index']}, expected {indices}")
+        return batch
+
+    def _start_loader(self) -> None:
+        """Background loading (data.num_workers > 0) of exactly the micro-batches the steps
+        from the current position will take."""
+        self._loader = None
+        if self.cfg.data.num_workers > 0:
+            c, env = self.cfg, self.env
+            plan = local_batches(self.plan, self.position, c.train.batch_size, c.train.grad_accum,
+                                 env.world_size, env.rank)
+            self._loader = iter(torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=plan, num_workers=c.data.num_workers, collate_fn=collate,
+                persistent_workers=False, prefetch_factor=2))
+
+    def _micro_batch(self, step: int, slots: list[int], batch: dict):
+        """Conditioning (after caption dropout), times, noise of one loaded micro-batch."""
+        x0 = batch["pixel_values"]
+        p = self.model.config.patch_size
+        seq_len = (x0.shape[-2] // p) * (x0.shape[-1] // p)
+        times, keep, noise = [], [], []
+        for slot in slots:
+            g = torch.Generator().manual_seed(sample_seed(self.cfg.train.seed, step, slot))
+            times.append(self.objective.sample_time(g, seq_len))
+            keep.append(torch.rand((), generator=g).item() >= self.cfg.data.caption_dropout)
+            noise.append(torch.randn(x0.shape[1:], generator=g))
+        dtype = torch.float64 if self.objective.kind == "flow" else torch.long
+        times = torch.tensor(times, dtype=dtype)
+        cond = condmod.select(self.text(batch["text"]), torch.tensor(keep), self.empty)
+        return x0, cond, times, torch.stack(noise)
+
+    def _loss(self, x0, cond, times, noise) -> torch.Tensor:
+        dev = self.device
+        x0, noise = x0.to(dev), noise.to(dev)
+        x_t, target = self.objective.noisy_and_target(x0, noise, times)
+        model_times = self.objective.scheduler_timesteps(times).to(dev)
+        cond = condmod.to_device(cond, dev, torch.float32)  # cached/encoded in bf16 on GPUs
+        kwargs = self.family.call(cond, x_t, model_times, self.model, self.cfg.objective.guidance)
+        with self._autocast():
+            pred = self.wrapped(**kwargs, return_dict=False)[0]
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+    def train_step(self) -> tuple[float, float, bool]:
+        """One optimizer step (all micro-batches). Returns (loss, grad_norm, finite)."""
+        cfg, env = self.cfg, self.env
+        B, A, W = cfg.train.batch_size, cfg.train.grad_accum, env.world_size
+        indices, next_position = self.plan.take(self.position)
+        lr = lr_at(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for a in range(A):
+            start = a * B * W + env.rank * B
+            slots = list(range(start, start + B))
+            batch = self._load([indices[s] for s in slots])
+            x0, cond, times, noise = self._micro_batch(self.step, slots, batch)
+            sync = a == A - 1 or not env.enabled or self.fsdp
+            ctx = contextlib.nullcontext() if sync else self.wrapped.no_sync()
+            with ctx:
+                loss = self._loss(x0, cond, times, noise)
+                (loss / A).backward()
+            loss_sum += loss.detach().double().cpu()
+        # The mean loss over the global batch; non-finite on any rank -> skipped everywhere.
+        total = all_reduce_sum(loss_sum.to(self.device)).cpu().item() / (A * W)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        finite = math.isfinite(total) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.consecutive_nonfinite = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_nonfinite += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.position = next_position
+        self.step += 1
+        self.images_seen += B * A * W
+        if finite and self.ema is not None:
+            self.ema.update(self.step - self.skipped_steps)
+        if not finite and self.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"the loss or gradient was not finite for {self.consecutive_nonfinite} steps in a row "
+                f"(the last at step {self.step}; {self.skipped_steps} skipped in all). Try a lower "
+                f"optim.lr or more optim.warmup_steps, train.mixed_precision=no (fp32), or check the "
+                f"data for broken images.")
+        return total, grad_norm, finite
+
+    # ------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"step": self.step, "position": self.position.to_dict(), "skipped_steps": self.skipped_steps,
+                "consecutive_nonfinite": self.consecutive_nonfinite, "images_seen": self.images_seen,
+                "lr_schedule": {"kind": self.cfg.optim.schedule, "base_lr": self.cfg.optim.lr,
+                                "warmup_steps": self.cfg.optim.warmup_steps,
+                                "max_steps": self.cfg.train.max_steps,
+                                "last_lr": lr_at(self.cfg, max(self.step - 1, 0))},
+                "world_size": self.env.world_size}
+
+    def _open_metrics(self):
+        """metrics.jsonl (one JSON record per step), without records past the current step
+        (a killed run's steps after its last checkpoint are redone)."""
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in kept))
+        return open(path, "a")
+
+    def save_checkpoint(self) -> Path:
+        named = dict(self.model.named_parameters())
+        trainable = {n: _local(named[n]).detach() for n in self.param_names}
+        return ckpt.save_checkpoint(
+            self.out, self.step, rank=self.env.rank, trainable=trainable,
+            ema=self.ema.state_dict() if self.ema is not None else None, optimizer=self.optimizer,
+            param_names=self.param_names, state=self.state(), keep_last=self.cfg.checkpoint.keep_last,
+            sharded=self.fsdp)
+
+    def run(self) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        result = TrainResult(step=self.step, output_dir=self.out)
+        writer = None
+        if env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out / "config.yaml")
+            self._log(str(self.trainable_report))
+            if cfg.logging.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                    # purge_step drops the scalars a killed run logged past its last checkpoint.
+                    writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
+                except ImportError:
+                    self._log("tensorboard is not installed; scalars go to metrics.jsonl only")
+        if self._rng_to_restore is not None:
+            ckpt.set_rng_state(*self._rng_to_restore)
+            self._rng_to_restore = None
+        else:
+            torch.manual_seed(cfg.train.seed + env.rank)
+        self._start_loader()
+        progress = None
+        if env.is_main and cfg.logging.progress_bar:
+            from tqdm.auto import tqdm
+            progress = tqdm(total=cfg.train.max_steps, initial=self.step, desc="l2p-train", unit="step",
+                            dynamic_ncols=True)
+        metrics = self._open_metrics() if env.is_main else None
+        global_batch = cfg.train.batch_size * cfg.train.grad_accum * env.world_size
+        window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
+        try:
+            while self.step < cfg.train.max_steps:
+                loss, grad_norm, finite = self.train_step()
+                result.losses.append(loss)
+                if finite:
+                    window_loss, window_n = window_loss + loss, window_n + 1
+                if env.is_main:
+                    record = {"step": self.step, "loss": loss, "grad_norm": grad_norm,
+                              "lr": lr_at(cfg, self.step - 1), "skipped": not finite}
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
+                                             skipped=self.skipped_steps, refresh=False)
+                        progress.update(1)
+                    if writer is not None and (self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps):
+                        elapsed = time.perf_counter() - t0
+                        if window_n:
+                            writer.add_scalar("train/loss", window_loss / window_n, self.step)
+                        writer.add_scalar("train/lr", record["lr"], self.step)
+                        writer.add_scalar("train/grad_norm", grad_norm, self.step)
+                        images_per_s = global_batch * max(window_n, 1) / max(elapsed, 1e-9)
+                        writer.add_scalar("train/images_per_s", images_per_s, self.step)
+                        writer.add_scalar("train/peak_memory_gb", _peak_memory_gb(self.device), self.step)
+                        writer.add_scalar("train/skipped_steps", self.skipped_steps, self.step)
+                        window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.max_steps:
+                    self.save_checkpoint()
+                if cfg.sample.every and cfg.sample.prompts and self.step % cfg.sample.every == 0:
+                    self.sample_grid(f"step-{self.step:08d}")
+            self.save_checkpoint()
+            result.final_dir = self.export()
+            if cfg.sample.prompts:
+                self.sample_grid("final")
+        finally:
+            if progress is not None:
+                progress.close()
+            if metrics is not None:
+                metrics.close()
+            if writer is not None:
+                writer.close()
+        result.step, result.skipped_steps = self.step, self.skipped_steps
+        return result
+
+    # ------------------------------------------------------------------------------------
+    def export(self) -> Path | None:
+        """``final/pipeline``: the source pipeline converted to pixel space (no VAE; what
+        ``l2p convert`` writes) with the trained transformer, EMA weights when EMA is on;
+        ``final/delta.safetensors``: its trainable tensors; ``final/delta-raw.safetensors``:
+        the raw (non-averaged) trainable tensors. Under FSDP only the raw delta is written."""
+        import shutil
+
+        from l2p.conversion import convert_folder, save_delta
+
+        final = self.out / "final"
+        full = {n: _full(p) for n, p in self.model.named_parameters() if p.requires_grad} if self.fsdp else None
+        if not self.env.is_main:
+            return None
+        final.mkdir(parents=True, exist_ok=True)
+        if self.fsdp:
+            from l2p.conversion.delta import DELTA_FORMAT, _config_json, atomic_save_file
+
+            atomic_save_file({k: v.detach().contiguous().cpu() for k, v in full.items()},
+                             final / "delta-raw.safetensors",
+                             {"format": DELTA_FORMAT, "config": _config_json(self.model)})
+            self._log(f"FSDP run: wrote {final / 'delta-raw.safetensors'}; `l2p convert` the source "
+                      "and `l2p merge` this delta onto it for the full model")
+            return final
+        save_delta(self.model, final / "delta-raw.safetensors")
+        pipeline = final / "pipeline"
+        shutil.rmtree(pipeline, ignore_errors=True)
+        convert_folder(self.source.path, pipeline, patch_size=self.cfg.model.patch_size,
+                       head=self._head_config(), seed=self.cfg.model.init_seed)
+        ctx = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+        with ctx:
+            save_delta(self.model, final / "delta.safetensors")
+            self.model.save_pretrained(str(pipeline / "transformer"), safe_serialization=True)
+        return final
+
+    def sample_grid(self, name: str) -> Path | None:
+        """Render the configured prompts x seeds through the pixel sampler to a PNG grid."""
+        if self.fsdp:
+            return None  # every rank would have to join each forward; sample the exported model instead
+        if not self.env.is_main:
+            return None
+        from l2p.sample.basic import sample_images, save_grid
+
+        s = self.cfg.sample
+        res = s.resolution or self.cfg.data.resolution
+        prompts = list(s.prompts)
+        try:
+            cond = self.text(prompts)
+        except KeyError as exc:  # a sample prompt missing from the embedding cache
+            self._log(f"no sample grid: {exc.args[0]}")
+            return None
+        images = []
+        ctx = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+        self.model.eval()
+        try:
+            with ctx, self._autocast():
+                for seed in s.seeds:
+                    images.append(sample_images(
+                        self.model, cond, self.empty, scheduler_config=self.source.scheduler_config,
+                        steps=s.steps, guidance=s.guidance, seed=seed, height=res, width=res,
+                        flow_guidance=self.cfg.objective.guidance))
+        finally:
+            self.model.train()
+        path = self.out / "samples" / f"{name}.png"
+        # rows: prompts, columns: seeds
+        save_grid(torch.stack(images, dim=1).flatten(0, 1), path, columns=len(s.seeds))
+        return path
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
+
+
+def _as_dtensors(tensors: dict[str, torch.Tensor], named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Optimizer state shards saved as plain tensors -> DTensors laid out like their params."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for key, value in tensors.items():
+        name = key.rpartition("/")[0]
+        param = named[name]
+        if isinstance(param, DTensor) and value.dim() > 0:
+            value = DTensor.from_local(value.to(param.device), param.device_mesh, param.placements,
+                                       shape=param.shape, stride=param.stride())
+        out[key] = value
+    return out
+
+
+def train(cfg: Config, env: DistEnv | None = None) -> TrainResult:
+    trainer = Trainer(cfg, env)
+    try:
+        return trainer.run()
+    finally:
+        shutdown_distributed()

@@ -1,0 +1,20 @@
+"""One rank of the 2-process gloo runs (spawned by test_distributed.py): each config in turn,
+so the spawn's imports are paid once."""
+
+from __future__ import annotations
+
+import os
+
+
+def run_rank(rank: int, world_size: int, port: int, runs: list[list[str]]) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1")
+    from l2p.train.config import load_config
+    from l2p.train.distributed import DistEnv
+    from l2p.train.loop import train
+
+    for i, overrides in enumerate(runs):
+        os.environ["MASTER_PORT"] = str(port + i)
+        train(load_config(None, overrides), DistEnv(rank=rank, world_size=world_size, local_rank=rank))

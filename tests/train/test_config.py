@@ -1,0 +1,82 @@
+"""The typed config: YAML in/out, --set overrides, errors that say what to do."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from _trainkit import subprocess_env
+from l2p.train.config import Config, ConfigError, config_from_dict, load_config
+
+
+def test_defaults_round_trip_through_yaml(tmp_path):
+    cfg = Config()
+    path = tmp_path / "c.yaml"
+    cfg.save(path)
+    assert load_config(path) == cfg
+
+
+def test_set_overrides_are_typed():
+    cfg = load_config(None, ["optim.lr=1e-4", "train.max_steps=12", "ema.enabled=false",
+                             "sample.prompts=[a cat, a dog]", "sample.seeds=1,2", "model.patch_size=null",
+                             "objective.shift=3", "model.head_channels=[8,16]"])
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.max_steps == 12 and cfg.ema.enabled is False
+    assert cfg.sample.prompts == ["a cat", "a dog"] and cfg.sample.seeds == [1, 2]
+    assert cfg.model.patch_size is None and cfg.objective.shift == 3.0
+    assert cfg.model.head_channels == [8, 16]
+
+
+def test_unknown_key_names_the_nearest_valid_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.learning_rat'.*did you mean 'optim.lr'|did you mean"):
+        load_config(None, ["optim.learning_rat=1"])
+    with pytest.raises(ConfigError, match="did you mean 'train.batch_size'"):
+        config_from_dict({"train": {"batch_sise": 4}})
+    with pytest.raises(ConfigError, match="did you mean 'optim'"):
+        config_from_dict({"optm": {}})
+
+
+def test_bad_types_and_choices():
+    with pytest.raises(ConfigError, match="train.max_steps must be an integer"):
+        load_config(None, ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match="ema.enabled must be true or false"):
+        load_config(None, ["ema.enabled=perhaps"])
+    with pytest.raises(ConfigError, match="optim.schedule must be one of cosine, constant.*'cosine'"):
+        load_config(None, ["optim.schedule=cosin"])
+    with pytest.raises(ConfigError, match="data.caption_dropout"):
+        load_config(None, ["data.caption_dropout=1.5"])
+    with pytest.raises(ConfigError, match="--set expects key=value"):
+        load_config(None, ["optim.lr"])
+
+
+def test_cli_print_config_and_errors(capsys):
+    from l2p.cli.train import main
+
+    assert main(["--print-config", "--set", "optim.lr=2e-4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 2e-4 and printed["model"]["source"] == "toy"
+    assert main(["--print-config", "--set", "optim.lrr=1"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
+
+
+def test_no_arguments_says_what_to_pass():
+    out = subprocess.run([sys.executable, "-m", "l2p.train"], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=120)
+    assert out.returncode == 2 and "needs a config" in out.stderr and "CONFIG.yaml" in out.stderr
+
+
+def test_shipped_toy_config_is_valid():
+    from l2p.train.config import DEFAULT_CONFIG_DIR
+
+    cfg = load_config(DEFAULT_CONFIG_DIR / "toy.yaml")
+    assert cfg.model.source == "toy"
+
+
+def test_l2p_train_subcommand_is_registered():
+    from l2p.cli import build_parser
+
+    args = build_parser().parse_args(["train", "cfg.yaml", "--set", "optim.lr=1"])
+    assert args.config == "cfg.yaml" and args.overrides == ["optim.lr=1"]

@@ -1,0 +1,64 @@
+"""Two CPU processes (gloo) with DDP or FSDP2 follow the single-process run with the same
+global batch: same samples, noise and times per global slot, averaged gradients."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from _trainkit import overrides
+from _dist_worker import run_rank
+from l2p.train.config import load_config
+from l2p.train.loop import train
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def _free_ports(n: int) -> int:
+    """A base port with n free ports after it (best effort)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65535:
+            return base
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_match_one(sources, images, tmp_path):
+    common = dict(train__max_steps=4, checkpoint__every=2, optim__schedule="constant", optim__warmup_steps=0)
+    single = tmp_path / "single"
+    train(load_config(None, overrides(sources["pixart"], images, single, train__batch_size=4, **common)))
+
+    def two(name, **extra):
+        return overrides(sources["pixart"], images, tmp_path / name, train__batch_size=2, **{**common, **extra})
+
+    runs = [two(s, distributed__strategy=s) for s in STRATEGIES]
+    # An FSDP run stopped at step 2 and resumed from its sharded checkpoint.
+    runs += [two("fsdp-resumed", distributed__strategy="fsdp", train__max_steps=2),
+             two("fsdp-resumed", distributed__strategy="fsdp", train__resume="latest")]
+    mp.spawn(run_rank, args=(2, _free_ports(len(runs)), runs), nprocs=2, join=True)
+    final_a = load_file(str(single / "final" / "delta-raw.safetensors"))
+    for strategy in STRATEGIES:
+        multi = tmp_path / strategy
+        a, b = _losses(single), _losses(multi)
+        assert len(a) == len(b) == 4
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-6), (strategy, a, b)
+        final_b = load_file(str(multi / "final" / "delta-raw.safetensors"))
+        assert final_a.keys() == final_b.keys()
+        for k in final_a:
+            assert torch.allclose(final_a[k], final_b[k], rtol=1e-3, atol=1e-5), (strategy, k)
+    # FSDP checkpoints hold one shard file per rank, and resuming from them is exact.
+    shards = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "step-00000004").glob("trainable*"))
+    assert shards == ["trainable-rank0.safetensors", "trainable-rank1.safetensors"]
+    straight = load_file(str(tmp_path / "fsdp" / "final" / "delta-raw.safetensors"))
+    resumed = load_file(str(tmp_path / "fsdp-resumed" / "final" / "delta-raw.safetensors"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert _losses(tmp_path / "fsdp-resumed") == _losses(tmp_path / "fsdp")
