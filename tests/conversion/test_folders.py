@@ -83,6 +83,19 @@ def test_convert_pipeline_folder_drops_the_vae(tmp_path):
         assert torch.equal(merged.state_dict()[key], value), key
 
 
+def test_pipeline_prediction_follows_the_scheduler(tmp_path):
+    # A PixArt transformer trained for flow (the toy source): the folder must record "flow",
+    # not the family's usual epsilon, so samplers read the output the way it was trained.
+    from l2p.toy.source import ToySourceConfig, build_toy_pipeline
+
+    cfg = ToySourceConfig().scaled(image_size=32, vae_channels=(8, 16), layers=1, heads=2,
+                                   head_dim=8, text_dim=16, text_layers=1)
+    build_toy_pipeline(cfg).save_pretrained(tmp_path / "src", safe_serialization=True)
+    assert cli(["convert", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "px")]) == 0
+    info = json.loads((tmp_path / "px" / "model_index.json").read_text())["_l2p"]
+    assert info["prediction"] == "flow" and info["patch_size"] == 4 and info["vae_scale_factor"] == 2
+
+
 def test_sana_pipeline_factor_comes_from_the_dc_ae(tmp_path):
     # A pipeline folder whose VAE config says 32x gives P = 32.
     name = "SanaTransformer2DModel"

@@ -101,3 +101,21 @@ def test_cli_embed(tiny_pixart, data, tmp_path, capsys):
     assert len(EmbeddingCache(out)) == 6
     with pytest.raises(FileNotFoundError, match="l2p data embed"):
         EmbeddingCache(tmp_path)
+
+
+def test_pipelines_with_one_prompt_per_text_encoder_are_encoded():
+    # SD3's encode_prompt has required prompt_2 / prompt_3 (None = reuse prompt).
+    from l2p.data.embed import encode_captions
+
+    class SD3Like:
+        def encode_prompt(self, prompt, prompt_2, prompt_3, device=None, num_images_per_prompt=1,
+                          do_classifier_free_guidance=True):
+            assert prompt_2 is None and prompt_3 is None and not do_classifier_free_guidance
+            n = len(prompt)
+            prompt_embeds, pooled_prompt_embeds = torch.ones(n, 3, 2), torch.zeros(n, 4)
+            negative_prompt_embeds = negative_pooled_prompt_embeds = None
+            return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
+
+    rows, shared, _ = encode_captions(SD3Like(), ["a", "b"], "cpu")
+    assert len(rows) == 2 and rows[0]["prompt_embeds"].shape == (3, 2)
+    assert rows[1]["pooled_prompt_embeds"].shape == (4,) and not shared

@@ -92,6 +92,24 @@ def _vae_scale_factor(vae_dir: Path) -> int | None:
     return None
 
 
+# The scheduler config's word for what the model predicts, in the pixel model's words.
+_SCHEDULER_PREDICTIONS = {"flow_prediction": "flow", "epsilon": "epsilon",
+                          "v_prediction": "v_prediction"}
+
+
+def _scheduler_prediction(scheduler_dir: Path) -> str | None:
+    """What the source scheduler reads the model output as, where its config says: the same
+    transformer class is trained for epsilon in one pipeline and for flow in another (PixArt
+    with a flow-mode DPM-Solver, as the toy source and Sana use it)."""
+    config_path = scheduler_dir / "scheduler_config.json"
+    if not config_path.is_file():
+        return None
+    config = _read_json(config_path)
+    if config.get("_class_name", "").startswith("FlowMatch"):
+        return "flow"
+    return _SCHEDULER_PREDICTIONS.get(config.get("prediction_type"))
+
+
 def _prepare_out(out: Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not empty; choose a new --out or remove it")
@@ -168,7 +186,7 @@ def convert_folder(
             "pixel_transformer": PIXEL_CLASS,
             "patch_size": pixel.config.patch_size,
             "vae_scale_factor": factor,
-            "prediction": pixel.prediction,
+            "prediction": _scheduler_prediction(source / "scheduler") or pixel.prediction,
             "output_sign": pixel.output_sign,
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

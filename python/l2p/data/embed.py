@@ -67,8 +67,10 @@ def encode_captions(pipe, captions: list[str], device: str,
         raise TypeError(f"{type(pipe).__name__}.encode_prompt takes no 'prompt'; this pipeline "
                         "family is not supported by the embedding cache")
     kwargs = {"prompt": captions}
+    # SD3 and FLUX take one prompt per text encoder; None means "the same as prompt".
     for name, value in (("device", device), ("num_images_per_prompt", 1),
-                        ("do_classifier_free_guidance", False)):
+                        ("do_classifier_free_guidance", False), ("prompt_2", None),
+                        ("prompt_3", None)):
         if name in params:
             kwargs[name] = value
     with torch.no_grad():
