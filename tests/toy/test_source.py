@@ -63,13 +63,25 @@ def test_missing_source_says_how_to_make_one(tmp_path):
         source.load_toy_source(tmp_path)
 
 
-def test_time_budget_shrinks_the_schedule_only_when_needed(monkeypatch):
-    monkeypatch.setattr(source.time, "time", lambda: 100.0)
-    # 20 steps took 10 s: a 30 s budget fits 60 steps; no budget keeps the plan.
-    assert source._fit_steps(1000, 20, 90.0, 30.0) == 60
-    assert source._fit_steps(1000, 20, 90.0, 0.0) == 1000
-    assert source._fit_steps(40, 20, 90.0, 1e6) == 40
-    assert source._fit_steps(1000, 20, 90.0, 1.0) == 21  # never fewer than the steps already run
+def test_time_budget_fits_the_schedule_to_the_measured_speed(monkeypatch):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(source.time, "time", lambda: clock["now"])
+
+    def run(planned, budget_s, seconds_per_step, warmup_seconds=5.0):
+        clock["now"] = 0.0
+        budget = source._Budget(planned, budget_s)
+        step = total = 0
+        while step < (total := budget.update(step)):
+            clock["now"] += warmup_seconds if step < source._WARMUP_STEPS else seconds_per_step
+            step += 1
+        return total
+
+    # A slow warm-up (10 x 5 s) must not be taken for the running speed (0.5 s/step): after
+    # it and the 40 timed steps (70 s), the 30 s left of a 100 s budget hold 60 more steps.
+    assert run(1000, 100.0, 0.5) == 110
+    assert run(1000, 0.0, 0.5) == 1000          # no budget: the plan
+    assert run(80, 1e6, 0.5) == 80               # never more than planned
+    assert run(1000, 10.0, 0.5) == 51            # never fewer than already run
 
 
 def test_scoring_ground_truth_gives_full_marks_with_an_interval():

@@ -178,23 +178,42 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _fit_steps(planned: int, step: int, started: float, budget_s: float) -> int:
-    """Shrink a schedule of ``planned`` steps so that it ends within ``budget_s`` seconds,
-    judging by the speed of the ``step`` steps run since ``started``."""
-    if budget_s <= 0 or step == 0:
-        return planned
-    per_step = (time.time() - started) / step
-    return max(step + 1, min(planned, int(budget_s / per_step)))
+# Steps whose speed is not representative (allocator and autotuning warm-up), then the
+# steps whose speed sets the schedule.
+_WARMUP_STEPS, _TIMED_STEPS = 10, 40
+
+
+class _Budget:
+    """Fits a schedule of ``planned`` steps into ``budget_s`` seconds of wall clock: after
+    the warm-up and the timed steps it sets the total from the measured speed (never more
+    than planned, never fewer than already run). No budget keeps the plan."""
+
+    def __init__(self, planned: int, budget_s: float):
+        self.total, self.budget_s = planned, budget_s
+        self.started = time.time()
+        self.timed_from = None
+
+    def update(self, step: int) -> int:
+        if self.budget_s <= 0:
+            return self.total
+        if step == _WARMUP_STEPS:
+            self.timed_from = time.time()
+        elif step == _WARMUP_STEPS + _TIMED_STEPS and self.timed_from is not None:
+            now = time.time()
+            per_step = (now - self.timed_from) / _TIMED_STEPS
+            left = self.budget_s - (now - self.started)
+            self.total = max(step + 1, min(self.total, step + int(left / per_step)))
+        return self.total
 
 
 def train_vae(vae, images: np.ndarray, cfg: ToySourceConfig, device, log: Callable[[str], None]):
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    total, started, step = cfg.vae_steps, time.time(), 0
+    budget = _Budget(cfg.vae_steps, cfg.time_budget_s * 0.25)
+    total, step = cfg.vae_steps, 0
     while step < total:
-        if step == 20:
-            total = _fit_steps(total, step, started, cfg.time_budget_s * 0.25)
+        total = budget.update(step)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, total, cfg.vae_lr, min(200, cfg.warmup_steps))
         idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=gen).numpy()
@@ -245,10 +264,10 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: ToyS
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.01)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
     x0_all = latents * pipe.vae.config.scaling_factor
-    total, started, step = cfg.dit_steps, time.time(), 0
+    budget = _Budget(cfg.dit_steps, budget_s)
+    total, step = cfg.dit_steps, 0
     while step < total:
-        if step == 20:
-            total = _fit_steps(total, step, started, budget_s)
+        total = budget.update(step)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, total, cfg.dit_lr, min(cfg.warmup_steps, total // 10))
         idx = torch.randint(0, len(prompts), (cfg.dit_batch,), generator=gen)
