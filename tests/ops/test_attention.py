@@ -1,0 +1,314 @@
+"""l2p.ops.attention on the CPU: the compiled kernel (backend="cpp") against
+attention_reference, the op contract (opcheck, gradcheck), the errors of the Python front,
+and the O(N) memory promise.
+
+Tolerances, against the float64 reference on the same (rounded) inputs and relative to the
+largest reference value of each tensor (worst error seen over the sweep in brackets):
+float32 1e-5 (1.2e-6); float16 2e-3 (4.4e-4); bfloat16 1e-2 (4.5e-3: the output is rounded to
+8 mantissa bits and the backward reads that rounded output).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from l2p.ops import _extension
+from l2p.ops.attention import attention
+from l2p.ops.reference import attention_reference
+
+pytestmark = pytest.mark.skipif(
+    not _extension.is_compiled()
+    or not torch._C._dispatch_has_kernel_for_dispatch_key("l2p::attention_forward", "CPU"),
+    reason="l2p._C with the CPU attention kernel is not built",
+)
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _qkv(batch, hq, hk, nq, nk, dh, dv, dtype=torch.float32, requires_grad=False):
+    q = torch.randn(batch, hq, nq, dh, dtype=dtype)
+    k = torch.randn(batch, hk, nk, dh, dtype=dtype)
+    v = torch.randn(batch, hk, nk, dv, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def _make_mask(kind, batch, hq, nq, nk):
+    """None; "padding": a random boolean key-padding mask (B, 1, 1, Nk) with the last batch
+    entry fully padded; "lengths": sample 0 keeps only its first Nk // 5 keys (whole key
+    tiles padded); "full": an additive (B, Hq, Nq, Nk) float mask with some -inf and one
+    fully masked row."""
+    if kind is None:
+        return None
+    if kind == "lengths":
+        keep = torch.ones(batch, 1, 1, nk, dtype=torch.bool)
+        keep[0, ..., nk // 5:] = False
+        return keep
+    if kind == "padding":
+        keep = torch.rand(batch, 1, 1, nk) > 0.3
+        keep[0, ..., 0] = True
+        if batch > 1:
+            keep[-1] = False  # every query of the last sample attends to nothing
+        return keep
+    mask = torch.randn(batch, hq, nq, nk)
+    mask[torch.rand(batch, hq, nq, nk) < 0.2] = float("-inf")
+    mask[0, 0, nq // 2] = float("-inf")
+    return mask
+
+
+def _additive(mask, q, k):
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    return mask.to(torch.float32).expand(target)
+
+
+def _reference(q, k, v, mask, scale, grad_out):
+    """Float64 output, lse and gradients of attention_reference. Autograd through its
+    logsumexp gives NaN on a fully masked row, whose true gradient is 0: such rows are
+    unmasked and get no upstream gradient, which leaves every gradient unchanged."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    additive = _additive(mask, q, k)
+    out, lse = attention_reference(q64, k64, v64, additive, scale)
+    grad_mask, grad = additive, grad_out.double()
+    if additive is not None:
+        dead = torch.isneginf(additive).all(dim=-1, keepdim=True)
+        grad_mask = additive.masked_fill(dead, 0.0)
+        grad = grad.masked_fill(dead, 0.0)
+    out_g, _ = attention_reference(q64, k64, v64, grad_mask, scale)
+    grads = torch.autograd.grad(out_g, (q64, k64, v64), grad)
+    return out.detach(), lse, grads
+
+
+def _assert_close(actual, expected, tol, what):
+    actual, expected = actual.double(), expected.double()
+    assert not torch.isnan(actual).any(), f"{what}: NaN"
+    both_inf = torch.isinf(actual) & (actual == expected)
+    err = (actual - expected).masked_fill(both_inf, 0.0).abs().max().item()
+    # The floor covers gradients that are 0 in exact arithmetic (a single key: dq = 0).
+    limit = tol * max(expected[torch.isfinite(expected)].abs().max().item(), 0.1)
+    assert err <= limit, f"{what}: max error {err:.3g} > {limit:.3g}"
+
+
+# (batch, Hq, Hk, Nq, Nk, Dh, Dv, mask): odd lengths that are not multiples of any tile,
+# Nq != Nk, head dims from 16 to 256, Dv != Dh, grouped-query heads.
+SWEEP = [
+    (1, 1, 1, 1, 1, 16, 16, None),
+    (2, 4, 2, 100, 77, 40, 40, "padding"),
+    (1, 3, 1, 131, 600, 80, 80, "full"),
+    (2, 2, 2, 257, 129, 96, 64, "padding"),
+    (1, 2, 1, 65, 515, 100, 100, None),
+    (1, 1, 1, 33, 70, 256, 256, "full"),
+    (1, 4, 2, 50, 1030, 64, 128, "full"),
+    (1, 4, 4, 200, 200, 17, 33, None),
+    (3, 6, 3, 129, 513, 32, 32, "padding"),
+    (2, 4, 2, 70, 1300, 32, 24, "lengths"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", SWEEP, ids=lambda c: "-".join(map(str, c)))
+def test_matches_reference(case, dtype):
+    batch, hq, hk, nq, nk, dh, dv, mask_kind = case
+    q, k, v = _qkv(batch, hq, hk, nq, nk, dh, dv, dtype, requires_grad=True)
+    mask = _make_mask(mask_kind, batch, hq, nq, nk)
+    scale = 1.0 / math.sqrt(dh)
+    out = attention(q, k, v, attn_mask=mask, backend="cpp")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    ref_out, ref_lse, ref_grads = _reference(q, k, v, mask, scale, grad_out)
+    tol = TOLERANCE[dtype]
+    assert out.dtype == dtype and out.shape == (batch, hq, nq, dv)
+    _assert_close(out, ref_out, tol, "out")
+    for name, g, ref_g in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert g.dtype == dtype
+        _assert_close(g, ref_g, tol, name)
+    _, lse = torch.ops.l2p.attention_forward(q, k, v, _additive(mask, q, k), scale)
+    assert lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    _assert_close(lse, ref_lse, 1e-5, "lse")
+
+
+def test_fully_masked_rows_give_zeros_and_finite_gradients():
+    q, k, v = _qkv(2, 2, 1, 9, 11, 8, 8, requires_grad=True)
+    mask = torch.ones(2, 1, 1, 11, dtype=torch.bool)
+    mask[1] = False
+    out = attention(q, k, v, attn_mask=mask, backend="cpp")
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+        assert torch.equal(t.grad[1], torch.zeros_like(t.grad[1]))
+    _, lse = torch.ops.l2p.attention_forward(q, k, v, _additive(mask, q, k), 0.5)
+    assert torch.isneginf(lse[1]).all() and torch.isfinite(lse[0]).all()
+
+
+def test_non_contiguous_inputs():
+    # (B, N, H, D) storage seen as (B, H, N, D): the layout of a fused qkv projection.
+    q = torch.randn(2, 70, 4, 32).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 90, 2, 32).transpose(1, 2).requires_grad_()
+    v = torch.randn(2, 2, 48, 90).transpose(2, 3).requires_grad_()
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    out = attention(q, k, v, backend="cpp")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_out, _, ref_grads = _reference(q, k, v, None, 32**-0.5, grad_out)
+    _assert_close(out, ref_out, 1e-5, "out")
+    for name, g, ref_g, t in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
+        assert g.shape == t.shape
+        _assert_close(g, ref_g, 1e-5, name)
+
+
+def test_float64_forward_is_exact():
+    q, k, v = _qkv(1, 4, 2, 45, 130, 24, 20, torch.float64)
+    mask = _make_mask("full", 1, 4, 45, 130)
+    out = attention(q, k, v, attn_mask=mask, backend="cpp")
+    ref, _ = attention_reference(q, k, v, mask.double(), 24**-0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "shape, mask_kind",
+    [((1, 2, 1, 5, 7, 4, 3), None), ((2, 2, 2, 6, 4, 3, 5), "full"),
+     ((2, 4, 2, 3, 9, 4, 4), "padding")],
+    ids=["gqa", "mask", "gqa-padding"],
+)
+def test_gradcheck(shape, mask_kind):
+    batch, hq, hk, nq, nk, dh, dv = shape
+    q, k, v = _qkv(batch, hq, hk, nq, nk, dh, dv, torch.float64, requires_grad=True)
+    mask = _make_mask(mask_kind, batch, hq, nq, nk)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: attention(q, k, v, attn_mask=mask, backend="cpp"), (q, k, v)
+    )
+
+
+@pytest.mark.parametrize(
+    "shape, mask_kind",
+    [((1, 2, 2, 8, 8, 16, 16), None), ((2, 4, 2, 10, 21, 8, 12), "full"),
+     ((2, 2, 1, 17, 5, 8, 8), "padding")],
+    ids=["plain", "gqa-mask", "nq-ne-nk-padding"],
+)
+def test_opcheck(shape, mask_kind):
+    batch, hq, hk, nq, nk, dh, dv = shape
+    q, k, v = _qkv(batch, hq, hk, nq, nk, dh, dv, requires_grad=True)
+    mask = _additive(_make_mask(mask_kind, batch, hq, nq, nk), q, k)
+    torch.library.opcheck(torch.ops.l2p.attention_forward.default, (q, k, v, mask, dh**-0.5))
+
+
+def test_opcheck_backward():
+    q, k, v = _qkv(2, 4, 2, 10, 21, 8, 12)
+    mask = _additive(_make_mask("full", 2, 4, 10, 21), q, k)
+    out, lse = torch.ops.l2p.attention_forward(q, k, v, mask, 0.3)
+    args = (torch.randn_like(out), q, k, v, out, lse, mask, 0.3)
+    torch.library.opcheck(torch.ops.l2p.attention_backward.default, args)
+
+
+def _bad(**overrides):
+    shapes = {"q": (1, 4, 8, 16), "k": (1, 2, 8, 16), "v": (1, 2, 8, 16)}
+    tensors = {name: torch.randn(shape) for name, shape in shapes.items()}
+    tensors.update(overrides)
+    return tensors
+
+
+@pytest.mark.parametrize(
+    "inputs, kwargs, error, match",
+    [
+        (_bad(q=torch.randn(4, 8, 16)), {}, ValueError, r"\(B, H, N, D\)"),
+        (_bad(k=torch.randn(1, 3, 8, 16), v=torch.randn(1, 3, 8, 16)), {}, ValueError,
+         "multiple"),
+        (_bad(k=torch.randn(1, 2, 8, 16, dtype=torch.float64)), {}, TypeError, "dtype"),
+        (_bad(q=torch.randn(1, 4, 0, 16)), {}, ValueError, "empty"),
+        (_bad(), {"attn_mask": torch.ones(1, 1, 1, 9, dtype=torch.bool)}, ValueError,
+         "broadcast"),
+        (_bad(q=torch.randn(1, 4, 8, 264), k=torch.randn(1, 2, 8, 264)), {}, ValueError,
+         "exceeds 256"),
+        (_bad(q=torch.ones(1, 4, 8, 16, dtype=torch.int64)), {}, TypeError, "floating"),
+    ],
+    ids=["rank", "heads", "dtype", "empty", "mask-shape", "head-dim", "int"],
+)
+def test_front_rejects_bad_inputs(inputs, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        attention(inputs["q"], inputs["k"], inputs["v"], backend="cpp", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        ((torch.randn(4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)),
+         ValueError),
+        ((torch.randn(1, 3, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)),
+         ValueError),
+        ((torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 16)),
+         ValueError),
+        ((torch.randn(1, 2, 8, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 8, 16)),
+         ValueError),
+        ((torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16).double(),
+          torch.randn(1, 2, 8, 16)), TypeError),
+    ],
+    ids=["rank", "heads", "head-dim", "kv-length", "dtype"],
+)
+def test_kernel_rejects_bad_inputs(args, error):
+    """Direct torch.ops calls skip the Python front: the kernel checks on its own."""
+    with pytest.raises(error, match="l2p"):
+        torch.ops.l2p.attention_forward(*args, None, 1.0)
+
+
+def test_kernel_rejects_bad_mask_and_lse():
+    q, k, v = _qkv(1, 2, 2, 8, 8, 16, 16)
+    with pytest.raises(TypeError, match="float32"):
+        torch.ops.l2p.attention_forward(q, k, v, torch.zeros(1, 2, 8, 8).double(), 1.0)
+    with pytest.raises(ValueError, match="attn_mask"):
+        torch.ops.l2p.attention_forward(q, k, v, torch.zeros(1, 1, 1, 8), 1.0)
+    out, lse = torch.ops.l2p.attention_forward(q, k, v, None, 1.0)
+    with pytest.raises(TypeError, match="lse"):
+        torch.ops.l2p.attention_backward(out, q, k, v, out, lse.double(), None, 1.0)
+    with pytest.raises(ValueError, match="grad_out"):
+        torch.ops.l2p.attention_backward(out[:, :1], q, k, v, out, lse, None, 1.0)
+
+
+def test_empty_key_set_gives_zeros():
+    q, k, v = _qkv(1, 2, 2, 5, 0, 8, 8)
+    out, lse = torch.ops.l2p.attention_forward(q, k, v, None, 1.0)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+_PEAK_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import torch, l2p.ops
+
+    def high_water_mib():
+        with open("/proc/self/status") as f:
+            line = next(l for l in f if l.startswith("VmHWM"))
+        return int(line.split()[1]) / 1024
+
+    n, d = {n}, 32
+    q, k, v = (torch.randn(1, 1, n, d, requires_grad=True) for _ in range(3))
+    small = [t[:, :, :64].detach().requires_grad_() for t in (q, k, v)]
+    torch.ops.l2p.attention_forward(*small, None, 0.1)[0].sum().backward()  # warm up
+    before = high_water_mib()
+    out, _ = torch.ops.l2p.attention_forward(q, k, v, None, 0.1)
+    out.sum().backward()
+    print(high_water_mib() - before)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_memory_does_not_scale_with_n_squared():
+    """Forward + backward at N=8192 on one head: an Nq x Nk float32 buffer would be 256 MiB;
+    the peak resident memory of a fresh process may grow by far less."""
+    n = 8192
+    script = _PEAK_MEMORY_SCRIPT.format(n=n)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, check=True)
+    growth_mib = float(result.stdout.strip().splitlines()[-1])
+    assert growth_mib < 64, f"peak RSS grew by {growth_mib:.0f} MiB (N^2 floats = 256 MiB)"
