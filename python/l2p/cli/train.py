@@ -1,5 +1,6 @@
 """``l2p-train`` / ``l2p train``: run the L2P migration described by a config.
 
+    l2p-train                             (the ShapesWorld toy migration, end to end)
     l2p-train CONFIG.yaml [--set section.key=value ...] [--print-config]
     l2p-train --resume RUN_DIR            (continues RUN_DIR with its saved config.yaml)
     torchrun --nproc-per-node K -m l2p.train CONFIG.yaml
@@ -10,15 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-USAGE_HINT = (
-    "l2p-train needs a config: l2p-train CONFIG.yaml [--set key=value ...]\n"
-    "  a starting point: l2p-train {toy} --print-config > my.yaml, then set model.source to a\n"
-    "  diffusers pipeline folder and data.path to an images folder with metadata.csv.\n"
-    "  (With no arguments l2p-train will run the ShapesWorld toy migration once the toy source\n"
-    "  model ships.)"
-)
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML config (see l2p/train/configs/toy.yaml)")
@@ -34,8 +26,11 @@ def run(args: argparse.Namespace) -> int:
     from l2p.train.config import DEFAULT_CONFIG_DIR, load_config
 
     if args.config is None and args.resume is None and not args.print_config:
-        print(USAGE_HINT.format(toy=DEFAULT_CONFIG_DIR / "toy.yaml"), file=sys.stderr)
-        return 2
+        # The embedded default: source corpus, training, scoring and report, on the toy.
+        from l2p.toy.migration import MigrationPlan, run_toy_migration
+
+        run_toy_migration(MigrationPlan(train_overrides=list(args.overrides)))
+        return 0
     config_path = args.config
     overrides = list(args.overrides)
     if args.resume is not None:
