@@ -20,6 +20,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread(request):
+    """Tests of tiny models run on one torch thread: on a shared 2-core machine intra-op
+    threads only add contention (measured 10x slower under load). The op tests keep torch's
+    threads, since they exercise the kernels' parallel paths."""
+    if "ops" in request.node.path.parts:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def compiled_backend(device: str) -> str:
     """The explicit compiled backend for ``device``: "cpp" on the CPU, "cuda" on a GPU."""

@@ -13,16 +13,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _trainkit import BUILDERS, FAMILIES, make_images  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: intra-op threads only add contention
-    # (measured 10x slower with 2 threads under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def sources(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sources")
