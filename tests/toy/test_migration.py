@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from l2p.toy import source
 from l2p.toy.migration import MigrationPlan, run_toy_migration
@@ -20,7 +19,6 @@ TINY = source.ToySourceConfig().scaled(
 
 @pytest.mark.slow
 def test_toy_migration_end_to_end_and_resume(tmp_path, monkeypatch):
-    torch.set_num_threads(1)
     src = tmp_path / "toy-source"
     source.train_toy_source(TINY, src, "cpu", log=lambda _: None)
     monkeypatch.setattr(source, "SHIPPED_SOURCE_DIR", src)

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from l2p.toy import source
 from l2p.toy.evaluate import bootstrap_interval, score_generated
@@ -23,7 +22,6 @@ TINY = source.ToySourceConfig().scaled(
 
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory):
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("toy") / "source"
     source.train_toy_source(TINY, out, "cpu", log=lambda _: None, command="test")
     return out
