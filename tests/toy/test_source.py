@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from l2p.toy import source
-from l2p.toy.evaluate import bootstrap_interval, score_generated
+from l2p.toy.scoring import bootstrap_interval, score_generated
 from l2p.toy.prompts import make_records
 from l2p.toy.render import render_array
 

@@ -42,7 +42,7 @@ def _evaluate_source(folder, device, n: int) -> None:
     import json
     from pathlib import Path
 
-    from l2p.toy.evaluate import score_generated
+    from l2p.toy.scoring import score_generated
     from l2p.toy.prompts import make_records
     from l2p.toy.source import generate, load_toy_source
 

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from l2p.toy.evaluate import score_generated
+from l2p.toy.scoring import score_generated
 from l2p.toy.prompts import make_records
 
 

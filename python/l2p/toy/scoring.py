@@ -1,4 +1,5 @@
-"""Scoring generators on ShapesWorld prompts, GenEval-style, with confidence intervals."""
+"""Scoring a generator's images on ShapesWorld prompts, GenEval-style, with confidence
+intervals. (The per-image judgement is l2p.toy.scorer's.)"""
 
 from __future__ import annotations
 
