@@ -24,6 +24,7 @@ _LAZY = {
     "LinearHead": "l2p.models",
     "PixelPatchEmbed": "l2p.models",
     "PixelTransformer2DModel": "l2p.models",
+    "L2PPipeline": "l2p.sample",
     # diffusers' pipeline loader finds a component's load method by looking its base class
     # up in the component's library (model_index.json names ["l2p", "PixelTransformer2DModel"]).
     "ModelMixin": "diffusers",

@@ -13,6 +13,7 @@ SUBCOMMANDS = [
     "convert",
     "merge",
     "train",
+    "sample",
     "data",
     "toy",
 ]

@@ -66,11 +66,33 @@ class DetailerHead(nn.Module):
         )
         self.proj_out = nn.Conv2d(self.channels[0], out_channels, 1)
 
+    # Set by enable_tiling: None = untiled, 0 = tiles sized from free memory, else the tile
+    # side in pixels (l2p.sample.tiling).
+    tile_size: int | None = None
+
+    def enable_tiling(self, tile_size: int | None = None) -> None:
+        """Run in tiles of ``tile_size`` pixels (a multiple of P; None: sized from the free
+        memory at each call) with an exact halo: same output, memory bounded by the tile."""
+        from l2p.sample.tiling import check_tile_size
+
+        self.tile_size = check_tile_size(self, tile_size) or 0
+
+    def disable_tiling(self) -> None:
+        self.tile_size = None
+
     def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """image (B, C, H, W), tokens (B, (H/P)*(W/P), D) row-major -> (B, out, H, W)."""
         b, _, h, w = image.shape
         rows, cols = h // self.patch_size, w // self.patch_size
         grid = tokens.transpose(1, 2).reshape(b, tokens.shape[2], rows, cols)
+        if self.tile_size is not None:
+            from l2p.sample.tiling import tiled_forward
+
+            return tiled_forward(self, image, grid, self.tile_size or None)
+        return self.forward_grid(image, grid)
+
+    def forward_grid(self, image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """image (B, C, H, W), token features as a grid (B, D, H/P, W/P) -> (B, out, H, W)."""
         skips = []
         x = image
         for conv in self.encoder:

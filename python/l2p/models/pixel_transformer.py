@@ -87,6 +87,19 @@ class PixelTransformer2DModel(ModelMixin, ConfigMixin):
     def pixel_embed(self) -> PixelInput:
         return self.transformer.get_submodule(self.adapter.input_module)
 
+    def enable_head_tiling(self, tile_size: int | None = None) -> None:
+        """Run the Detailer Head in tiles of ``tile_size`` pixels (a multiple of the patch
+        size; None: chosen from the free memory at each call) with an exact halo, so the
+        output is unchanged and the head's memory is bounded by the tile (like diffusers'
+        ``vae.enable_tiling``). See ``l2p.sample.tiling``."""
+        if not hasattr(self.head, "enable_tiling"):
+            raise ValueError(f"the {type(self.head).__name__} is per-token and needs no tiling")
+        self.head.enable_tiling(tile_size)
+
+    def disable_head_tiling(self) -> None:
+        if hasattr(self.head, "disable_tiling"):
+            self.head.disable_tiling()
+
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """The ordered block sequence ``set_trainable`` counts from both ends."""
         out = []

@@ -5,7 +5,8 @@ pipeline's denoising loop with the VAE removed: start from Gaussian pixels, call
 with the source's conditioning each step (classifier-free guidance with the empty caption) and
 let the source scheduler update the image. This is what the trainer uses for its sample grids.
 It works for flow-matching sources (FlowMatchEuler, DPM-Solver in flow mode) and DDPM-style
-ones (epsilon / v) alike, since it only calls the scheduler's ``set_timesteps`` / ``step``.
+ones (epsilon / v) alike, since it only calls the scheduler's ``set_timesteps`` / ``step``; the
+loop itself is ``L2PPipeline``'s.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from l2p.sample.pipeline import denoise
+from l2p.sample.schedule import recipe_for
 from l2p.train import conditioning as condmod
-from l2p.train.config import ObjectiveConfig
-from l2p.train.objective import Objective
 
 
 def _scheduler(scheduler_config: dict):
@@ -43,40 +44,18 @@ def sample_images(model, cond: dict, empty_cond: dict, *, scheduler_config: dict
             models (FLUX-dev style guidance embedding).
         seed: the initial noise is drawn on the CPU from this seed, so images do not depend
             on the device.
+    The loop is ``L2PPipeline``'s (``l2p.sample.pipeline.denoise``): the source pipeline's
+    timesteps (incl. the dynamic shift from the token count) and calls.
     """
-    family = condmod.family_for(model.config.source_class)
-    device = next(model.parameters()).device
-    sched = _scheduler(scheduler_config)
-    p = model.config.patch_size
-    kwargs = {}
-    if scheduler_config.get("use_dynamic_shifting", False):
-        # FLUX-style dynamic shift: mu from the token count, as the source pipeline computes it
-        # (the trainer's shift is k = exp(mu) on the same line).
-        objective = Objective.from_scheduler_config(scheduler_config, ObjectiveConfig())
-        kwargs["mu"] = math.log(objective.shift_for((height // p) * (width // p)))
-    sched.set_timesteps(steps, device=device, **kwargs)
+    source_class = model.config.source_class
     batch = next(v.shape[0] if isinstance(v, torch.Tensor) else len(v) for v in cond.values())
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, height, width, generator=g).to(device) * getattr(sched, "init_noise_sigma", 1.0)
-    use_cfg = guidance != 1.0
-    cond = condmod.to_device(cond, device, torch.float32)
-    if use_cfg:
+    x = torch.randn(batch, 3, height, width, generator=g)
+    uncond = None
+    if guidance != 1.0:
         uncond = condmod.select(cond, torch.zeros(batch, dtype=torch.bool), empty_cond)
-        cond = condmod.stack([uncond, cond])
-    for t in sched.timesteps:
-        x_in = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
-        if use_cfg:
-            x_in = torch.cat([x_in, x_in])
-        ts = t.to(device).expand(x_in.shape[0])
-        out = model(**family.call(cond, x_in, ts, model, flow_guidance), return_dict=False)[0].float()
-        if use_cfg:
-            out_uncond, out_cond = out.chunk(2)
-            out = out_uncond + guidance * (out_cond - out_uncond)
-        # The pixel model keeps the source's sign; the source pipeline undoes it here.
-        out = out * model.output_sign
-        x = sched.step(out, t, x, return_dict=False)[0]
-    if not math.isfinite(float(x.abs().max())):
-        raise FloatingPointError("sampling produced non-finite pixels")
+    x = denoise(model, condmod.family_for(source_class), recipe_for(source_class), _scheduler(scheduler_config),
+                x, cond, uncond, steps=steps, cfg_scale=guidance, embedded_guidance=flow_guidance)
     return x.clamp(-1, 1)
 
 

@@ -1,0 +1,90 @@
+"""``l2p sample``: text to PNG with a converted (pixel-space) pipeline folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _paths(out: str, count: int) -> list[Path]:
+    """One PNG per image: OUT itself for one image (a .png name), else OUT/NNN.png or
+    OUT-NNN.png for a .png name."""
+    out_path = Path(out)
+    if out_path.suffix.lower() == ".png":
+        if count == 1:
+            return [out_path]
+        return [out_path.with_name(f"{out_path.stem}-{i:03d}.png") for i in range(count)]
+    return [out_path / f"{i:03d}.png" for i in range(count)]
+
+
+def _shift(value: str) -> float | str:
+    if value == "recommended":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'recommended', got {value!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from l2p.sample.pipeline import L2PPipeline
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    pipe = L2PPipeline.from_pretrained(args.model, torch_dtype=dtype, attention=args.attention)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(device)
+    if args.tile_size is not None:
+        pipe.enable_head_tiling(args.tile_size or None)
+    # A CPU generator: diffusers draws the noise on the CPU and moves it, so an image does
+    # not depend on the device.
+    generator = torch.Generator().manual_seed(args.seed)
+    images = pipe(args.prompt, args.negative_prompt, height=args.height, width=args.width,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  true_cfg_scale=args.true_cfg, num_images_per_prompt=args.num_images,
+                  generator=generator, shift=args.shift).images
+    paths = _paths(args.out, len(images))
+    for image, path in zip(images, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        image.save(tmp, format="PNG")
+        tmp.replace(path)
+        print(f"wrote {path}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sample",
+        help="generate PNGs with a converted pixel-space pipeline",
+        description="Text to image in pixel space with a folder written by `l2p convert --source "
+        "PIPELINE` (and trained): the source's text encoders, scheduler and guidance, no VAE.",
+    )
+    p.add_argument("--model", required=True, help="converted pipeline folder")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="prompt (repeat for several prompts)")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt for guidance (default empty)")
+    p.add_argument("--height", type=int, default=None,
+                   help="pixels, a multiple of the patch size (default: the source's)")
+    p.add_argument("--width", type=int, default=None,
+                   help="pixels, a multiple of the patch size (default: the source's)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=4.5,
+                   help="guidance scale (classifier-free; guidance-distilled FLUX: its embedding)")
+    p.add_argument("--true-cfg", type=float, default=1.0,
+                   help="classifier-free guidance for guidance-distilled FLUX (> 1 turns it on)")
+    p.add_argument("--shift", type=_shift, default=None,
+                   help="flow time shift overriding the source's, or 'recommended' (4.5 at 4K; "
+                   "l2p.sample.recommended_shift)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="run the Detailer Head in tiles of this many pixels (0: sized from free memory)")
+    p.add_argument("--attention", choices=("auto", "l2p", "native"), default="auto",
+                   help="attention kernels inside the transformer")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--out", default="sample.png",
+                   help="a .png file (several images: NAME-000.png, ...) or a folder (000.png, ...)")
+    p.set_defaults(func=run)

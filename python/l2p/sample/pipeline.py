@@ -1,0 +1,284 @@
+"""``L2PPipeline``: text-to-image in pixel space with a converted (L2P) model.
+
+A converted pipeline folder (``l2p convert --source PIPELINE``) is the source pipeline's own
+folder with the pixel transformer in place of the latent one and no VAE. Loading it gives:
+
+- the source pipeline class (PixArtSigmaPipeline, StableDiffusion3Pipeline, FluxPipeline, ...)
+  with its text encoders, tokenizers and scheduler, built without transformer and VAE; its
+  own ``encode_prompt`` encodes the prompts, so the text conditioning is the source's;
+- the pixel transformer (``PixelTransformer2DModel``).
+
+Sampling is the source pipeline's loop with the VAE gone: Gaussian pixels, the source
+scheduler with the timesteps its pipeline sets (incl. FLUX-style dynamic shift ``mu`` from the
+token count, which the pixel grid keeps), the transformer called as the source pipeline calls
+it (``l2p.train.conditioning.FAMILIES``, shared with the trainer), classifier-free guidance,
+the model's output sign, and the final image clipped to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from l2p.sample.attention import resolve_attention, set_attention
+from l2p.sample.schedule import recipe_for, recommended_shift, set_timesteps, with_shift
+from l2p.train import conditioning as condmod
+
+PIXEL_ENTRY = ["l2p", "PixelTransformer2DModel"]
+
+
+def _repeat(cond: dict, n: int) -> dict:
+    """Each sample's conditioning repeated n times in place (num_images_per_prompt)."""
+    if n == 1:
+        return cond
+    return {k: v.repeat_interleave(n, dim=0) if isinstance(v, torch.Tensor) else [x for x in v for _ in range(n)]
+            for k, v in cond.items()}
+
+
+def _prompt_list(prompt: str | list[str], what: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise ValueError(f"{what} must be a string or a non-empty list of strings, got {prompt!r}")
+
+
+def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncond: dict | None, *,
+            steps: int, cfg_scale: float = 1.0, embedded_guidance: float = 1.0, mu: float | None = None,
+            progress=None) -> torch.Tensor:
+    """The source pipeline's denoising loop in pixel space; returns the final image (B, 3, H, W)
+    in float32, not clipped.
+
+    Args:
+        model: the pixel transformer; family: its ``l2p.train.conditioning`` entry (how the
+            source pipeline calls its transformer); recipe: its ``Recipe`` (timesteps).
+        scheduler: the source scheduler (its timesteps are set here for the token grid).
+        x: the initial noise (B, 3, H, W), before ``init_noise_sigma``.
+        cond / uncond: the conditioning of the B images and, for classifier-free guidance
+            (``uncond`` not None), of their negative prompts.
+        cfg_scale: the guidance weight w: uncond + w (cond - uncond).
+        embedded_guidance: the guidance embedding of guidance-distilled FLUX.
+        mu: the dynamic time shift (default: the source pipeline's, from the token count).
+    """
+    p = model.config.patch_size
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    timesteps = set_timesteps(scheduler, recipe, steps, (x.shape[2] // p) * (x.shape[3] // p), device, mu=mu)
+    x = x.to(device, torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
+    cond = condmod.to_device(cond, device, dtype)
+    if uncond is not None:
+        cond = condmod.stack([condmod.to_device(uncond, device, dtype), cond])
+    for t in timesteps:
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        x_in = torch.cat([x_in, x_in]) if uncond is not None else x_in
+        ts = t.to(device).expand(x_in.shape[0])
+        out = model(**family.call(cond, x_in.to(dtype), ts, model, embedded_guidance), return_dict=False)[0].float()
+        if uncond is not None:
+            out_uncond, out_cond = out.chunk(2)
+            out = out_uncond + cfg_scale * (out_cond - out_uncond)
+        # The pixel model keeps the source transformer's sign; its pipeline undoes it here.
+        x = scheduler.step(out * model.output_sign, t, x, return_dict=False)[0]
+        if progress is not None:
+            progress.update()
+    if not torch.isfinite(x).all():
+        raise FloatingPointError("sampling produced non-finite pixels")
+    return x
+
+
+class L2PPipeline:
+    """Pixel-space text-to-image with an L2P model and its source's text side and scheduler.
+
+    Args:
+        transformer: the ``PixelTransformer2DModel``.
+        text_pipeline: the source pipeline (its class, text encoders, tokenizers and
+            scheduler; transformer and VAE may be None).
+        attention: "auto" (fastest: l2p's compiled kernel on the CPU in fp32, torch SDPA on
+            CUDA), "l2p" or "native"; applied to the transformer at each call.
+    """
+
+    def __init__(self, transformer, text_pipeline, attention: str = "auto"):
+        self.transformer = transformer
+        self.text_pipeline = text_pipeline
+        source_class = transformer.config.source_class
+        self.family = condmod.family_for(source_class)
+        self.recipe = recipe_for(source_class)
+        resolve_attention(attention, torch.device("cpu"), torch.float32)  # validates the name
+        self.attention = attention
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, torch_dtype: torch.dtype | None = None,
+                        attention: str = "auto", **kwargs) -> "L2PPipeline":
+        """Load a converted pipeline folder (local files, safetensors only)."""
+        import l2p  # noqa: F401  (diffusers resolves the "l2p" library of the transformer entry)
+        from diffusers import DiffusionPipeline
+
+        from l2p.models import PixelTransformer2DModel
+
+        path = Path(path)
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{path} is not a pipeline folder (no model_index.json); pass the "
+                                    f"folder `l2p convert --source PIPELINE --out DIR` wrote")
+        index = json.loads(index_file.read_text())
+        if list(index.get("transformer") or []) != PIXEL_ENTRY:
+            raise ValueError(f"{path} is not a converted L2P pipeline (its transformer is "
+                             f"{index.get('transformer')}); convert it with `l2p convert --source {path}`")
+        dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        skip = {name: None for name in ("transformer", "vae") if name in index}
+        text_pipeline = DiffusionPipeline.from_pretrained(
+            str(path), use_safetensors=True, local_files_only=True, **skip, **dtype, **kwargs)
+        transformer = PixelTransformer2DModel.from_pretrained(
+            str(path / "transformer"), use_safetensors=True, local_files_only=True, **dtype)
+        return cls(transformer.eval(), text_pipeline, attention=attention)
+
+    # -- diffusers-style conveniences ------------------------------------------------------
+    @property
+    def scheduler(self):
+        return self.text_pipeline.scheduler
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def to(self, *args, **kwargs) -> "L2PPipeline":
+        self.transformer.to(*args, **kwargs)
+        self.text_pipeline.to(*args, **kwargs)
+        return self
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        self.text_pipeline.set_progress_bar_config(**kwargs)
+
+    def set_attention(self, mode: str) -> str:
+        """"l2p", "native" or "auto" for the transformer's attention; returns the mode applied."""
+        self.attention = mode
+        return set_attention(self.transformer, mode)
+
+    def enable_head_tiling(self, tile_size: int | None = None) -> None:
+        self.transformer.enable_head_tiling(tile_size)
+
+    def disable_head_tiling(self) -> None:
+        self.transformer.disable_head_tiling()
+
+    @property
+    def default_size(self) -> int:
+        """The source pipeline's default image side (sample_size x VAE factor, else 1024)."""
+        config = self.transformer.config
+        sample_size = config.source_config.get("sample_size")
+        if isinstance(sample_size, int):
+            return sample_size * config.patch_size // self.transformer.adapter.latent_patch
+        return 1024
+
+    # -- prompts ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                      num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True):
+        """(cond, uncond): the source pipeline's conditioning of each prompt (and negative
+        prompt, "" by default, when guiding), each repeated num_images_per_prompt times."""
+        prompts = _prompt_list(prompt, "prompt")
+        device = self.device
+        cond = _repeat(self.family.encode(self.text_pipeline, prompts, device), num_images_per_prompt)
+        if not do_classifier_free_guidance:
+            return cond, None
+        negatives = _prompt_list(negative_prompt if negative_prompt is not None else "", "negative_prompt")
+        if len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        uncond = _repeat(self.family.encode(self.text_pipeline, negatives, device), num_images_per_prompt)
+        return cond, uncond
+
+    # -- sampling ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 4.5,
+        true_cfg_scale: float = 1.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        shift: float | str | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Generate images.
+
+        Args:
+            prompt / negative_prompt: a string or a list (one image set per prompt).
+            height, width: multiples of the pixel patch size (default: the source's size).
+            guidance_scale: classifier-free guidance (off when <= 1). For guidance-distilled
+                FLUX it feeds the guidance embedding, as in FluxPipeline, and
+                ``true_cfg_scale`` (> 1) turns on classifier-free guidance.
+            generator: a torch.Generator (or one per image) for the initial noise.
+            latents: the initial noise (B, 3, H, W) instead of drawing it.
+            shift: flow time shift k overriding the source's; "recommended" applies
+                ``recommended_shift(height, width)`` (4.5 at 4K, the paper's advice for
+                ultra-high resolution); for dynamically shifted schedulers mu = log(k).
+            output_type: "pil" (default), "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W) in
+                [0, 1].
+        Returns ``ImagePipelineOutput(images=...)``, or a 1-tuple when not return_dict.
+        """
+        from diffusers.image_processor import VaeImageProcessor
+        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        model = self.transformer
+        p = model.config.patch_size
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < p or value % p:
+                raise ValueError(
+                    f"{name} must be a positive multiple of the pixel patch size {p}, got {value!r} "
+                    f"(e.g. {max(p, round(value / p) * p) if isinstance(value, (int, float)) else p})"
+                )
+        cfg_scale = true_cfg_scale if self.recipe.distilled_guidance else guidance_scale
+        do_cfg = cfg_scale > 1
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
+                                          do_classifier_free_guidance=do_cfg)
+        batch = len(_prompt_list(prompt, "prompt")) * num_images_per_prompt
+        device = self.device
+        set_attention(model, self.attention)
+
+        scheduler, mu = self.scheduler, None
+        if shift == "recommended":
+            shift = recommended_shift(height, width, p)
+        if shift is not None:
+            scheduler, mu = with_shift(scheduler, shift)
+        shape = (batch, 3, height, width)
+        if latents is None:
+            x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        else:
+            x = latents.to(device, torch.float32)
+        with self.text_pipeline.progress_bar(total=num_inference_steps) as progress:
+            x = denoise(model, self.family, self.recipe, scheduler, x, cond, uncond, steps=num_inference_steps,
+                        cfg_scale=cfg_scale, embedded_guidance=guidance_scale if self.recipe.distilled_guidance
+                        else 1.0, mu=mu, progress=progress)
+        images = VaeImageProcessor(do_resize=False).postprocess(x.clamp(-1, 1), output_type=output_type)
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    def __repr__(self) -> str:
+        config = self.transformer.config
+        return (f"L2PPipeline(source={type(self.text_pipeline).__name__}, transformer={config.source_class} "
+                f"P={config.patch_size}, attention={self.attention!r})")
+

@@ -1,0 +1,141 @@
+"""Timesteps as each source pipeline sets them, the time shift, and the UHR recommendations.
+
+The pixel model keeps the source's token grid, so the source pipeline's schedule carries over
+unchanged: the same sigmas, and for dynamically shifted flow schedulers (FLUX, SD3.5 with
+``use_dynamic_shifting``, Z-Image, Qwen-Image, Lumina2) the same ``mu`` computed from the token
+count (H/P) x (W/P). What differs between families is written once per family in ``RECIPES``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one family's pipeline prepares its timesteps and reads ``guidance_scale``."""
+
+    # The pipeline passes sigmas = linspace(1, 1/N, N) to set_timesteps (FLUX, Lumina2,
+    # Qwen-Image, Z-Image) instead of letting the scheduler space them.
+    flow_sigmas: bool = False
+    # calculate_shift defaults the pipeline uses where the scheduler config is silent.
+    max_shift: float = 1.15
+    # guidance_scale feeds a guidance embedding (guidance-distilled FLUX) and classifier-free
+    # guidance is true_cfg_scale, as in FluxPipeline.
+    distilled_guidance: bool = False
+
+
+RECIPES: dict[str, Recipe] = {
+    "PixArtTransformer2DModel": Recipe(),
+    "SanaTransformer2DModel": Recipe(),
+    "SD3Transformer2DModel": Recipe(max_shift=1.16),
+    "FluxTransformer2DModel": Recipe(flow_sigmas=True, distilled_guidance=True),
+    "ZImageTransformer2DModel": Recipe(flow_sigmas=True),
+    "Lumina2Transformer2DModel": Recipe(flow_sigmas=True),
+    "QwenImageTransformer2DModel": Recipe(flow_sigmas=True),
+}
+
+
+def recipe_for(source_class: str) -> Recipe:
+    if source_class not in RECIPES:
+        raise ValueError(f"no sampling recipe for {source_class}; families that sample: {', '.join(RECIPES)}")
+    return RECIPES[source_class]
+
+
+def dynamic_mu(image_seq_len: int, config, max_shift_default: float = 1.15) -> float:
+    """``mu`` as the diffusers pipelines compute it (their ``calculate_shift``, linear in the
+    token count), with the scheduler config's bounds and the family's defaults."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return calculate_shift(image_seq_len, config.get("base_image_seq_len", 256),
+                           config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                           config.get("max_shift", max_shift_default))
+
+
+def with_shift(scheduler, shift: float):
+    """A copy of ``scheduler`` whose flow time shift is ``shift`` (s' = k s / (1 + (k-1) s)).
+    Returns (scheduler, mu) where mu is set for dynamically shifted schedulers (k = exp(mu))."""
+    if not (isinstance(shift, (int, float)) and shift > 0 and math.isfinite(shift)):
+        raise ValueError(f"shift must be a positive number, got {shift!r}")
+    config = scheduler.config
+    if config.get("use_dynamic_shifting", False):
+        return scheduler, math.log(shift)
+    for key in ("shift", "flow_shift"):
+        if key in config:
+            return type(scheduler).from_config({**config, key: float(shift)}), None
+    raise ValueError(
+        f"{type(scheduler).__name__} has no flow time shift; shift= needs a flow-matching "
+        f"scheduler (FlowMatchEulerDiscreteScheduler, or DPM-Solver/UniPC with flow_shift)"
+    )
+
+
+def set_timesteps(scheduler, recipe: Recipe, num_steps: int, tokens: int, device,
+                  mu: float | None = None) -> torch.Tensor:
+    """Set the scheduler's timesteps exactly as the source pipeline would for ``tokens``
+    image tokens, and return them."""
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive int, got {num_steps!r}")
+    config = scheduler.config
+    kwargs = {}
+    # Some pipelines (FLUX, Z-Image) compute mu whatever the scheduler; it only takes effect
+    # (and DPM-Solver only accepts it) with dynamic shifting, so pass it then.
+    if config.get("use_dynamic_shifting", False):
+        kwargs["mu"] = dynamic_mu(tokens, config, recipe.max_shift) if mu is None else mu
+    if recipe.flow_sigmas and not config.get("use_flow_sigmas", False):
+        kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
+    accepted = inspect.signature(scheduler.set_timesteps).parameters
+    if "sigmas" in kwargs and "sigmas" not in accepted:
+        raise ValueError(f"{type(scheduler).__name__} does not take custom sigmas, which "
+                         f"this family's pipeline sets")
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    if "sigmas" in kwargs:
+        scheduler.set_timesteps(sigmas=kwargs.pop("sigmas"), device=device, **kwargs)
+    else:
+        scheduler.set_timesteps(num_steps, device=device, **kwargs)
+    return scheduler.timesteps
+
+
+# -- ultra-high resolution ---------------------------------------------------------------
+
+# Anchors from the paper: the source's own shift at 1K (Z-Image's k = 3) and the best shift
+# measured at 4K (about 4-5, we take 4.5).
+_SHIFT_1K, _SHIFT_4K = 3.0, 4.5
+
+
+def recommended_shift(height: int, width: int, patch: int | None = None, *,
+                      base_shift: float = _SHIFT_1K) -> float:
+    """The flow time shift k to sample at (height, width) in pixel space.
+
+    L2P keeps the token count fixed as the resolution grows (``recommended_patch_size``),
+    so the token-count rule of FLUX-style dynamic shifting sees a 1K image at 4K and would
+    leave the shift where it was; but each token now covers more, highly correlated, pixels
+    and needs more noise. The paper's best shift at 4K is about 4-5, against the source's 3
+    at 1K. We interpolate log-linearly in the pixel count between those anchors
+    (k = base_shift * 1.5 ** log16(pixels / 1024^2)), extrapolating beyond: 1K -> 3, 2K ->
+    3.67, 4K -> 4.5, 8K -> 5.5. ``patch`` is accepted for symmetry with
+    ``recommended_patch_size`` and checked (H and W must be multiples of it); the shift does
+    not depend on it. Below 1K the source's shift is kept.
+    """
+    if patch is not None and (height % patch or width % patch):
+        raise ValueError(f"{height}x{width} is not a multiple of the patch size {patch}")
+    ratio = height * width / 1024**2
+    if ratio <= 1:
+        return float(base_shift)
+    return float(base_shift * (_SHIFT_4K / _SHIFT_1K) ** (math.log(ratio) / math.log(16)))
+
+
+def recommended_patch_size(height: int, width: int, *, base_patch: int = 16,
+                           max_tokens: int = 4096) -> int:
+    """The pixel patch that keeps the token grid at most ``max_tokens`` (the source's 1K
+    grid): base_patch times the smallest power of two that does, e.g. 16 at 1K, 32 at 2K,
+    64 at 4K (4096 tokens, the official 4K model), 128 at 8K. Convert with
+    ``l2p convert --patch-size`` (and train) for that size."""
+    patch = base_patch
+    while (height // patch) * (width // patch) > max_tokens:
+        patch *= 2
+    return patch

@@ -1,0 +1,230 @@
+"""L2PPipeline end to end from converted tiny PixArt-Sigma, SD3 and FLUX pipelines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+FAMILIES = ("pixart", "sd3", "flux")  # the converted tiny pipelines of conftest.py
+
+
+def _run(pipe, prompt="a red circle", **kwargs):
+    kwargs = {"height": 32, "width": 24, "num_inference_steps": 2, "output_type": "pt", **kwargs}
+    return pipe(prompt, **kwargs).images
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_output_types_sizes_and_seeds(pipelines, name):
+    pipe = pipelines[name]
+    pil = pipe("a red circle", height=32, width=24, num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0)).images
+    assert len(pil) == 1 and isinstance(pil[0], Image.Image) and pil[0].size == (24, 32)
+    arr = pipe(["a red circle", "two blue squares"], height=16, width=40, num_inference_steps=2,
+               num_images_per_prompt=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert arr.shape == (4, 16, 40, 3) and arr.dtype == np.float32 and 0 <= arr.min() and arr.max() <= 1
+    a = _run(pipe, generator=torch.Generator().manual_seed(3))
+    b = _run(pipe, generator=torch.Generator().manual_seed(3))
+    c = _run(pipe, generator=torch.Generator().manual_seed(4))
+    assert a.shape == (1, 3, 32, 24) and a.dtype == torch.float32
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a - c).abs().max() > 1e-3
+    same = _run(pipe, generator=torch.Generator().manual_seed(0))
+    assert np.allclose(np.asarray(pil[0]) / 255.0, same[0].permute(1, 2, 0).numpy(), atol=1 / 255 + 1e-6)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cfg_off_and_on(pipelines, name):
+    pipe = pipelines[name]
+    batches = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    # FLUX is guidance-distilled: guidance_scale feeds its embedding, true_cfg_scale is CFG.
+    knob = "true_cfg_scale" if name == "flux" else "guidance_scale"
+    try:
+        off = _run(pipe, generator=torch.Generator().manual_seed(0), **{knob: 1.0})
+        assert batches == [1, 1]
+        batches.clear()
+        on = _run(pipe, generator=torch.Generator().manual_seed(0), **{knob: 5.0})
+        assert batches == [2, 2]
+        neg = _run(pipe, negative_prompt="blurry", generator=torch.Generator().manual_seed(0), **{knob: 5.0})
+    finally:
+        hook.remove()
+    assert (on - off).abs().max() > 1e-4 and (neg - on).abs().max() > 1e-4
+
+
+def test_flux_guidance_scale_feeds_the_embedding(pipelines):
+    pipe = pipelines["flux"]
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["guidance"].tolist()), with_kwargs=True)
+    try:
+        _run(pipe, guidance_scale=2.5, num_inference_steps=1)
+    finally:
+        hook.remove()
+    assert seen == [[2.5]]
+
+
+@pytest.mark.parametrize("size", [(30, 32), (32, 2), (0, 32)])
+def test_size_not_multiple_of_patch(pipelines, size):
+    with pytest.raises(ValueError, match="multiple of the pixel patch size 4"):
+        pipelines["pixart"]("x", height=size[0], width=size[1], num_inference_steps=1)
+
+
+def test_bad_arguments(pipelines, converted, sources):
+    pipe = pipelines["pixart"]
+    with pytest.raises(ValueError, match="output_type"):
+        _run(pipe, output_type="latent")
+    with pytest.raises(ValueError, match="negative_prompt has 2 entries"):
+        _run(pipe, negative_prompt=["a", "b"])
+    with pytest.raises(ValueError, match="latents must have shape"):
+        _run(pipe, latents=torch.zeros(1, 3, 8, 8))
+    from l2p import L2PPipeline
+
+    with pytest.raises(ValueError, match="not a converted L2P pipeline"):
+        L2PPipeline.from_pretrained(sources["pixart"])
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        L2PPipeline.from_pretrained(converted["pixart"] / "transformer")
+
+
+def test_given_latents_and_generator_list(pipelines):
+    pipe = pipelines["sd3"]
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    both = _run(pipe, prompt=["a", "a"], generator=gens)
+    one = _run(pipe, prompt="a", generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(both[1:], one, rtol=1e-5, atol=1e-5)
+    noise = torch.randn(1, 3, 32, 24, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(_run(pipe, prompt="a", latents=noise), one, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_timesteps_match_the_source_pipeline(sources, pipelines, name):
+    """The schedule (incl. FLUX's custom sigmas and dynamic mu from the token count) is the one
+    the source pipeline sets for the same token grid: 32x48 pixels at P=4 <-> a 16x24 latent."""
+    from diffusers import DiffusionPipeline
+
+    source = DiffusionPipeline.from_pretrained(str(sources[name]))
+    source.set_progress_bar_config(disable=True)
+    extra = {"use_resolution_binning": False} if name == "pixart" else {}
+    source("x", height=32, width=48, num_inference_steps=4, output_type="latent",
+           generator=torch.Generator().manual_seed(0), **extra)
+    theirs = source.scheduler
+    pipe = pipelines[name]
+    _run(pipe, prompt="x", height=32, width=48, num_inference_steps=4)
+    torch.testing.assert_close(pipe.scheduler.timesteps, theirs.timesteps)
+    torch.testing.assert_close(pipe.scheduler.sigmas, theirs.sigmas)
+
+
+@pytest.mark.parametrize("name", ["pixart", "sd3"])
+def test_negative_conditioning_is_the_sources(sources, pipelines, name):
+    """The unconditional branch is what the source's encode_prompt gives for CFG."""
+    from diffusers import DiffusionPipeline
+
+    source = DiffusionPipeline.from_pretrained(str(sources[name]))
+    cond, uncond = pipelines[name].encode_prompt(["a red circle"], "blurry")
+    if name == "pixart":
+        pe, pm, npe, npm = source.encode_prompt("a red circle", True, negative_prompt="blurry")
+        pairs = [(cond["prompt_embeds"], pe), (uncond["prompt_embeds"], npe), (uncond["prompt_attention_mask"], npm)]
+    else:
+        pe, npe, ppe, nppe = source.encode_prompt("a red circle", None, None, do_classifier_free_guidance=True,
+                                                  negative_prompt="blurry")
+        pairs = [(cond["prompt_embeds"], pe), (uncond["prompt_embeds"], npe), (uncond["pooled_prompt_embeds"], nppe)]
+    for ours, theirs in pairs:  # the source encodes both in one batch: rounding differs
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_attention_modes_give_the_same_image(pipelines, name):
+    pipe = pipelines[name]
+    images = {}
+    try:
+        for mode in ("native", "l2p"):
+            pipe.set_attention(mode)
+            images[mode] = _run(pipe, generator=torch.Generator().manual_seed(0), guidance_scale=3.0)
+    finally:
+        pipe.set_attention("auto")
+    torch.testing.assert_close(images["l2p"], images["native"], rtol=1e-5, atol=1e-5)
+    from l2p.sample.attention import attention_mode, resolve_attention
+
+    _run(pipe, num_inference_steps=1)  # "auto" is applied at each call
+    assert attention_mode(pipe.transformer) == resolve_attention("auto", torch.device("cpu"), torch.float32)
+
+
+def test_head_tiling_keeps_the_image(pipelines):
+    pipe = pipelines["pixart"]
+    full = _run(pipe, generator=torch.Generator().manual_seed(0), height=40, width=28)
+    pipe.enable_head_tiling(12)
+    try:
+        tiled = _run(pipe, generator=torch.Generator().manual_seed(0), height=40, width=28)
+    finally:
+        pipe.disable_head_tiling()
+    torch.testing.assert_close(tiled, full, rtol=0, atol=1e-5)
+
+
+def test_shift_override(pipelines):
+    from l2p.sample.schedule import recipe_for, set_timesteps, with_shift
+
+    pipe = pipelines["sd3"]  # FlowMatchEuler with shift 3
+    recipe = recipe_for("SD3Transformer2DModel")
+    same, mu = with_shift(pipe.scheduler, 3.0)
+    assert mu is None and same is not pipe.scheduler
+    base = set_timesteps(pipe.scheduler, recipe, 4, 48, "cpu").clone()
+    torch.testing.assert_close(set_timesteps(same, recipe, 4, 48, "cpu"), base)
+    more, _ = with_shift(pipe.scheduler, 6.0)
+    shifted = set_timesteps(more, recipe, 4, 48, "cpu").clone()
+    assert (shifted[1:] > base[1:]).all()  # more shift: noisier times at each step
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(float(kwargs["timestep"][0])), with_kwargs=True)
+    try:
+        _run(pipe, num_inference_steps=4, shift=6.0)
+    finally:
+        hook.remove()
+    assert seen == pytest.approx(shifted.tolist())
+    torch.testing.assert_close(pipe.scheduler.timesteps, base)  # the pipeline's own is untouched
+
+    flux = pipelines["flux"]  # dynamic shifting: mu = log(shift)
+    flux_recipe = recipe_for("FluxTransformer2DModel")
+    sched, mu = with_shift(flux.scheduler, 4.5)
+    assert sched is flux.scheduler and mu == pytest.approx(np.log(4.5))
+    hi = set_timesteps(sched, flux_recipe, 4, 64, "cpu", mu=mu).clone()
+    lo = set_timesteps(sched, flux_recipe, 4, 64, "cpu").clone()
+    assert (hi[1:] > lo[1:]).all()
+    with pytest.raises(ValueError, match="positive number"):
+        _run(pipe, shift=0)
+    seen.clear()
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(float(kwargs["timestep"][0])), with_kwargs=True)
+    try:  # "recommended" at this tiny size (< 1K) is the 1K anchor, 3
+        _run(pipe, num_inference_steps=4, shift="recommended")
+    finally:
+        hook.remove()
+    assert seen == pytest.approx(set_timesteps(with_shift(pipe.scheduler, 3.0)[0], recipe, 4, 48, "cpu").tolist())
+
+
+def test_toy_source_flow_dpm_solver(tmp_path):
+    """The toy source's recipe (PixArt-Sigma, DPM-Solver in flow mode with a flow shift): the
+    converted pipeline samples with the source's own flow schedule."""
+    from diffusers import DiffusionPipeline
+
+    from l2p import L2PPipeline
+    from l2p.conversion import convert_folder
+    from l2p.toy.source import ToySourceConfig, build_toy_pipeline
+
+    small = ToySourceConfig(layers=1, heads=2, head_dim=16, vae_channels=(8, 8, 8), text_dim=32,
+                            text_layers=1, flow_shift=2.0)
+    build_toy_pipeline(small, seed=0).save_pretrained(str(tmp_path / "toy"), safe_serialization=True)
+    convert_folder(tmp_path / "toy", tmp_path / "pixel", head={"type": "detailer", "channels": [8, 8, 16]})
+    pipe = L2PPipeline.from_pretrained(tmp_path / "pixel")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.patch_size == 8 and pipe.scheduler.config.prediction_type == "flow_prediction"
+    images = pipe("two red circles", height=32, width=48, num_inference_steps=3, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 32, 48, 3) and np.isfinite(images).all()
+    source = DiffusionPipeline.from_pretrained(str(tmp_path / "toy"))
+    source.set_progress_bar_config(disable=True)
+    source("two red circles", height=32, width=48, num_inference_steps=3, output_type="latent",
+           use_resolution_binning=False)
+    torch.testing.assert_close(pipe.scheduler.timesteps, source.scheduler.timesteps)
+    torch.testing.assert_close(pipe.scheduler.sigmas, source.scheduler.sigmas)
