@@ -14,10 +14,6 @@
 namespace l2p::cpu {
 namespace {
 
-// Tokens per tile: enough rows to keep the GEMM efficient, few enough that the patch
-// buffer (T x C*p*p) stays in cache.
-constexpr int64_t kTileTokens = 64;
-
 template <typename scalar_t>
 void patch_embed_kernel(const at::Tensor& x, const at::Tensor& weight,
                         const c10::optional<at::Tensor>& bias, const PatchGeometry& g,
@@ -30,8 +26,8 @@ void patch_embed_kernel(const at::Tensor& x, const at::Tensor& weight,
   const acc_t* b_ptr = b.defined() ? b.data_ptr<acc_t>() : nullptr;
   const scalar_t* x_ptr = x.data_ptr<scalar_t>();
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
-  const int64_t T = std::min(kTileTokens, g.cols());
-  const int64_t num_tiles = x.size(0) * g.rows() * tiles_per_row(g, T);
+  const int64_t T = tile_tokens(g, x.size(0), sizeof(acc_t), at::get_num_threads());
+  const int64_t num_tiles = x.size(0) * tiles_per_image(g, T);
   const int64_t image_numel = g.channels * g.height * g.width;
 
   at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
@@ -40,7 +36,7 @@ void patch_embed_kernel(const at::Tensor& x, const at::Tensor& weight,
     for (int64_t index = begin; index < end; ++index) {
       const PatchTile tile = tile_at(g, T, index);
       gather_patches(x_ptr + tile.b * image_numel, g, tile, patches.data());
-      const int64_t first = tile.b * N + tile.row * g.cols() + tile.col0;
+      const int64_t first = tile.b * N + tile.first;
       acc_t* dst = nullptr;
       if constexpr (std::is_same_v<acc_t, scalar_t>) {
         dst = out_ptr + first * D;
@@ -84,8 +80,8 @@ void patch_weight_grad_kernel(const at::Tensor& x, const at::Tensor& grad_tokens
   const acc_t* g_ptr = grad.data_ptr<acc_t>();
   const scalar_t* x_ptr = x.data_ptr<scalar_t>();
   acc_t* w_ptr = grad_w.data_ptr<acc_t>();
-  const int64_t T = std::min(kTileTokens, g.cols());
-  const int64_t num_tiles = x.size(0) * g.rows() * tiles_per_row(g, T);
+  const int64_t T = tile_tokens(g, x.size(0), sizeof(acc_t), 1);
+  const int64_t num_tiles = x.size(0) * tiles_per_image(g, T);
   const int64_t image_numel = g.channels * g.height * g.width;
   constexpr int64_t kRowsPerSlice = 64;
   const int64_t num_slices = (D + kRowsPerSlice - 1) / kRowsPerSlice;
@@ -96,7 +92,7 @@ void patch_weight_grad_kernel(const at::Tensor& x, const at::Tensor& grad_tokens
     for (int64_t index = 0; index < num_tiles; ++index) {
       const PatchTile tile = tile_at(g, T, index);
       gather_patches(x_ptr + tile.b * image_numel, g, tile, patches.data());
-      const int64_t first = tile.b * N + tile.row * g.cols() + tile.col0;
+      const int64_t first = tile.b * N + tile.first;
       gemm(true, false, d1 - d0, K, tile.count, acc_t(1), g_ptr + first * D + d0, D,
            patches.data(), K, acc_t(1), w_ptr + d0 * K, K);
     }

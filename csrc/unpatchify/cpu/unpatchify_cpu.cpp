@@ -15,8 +15,6 @@
 namespace l2p::cpu {
 namespace {
 
-constexpr int64_t kTileTokens = 64;
-
 template <typename scalar_t>
 void unpatchify_kernel(const at::Tensor& tokens, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& bias, const PatchGeometry& g,
@@ -30,8 +28,8 @@ void unpatchify_kernel(const at::Tensor& tokens, const at::Tensor& weight,
   const acc_t* b_ptr = b.defined() ? b.data_ptr<acc_t>() : nullptr;
   const scalar_t* tok_ptr = tokens.data_ptr<scalar_t>();
   scalar_t* img_ptr = image.data_ptr<scalar_t>();
-  const int64_t T = std::min(kTileTokens, g.cols());
-  const int64_t num_tiles = B * g.rows() * tiles_per_row(g, T);
+  const int64_t T = tile_tokens(g, B, sizeof(acc_t), at::get_num_threads());
+  const int64_t num_tiles = B * tiles_per_image(g, T);
   const int64_t image_numel = g.channels * g.height * g.width;
 
   at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
@@ -39,7 +37,7 @@ void unpatchify_kernel(const at::Tensor& tokens, const at::Tensor& weight,
     std::vector<acc_t> converted(std::is_same_v<acc_t, scalar_t> ? 0 : T * D);
     for (int64_t index = begin; index < end; ++index) {
       const PatchTile tile = tile_at(g, T, index);
-      const int64_t first = tile.b * N + tile.row * g.cols() + tile.col0;
+      const int64_t first = tile.b * N + tile.first;
       const acc_t* src = nullptr;
       if constexpr (std::is_same_v<acc_t, scalar_t>) {
         src = tok_ptr + first * D;
