@@ -43,3 +43,26 @@ def test_toy_migration_end_to_end_and_resume(tmp_path, monkeypatch):
     again = run_toy_migration(plan, log=lambda _: None)
     assert again["train_steps"] == 3
     assert again["pixel"]["overall"] == report["pixel"]["overall"]
+
+
+def test_eval_scores_source_and_pixel_folders(tmp_path, monkeypatch, capsys):
+    import json
+
+    from l2p.cli import main
+    from l2p.conversion.folders import convert_folder
+    from l2p.toy.prompts import write_prompts
+
+    src = tmp_path / "toy-source"
+    source.train_toy_source(TINY, src, "cpu", log=lambda _: None)
+    convert_folder(src, tmp_path / "pixel")
+    write_prompts(tmp_path / "prompts.jsonl", 6, seed=3)
+    monkeypatch.setattr(source, "SHIPPED_SOURCE_DIR", src)
+    for model in ("toy", str(tmp_path / "pixel")):
+        out = tmp_path / "scores.json"
+        args = ["eval", "--model", model, "--prompts", str(tmp_path / "prompts.jsonl"),
+                "--out", str(out), "--steps", "2"]
+        assert main(args) == 0
+        scores = json.loads(out.read_text())
+        assert scores["n"] == 6 and 0.0 <= scores["overall"] <= 1.0 and len(scores["ci95"]) == 2
+        assert "overall" in capsys.readouterr().out
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--prompts", str(tmp_path / "prompts.jsonl")]) == 2

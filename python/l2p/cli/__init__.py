@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     "sample",
     "data",
     "toy",
+    "eval",
 ]
 
 

@@ -21,10 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
-from l2p.toy.scoring import score_generated
+from l2p.toy.scoring import images_for_prompts, score_generated
 from l2p.toy.prompts import make_records
 
 
@@ -105,8 +104,6 @@ def run_toy_migration(plan: MigrationPlan | None = None,
                       log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the whole migration; returns the report dictionary."""
     from l2p.data.generate import GenerationConfig, generate_images, resolve_source
-    from l2p.sample.pipeline import L2PPipeline
-    from l2p.toy.source import generate as generate_source, load_toy_source
     from l2p.train.config import DEFAULT_CONFIG_DIR, load_config
     from l2p.train.loop import train
 
@@ -138,19 +135,9 @@ def run_toy_migration(plan: MigrationPlan | None = None,
     log(f"[3/4] scoring source and pixel model on {plan.eval_prompts} held-out prompts")
     records = make_records(plan.eval_prompts, plan.seed + 1000, split="heldout")
     prompts = [r.prompt for r in records]
-    source_pipe = load_toy_source(source_dir)
-    source_images = generate_source(source_pipe, prompts, seed=plan.seed, steps=plan.eval_steps,
-                                    guidance=plan.guidance)
-    del source_pipe
-    pixel_pipe = L2PPipeline.from_pretrained(result.final_dir / "pipeline")
-    pixel_images = []
-    for start in range(0, len(prompts), 32):
-        chunk = prompts[start:start + 32]
-        gens = [torch.Generator().manual_seed(plan.seed + start + i) for i in range(len(chunk))]
-        images = pixel_pipe(chunk, height=size, width=size, num_inference_steps=plan.eval_steps,
-                            guidance_scale=plan.guidance, generator=gens, output_type="np").images
-        pixel_images.append(np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(np.uint8))
-    pixel_images = np.concatenate(pixel_images)
+    sampling = dict(seed=plan.seed, steps=plan.eval_steps, guidance=plan.guidance)
+    source_images = images_for_prompts(source_dir, prompts, **sampling)
+    pixel_images = images_for_prompts(result.final_dir / "pipeline", prompts, **sampling)
     source_score = score_generated(source_images, records)
     pixel_score = score_generated(pixel_images, records)
 

@@ -3,7 +3,11 @@ intervals. (The per-image judgement is l2p.toy.scorer's.)"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import torch
 
 from l2p.toy.prompts import PromptRecord
 from l2p.toy.scorer import score_images, summarize
@@ -36,4 +40,36 @@ def score_generated(images, records: list[PromptRecord]) -> dict:
     return summary
 
 
-__all__ = ["bootstrap_interval", "score_generated", "summarize"]
+def is_pixel_pipeline(folder: str | Path) -> bool:
+    """A folder written by ``l2p convert`` / ``l2p-train`` (its model_index.json has an
+    "_l2p" block), as opposed to a latent source pipeline."""
+    index = Path(folder) / "model_index.json"
+    return index.is_file() and "_l2p" in json.loads(index.read_text())
+
+
+@torch.no_grad()
+def images_for_prompts(folder: str | Path, prompts: list[str], *, seed: int = 0,
+                       steps: int = 20, guidance: float = 4.5, batch_size: int = 32) -> np.ndarray:
+    """Images of a toy model for ``prompts`` as uint8 (n, H, W, 3), image i seeded with
+    ``seed + i``: an L2P pixel pipeline through L2PPipeline, a latent source through its own
+    diffusers pipeline."""
+    from l2p.toy.source import generate, load_toy_source
+
+    if not is_pixel_pipeline(folder):
+        pipe = load_toy_source(folder)
+        return generate(pipe, prompts, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
+    from l2p.sample.pipeline import L2PPipeline
+
+    pipe = L2PPipeline.from_pretrained(folder)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                      output_type="np").images
+        out.append(np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+__all__ = ["bootstrap_interval", "images_for_prompts", "is_pixel_pipeline", "score_generated",
+           "summarize"]
