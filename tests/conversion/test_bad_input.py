@@ -148,3 +148,18 @@ def test_out_folder_must_be_new_and_delta_must_fit(tmp_path, capsys):
     assert "not a pixel model" in capsys.readouterr().err
     assert cli(["merge", "--base", str(tmp_path / "px"), "--delta", str(tmp_path / "none.safetensors"),
                 "--out", str(tmp_path / "m")]) == 2
+
+
+def test_text_conditioning_and_sampling_recipe_come_from_the_adapter():
+    from l2p.adapters import ADAPTERS
+    from l2p.sample.schedule import recipe_for
+    from l2p.train.conditioning import family_for
+
+    flux = ADAPTERS["FluxTransformer2DModel"]
+    assert family_for("FluxTransformer2DModel").call is flux.transformer_kwargs
+    assert recipe_for("FluxTransformer2DModel").distilled_guidance and flux.flow_sigmas
+    for name in ("DiTTransformer2DModel", "QwenImageTransformer2DModel"):  # convert only, for now
+        with pytest.raises(ValueError, match=f"no text conditioning for {name}"):
+            family_for(name)
+    with pytest.raises(ValueError, match="families:"):
+        recipe_for("UNet2DConditionModel")

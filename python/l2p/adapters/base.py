@@ -42,6 +42,35 @@ class SourceAdapter:
     def __init__(self, config: Mapping[str, Any]):
         self.config = dict(config)
 
+    # -- text conditioning and the source pipeline's calling convention ---------------------
+    # (shared by the trainer and the sampler; a family without them converts but does not
+    # train or sample yet)
+    # The pipeline passes sigmas = linspace(1, 1/N, N) to set_timesteps (FLUX, Lumina2,
+    # Qwen-Image, Z-Image) instead of letting the scheduler space them.
+    flow_sigmas: ClassVar[bool] = False
+    # calculate_shift's max_shift default in the pipeline, where the scheduler config is silent.
+    max_shift: ClassVar[float] = 1.15
+    # guidance_scale feeds a guidance embedding (guidance-distilled FLUX); classifier-free
+    # guidance is then true_cfg_scale, as in FluxPipeline.
+    distilled_guidance: ClassVar[bool] = False
+
+    @classmethod
+    def has_conditioning(cls) -> bool:
+        return cls.encode_prompts is not SourceAdapter.encode_prompts
+
+    @staticmethod
+    def encode_prompts(pipe, prompts: list[str], device) -> dict[str, Any]:
+        """Captions -> named tensors (batch-first, or per-caption lists), by the source
+        pipeline's own ``encode_prompt``; the names are those the embedding cache stores."""
+        raise NotImplementedError
+
+    @staticmethod
+    def transformer_kwargs(cond, x_t, times, model, guidance) -> dict[str, Any]:
+        """The transformer's keyword arguments (the noisy image included) for the scheduler's
+        ``times`` (sigma x 1000 for flow sources, integer steps for DDPM ones), rescaled as the
+        family's pipeline does."""
+        raise NotImplementedError
+
     # -- latent layout -------------------------------------------------------------------
     @property
     def latent_channels(self) -> int:

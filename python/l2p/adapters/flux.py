@@ -1,6 +1,8 @@
 """FluxTransformer2DModel: packed 2x2 latent tokens (B, N, 64) into ``x_embedder``; the
 double-stream then the single-stream blocks form one block sequence."""
 
+import torch
+
 from l2p.adapters.base import PackedLatentAdapter
 
 
@@ -10,6 +12,8 @@ class FluxAdapter(PackedLatentAdapter):
     output_module = "proj_out"
     block_groups = ("transformer_blocks", "single_transformer_blocks")
     output_modules = ("norm_out",)
+    flow_sigmas = True
+    distilled_guidance = True
 
     @property
     def latent_patch(self) -> int:
@@ -24,3 +28,24 @@ class FluxAdapter(PackedLatentAdapter):
                 f"token grid ({rows * cols} tokens); build img_ids for that grid (height and "
                 f"width / pixel patch), as the FLUX pipeline does for its latent"
             )
+
+    @staticmethod
+    def encode_prompts(pipe, prompts, device):
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    @staticmethod
+    def transformer_kwargs(cond, x_t, times, model, guidance):
+        from diffusers import FluxPipeline
+
+        p = model.config.patch_size
+        rows, cols = x_t.shape[-2] // p, x_t.shape[-1] // p
+        embeds = cond["prompt_embeds"]
+        img_ids = FluxPipeline._prepare_latent_image_ids(x_t.shape[0], rows, cols, x_t.device, x_t.dtype)
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
+        kwargs = dict(hidden_states=x_t, encoder_hidden_states=embeds,
+                      pooled_projections=cond["pooled_prompt_embeds"], timestep=times / 1000.0,
+                      img_ids=img_ids, txt_ids=txt_ids)
+        if model.config.source_config.get("guidance_embeds", False):
+            kwargs["guidance"] = torch.full((x_t.shape[0],), float(guidance), device=x_t.device)
+        return kwargs

@@ -6,6 +6,7 @@ caption length from the attention mask. ``norm_out.linear_2`` is the output proj
 import torch
 
 from l2p.adapters.base import SourceAdapter
+from l2p.adapters.sana import SanaAdapter
 
 
 class Lumina2Adapter(SourceAdapter):
@@ -15,8 +16,18 @@ class Lumina2Adapter(SourceAdapter):
     block_groups = ("noise_refiner", "layers")
     output_modules = ("norm_out",)
     output_sign = -1
+    flow_sigmas = True
 
     def image_tokens(self, captured, n_tokens, arguments):
         mask = arguments["encoder_attention_mask"]
         starts = mask.sum(dim=1).tolist()
         return torch.stack([captured[i, s : s + n_tokens] for i, s in enumerate(starts)])
+
+    # Its pipeline encodes prompts as Sana's does: (embeds, mask, negative embeds, negative mask).
+    encode_prompts = staticmethod(SanaAdapter.encode_prompts)
+
+    @staticmethod
+    def transformer_kwargs(cond, x_t, times, model, guidance):
+        return dict(hidden_states=x_t, encoder_hidden_states=cond["prompt_embeds"],
+                    encoder_attention_mask=cond["prompt_attention_mask"],
+                    timestep=1.0 - times / 1000.0)

@@ -11,3 +11,14 @@ class PixArtAdapter(PatchEmbedAdapter):
     # The final adaLN table modulates the features the head reads.
     output_modules = ("norm_out", "scale_shift_table")
     prediction = "epsilon"
+
+    @staticmethod
+    def encode_prompts(pipe, prompts, device):
+        embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device)
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
+    @staticmethod
+    def transformer_kwargs(cond, x_t, times, model, guidance):
+        return dict(hidden_states=x_t, encoder_hidden_states=cond["prompt_embeds"],
+                    encoder_attention_mask=cond["prompt_attention_mask"], timestep=times,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})

@@ -11,6 +11,7 @@ class QwenImageAdapter(PackedLatentAdapter):
     output_module = "proj_out"
     block_groups = ("transformer_blocks",)
     output_modules = ("norm_out",)
+    flow_sigmas = True
 
     def check_arguments(self, arguments, rows, cols):
         shapes = arguments.get("img_shapes")

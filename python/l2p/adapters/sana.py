@@ -10,3 +10,13 @@ class SanaAdapter(PatchEmbedAdapter):
     block_groups = ("transformer_blocks",)
     output_modules = ("norm_out", "scale_shift_table")
     vae_scale_factor = 32
+
+    @staticmethod
+    def encode_prompts(pipe, prompts, device):
+        embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device)
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
+    @staticmethod
+    def transformer_kwargs(cond, x_t, times, model, guidance):
+        return dict(hidden_states=x_t, encoder_hidden_states=cond["prompt_embeds"],
+                    encoder_attention_mask=cond["prompt_attention_mask"], timestep=times)

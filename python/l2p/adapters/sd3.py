@@ -9,3 +9,15 @@ class SD3Adapter(PatchEmbedAdapter):
     output_module = "proj_out"
     block_groups = ("transformer_blocks",)
     output_modules = ("norm_out",)
+    max_shift = 1.16
+
+    @staticmethod
+    def encode_prompts(pipe, prompts, device):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                                  do_classifier_free_guidance=False, device=device)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    @staticmethod
+    def transformer_kwargs(cond, x_t, times, model, guidance):
+        return dict(hidden_states=x_t, encoder_hidden_states=cond["prompt_embeds"],
+                    pooled_projections=cond["pooled_prompt_embeds"], timestep=times)

@@ -15,6 +15,7 @@ class ZImageAdapter(SourceAdapter):
     output_modules = ("all_final_layer",)
     pixel_argument = "x"
     output_sign = -1
+    flow_sigmas = True
 
     @property
     def latent_patch(self) -> int:
@@ -64,3 +65,12 @@ class ZImageAdapter(SourceAdapter):
 
     def image_tokens(self, captured, n_tokens, arguments):
         return captured[:, :n_tokens]
+
+    @staticmethod
+    def encode_prompts(pipe, prompts, device):
+        embeds, _ = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
+        return {"prompt_embeds": list(embeds)}  # variable-length per caption
+
+    @staticmethod
+    def transformer_kwargs(cond, x_t, times, model, guidance):
+        return dict(x=x_t, t=(1000.0 - times) / 1000.0, cap_feats=list(cond["prompt_embeds"]))

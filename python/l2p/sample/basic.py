@@ -35,8 +35,8 @@ def sample_images(model, cond: dict, empty_cond: dict, *, scheduler_config: dict
     """Images (B, 3, H, W) in [-1, 1] for the B captions encoded in ``cond``.
 
     Args:
-        model: a pixel model (``l2p.convert_to_pixel``) of a family in
-            ``l2p.train.conditioning.FAMILIES``.
+        model: a pixel model (``l2p.convert_to_pixel``) of a family whose adapter has text
+            conditioning (``SourceAdapter.has_conditioning``).
         cond / empty_cond: the captions' conditioning tensors (``TextEncoder`` or the embedding
             cache) and those of the empty caption (batch 1), used for CFG.
         scheduler_config: the source pipeline's scheduler config (with ``_class_name``).

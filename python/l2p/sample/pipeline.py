@@ -11,8 +11,8 @@ folder with the pixel transformer in place of the latent one and no VAE. Loading
 Sampling is the source pipeline's loop with the VAE gone: Gaussian pixels, the source
 scheduler with the timesteps its pipeline sets (incl. FLUX-style dynamic shift ``mu`` from the
 token count, which the pixel grid keeps), the transformer called as the source pipeline calls
-it (``l2p.train.conditioning.FAMILIES``, shared with the trainer), classifier-free guidance,
-the model's output sign, and the final image clipped to [-1, 1].
+it (its adapter in l2p/adapters/, shared with the trainer), classifier-free guidance, the
+model's output sign, and the final image clipped to [-1, 1].
 """
 
 from __future__ import annotations

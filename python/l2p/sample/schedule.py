@@ -3,7 +3,7 @@
 The pixel model keeps the source's token grid, so the source pipeline's schedule carries over
 unchanged: the same sigmas, and for dynamically shifted flow schedulers (FLUX, SD3.5 with
 ``use_dynamic_shifting``, Z-Image, Qwen-Image, Lumina2) the same ``mu`` computed from the token
-count (H/P) x (W/P). What differs between families is written once per family in ``RECIPES``.
+count (H/P) x (W/P). What differs between families is written once, on each family's adapter.
 """
 
 from __future__ import annotations
@@ -18,33 +18,21 @@ import torch
 
 @dataclass(frozen=True)
 class Recipe:
-    """How one family's pipeline prepares its timesteps and reads ``guidance_scale``."""
+    """How one family's pipeline prepares its timesteps and reads ``guidance_scale``; the
+    values live on its adapter (see SourceAdapter.flow_sigmas and the fields beside it)."""
 
-    # The pipeline passes sigmas = linspace(1, 1/N, N) to set_timesteps (FLUX, Lumina2,
-    # Qwen-Image, Z-Image) instead of letting the scheduler space them.
     flow_sigmas: bool = False
-    # calculate_shift defaults the pipeline uses where the scheduler config is silent.
     max_shift: float = 1.15
-    # guidance_scale feeds a guidance embedding (guidance-distilled FLUX) and classifier-free
-    # guidance is true_cfg_scale, as in FluxPipeline.
     distilled_guidance: bool = False
 
 
-RECIPES: dict[str, Recipe] = {
-    "PixArtTransformer2DModel": Recipe(),
-    "SanaTransformer2DModel": Recipe(),
-    "SD3Transformer2DModel": Recipe(max_shift=1.16),
-    "FluxTransformer2DModel": Recipe(flow_sigmas=True, distilled_guidance=True),
-    "ZImageTransformer2DModel": Recipe(flow_sigmas=True),
-    "Lumina2Transformer2DModel": Recipe(flow_sigmas=True),
-    "QwenImageTransformer2DModel": Recipe(flow_sigmas=True),
-}
-
-
 def recipe_for(source_class: str) -> Recipe:
-    if source_class not in RECIPES:
-        raise ValueError(f"no sampling recipe for {source_class}; families that sample: {', '.join(RECIPES)}")
-    return RECIPES[source_class]
+    from l2p.adapters import ADAPTERS
+
+    if source_class not in ADAPTERS:
+        raise ValueError(f"no sampling recipe for {source_class}; families: {', '.join(ADAPTERS)}")
+    adapter = ADAPTERS[source_class]
+    return Recipe(adapter.flow_sigmas, adapter.max_shift, adapter.distilled_guidance)
 
 
 def dynamic_mu(image_seq_len: int, config, max_shift_default: float = 1.15) -> float:
