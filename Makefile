@@ -5,7 +5,8 @@ PIP := $(PYTHON) -m pip
 # The CPU build of torch that this project's CI machines keep on disk. Installed only when no
 # torch is importable: a user's own torch (e.g. a CUDA build) is always kept.
 TORCH_CPU_PIN ?= torch==2.13.0
-BUILD_REQUIREMENTS := setuptools>=64 wheel pybind11>=2.12 ninja cmake>=3.18
+# Quoted: an unquoted ">=" would be a shell redirection.
+BUILD_REQUIREMENTS := "setuptools>=64" wheel "pybind11>=2.12" ninja "cmake>=3.18"
 
 .PHONY: install demo test bench info
 
