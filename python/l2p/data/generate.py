@@ -162,17 +162,18 @@ def _join_ranks() -> _Ranks:
     The barrier gets a long timeout of its own because ranks may finish hours apart."""
     import torch.distributed as dist
 
+    from l2p.torchrun import DistEnv
+
+    env = DistEnv.from_torchrun()
     long_wait = timedelta(days=7)
     if dist.is_available() and dist.is_initialized():
         group = dist.new_group(backend="gloo", timeout=long_wait)
-        return _Ranks(dist.get_rank(), dist.get_world_size(),
-                      int(os.environ.get("LOCAL_RANK", dist.get_rank())), joined=True, group=group)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+        local_rank = env.local_rank if env.enabled else dist.get_rank()
+        return _Ranks(dist.get_rank(), dist.get_world_size(), local_rank, joined=True, group=group)
+    if not env.enabled:
         return _Ranks(0, 1, 0)
-    dist.init_process_group("gloo", timeout=long_wait)
-    return _Ranks(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")),
-                  joined=True, owns_process_group=True)
+    dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size, timeout=long_wait)
+    return _Ranks(env.rank, env.world_size, env.local_rank, joined=True, owns_process_group=True)
 
 
 # --------------------------------------------------------------------------- records

@@ -1,40 +1,18 @@
 """torchrun integration: process group from torchrun's environment, DDP or FSDP2 wrapping.
 
-torchrun publishes RANK / WORLD_SIZE / LOCAL_RANK; ``DistEnv.from_torchrun`` is the one place
-that reads them. A plain ``python -m l2p.train`` run is world size 1 and never touches
+torchrun publishes RANK / WORLD_SIZE / LOCAL_RANK; ``l2p.torchrun.DistEnv.from_torchrun`` is
+the one place that reads them. A plain ``python -m l2p.train`` run is world size 1 and never touches
 torch.distributed.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 from torch import nn
 
-
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_torchrun(cls) -> "DistEnv":
-        env = os.environ
-        if "RANK" not in env or "WORLD_SIZE" not in env:
-            return cls()
-        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+from l2p.torchrun import DistEnv
 
 
 def init_distributed(env: DistEnv, device: torch.device, backend: str | None = None) -> None:

@@ -1,0 +1,31 @@
+"""The process layout torchrun publishes (RANK, WORLD_SIZE, LOCAL_RANK): the one place l2p
+reads it, for the trainer and for the corpus generator alike."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class DistEnv:
+    """This process's place among torchrun's processes (world size 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_torchrun(cls) -> "DistEnv":
+        env = os.environ
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            return cls()
+        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
