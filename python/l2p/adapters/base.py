@@ -24,6 +24,13 @@ def _power_of_two(n: int) -> bool:
     return n >= 1 and not n & (n - 1)
 
 
+def encode_prompt_with_mask(pipe, prompts: list[str], device) -> dict[str, Any]:
+    """Text conditioning of the pipelines whose encode_prompt returns (embeddings, mask,
+    negative embeddings, negative mask): PixArt, Sana, Lumina2."""
+    embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device)
+    return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
+
 class SourceAdapter:
     source_class: ClassVar[str]
     input_module: ClassVar[str]

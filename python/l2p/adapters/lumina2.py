@@ -5,8 +5,7 @@ caption length from the attention mask. ``norm_out.linear_2`` is the output proj
 
 import torch
 
-from l2p.adapters.base import SourceAdapter
-from l2p.adapters.sana import SanaAdapter
+from l2p.adapters.base import SourceAdapter, encode_prompt_with_mask
 
 
 class Lumina2Adapter(SourceAdapter):
@@ -23,8 +22,7 @@ class Lumina2Adapter(SourceAdapter):
         starts = mask.sum(dim=1).tolist()
         return torch.stack([captured[i, s : s + n_tokens] for i, s in enumerate(starts)])
 
-    # Its pipeline encodes prompts as Sana's does: (embeds, mask, negative embeds, negative mask).
-    encode_prompts = staticmethod(SanaAdapter.encode_prompts)
+    encode_prompts = staticmethod(encode_prompt_with_mask)
 
     @staticmethod
     def transformer_kwargs(cond, x_t, times, model, guidance):

@@ -1,6 +1,6 @@
 """PixArtTransformer2DModel (PixArt-alpha / -Sigma): epsilon (+ learned sigma, dropped)."""
 
-from l2p.adapters.base import PatchEmbedAdapter
+from l2p.adapters.base import PatchEmbedAdapter, encode_prompt_with_mask
 
 
 class PixArtAdapter(PatchEmbedAdapter):
@@ -12,10 +12,7 @@ class PixArtAdapter(PatchEmbedAdapter):
     output_modules = ("norm_out", "scale_shift_table")
     prediction = "epsilon"
 
-    @staticmethod
-    def encode_prompts(pipe, prompts, device):
-        embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device)
-        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+    encode_prompts = staticmethod(encode_prompt_with_mask)
 
     @staticmethod
     def transformer_kwargs(cond, x_t, times, model, guidance):

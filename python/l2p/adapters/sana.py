@@ -1,6 +1,6 @@
 """SanaTransformer2DModel: flow velocity; DC-AE latents are 32x smaller, so P = 32."""
 
-from l2p.adapters.base import PatchEmbedAdapter
+from l2p.adapters.base import PatchEmbedAdapter, encode_prompt_with_mask
 
 
 class SanaAdapter(PatchEmbedAdapter):
@@ -11,10 +11,7 @@ class SanaAdapter(PatchEmbedAdapter):
     output_modules = ("norm_out", "scale_shift_table")
     vae_scale_factor = 32
 
-    @staticmethod
-    def encode_prompts(pipe, prompts, device):
-        embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device)
-        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+    encode_prompts = staticmethod(encode_prompt_with_mask)
 
     @staticmethod
     def transformer_kwargs(cond, x_t, times, model, guidance):
