@@ -7,16 +7,18 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from l2p.toy import source
 from l2p.toy.scoring import bootstrap_interval, score_generated
 from l2p.toy.prompts import make_records
 from l2p.toy.render import render_array
+from l2p.toy.world import CATEGORIES
 
 TINY = source.ToySourceConfig().scaled(
     image_size=32, vae_channels=(8, 16), layers=1, heads=2, head_dim=8, text_dim=16,
     text_layers=1, train_scenes=16, vae_steps=2, vae_batch=4, dit_steps=3, dit_batch=4,
-    warmup_steps=1, workers=1,
+    warmup_steps=1, workers=1, vae_eval_scenes=12,
 )
 
 
@@ -46,6 +48,54 @@ def test_trained_folder_loads_with_diffusers_and_records_its_run(tiny_source):
     assert record["steps_run"] == {"vae": 2, "transformer": 3}
     assert record["command"] == "test" and record["config"]["image_size"] == 32
     assert pipe.vae.config.scaling_factor > 0
+
+
+def test_record_holds_the_autoencoders_round_trip_score(tiny_source):
+    record = json.loads((tiny_source / "training_record.json").read_text())
+    recon = record["vae_reconstruction"]
+    assert 0.0 <= recon["overall"] <= 1.0 and recon["psnr_db"] > 0
+    assert set(recon["per_category"]) == set(CATEGORIES)
+    assert not source.work_dir_for(tiny_source).exists()   # removed once the folder is written
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from l2p.train import checkpoint
+
+    cfg = TINY.scaled(dit_steps=6, checkpoint_every=2)
+    whole = source.train_toy_source(cfg, tmp_path / "whole", "cpu", log=lambda _: None)
+
+    saved = checkpoint.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        path = saved(*args, **kwargs)
+        if kwargs["state"]["step"] == 4:
+            raise KeyboardInterrupt   # killed right after the step-4 checkpoint
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        source.train_toy_source(cfg, tmp_path / "resumed", "cpu", log=lambda _: None)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", saved)
+    logs = []
+    resumed = source.train_toy_source(cfg, tmp_path / "resumed", "cpu", log=logs.append)
+    assert any("autoencoder: resumed" in line for line in logs)
+    assert any("resumed from" in line and "step 4/6" in line for line in logs)
+    for part in ("vae", "transformer", "text_encoder"):
+        a = load_file(next((whole / part).glob("*.safetensors")))
+        b = load_file(next((resumed / part).glob("*.safetensors")))
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"{part}.{name} differs after resuming"
+
+
+def test_a_different_config_does_not_resume_a_foreign_run(tmp_path):
+    out = tmp_path / "src"
+    source.work_dir_for(out).mkdir(parents=True)
+    (source.work_dir_for(out) / "config.json").write_text(json.dumps({"image_size": 128}))
+    with pytest.raises(ValueError, match="different config"):
+        source.train_toy_source(TINY, out, "cpu", log=lambda _: None)
 
 
 def test_generate_is_seeded(tiny_source):

@@ -29,6 +29,8 @@ def run_train_source(args: argparse.Namespace) -> int:
     cfg = ToySourceConfig(**overrides)
     out = args.out or SHIPPED_SOURCE_DIR
     command = "l2p " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = _pick_device(args.device)
     train_toy_source(cfg, out, device, command=command)
     if args.eval_prompts:
@@ -77,6 +79,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--eval-prompts", type=int, default=0, metavar="N",
                    help="afterwards, score the model on N held-out and N training-split prompts")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (default: torch's choice). On a CPU shared with "
+                        "other work, 1 avoids the threads waiting on each other")
     from l2p.toy.source import ToySourceConfig
 
     for f in fields(ToySourceConfig):

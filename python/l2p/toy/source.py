@@ -48,12 +48,17 @@ class ToySourceConfig:
     """Architecture and training recipe of the toy source. Defaults are the shipped model's."""
 
     image_size: int = 64
-    # AutoencoderKL: len(vae_channels) - 1 downsamplings, so factor 4 with three levels.
+    # AutoencoderKL: len(vae_channels) - 1 downsamplings, so factor 4 with three levels. No
+    # attention in its mid block: the autoencoder is then fully convolutional, so training it
+    # on vae_crop x vae_crop crops (4x cheaper than whole 64 px images) trains exactly the
+    # function it applies to whole images.
     vae_channels: tuple[int, ...] = (32, 64, 64)
     latent_channels: int = 4
-    # PixArt transformer.
+    vae_crop: int = 32
+    # PixArt transformer (2.3M parameters: a small model seeing many small batches learns
+    # more per CPU-second than a larger one seeing few large batches).
     layers: int = 8
-    heads: int = 5
+    heads: int = 4
     head_dim: int = 32
     latent_patch: int = 2
     # T5 text encoder.
@@ -65,16 +70,20 @@ class ToySourceConfig:
     train_scenes: int = 30000
     data_seed: int = 0
     # Recipe.
-    vae_steps: int = 3000
-    vae_batch: int = 64
+    vae_steps: int = 1500
+    vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    dit_steps: int = 12000
-    dit_batch: int = 128
-    dit_lr: float = 4e-4
+    dit_steps: int = 40000
+    dit_batch: int = 32
+    dit_lr: float = 5e-4
     warmup_steps: int = 500
     caption_dropout: float = 0.1
     flow_shift: float = 1.0
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    # Held-out ground-truth renders whose autoencoder round trips are scored after phase 1.
+    vae_eval_scenes: int = 600
     seed: int = 0
     workers: int = 0  # processes for rendering; 0 = one per CPU
     # Wall-clock budget for both training phases (0 = none). When set, each phase measures
@@ -124,6 +133,7 @@ def build_toy_pipeline(cfg: ToySourceConfig, seed: int = 0):
         up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=tuple(cfg.vae_channels), layers_per_block=1,
         norm_num_groups=min(16, min(cfg.vae_channels)), sample_size=cfg.image_size,
+        mid_block_add_attention=False,
     )
     factor = 2 ** (levels - 1)
     tokenizer = build_toy_tokenizer(cfg.max_tokens)
@@ -217,7 +227,7 @@ def train_vae(vae, images: np.ndarray, cfg: ToySourceConfig, device, log: Callab
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, total, cfg.vae_lr, min(200, cfg.warmup_steps))
         idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=gen).numpy()
-        x = _to_model_range(images[idx], device)
+        x = _random_crops(_to_model_range(images[idx], device), cfg.vae_crop, gen)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
@@ -230,6 +240,39 @@ def train_vae(vae, images: np.ndarray, cfg: ToySourceConfig, device, log: Callab
         step += 1
     vae.eval()
     return total
+
+
+def _random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """One random ``size`` x ``size`` crop per image, at offsets that are multiples of the
+    autoencoder's total stride (4), so crops see the same pixel phase as whole images."""
+    height = x.shape[-1]
+    if size >= height:
+        return x
+    stride = 4
+    offsets = torch.randint(0, (height - size) // stride + 1, (len(x), 2), generator=gen) * stride
+    return torch.stack([img[:, oy:oy + size, ox:ox + size]
+                        for img, (oy, ox) in zip(x, offsets.tolist())])
+
+
+@torch.no_grad()
+def reconstruction_score(vae, n: int, seed: int, size: int, device) -> dict:
+    """The scorer's verdict on autoencoder round trips of ``n`` held-out ground-truth renders:
+    an upper bound on what any generator working in this latent space can score."""
+    from l2p.toy.prompts import make_records
+    from l2p.toy.scoring import score_generated
+
+    records = make_records(n, seed, split="heldout")
+    images = np.stack([render_array(r.scene, size) for r in records])
+    out = []
+    for i in range(0, n, 64):
+        x = _to_model_range(images[i:i + 64], device)
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+        out.append(((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    recon = np.concatenate(out)
+    summary = score_generated(recon, records)
+    psnr = 10 * np.log10(255.0 ** 2 / np.mean((recon.astype(np.float64) - images) ** 2))
+    return {"overall": summary["overall"], "ci95": summary["ci95"],
+            "per_category": summary["per_category"], "psnr_db": float(psnr)}
 
 
 @torch.no_grad()
@@ -253,19 +296,42 @@ def encode_text(pipe, prompts: list[str], device, max_tokens: int):
 
 
 def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: ToySourceConfig,
-                      device, log: Callable[[str], None], budget_s: float = 0.0):
+                      device, log: Callable[[str], None], budget_s: float = 0.0,
+                      work_dir: Path | None = None) -> int:
     """Flow matching on the scaled latents: x_t = (1-s) x0 + s eps, the model predicts
-    eps - x0 at timestep 1000*s, s logit-normal; the text encoder trains jointly."""
+    eps - x0 at timestep 1000*s, s logit-normal; the text encoder trains jointly. An EMA of
+    both is what the pipeline keeps. With ``work_dir``, a checkpoint (weights, EMA, optimizer,
+    sampler state) is written atomically every ``cfg.checkpoint_every`` steps and the newest
+    one is resumed from, so an interrupted run continues exactly where it stopped."""
+    from l2p.train.checkpoint import latest_checkpoint, load_checkpoint, optimizer_from_flat, save_checkpoint
+    from l2p.train.ema import EMA
+
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     transformer, text_encoder = pipe.transformer.to(device), pipe.text_encoder.to(device)
     transformer.train()
     text_encoder.train()
-    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    named = {f"transformer.{n}": p for n, p in transformer.named_parameters()}
+    named.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters()})
+    names, params = list(named), list(named.values())
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.01)
+    ema = EMA(named, cfg.ema_decay)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
     x0_all = latents * pipe.vae.config.scaling_factor
     budget = _Budget(cfg.dit_steps, budget_s)
     total, step = cfg.dit_steps, 0
+    resume = latest_checkpoint(work_dir) if work_dir is not None else None
+    if resume is not None:
+        ckpt = load_checkpoint(resume, rank=0)
+        with torch.no_grad():
+            for name, tensor in ckpt["trainable"].items():
+                named[name].copy_(tensor)
+        ema.load_state_dict(ckpt["ema"])
+        optimizer_from_flat(opt, names, ckpt["optimizer"], ckpt["optimizer_meta"])
+        gen.set_state(torch.tensor(ckpt["state"]["generator"], dtype=torch.uint8))
+        step, total = ckpt["state"]["step"], ckpt["state"]["total"]
+        # The schedule was fixed when the run was interrupted; a resumed run keeps it.
+        budget = _Budget(total, 0.0)
+        log(f"transformer: resumed from {resume} at step {step}/{total}")
     while step < total:
         total = budget.update(step)
         for group in opt.param_groups:
@@ -289,9 +355,18 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: ToyS
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % 250 == 0 or step == total - 1:
-            log(f"transformer step {step}/{total} loss {loss.item():.4f}")
         step += 1
+        ema.update(step)
+        if step % 250 == 1 or step == total:
+            log(f"transformer step {step}/{total} loss {loss.item():.4f}")
+        if work_dir is not None and (step % cfg.checkpoint_every == 0 or step == total):
+            save_checkpoint(work_dir, step, rank=0, trainable={n: p.detach() for n, p in named.items()},
+                            ema=ema.state_dict(), optimizer=opt, param_names=names,
+                            state={"step": step, "total": total, "generator": gen.get_state().tolist()},
+                            keep_last=1)
+    with torch.no_grad():
+        for name, param in named.items():
+            param.copy_(ema.shadow[name].to(param.dtype))
     transformer.eval()
     text_encoder.eval()
     return total
@@ -305,38 +380,96 @@ class _null:
         return False
 
 
+def work_dir_for(out_dir: Path) -> Path:
+    """Where an unfinished run keeps its autoencoder and checkpoints (beside the output)."""
+    return out_dir.parent / f".{out_dir.name}.work"
+
+
 def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | torch.device = "cpu",
                      log: Callable[[str], None] = print, command: str | None = None) -> Path:
     """Render the training set, train the autoencoder, then the transformer and text encoder;
-    write the pipeline folder (atomically) with a training record beside the weights."""
+    write the pipeline folder (atomically) with a training record beside the weights.
+
+    An interrupted run resumes when started again with the same config and output: the
+    trained autoencoder and the transformer's checkpoints wait in ``work_dir_for(out_dir)``,
+    which is removed once the pipeline folder is written."""
     device = torch.device(device)
     out_dir = Path(out_dir)
+    work = work_dir_for(out_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    config_file = work / "config.json"
+    if config_file.exists() and json.loads(config_file.read_text()) != json.loads(json.dumps(asdict(cfg))):
+        raise ValueError(f"{work} holds an unfinished run with a different config; rerun with that "
+                         f"config (see {config_file}) or delete the folder to start over")
+    _write_text_atomically(config_file, json.dumps(asdict(cfg), indent=2))
     started = time.time()
+    progress_file = work / "progress.json"
+    progress = json.loads(progress_file.read_text()) if progress_file.exists() else {"seconds": 0.0}
     pipe = build_toy_pipeline(cfg, seed=cfg.seed)
     log(f"rendering {cfg.train_scenes} ShapesWorld scenes at {cfg.image_size}px")
     images, prompts = render_training_set(cfg.train_scenes, cfg.data_seed, cfg.image_size, cfg.workers)
-    vae_steps = train_vae(pipe.vae, images, cfg, device, log)
+    vae_dir = work / "vae"
+    if (vae_dir / "config.json").exists():
+        from diffusers import AutoencoderKL
+
+        pipe.vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
+        log(f"autoencoder: resumed from {vae_dir}")
+    else:
+        progress["vae_steps"] = train_vae(pipe.vae, images, cfg, device, log)
+        pipe.vae.to("cpu")
+        latents = encode_latents(pipe.vae, images, torch.device("cpu"))
+        # Unit variance in the transformer's space, as the published VAEs' scaling factors do.
+        pipe.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+        progress["vae_reconstruction"] = reconstruction_score(pipe.vae, cfg.vae_eval_scenes, 1000,
+                                                             cfg.image_size, "cpu")
+        log(f"autoencoder round trip of {cfg.vae_eval_scenes} held-out renders: scorer "
+            f"{progress['vae_reconstruction']['overall']:.3f}, "
+            f"PSNR {progress['vae_reconstruction']['psnr_db']:.1f} dB")
+        tmp = Path(tempfile.mkdtemp(prefix=".vae.", dir=work))
+        pipe.vae.save_pretrained(tmp, safe_serialization=True)
+        tmp.rename(vae_dir)
+        progress["seconds"] += time.time() - started
+        _write_text_atomically(progress_file, json.dumps(progress, indent=2))
+        started = time.time()
+    pipe.vae.to(device)
     latents = encode_latents(pipe.vae, images, device)
-    # Unit variance in the transformer's space, as the published VAEs' scaling factors do.
-    pipe.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     log(f"latent scaling factor {pipe.vae.config.scaling_factor:.4f}")
-    remaining = cfg.time_budget_s - (time.time() - started) if cfg.time_budget_s else 0.0
-    dit_steps = train_transformer(pipe, latents, prompts, cfg, device, log, max(remaining, 1.0) if cfg.time_budget_s else 0.0)
+    remaining = cfg.time_budget_s - progress["seconds"] - (time.time() - started) if cfg.time_budget_s else 0.0
+    dit_steps = train_transformer(pipe, latents, prompts, cfg, device, log,
+                                  max(remaining, 1.0) if cfg.time_budget_s else 0.0, work_dir=work)
     pipe.to("cpu")
-    elapsed = time.time() - started
+    elapsed = progress["seconds"] + time.time() - started
     record = {
         "config": asdict(cfg),
-        "steps_run": {"vae": vae_steps, "transformer": dit_steps},
+        "steps_run": {"vae": progress.get("vae_steps"), "transformer": dit_steps},
+        "vae_reconstruction": progress.get("vae_reconstruction"),
         "command": command,
         "seconds": round(elapsed, 1),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
     save_pipeline_atomically(pipe, out_dir, extra_files={"training_record.json": json.dumps(record, indent=2)})
+    shutil.rmtree(work, ignore_errors=True)
     log(f"toy source written to {out_dir} in {elapsed:.0f} s")
     return out_dir
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def save_pipeline_atomically(pipe, out_dir: Path, extra_files: dict[str, str] | None = None) -> None:
