@@ -104,3 +104,27 @@ def test_toy_style_source_pixart_with_flow_dpm_solver(tmp_path):
     result = trainer.run()
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert (tmp_path / "run" / "samples" / "final.png").is_file()
+
+
+def test_random_init_is_the_same_architecture_trained_from_scratch(sources, images, tmp_path):
+    """model.init=random: the from-scratch baseline. Same pixel architecture, none of the
+    source's transformer weights, everything trains, and the export holds what trained."""
+    from l2p.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.trainable=all"):
+        make_config(sources["pixart"], images, tmp_path / "bad", model__init="random")
+    cfg = make_config(sources["pixart"], images, tmp_path / "run", model__init="random",
+                      model__trainable="all", train__max_steps=2)
+    scratch = Trainer(cfg)
+    transferred = Trainer(make_config(sources["pixart"], images, tmp_path / "l2p", model__trainable="all"))
+    a, b = dict(scratch.model.named_parameters()), dict(transferred.model.named_parameters())
+    assert a.keys() == b.keys() and all(a[n].shape == b[n].shape for n in a)
+    assert all(p.requires_grad for p in a.values())
+    blocks = [n for n in a if ".transformer_blocks." in n]
+    assert blocks and not any(torch.equal(a[n], b[n]) for n in blocks if a[n].numel() > 1)
+    result = scratch.run()
+    from l2p.models import PixelTransformer2DModel
+    exported = PixelTransformer2DModel.from_pretrained(str(result.final_dir / "pipeline" / "transformer"))
+    with scratch.ema.swapped_in():
+        for name, p in exported.named_parameters():
+            assert torch.equal(p, a[name]), name

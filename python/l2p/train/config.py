@@ -36,6 +36,10 @@ class ModelConfig:
     trainable: str = "first_last:5"
     # Seed of the freshly initialised layers (pixel embedding, head).
     init_seed: int = 0
+    # "source": the transformer starts from the source's weights (L2P). "random": the same
+    # pixel architecture from random initialisation (the from-scratch baseline); every
+    # parameter must then train (model.trainable=all).
+    init: str = "source"
     # Recompute block activations in the backward pass: "none", "trainable" or "all" blocks.
     gradient_checkpointing: str = "none"
 
@@ -180,6 +184,10 @@ class Config:
     def validate(self) -> "Config":
         _check_choice("model.gradient_checkpointing", self.model.gradient_checkpointing,
                       ("none", "trainable", "all"))
+        _check_choice("model.init", self.model.init, ("source", "random"))
+        if self.model.init == "random" and self.model.trainable != "all":
+            raise ConfigError("model.init=random leaves frozen blocks random: set model.trainable=all "
+                              f"(got {self.model.trainable!r})")
         _check_choice("objective.prediction", self.objective.prediction,
                       ("auto", "flow", "epsilon", "v_prediction"))
         _check_choice("objective.timestep_density", self.objective.timestep_density,

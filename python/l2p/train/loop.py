@@ -104,6 +104,10 @@ class Trainer:
         frozen_dtype = getattr(torch, cfg.low_memory.frozen_dtype) \
             if cfg.low_memory.enabled and not self.fsdp else torch.float32
         transformer = self.source.load_transformer(frozen_dtype)
+        if cfg.model.init == "random":
+            # Same class and config, fresh weights: the from-scratch baseline.
+            torch.manual_seed(cfg.model.init_seed)
+            transformer = type(transformer).from_config(transformer.config).to(frozen_dtype)
         model = convert_to_pixel(transformer, vae_scale_factor=self.source.vae_scale_factor,
                                  patch_size=cfg.model.patch_size, head=self._head_config(),
                                  seed=cfg.model.init_seed)
