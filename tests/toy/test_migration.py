@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from l2p.toy import source
@@ -13,7 +14,7 @@ from l2p.toy.migration import MigrationPlan, run_toy_migration
 TINY = source.ToySourceConfig().scaled(
     image_size=32, vae_channels=(8, 16), layers=2, heads=2, head_dim=8, text_dim=16,
     text_layers=1, train_scenes=16, vae_steps=2, vae_batch=4, dit_steps=2, dit_batch=4,
-    warmup_steps=1, workers=1,
+    warmup_steps=1, workers=1, vae_eval_scenes=12,
 )
 
 
@@ -66,3 +67,90 @@ def test_eval_scores_source_and_pixel_folders(tmp_path, monkeypatch, capsys):
         assert scores["n"] == 6 and 0.0 <= scores["overall"] <= 1.0 and len(scores["ci95"]) == 2
         assert "overall" in capsys.readouterr().out
     assert main(["eval", "--model", str(tmp_path / "nope"), "--prompts", str(tmp_path / "prompts.jsonl")]) == 2
+
+
+@pytest.mark.slow
+def test_reproduce_runs_every_arm_and_reports_paired_differences(tmp_path, monkeypatch):
+    from l2p.cli import main
+
+    src = tmp_path / "toy-source"
+    source.train_toy_source(TINY, src, "cpu", log=lambda _: None)
+    out = tmp_path / "repro"
+    args = ["toy", "reproduce", "--source", str(src), "--out", str(out), "--steps", "2",
+            "--batch-size", "2", "--corpus-prompts", "6", "--eval-prompts", "12",
+            "--curve-points", "2", "--curve-prompts", "6",
+            "--set", "data.embeddings=null", "--set", "model.head_channels=[8,8]"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["arms"]) == {"l2p", "scratch", "l2p-real", "l2p-first-last-1", "l2p-all"}
+    for arm in report["arms"].values():
+        assert arm["steps"] == 2 and len(arm["eval"]["correct"]) == 12
+        assert [p["step"] for p in arm["score_curve"]] == [1, 2]
+    assert [c["b"] for c in report["comparisons"]] == ["scratch", "l2p-real", "l2p-first-last-1", "l2p-all"]
+    for c in report["comparisons"]:
+        low, high = c["ci95"]
+        assert low <= c["difference"] <= high and c["beyond_noise"] == (low > 0 or high < 0)
+    md = (out / "report.md").read_text()
+    assert "| scratch | random | all | synthetic |" in md and "beyond noise" in md
+    assert (out / "curves.png").stat().st_size > 0
+    assert len(list((out / "corpus-real" / "images").glob("*.png"))) == 6
+    # The ground-truth corpus holds the very prompts of the synthetic one.
+    import csv
+    real = {r["text"] for r in csv.DictReader(open(out / "corpus-real" / "metadata.csv"))}
+    synthetic = {r["text"] for r in csv.DictReader(open(out / "corpus-synthetic" / "metadata.csv"))}
+    assert real == synthetic
+
+    # Rerunning resumes from disk: same report, nothing retrained.
+    assert main(args) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["arms"]["l2p"]["eval"]["overall"] == report["arms"]["l2p"]["eval"]["overall"]
+
+
+def test_paired_difference_sees_a_real_gap_and_not_a_null_one():
+    from l2p.toy.scoring import paired_difference
+    from l2p.toy.world import CATEGORIES
+
+    rng = np.random.default_rng(0)
+    categories = [CATEGORIES[i % 6] for i in range(600)]
+    strong = rng.random(600) < 0.8
+    weak = rng.random(600) < 0.5
+    gap = paired_difference(strong, weak, categories)
+    assert gap["beyond_noise"] and 0.2 < gap["difference"] < 0.4
+    same = paired_difference(strong, strong, categories)
+    assert same["difference"] == 0 and same["ci95"] == (0.0, 0.0) and not same["beyond_noise"]
+    with pytest.raises(ValueError, match="one result per prompt"):
+        paired_difference(strong[:10], weak, categories)
+
+
+@pytest.mark.slow
+def test_reproduce_sizes_the_step_count_from_the_budget(tmp_path, monkeypatch):
+    from l2p.toy import reproduce
+
+    src = tmp_path / "toy-source"
+    source.train_toy_source(TINY, src, "cpu", log=lambda _: None)
+    monkeypatch.setattr(reproduce, "_seconds_per_step", lambda *a: 0.5)
+    plan = reproduce.ReproducePlan(
+        out_dir=str(tmp_path / "repro"), source=str(src), budget_minutes=0.1, arms=["l2p", "scratch"],
+        batch_size=2, corpus_prompts=4, eval_prompts=6, curve_points=2, curve_prompts=6,
+        train_overrides=["data.embeddings=null", "model.head_channels=[8,8]"])
+    report = reproduce.run_reproduce(plan, log=lambda _: None)
+    # 6 s of budget / 2 arms / 0.5 s per step = 6 steps each.
+    assert report["steps"] == 6 and all(a["steps"] == 6 for a in report["arms"].values())
+    assert "0.50 s per step" in report["steps_from"]
+    assert [c["b"] for c in report["comparisons"]] == ["scratch"]
+    with pytest.raises(ValueError, match="unknown arm"):
+        reproduce.ReproducePlan(arms=["l2p", "nope"]).validate()
+
+
+def test_calibration_times_the_costliest_arm(tmp_path):
+    from l2p.toy import reproduce
+
+    src = tmp_path / "toy-source"
+    source.train_toy_source(TINY, src, "cpu", log=lambda _: None)
+    from l2p.toy.reproduce import _write_real_corpus
+    from l2p.toy.prompts import make_records
+    _write_real_corpus(make_records(4, 0, split="train"), tmp_path / "corpus", 32)
+    plan = reproduce.ReproducePlan(batch_size=2, train_overrides=["data.embeddings=null",
+                                                                  "model.head_channels=[8,8]"])
+    seconds = reproduce._seconds_per_step(plan, src, tmp_path / "corpus", 32, tmp_path / "cal")
+    assert 0.0 < seconds < 30.0

@@ -64,6 +64,27 @@ def _evaluate_source(folder, device, n: int) -> None:
     record_path.write_text(json.dumps(record, indent=2))
 
 
+def run_reproduce(args: argparse.Namespace) -> int:
+    from l2p.toy.reproduce import ReproducePlan, run_reproduce as reproduce
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plan = ReproducePlan(
+        out_dir=args.out, source=args.source, budget_minutes=args.budget_minutes, steps=args.steps,
+        batch_size=args.batch_size, corpus_prompts=args.corpus_prompts, eval_prompts=args.eval_prompts,
+        curve_points=args.curve_points, curve_prompts=args.curve_prompts, seed=args.seed,
+        train_overrides=list(args.set),
+        **({"arms": args.arms.split(",")} if args.arms else {}),
+    )
+    try:
+        plan.validate()
+    except ValueError as err:
+        print(f"l2p toy reproduce: {err}", file=sys.stderr)
+        return 2
+    reproduce(plan)
+    return 0
+
+
 def register(subparsers) -> None:
     toy = subparsers.add_parser("toy", help="the ShapesWorld toy world")
     toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
@@ -90,3 +111,31 @@ def register(subparsers) -> None:
             p.add_argument(flag, dest=f.name, type=int if f.type == "int" else float,
                            help=f"default {f.default}")
     p.set_defaults(func=run_train_source)
+
+    from l2p.toy.reproduce import ARMS, ReproducePlan
+
+    d = ReproducePlan()
+    r = toy_sub.add_parser(
+        "reproduce",
+        help="the paper's comparisons at toy scale: L2P vs scratch, synthetic vs real, n blocks",
+        description="Train every arm for the same steps on the toy source's corpus (or ground-truth "
+                    "renders), score all on the same held-out prompts and seeds, and write "
+                    "report.md/json and curves.png with paired 95%% intervals. Arms: "
+                    + "; ".join(f"{a.name}: {a.description}" for a in ARMS),
+    )
+    r.add_argument("--out", default=d.out_dir, help=f"run folder (default {d.out_dir}); rerun to resume")
+    r.add_argument("--source", default=d.source, help="toy source folder (default: the shipped one)")
+    r.add_argument("--budget-minutes", type=float, default=d.budget_minutes,
+                   help=f"training wall clock for all arms together (default {d.budget_minutes:g})")
+    r.add_argument("--steps", type=int, help="steps per arm (overrides --budget-minutes)")
+    r.add_argument("--batch-size", type=int, default=d.batch_size)
+    r.add_argument("--arms", help="comma-separated subset of: " + ",".join(a.name for a in ARMS))
+    r.add_argument("--corpus-prompts", type=int, default=d.corpus_prompts)
+    r.add_argument("--eval-prompts", type=int, default=d.eval_prompts)
+    r.add_argument("--curve-points", type=int, default=d.curve_points)
+    r.add_argument("--curve-prompts", type=int, default=d.curve_prompts)
+    r.add_argument("--seed", type=int, default=d.seed)
+    r.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="trainer config override applied to every arm (repeatable)")
+    r.set_defaults(func=run_reproduce)

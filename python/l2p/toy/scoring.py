@@ -28,11 +28,36 @@ def bootstrap_interval(results, *, rounds: int = 1000, level: float = 0.95, seed
     return float(np.quantile(overall, tail)), float(np.quantile(overall, 1.0 - tail))
 
 
+def paired_difference(correct_a, correct_b, categories, *, rounds: int = 2000, level: float = 0.95,
+                      seed: int = 0) -> dict:
+    """Overall score of A minus that of B on the same prompts and sampling seeds, with a paired
+    percentile-bootstrap interval: each round resamples prompts within each category and uses
+    the same resample for both, so prompt difficulty cancels. ``beyond_noise`` when the
+    interval excludes 0."""
+    a = np.asarray(correct_a, dtype=np.float64)
+    b = np.asarray(correct_b, dtype=np.float64)
+    categories = np.asarray(categories)
+    if a.shape != b.shape or a.shape != categories.shape:
+        raise ValueError("paired_difference needs one result per prompt for both models, in the same order")
+    groups = [np.flatnonzero(categories == c) for c in CATEGORIES]
+    groups = [g for g in groups if len(g)]
+    diff = float(np.mean([a[g].mean() - b[g].mean() for g in groups]))
+    rng = np.random.default_rng(seed)
+    rounds_out = np.empty(rounds)
+    for i in range(rounds):
+        picks = [rng.choice(g, len(g)) for g in groups]
+        rounds_out[i] = np.mean([a[p].mean() - b[p].mean() for p in picks])
+    tail = (1.0 - level) / 2
+    low, high = float(np.quantile(rounds_out, tail)), float(np.quantile(rounds_out, 1.0 - tail))
+    return {"difference": diff, "ci95": (low, high), "beyond_noise": bool(low > 0 or high < 0)}
+
+
 def score_generated(images, records: list[PromptRecord]) -> dict:
     """Score one image per record; the summary gains ``ci95`` (bootstrap) and ``failures``
     (the reason for each failed image, first 50)."""
     results, summary = score_images(images, [r.scene for r in records])
     summary["ci95"] = bootstrap_interval(results)
+    summary["correct"] = [bool(r.correct) for r in results]
     summary["failures"] = [
         {"index": rec.index, "prompt": rec.prompt, "reason": res.reason}
         for rec, res in zip(records, results) if not res.correct
@@ -60,7 +85,15 @@ def images_for_prompts(folder: str | Path, prompts: list[str], *, seed: int = 0,
         return generate(pipe, prompts, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size)
     from l2p.sample.pipeline import L2PPipeline
 
-    pipe = L2PPipeline.from_pretrained(folder)
+    return pixel_images(L2PPipeline.from_pretrained(folder), prompts, seed=seed, steps=steps,
+                        guidance=guidance, batch_size=batch_size)
+
+
+@torch.no_grad()
+def pixel_images(pipe, prompts: list[str], *, seed: int = 0, steps: int = 20, guidance: float = 4.5,
+                 batch_size: int = 32) -> np.ndarray:
+    """Images of a loaded L2PPipeline for ``prompts`` as uint8 (n, H, W, 3), image i seeded
+    with ``seed + i``."""
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -71,5 +104,5 @@ def images_for_prompts(folder: str | Path, prompts: list[str], *, seed: int = 0,
     return np.concatenate(out)
 
 
-__all__ = ["bootstrap_interval", "images_for_prompts", "is_pixel_pipeline", "score_generated",
-           "summarize"]
+__all__ = ["bootstrap_interval", "images_for_prompts", "is_pixel_pipeline", "paired_difference",
+           "pixel_images", "score_generated", "summarize"]

@@ -1,0 +1,375 @@
+"""``l2p toy reproduce``: the paper's comparisons at toy scale, side by side in one run.
+
+Every arm trains the same pixel architecture (the toy source converted by ``convert_to_pixel``)
+for the same number of optimizer steps at the same batch size, from the default migration's
+config (``l2p/train/configs/toy.yaml``), and is scored on the same held-out prompts with the
+same sampling seeds:
+
+    l2p            source weights, first/last 2 blocks + embedding + head train, synthetic corpus
+    scratch        random init, everything trains, synthetic corpus          (a) transfer
+    l2p-real       as l2p, trained on ground-truth renders of the same prompts (b) data
+    l2p-first-last-1 / l2p-all   as l2p with n = 1 / every block trainable    (c) depth
+
+Differences between arms are paired (same prompts, same seeds) and carry a bootstrap 95%
+interval; a difference is called beyond noise only when its interval excludes zero. Score
+curves come from the EMA weights of the checkpoints the trainer writes along the way.
+
+The synthetic corpus is the toy source's own generations for ShapesWorld training prompts; the
+real corpus is the ground-truth renders of the very same prompts, so the two differ only in
+where the pixels come from. Every stage resumes: corpora skip finished images, arms continue
+from their newest checkpoint, finished evaluations are read back from disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from l2p.toy.prompts import make_records
+from l2p.toy.scoring import paired_difference, score_generated
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    init: str          # "source" (L2P) or "random" (from scratch)
+    trainable: str     # model.trainable
+    data: str          # "synthetic" (the source's generations) or "real" (ground-truth renders)
+    description: str
+
+
+ARMS = (
+    Arm("l2p", "source", "first_last:2", "synthetic",
+        "L2P: source weights; embedding, first/last 2 blocks and head train; synthetic corpus"),
+    Arm("scratch", "random", "all", "synthetic",
+        "same pixel architecture from random init, everything trains; synthetic corpus"),
+    Arm("l2p-real", "source", "first_last:2", "real",
+        "as l2p, on ground-truth renders of the same prompts"),
+    Arm("l2p-first-last-1", "source", "first_last:1", "synthetic", "as l2p with n = 1"),
+    Arm("l2p-all", "source", "all", "synthetic", "as l2p with every block trainable"),
+)
+ARMS_BY_NAME = {arm.name: arm for arm in ARMS}
+
+# (A, B, question): the report gives score(A) - score(B) with its paired interval.
+COMPARISONS = (
+    ("l2p", "scratch", "(a) transfer from the source vs the same architecture from scratch"),
+    ("l2p", "l2p-real", "(b) source-synthetic corpus vs ground-truth renders"),
+    ("l2p", "l2p-first-last-1", "(c) trainable first/last n = 2 vs n = 1"),
+    ("l2p", "l2p-all", "(c) trainable first/last n = 2 vs all blocks"),
+)
+
+
+@dataclass
+class ReproducePlan:
+    out_dir: str = "runs/toy-reproduce"
+    source: str = "toy"
+    # Wall clock for training all arms together; each arm gets the same number of steps, sized
+    # so the slowest arm fits its share. Ignored when ``steps`` is given.
+    budget_minutes: float = 60.0
+    steps: int | None = None
+    batch_size: int = 16
+    corpus_prompts: int = 600
+    corpus_steps: int = 10
+    guidance: float = 4.5
+    eval_prompts: int = 600
+    eval_steps: int = 10
+    # Score-curve points per arm (checkpoints), each scored on ``curve_prompts`` prompts.
+    curve_points: int = 4
+    curve_prompts: int = 120
+    arms: list[str] = field(default_factory=lambda: [arm.name for arm in ARMS])
+    seed: int = 0
+    train_overrides: list[str] = field(default_factory=list)
+
+    def validate(self) -> "ReproducePlan":
+        unknown = [a for a in self.arms if a not in ARMS_BY_NAME]
+        if unknown:
+            raise ValueError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS_BY_NAME)}")
+        if self.steps is not None and self.steps < self.curve_points:
+            raise ValueError(f"steps ({self.steps}) must be at least curve_points ({self.curve_points})")
+        if self.steps is None and self.budget_minutes <= 0:
+            raise ValueError("give a positive budget_minutes or a step count")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# corpora
+
+
+def _write_real_corpus(records, out: Path, size: int) -> None:
+    """Ground-truth renders of ``records`` in the corpus layout (images/ + metadata.csv)."""
+    from PIL import Image
+
+    from l2p.toy.render import render
+
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for rec in records:
+        name = f"images/{rec.index:06d}.png"
+        path = out / name
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.tmp")
+            render(rec.scene, size).save(tmp, format="PNG")
+            os.replace(tmp, path)
+        rows.append({"file_name": name, "text": rec.prompt})
+    tmp = out / ".metadata.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file_name", "text"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out / "metadata.csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def _arm_config(plan: ReproducePlan, arm: Arm, source_dir: Path, corpus: Path, size: int, steps: int,
+                out: Path, extra: list[str] = ()):
+    from l2p.train.config import DEFAULT_CONFIG_DIR, load_config
+
+    every = max(1, steps // plan.curve_points)
+    return load_config(DEFAULT_CONFIG_DIR / "toy.yaml", [
+        f"model.source={source_dir}", f"model.init={arm.init}", f"model.trainable={arm.trainable}",
+        f"data.path={corpus}", f"data.resolution={size}", f"train.output_dir={out}",
+        f"train.max_steps={steps}", f"train.batch_size={plan.batch_size}", f"train.seed={plan.seed}",
+        "train.resume=latest", f"checkpoint.every={every}", f"checkpoint.keep_last={plan.curve_points + 1}",
+        "sample.every=0", "logging.progress_bar=false", *plan.train_overrides, *extra,
+    ])
+
+
+def _seconds_per_step(plan: ReproducePlan, source_dir: Path, corpus: Path, size: int, out: Path) -> float:
+    """Seconds per optimizer step of the costliest arm (every block trains), measured on a
+    short run after a warm-up step."""
+    from l2p.train.loop import Trainer
+
+    arm = ARMS_BY_NAME["scratch"]
+    cfg = _arm_config(plan, arm, source_dir, corpus, size, 6, out,
+                      ["train.resume=null", "checkpoint.every=1000000", "logging.tensorboard=false"])
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    started = time.perf_counter()
+    for _ in range(5):
+        trainer.train_step()
+    return (time.perf_counter() - started) / 5
+
+
+def _loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    steps, losses = [], []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("loss") is not None and not record.get("skipped"):
+                steps.append(record["step"])
+                losses.append(record["loss"])
+    return steps, losses
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _cached(path: Path, compute: Callable[[], dict]) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)
+    return result
+
+
+def _score_checkpoints(pipe, run_dir: Path, records, plan: ReproducePlan) -> list[dict]:
+    """Score the EMA weights of every checkpoint of ``run_dir`` on ``records``."""
+    from safetensors.torch import load_file
+
+    from l2p.toy.scoring import pixel_images
+    from l2p.train.checkpoint import list_checkpoints
+
+    prompts = [r.prompt for r in records]
+    final_state = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    points = []
+    for ckpt in list_checkpoints(run_dir):
+        step = int(ckpt.name.split("-")[1])
+        weights = ckpt / "ema.safetensors"
+        if not weights.exists():
+            weights = ckpt / "trainable.safetensors"
+        missing = pipe.transformer.load_state_dict(load_file(str(weights)), strict=False).unexpected_keys
+        if missing:
+            raise ValueError(f"{weights} holds tensors the pixel model lacks, e.g. {missing[0]}")
+        images = pixel_images(pipe, prompts, seed=plan.seed, steps=plan.eval_steps, guidance=plan.guidance)
+        summary = score_generated(images, records)
+        points.append({"step": step, "overall": summary["overall"], "ci95": summary["ci95"]})
+    pipe.transformer.load_state_dict(final_state)
+    return points
+
+
+def _plot(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, arm in report["arms"].items():
+        steps, losses = arm["loss_curve"]
+        if losses:
+            window = max(1, len(losses) // 50)
+            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+            ax_loss.plot(steps[window - 1:], smooth, lw=1, label=name)
+        curve = arm["score_curve"]
+        ax_score.errorbar([p["step"] for p in curve], [p["overall"] for p in curve],
+                          yerr=[[p["overall"] - p["ci95"][0] for p in curve],
+                                [p["ci95"][1] - p["overall"] for p in curve]],
+                          marker="o", capsize=3, lw=1, label=name)
+    if report.get("source"):
+        ax_score.axhline(report["source"]["overall"], color="k", ls="--", lw=0.8, label="source (latent)")
+    ax_loss.set(xlabel="step", ylabel="training loss (smoothed)", yscale="log", title="loss")
+    ax_score.set(xlabel="step", ylabel="held-out score", ylim=(0, 1), title="ShapesWorld score (EMA)")
+    ax_loss.legend(fontsize=7)
+    ax_score.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _markdown(report: dict) -> str:
+    plan = report["plan"]
+    src = report.get("source")
+    cats = list(next(iter(report["arms"].values()))["eval"]["per_category"])
+    lines = [
+        "# L2P toy reproduction", "",
+        f"Machine: {report['machine']}. Each arm: {report['steps']} steps at batch {plan['batch_size']} "
+        f"({report['steps_from']}). Corpus: {plan['corpus_prompts']} ShapesWorld training prompts, "
+        f"one image each. Evaluation: {plan['eval_prompts']} held-out prompts, {plan['eval_steps']} "
+        f"sampling steps, guidance {plan['guidance']}, the same seeds for every model. "
+        "Intervals are 95% percentile bootstrap over prompts.", "",
+        "| model | init | trainable | data | train s | overall | 95% CI | % of source | "
+        + " | ".join(cats) + " |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(cats),
+    ]
+    if src:
+        lines.append(f"| source (latent) | - | - | - | - | {src['overall']:.3f} | {src['ci95'][0]:.3f}-"
+                     f"{src['ci95'][1]:.3f} | 100% | "
+                     + " | ".join(f"{src['per_category'][c]:.2f}" for c in cats) + " |")
+    for name, arm in report["arms"].items():
+        e = arm["eval"]
+        share = f"{100 * e['overall'] / src['overall']:.0f}%" if src and src["overall"] > 0 else "-"
+        lines.append(f"| {name} | {arm['init']} | {arm['trainable']} | {arm['data']} | {arm['seconds']:.0f} | "
+                     f"{e['overall']:.3f} | {e['ci95'][0]:.3f}-{e['ci95'][1]:.3f} | {share} | "
+                     + " | ".join(f"{e['per_category'][c]:.2f}" for c in cats) + " |")
+    lines += ["", "## Comparisons (paired: same prompts, same seeds)", "",
+              "| question | A | B | A - B | 95% CI | beyond noise |", "|---|---|---|---|---|---|"]
+    for c in report["comparisons"]:
+        lines.append(f"| {c['question']} | {c['a']} | {c['b']} | {c['difference']:+.3f} | "
+                     f"{c['ci95'][0]:+.3f} to {c['ci95'][1]:+.3f} | {'yes' if c['beyond_noise'] else 'no'} |")
+    lines += ["", "![loss and score curves](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) every arm, evaluate, and write report.md / report.json / curves.png."""
+    from l2p.data.generate import GenerationConfig, generate_images, resolve_source
+    from l2p.sample.pipeline import L2PPipeline
+    from l2p.toy.migration import _image_size
+    from l2p.toy.scoring import images_for_prompts
+    from l2p.train.loop import train
+
+    plan = (plan or ReproducePlan()).validate()
+    out = Path(plan.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    source_dir = resolve_source(plan.source)
+    size = _image_size(source_dir)
+    device = None if torch.cuda.is_available() else "cpu"
+
+    log(f"[1/4] corpora: {plan.corpus_prompts} training prompts, source generations and ground truth")
+    corpus_records = make_records(plan.corpus_prompts, plan.seed, split="train")
+    prompts_file = out / "corpus-prompts.txt"
+    if not prompts_file.exists():
+        prompts_file.write_text("".join(r.prompt + "\n" for r in corpus_records))
+    corpora = {"synthetic": out / "corpus-synthetic", "real": out / "corpus-real"}
+    if any(ARMS_BY_NAME[a].data == "synthetic" for a in plan.arms):
+        generate_images(GenerationConfig(
+            source=str(source_dir), prompts=str(prompts_file), out=str(corpora["synthetic"]),
+            steps=plan.corpus_steps, guidance=plan.guidance, height=size, width=size, seed=plan.seed,
+            batch_size=32, device=device))
+    if any(ARMS_BY_NAME[a].data == "real" for a in plan.arms):
+        _write_real_corpus(corpus_records, corpora["real"], size)
+
+    if plan.steps is not None:
+        steps, steps_from = plan.steps, "fixed by --steps"
+    else:
+        per_step = _cached(out / "calibration.json", lambda: {"seconds_per_step": _seconds_per_step(
+            plan, source_dir, corpora["synthetic"], size, out / ".calibration")})["seconds_per_step"]
+        share = plan.budget_minutes * 60 / len(plan.arms)
+        steps = max(plan.curve_points, int(share / per_step))
+        steps_from = (f"{plan.budget_minutes:g} min budget / {len(plan.arms)} arms at "
+                      f"{per_step:.2f} s per step of the costliest arm")
+    log(f"[2/4] training {len(plan.arms)} arms for {steps} steps each ({steps_from})")
+    eval_records = make_records(plan.eval_prompts, plan.seed + 1000, split="heldout")
+    curve_records = eval_records[:plan.curve_prompts]
+    eval_prompts = [r.prompt for r in eval_records]
+    sampling = dict(seed=plan.seed, steps=plan.eval_steps, guidance=plan.guidance)
+    arms = {}
+    for name in plan.arms:
+        arm = ARMS_BY_NAME[name]
+        run_dir = out / "arms" / name
+        started = time.time()
+        result = train(_arm_config(plan, arm, source_dir, corpora[arm.data], size, steps, run_dir))
+        seconds = _cached(run_dir / "seconds.json", lambda: {"seconds": time.time() - started})["seconds"]
+        log(f"      {name}: trained; scoring {plan.curve_points} checkpoints "
+            f"and {plan.eval_prompts} held-out prompts")
+        pipeline_dir = result.final_dir / "pipeline"
+
+        def evaluate_arm():
+            pipe = L2PPipeline.from_pretrained(pipeline_dir)
+            from l2p.toy.scoring import pixel_images
+
+            summary = score_generated(pixel_images(pipe, eval_prompts, **sampling), eval_records)
+            return {"eval": summary, "score_curve": _score_checkpoints(pipe, run_dir, curve_records, plan)}
+
+        scores = _cached(run_dir / "scores.json", evaluate_arm)
+        arms[name] = {**asdict(arm), "steps": result.step, "seconds": seconds, **scores,
+                      "loss_curve": _loss_curve(run_dir)}
+        log(f"      {name}: {scores['eval']['overall']:.3f} "
+            f"({scores['eval']['ci95'][0]:.3f}-{scores['eval']['ci95'][1]:.3f})")
+
+    log("[3/4] scoring the source on the same prompts")
+    source = _cached(out / "source-scores.json", lambda: score_generated(
+        images_for_prompts(source_dir, eval_prompts, **sampling), eval_records))
+
+    log("[4/4] report")
+    categories = [r.category for r in eval_records]
+    comparisons = []
+    for a, b, question in COMPARISONS:
+        if a in arms and b in arms:
+            diff = paired_difference(arms[a]["eval"]["correct"], arms[b]["eval"]["correct"], categories)
+            comparisons.append({"question": question, "a": a, "b": b, **diff})
+    report = {
+        "plan": asdict(plan), "source_dir": str(source_dir), "steps": steps, "steps_from": steps_from,
+        "machine": (torch.cuda.get_device_name() if torch.cuda.is_available()
+                    else f"{_cpu_name()}, {torch.get_num_threads()} torch threads"),
+        "source": source, "arms": arms, "comparisons": comparisons,
+        "pixel_over_source": {n: (a["eval"]["overall"] / source["overall"] if source["overall"] else None)
+                              for n, a in arms.items()},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    _plot(report, out / "curves.png")
+    (out / "report.md").write_text(_markdown(report))
+    log(f"report: {out / 'report.md'}")
+    return report
+
+
+def _cpu_name() -> str:
+    from l2p.toy.source import _cpu_name as name
+
+    return name()
