@@ -1,6 +1,6 @@
-"""l2p.ops.attention on the CPU: the compiled kernel (backend="cpp") against
-attention_reference, the op contract (opcheck, gradcheck), the errors of the Python front,
-and the O(N) memory promise.
+"""l2p.ops.attention on every available device: the compiled kernel (backend="cpp" on the
+CPU, "cuda" on a GPU) against attention_reference, the op contract (opcheck, gradcheck), the
+errors of the Python front and of the kernels, and the O(N) memory promise.
 
 Tolerances, against the float64 reference on the same (rounded) inputs and relative to the
 largest reference value of each tensor (worst error seen over the sweep in brackets):
@@ -22,23 +22,34 @@ from l2p.ops import _extension
 from l2p.ops.attention import attention
 from l2p.ops.reference import attention_reference
 
-pytestmark = pytest.mark.skipif(
-    not _extension.is_compiled()
-    or not torch._C._dispatch_has_kernel_for_dispatch_key("l2p::attention_forward", "CPU"),
-    reason="l2p._C with the CPU attention kernel is not built",
-)
+from _isolated import assert_raises_each
+
+
+@pytest.fixture
+def backend(device, compiled_backend) -> str:
+    """The compiled attention backend of ``device``; skips where l2p._C lacks its kernel."""
+    key = "CUDA" if device == "cuda" else "CPU"
+    if not (_extension.is_compiled()
+            and torch._C._dispatch_has_kernel_for_dispatch_key("l2p::attention_forward", key)):
+        pytest.skip(f"l2p._C with the {key} attention kernel is not built")
+    return compiled_backend
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def _qkv(batch, hq, hk, nq, nk, dh, dv, dtype=torch.float32, requires_grad=False):
+def _qkv(batch, hq, hk, nq, nk, dh, dv, dtype=torch.float32, requires_grad=False, device="cpu"):
     q = torch.randn(batch, hq, nq, dh, dtype=dtype)
     k = torch.randn(batch, hk, nk, dh, dtype=dtype)
     v = torch.randn(batch, hk, nk, dv, dtype=dtype)
-    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+    return [t.to(device).requires_grad_(requires_grad) for t in (q, k, v)]
 
 
-def _make_mask(kind, batch, hq, nq, nk):
+def _make_mask(kind, batch, hq, nq, nk, device="cpu"):
+    mask = _make_cpu_mask(kind, batch, hq, nq, nk)
+    return None if mask is None else mask.to(device)
+
+
+def _make_cpu_mask(kind, batch, hq, nq, nk):
     """None; "padding": a random boolean key-padding mask (B, 1, 1, Nk) with the last batch
     entry fully padded; "lengths": sample 0 keeps only its first Nk // 5 keys (whole key
     tiles padded); "full": an additive (B, Hq, Nq, Nk) float mask with some -inf and one
@@ -66,16 +77,19 @@ def _additive(mask, q, k):
     if mask is None:
         return None
     if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
     return mask.to(torch.float32).expand(target)
 
 
 def _reference(q, k, v, mask, scale, grad_out):
     """Float64 output, lse and gradients of attention_reference. Autograd through its
     logsumexp gives NaN on a fully masked row, whose true gradient is 0: such rows are
-    unmasked and get no upstream gradient, which leaves every gradient unchanged."""
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    additive = _additive(mask, q, k)
+    unmasked and get no upstream gradient, which leaves every gradient unchanged. Computed on
+    the CPU whatever the device of the inputs."""
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    mask = None if mask is None else mask.cpu()
+    grad_out = grad_out.cpu()
+    additive = _additive(mask, q64, k64)
     out, lse = attention_reference(q64, k64, v64, additive, scale)
     grad_mask, grad = additive, grad_out.double()
     if additive is not None:
@@ -88,7 +102,7 @@ def _reference(q, k, v, mask, scale, grad_out):
 
 
 def _assert_close(actual, expected, tol, what):
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
     assert not torch.isnan(actual).any(), f"{what}: NaN"
     both_inf = torch.isinf(actual) & (actual == expected)
     err = (actual - expected).masked_fill(both_inf, 0.0).abs().max().item()
@@ -116,12 +130,12 @@ SWEEP = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", SWEEP, ids=lambda c: "-".join(map(str, c)))
-def test_matches_reference(case, dtype):
+def test_matches_reference(case, dtype, device, backend):
     batch, hq, hk, nq, nk, dh, dv, mask_kind = case
-    q, k, v = _qkv(batch, hq, hk, nq, nk, dh, dv, dtype, requires_grad=True)
-    mask = _make_mask(mask_kind, batch, hq, nq, nk)
+    q, k, v = _qkv(batch, hq, hk, nq, nk, dh, dv, dtype, requires_grad=True, device=device)
+    mask = _make_mask(mask_kind, batch, hq, nq, nk, device)
     scale = 1.0 / math.sqrt(dh)
-    out = attention(q, k, v, attn_mask=mask, backend="cpp")
+    out = attention(q, k, v, attn_mask=mask, backend=backend)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
 
@@ -134,15 +148,15 @@ def test_matches_reference(case, dtype):
         _assert_close(g, ref_g, tol, name)
     _, lse = torch.ops.l2p.attention_forward(q, k, v, _additive(mask, q, k), scale)
     assert lse.dtype == torch.float32
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    assert torch.equal(torch.isneginf(lse).cpu(), torch.isneginf(ref_lse))
     _assert_close(lse, ref_lse, 1e-5, "lse")
 
 
-def test_fully_masked_rows_give_zeros_and_finite_gradients():
-    q, k, v = _qkv(2, 2, 1, 9, 11, 8, 8, requires_grad=True)
-    mask = torch.ones(2, 1, 1, 11, dtype=torch.bool)
+def test_fully_masked_rows_give_zeros_and_finite_gradients(device, backend):
+    q, k, v = _qkv(2, 2, 1, 9, 11, 8, 8, requires_grad=True, device=device)
+    mask = torch.ones(2, 1, 1, 11, dtype=torch.bool, device=device)
     mask[1] = False
-    out = attention(q, k, v, attn_mask=mask, backend="cpp")
+    out = attention(q, k, v, attn_mask=mask, backend=backend)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     out.sum().backward()
     for t in (q, k, v):
@@ -152,13 +166,13 @@ def test_fully_masked_rows_give_zeros_and_finite_gradients():
     assert torch.isneginf(lse[1]).all() and torch.isfinite(lse[0]).all()
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(device, backend):
     # (B, N, H, D) storage seen as (B, H, N, D): the layout of a fused qkv projection.
-    q = torch.randn(2, 70, 4, 32).transpose(1, 2).requires_grad_()
-    k = torch.randn(2, 90, 2, 32).transpose(1, 2).requires_grad_()
-    v = torch.randn(2, 2, 48, 90).transpose(2, 3).requires_grad_()
+    q = torch.randn(2, 70, 4, 32, device=device).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 90, 2, 32, device=device).transpose(1, 2).requires_grad_()
+    v = torch.randn(2, 2, 48, 90, device=device).transpose(2, 3).requires_grad_()
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
-    out = attention(q, k, v, backend="cpp")
+    out = attention(q, k, v, backend=backend)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     ref_out, _, ref_grads = _reference(q, k, v, None, 32**-0.5, grad_out)
@@ -168,10 +182,10 @@ def test_non_contiguous_inputs():
         _assert_close(g, ref_g, 1e-5, name)
 
 
-def test_float64_forward_is_exact():
-    q, k, v = _qkv(1, 4, 2, 45, 130, 24, 20, torch.float64)
-    mask = _make_mask("full", 1, 4, 45, 130)
-    out = attention(q, k, v, attn_mask=mask, backend="cpp")
+def test_float64_forward_is_exact(device, backend):
+    q, k, v = _qkv(1, 4, 2, 45, 130, 24, 20, torch.float64, device=device)
+    mask = _make_mask("full", 1, 4, 45, 130, device)
+    out = attention(q, k, v, attn_mask=mask, backend=backend)
     ref, _ = attention_reference(q, k, v, mask.double(), 24**-0.5)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
@@ -182,12 +196,12 @@ def test_float64_forward_is_exact():
      ((2, 4, 2, 3, 9, 4, 4), "padding")],
     ids=["gqa", "mask", "gqa-padding"],
 )
-def test_gradcheck(shape, mask_kind):
+def test_gradcheck(shape, mask_kind, device, backend):
     batch, hq, hk, nq, nk, dh, dv = shape
-    q, k, v = _qkv(batch, hq, hk, nq, nk, dh, dv, torch.float64, requires_grad=True)
-    mask = _make_mask(mask_kind, batch, hq, nq, nk)
+    q, k, v = _qkv(batch, hq, hk, nq, nk, dh, dv, torch.float64, requires_grad=True, device=device)
+    mask = _make_mask(mask_kind, batch, hq, nq, nk, device)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: attention(q, k, v, attn_mask=mask, backend="cpp"), (q, k, v)
+        lambda q, k, v: attention(q, k, v, attn_mask=mask, backend=backend), (q, k, v)
     )
 
 
@@ -197,16 +211,16 @@ def test_gradcheck(shape, mask_kind):
      ((2, 2, 1, 17, 5, 8, 8), "padding")],
     ids=["plain", "gqa-mask", "nq-ne-nk-padding"],
 )
-def test_opcheck(shape, mask_kind):
+def test_opcheck(shape, mask_kind, device, backend):
     batch, hq, hk, nq, nk, dh, dv = shape
-    q, k, v = _qkv(batch, hq, hk, nq, nk, dh, dv, requires_grad=True)
-    mask = _additive(_make_mask(mask_kind, batch, hq, nq, nk), q, k)
+    q, k, v = _qkv(batch, hq, hk, nq, nk, dh, dv, requires_grad=True, device=device)
+    mask = _additive(_make_mask(mask_kind, batch, hq, nq, nk, device), q, k)
     torch.library.opcheck(torch.ops.l2p.attention_forward.default, (q, k, v, mask, dh**-0.5))
 
 
-def test_opcheck_backward():
-    q, k, v = _qkv(2, 4, 2, 10, 21, 8, 12)
-    mask = _additive(_make_mask("full", 2, 4, 10, 21), q, k)
+def test_opcheck_backward(device, backend):
+    q, k, v = _qkv(2, 4, 2, 10, 21, 8, 12, device=device)
+    mask = _additive(_make_mask("full", 2, 4, 10, 21, device), q, k)
     out, lse = torch.ops.l2p.attention_forward(q, k, v, mask, 0.3)
     args = (torch.randn_like(out), q, k, v, out, lse, mask, 0.3)
     torch.library.opcheck(torch.ops.l2p.attention_backward.default, args)
@@ -235,48 +249,48 @@ def _bad(**overrides):
     ],
     ids=["rank", "heads", "dtype", "empty", "mask-shape", "head-dim", "int"],
 )
-def test_front_rejects_bad_inputs(inputs, kwargs, error, match):
+def test_front_rejects_bad_inputs(inputs, kwargs, error, match, device, backend):
+    moved = {name: t.to(device) for name, t in inputs.items()}
+    kwargs = {name: t.to(device) for name, t in kwargs.items()}
     with pytest.raises(error, match=match):
-        attention(inputs["q"], inputs["k"], inputs["v"], backend="cpp", **kwargs)
+        attention(moved["q"], moved["k"], moved["v"], backend=backend, **kwargs)
 
 
-@pytest.mark.parametrize(
-    "args, error",
-    [
-        ((torch.randn(4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)),
-         ValueError),
-        ((torch.randn(1, 3, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)),
-         ValueError),
-        ((torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 16)),
-         ValueError),
-        ((torch.randn(1, 2, 8, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 8, 16)),
-         ValueError),
-        ((torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16).double(),
-          torch.randn(1, 2, 8, 16)), TypeError),
-    ],
-    ids=["rank", "heads", "head-dim", "kv-length", "dtype"],
-)
-def test_kernel_rejects_bad_inputs(args, error):
+def test_kernel_rejects_bad_inputs(device, backend):
     """Direct torch.ops calls skip the Python front: the kernel checks on its own."""
-    with pytest.raises(error, match="l2p"):
-        torch.ops.l2p.attention_forward(*args, None, 1.0)
+    t = "torch.randn({}, device=device)"
+    call = "torch.ops.l2p.attention_forward({}, {}, {}, None, 1.0)"
+    assert_raises_each(device, [
+        (call.format(t.format("4, 8, 16"), t.format("1, 2, 8, 16"), t.format("1, 2, 8, 16")),
+         ValueError, "l2p"),                                           # rank
+        (call.format(t.format("1, 3, 8, 16"), t.format("1, 2, 8, 16"), t.format("1, 2, 8, 16")),
+         ValueError, "l2p"),                                           # heads
+        (call.format(t.format("1, 2, 8, 16"), t.format("1, 2, 8, 8"), t.format("1, 2, 8, 16")),
+         ValueError, "l2p"),                                           # head dim
+        (call.format(t.format("1, 2, 8, 16"), t.format("1, 2, 9, 16"), t.format("1, 2, 8, 16")),
+         ValueError, "l2p"),                                           # key/value length
+        (call.format(t.format("1, 2, 8, 16"), t.format("1, 2, 8, 16") + ".double()",
+                     t.format("1, 2, 8, 16")), TypeError, "l2p"),     # dtype
+    ])
 
 
-def test_kernel_rejects_bad_mask_and_lse():
-    q, k, v = _qkv(1, 2, 2, 8, 8, 16, 16)
-    with pytest.raises(TypeError, match="float32"):
-        torch.ops.l2p.attention_forward(q, k, v, torch.zeros(1, 2, 8, 8).double(), 1.0)
-    with pytest.raises(ValueError, match="attn_mask"):
-        torch.ops.l2p.attention_forward(q, k, v, torch.zeros(1, 1, 1, 8), 1.0)
-    out, lse = torch.ops.l2p.attention_forward(q, k, v, None, 1.0)
-    with pytest.raises(TypeError, match="lse"):
-        torch.ops.l2p.attention_backward(out, q, k, v, out, lse.double(), None, 1.0)
-    with pytest.raises(ValueError, match="grad_out"):
-        torch.ops.l2p.attention_backward(out[:, :1], q, k, v, out, lse, None, 1.0)
+def test_kernel_rejects_bad_mask_and_lse(device, backend):
+    setup = ("q, k, v = (torch.randn(1, 2, 8, 16, device=device) for _ in range(3)); "
+             "out, lse = torch.ops.l2p.attention_forward(q, k, v, None, 1.0); ")
+    assert_raises_each(device, [
+        (setup + "torch.ops.l2p.attention_forward(q, k, v, torch.zeros(1, 2, 8, 8, device=device).double(), 1.0)",
+         TypeError, "float32"),
+        (setup + "torch.ops.l2p.attention_forward(q, k, v, torch.zeros(1, 1, 1, 8, device=device), 1.0)",
+         ValueError, "attn_mask"),
+        (setup + "torch.ops.l2p.attention_backward(out, q, k, v, out, lse.double(), None, 1.0)",
+         TypeError, "lse"),
+        (setup + "torch.ops.l2p.attention_backward(out[:, :1], q, k, v, out, lse, None, 1.0)",
+         ValueError, "grad_out"),
+    ])
 
 
-def test_empty_key_set_gives_zeros():
-    q, k, v = _qkv(1, 2, 2, 5, 0, 8, 8)
+def test_empty_key_set_gives_zeros(device, backend):
+    q, k, v = _qkv(1, 2, 2, 5, 0, 8, 8, device=device)
     out, lse = torch.ops.l2p.attention_forward(q, k, v, None, 1.0)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
 
@@ -303,6 +317,7 @@ _PEAK_MEMORY_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.skipif(not _extension.is_compiled(), reason="l2p._C is not built")
 def test_memory_does_not_scale_with_n_squared():
     """Forward + backward at N=8192 on one head: an Nq x Nk float32 buffer would be 256 MiB;
     the peak resident memory of a fresh process may grow by far less."""
@@ -312,3 +327,18 @@ def test_memory_does_not_scale_with_n_squared():
                             timeout=300, check=True)
     growth_mib = float(result.stdout.strip().splitlines()[-1])
     assert growth_mib < 64, f"peak RSS grew by {growth_mib:.0f} MiB (N^2 floats = 256 MiB)"
+
+
+def test_cuda_memory_does_not_scale_with_n_squared(device, backend):
+    """Forward + backward at N=16384 on one head in bf16: N^2 scores would take 512 MiB of GPU
+    memory; the peak above the inputs stays a small multiple of the inputs (6 MiB)."""
+    if device != "cuda":
+        pytest.skip("measures GPU memory")
+    q, k, v = _qkv(1, 1, 1, 16384, 16384, 64, 64, torch.bfloat16, requires_grad=True, device=device)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    attention(q, k, v, backend=backend).sum().backward()
+    torch.cuda.synchronize()
+    growth_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    assert growth_mib < 64, f"peak GPU memory grew by {growth_mib:.0f} MiB (N^2 bf16 = 512 MiB)"

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 import l2p.ops
 from l2p.ops.reference import patch_embed_reference, unpatchify_reference
 
+from _isolated import assert_raises_each
+
 pytestmark = pytest.mark.skipif(not l2p.ops.is_compiled(), reason="l2p._C not built")
 
 # Relative tolerance (error norm / reference norm) against a float64 reference.
@@ -219,11 +221,13 @@ def test_unpatchify_bad_weight():
         l2p.ops.unpatchify(tokens, torch.randn(700, 8), patch_size=16, height=32, width=32)
 
 
-def test_direct_op_call_checks_instead_of_crashing():
+def test_direct_op_call_checks_instead_of_crashing(device):
     # torch.ops bypasses the Python checks; the C++ kernels must still refuse cleanly.
-    with pytest.raises(ValueError, match="not a multiple"):
-        torch.ops.l2p.patch_embed(torch.randn(1, 3, 30, 32), torch.randn(8, 3, 16, 16), None, 16)
-    with pytest.raises(ValueError, match="tokens cannot fill"):
-        torch.ops.l2p.unpatchify(torch.randn(1, 3, 8), torch.randn(768, 8), None, 16, 32, 32)
-    with pytest.raises(TypeError, match="dtype"):
-        torch.ops.l2p.patch_embed(torch.randn(1, 3, 32, 32), torch.randn(8, 3, 16, 16).double(), None, 16)
+    assert_raises_each(device, [
+        ("torch.ops.l2p.patch_embed(torch.randn(1, 3, 30, 32, device=device), "
+         "torch.randn(8, 3, 16, 16, device=device), None, 16)", ValueError, "not a multiple"),
+        ("torch.ops.l2p.unpatchify(torch.randn(1, 3, 8, device=device), "
+         "torch.randn(768, 8, device=device), None, 16, 32, 32)", ValueError, "tokens cannot fill"),
+        ("torch.ops.l2p.patch_embed(torch.randn(1, 3, 32, 32, device=device), "
+         "torch.randn(8, 3, 16, 16, device=device).double(), None, 16)", TypeError, "dtype"),
+    ])
