@@ -40,7 +40,9 @@ def test_two_processes_match_one(sources, images, tmp_path):
     def two(name, **extra):
         return overrides(sources["pixart"], images, tmp_path / name, train__batch_size=2, **{**common, **extra})
 
-    runs = [two(s, distributed__strategy=s) for s in STRATEGIES]
+    runs = [two("ddp", distributed__strategy="ddp"),
+            two("fsdp", distributed__strategy="fsdp", sample__every=2, sample__prompts="[a red square]",
+                sample__steps=2)]
     # An FSDP run stopped at step 2 and resumed from its sharded checkpoint.
     runs += [two("fsdp-resumed", distributed__strategy="fsdp", train__max_steps=2),
              two("fsdp-resumed", distributed__strategy="fsdp", train__resume="latest")]
@@ -62,3 +64,17 @@ def test_two_processes_match_one(sources, images, tmp_path):
     resumed = load_file(str(tmp_path / "fsdp-resumed" / "final" / "delta-raw.safetensors"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert _losses(tmp_path / "fsdp-resumed") == _losses(tmp_path / "fsdp")
+
+    # FSDP exports what a single process exports: the EMA delta and the merged pipeline, and
+    # it renders sample grids (every rank samples, rank 0 writes).
+    single_ema = load_file(str(single / "final" / "delta.safetensors"))
+    fsdp_ema = load_file(str(tmp_path / "fsdp" / "final" / "delta.safetensors"))
+    assert single_ema.keys() == fsdp_ema.keys()
+    for k in single_ema:
+        assert torch.allclose(single_ema[k], fsdp_ema[k], rtol=1e-3, atol=1e-5), k
+    from l2p.models import PixelTransformer2DModel
+    exported = dict(PixelTransformer2DModel.from_pretrained(
+        str(tmp_path / "fsdp" / "final" / "pipeline" / "transformer")).named_parameters())
+    assert all(torch.equal(exported[k], fsdp_ema[k]) for k in fsdp_ema)
+    for grid in ("step-00000002.png", "final.png"):
+        assert (tmp_path / "fsdp" / "samples" / grid).is_file()

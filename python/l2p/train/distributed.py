@@ -65,6 +65,16 @@ def wrap_fsdp(model: nn.Module, blocks: list[nn.Module], *, bf16: bool) -> nn.Mo
     return model
 
 
+def reshard(model: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 unit. A forward without a backward (the
+    sampler's) leaves the root unit unsharded, and checkpoints and exports read the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)

@@ -27,7 +27,7 @@ from l2p.train import conditioning as condmod
 from l2p.train.config import Config, ConfigError
 from l2p.train.data import BatchPlan, DataPosition, collate, local_batches, open_dataset, sample_seed
 from l2p.train.distributed import (DistEnv, all_reduce_sum, init_distributed, pick_device,
-                                   shutdown_distributed, wrap_ddp, wrap_fsdp)
+                                   reshard, shutdown_distributed, wrap_ddp, wrap_fsdp)
 from l2p.train.ema import EMA
 from l2p.train.objective import Objective
 from l2p.train.source import open_source
@@ -432,30 +432,37 @@ class Trainer:
         """``final/pipeline``: the source pipeline converted to pixel space (no VAE; what
         ``l2p convert`` writes) with the trained transformer, EMA weights when EMA is on;
         ``final/delta.safetensors``: its trainable tensors; ``final/delta-raw.safetensors``:
-        the raw (non-averaged) trainable tensors. Under FSDP only the raw delta is written."""
+        the raw (non-averaged) trainable tensors. Under FSDP every rank joins the gathers of
+        the sharded tensors and rank 0 merges them onto a fresh conversion of the source."""
         import shutil
 
-        from l2p.conversion import convert_folder, save_delta
+        from l2p.conversion import convert_folder, merge_delta, save_delta
+        from l2p.conversion.delta import DELTA_FORMAT, _config_json, atomic_save_file
+        from l2p.models import PixelTransformer2DModel
 
         final = self.out / "final"
-        full = {n: _full(p) for n, p in self.model.named_parameters() if p.requires_grad} if self.fsdp else None
+        if self.fsdp:
+            reshard(self.model)
+            named = dict(self.model.named_parameters())
+            raw = {n: _full(named[n]).detach().cpu() for n in self.param_names}
+            averaged = ({n: _full(_like(named[n], shard)).detach().cpu() for n, shard in self.ema.shadow.items()}
+                        if self.ema is not None else raw)
         if not self.env.is_main:
             return None
         final.mkdir(parents=True, exist_ok=True)
-        if self.fsdp:
-            from l2p.conversion.delta import DELTA_FORMAT, _config_json, atomic_save_file
-
-            atomic_save_file({k: v.detach().contiguous().cpu() for k, v in full.items()},
-                             final / "delta-raw.safetensors",
-                             {"format": DELTA_FORMAT, "config": _config_json(self.model)})
-            self._log(f"FSDP run: wrote {final / 'delta-raw.safetensors'}; `l2p convert` the source "
-                      "and `l2p merge` this delta onto it for the full model")
-            return final
-        save_delta(self.model, final / "delta-raw.safetensors")
         pipeline = final / "pipeline"
         shutil.rmtree(pipeline, ignore_errors=True)
         convert_folder(self.source.path, pipeline, patch_size=self.cfg.model.patch_size,
                        head=self._head_config(), seed=self.cfg.model.init_seed)
+        if self.fsdp:
+            metadata = {"format": DELTA_FORMAT, "config": _config_json(self.model)}
+            atomic_save_file({k: v.contiguous() for k, v in raw.items()}, final / "delta-raw.safetensors", metadata)
+            atomic_save_file({k: v.contiguous() for k, v in averaged.items()}, final / "delta.safetensors", metadata)
+            transformer = PixelTransformer2DModel.from_pretrained(str(pipeline / "transformer"))
+            merge_delta(transformer, averaged)
+            transformer.save_pretrained(str(pipeline / "transformer"), safe_serialization=True)
+            return final
+        save_delta(self.model, final / "delta-raw.safetensors")
         ctx = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
         with ctx:
             save_delta(self.model, final / "delta.safetensors")
@@ -463,10 +470,10 @@ class Trainer:
         return final
 
     def sample_grid(self, name: str) -> Path | None:
-        """Render the configured prompts x seeds through the pixel sampler to a PNG grid."""
-        if self.fsdp:
-            return None  # every rank would have to join each forward; sample the exported model instead
-        if not self.env.is_main:
+        """Render the configured prompts x seeds through the pixel sampler to a PNG grid.
+        Under FSDP every rank runs the sampler (each forward gathers the sharded blocks) and
+        rank 0 writes the grid."""
+        if not self.env.is_main and not self.fsdp:
             return None
         from l2p.sample.basic import sample_images, save_grid
 
@@ -490,6 +497,10 @@ class Trainer:
                         flow_guidance=self.cfg.objective.guidance))
         finally:
             self.model.train()
+            if self.fsdp:
+                reshard(self.model)
+        if not self.env.is_main:
+            return None
         path = self.out / "samples" / f"{name}.png"
         # rows: prompts, columns: seeds
         save_grid(torch.stack(images, dim=1).flatten(0, 1), path, columns=len(s.seeds))
@@ -502,6 +513,16 @@ def _local(param: torch.Tensor) -> torch.Tensor:
 
 def _full(param: torch.Tensor) -> torch.Tensor:
     return param.full_tensor() if hasattr(param, "full_tensor") else param
+
+
+def _like(param: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+    """``shard`` (this rank's piece of an FSDP2 parameter) as a DTensor laid out like ``param``."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return shard
+    return DTensor.from_local(shard.to(param.device), param.device_mesh, param.placements,
+                              shape=param.shape, stride=param.stride())
 
 
 def _as_dtensors(tensors: dict[str, torch.Tensor], named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
