@@ -60,6 +60,8 @@ class SourceAdapter:
     # guidance_scale feeds a guidance embedding (guidance-distilled FLUX); classifier-free
     # guidance is then true_cfg_scale, as in FluxPipeline.
     distilled_guidance: ClassVar[bool] = False
+    # How the pipeline encodes negative prompts, where not as encode_prompts does (None).
+    encode_negative_prompts: ClassVar[Any] = None
 
     @classmethod
     def has_conditioning(cls) -> bool:

@@ -25,6 +25,15 @@ class Lumina2Adapter(SourceAdapter):
     encode_prompts = staticmethod(encode_prompt_with_mask)
 
     @staticmethod
+    def encode_negative_prompts(pipe, prompts, device):
+        # Lumina2Pipeline prepends its system prompt to the prompts but not to the negative
+        # prompts; its public encode_prompt does that only on its negative branch (the
+        # positive one, with the system prompt, is encoded too and dropped).
+        _, _, embeds, mask = pipe.encode_prompt(prompts, do_classifier_free_guidance=True,
+                                                negative_prompt=prompts, device=device)
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
+    @staticmethod
     def transformer_kwargs(cond, x_t, times, model, guidance):
         return dict(hidden_states=x_t, encoder_hidden_states=cond["prompt_embeds"],
                     encoder_attention_mask=cond["prompt_attention_mask"],

@@ -191,7 +191,7 @@ class L2PPipeline:
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
-        uncond = _repeat(self.family.encode(self.text_pipeline, negatives, device), num_images_per_prompt)
+        uncond = _repeat(self.family.encode_negative(self.text_pipeline, negatives, device), num_images_per_prompt)
         return cond, uncond
 
     # -- sampling ----------------------------------------------------------------------------
