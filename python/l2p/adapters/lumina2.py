@@ -1,7 +1,9 @@
 """Lumina2Transformer2DModel (Lumina-Image 2.0): latents patchified inside
 ``rope_embedder``, then ``x_embedder``; joint sequence [caption, image] per sample with the
 caption length from the attention mask. ``norm_out.linear_2`` is the output projection
-(``linear_1`` the final scale). The pipeline negates the output."""
+(``linear_1`` the final scale). The pipeline negates the output. Sampling guides with plain
+CFG: Lumina2Pipeline's cfg_normalization (the guided latent rescaled, row by row, to the
+conditional's norm; on by default) and cfg_trunc_ratio are not applied in pixel space."""
 
 import torch
 
