@@ -62,6 +62,99 @@ def build_tiny_pixart_sigma_pipeline(path: str | Path | None = None, *, seed: in
     return pipe
 
 
+def _tiny_decoder_encoder(kind: str, vocab_size: int, hidden: int = 24):
+    """A 1-layer Gemma2 ("gemma2") or Qwen3 ("qwen3") text model, ``hidden`` wide."""
+    from transformers import Gemma2Config, Gemma2Model, Qwen3Config, Qwen3Model
+
+    config_cls, model_cls = {"gemma2": (Gemma2Config, Gemma2Model), "qwen3": (Qwen3Config, Qwen3Model)}[kind]
+    config = config_cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
+                        max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    return model_cls(config).eval()
+
+
+def _tiny_flow_vae(levels: int = 2):
+    """An AutoencoderKL with 16 latent channels, 8 wide, of factor 2 ** (levels - 1)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8,) * levels,
+                         down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels,
+                         layers_per_block=1, norm_num_groups=8, sample_size=32, shift_factor=0.0).eval()
+
+
+def _save(pipe, path):
+    pipe.set_progress_bar_config(disable=True)
+    if path is not None:
+        pipe.save_pretrained(str(path), safe_serialization=True)
+    return pipe
+
+
+def build_tiny_sana_pipeline(path: str | Path | None = None, *, seed: int = 0):
+    """A SanaPipeline: 2-layer, 32-wide transformer (patch 1), a 3-level AutoencoderDC
+    (factor 4, so the pixel patch is 4), a 1-layer Gemma2 encoder and the flow-mode
+    DPM-Solver Sana ships with."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    transformer = SanaTransformer2DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=24,
+        sample_size=8, patch_size=1,
+    ).eval()
+    vae = AutoencoderDC(
+        latent_channels=8, attention_head_dim=8, encoder_block_out_channels=(8, 16, 16),
+        decoder_block_out_channels=(8, 16, 16), encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), ()),
+    ).eval()
+    scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True)
+    return _save(SanaPipeline(tokenizer=tokenizer, text_encoder=_tiny_decoder_encoder("gemma2", len(tokenizer)),
+                              vae=vae, transformer=transformer, scheduler=scheduler), path)
+
+
+def build_tiny_lumina2_pipeline(path: str | Path | None = None, *, seed: int = 0):
+    """A Lumina2Pipeline: 2-layer, 64-wide transformer (patch 2), a factor-8 AutoencoderKL
+    (Lumina2Pipeline assumes 8; pixel patch 16) and a 1-layer Gemma2 encoder."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    # RoPE axis 0 counts caption tokens (256, the pipeline's max_sequence_length) and then sits
+    # at the caption length for every image token.
+    transformer = Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, hidden_size=64, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(8, 12, 12),
+        axes_lens=(300, 32, 32), cap_feat_dim=24,
+    ).eval()
+    text_encoder = _tiny_decoder_encoder("gemma2", len(tokenizer))
+    return _save(Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                 vae=_tiny_flow_vae(levels=4), text_encoder=text_encoder, tokenizer=tokenizer), path)
+
+
+# The Qwen3 chat layout ZImagePipeline wraps each prompt in (it passes enable_thinking=True).
+_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+
+
+def build_tiny_z_image_pipeline(path: str | Path | None = None, *, seed: int = 0):
+    """A ZImagePipeline: 2-layer, 64-wide transformer (patch 2), a factor-2 AutoencoderKL
+    (pixel patch 4), a 1-layer Qwen3 encoder and a chat-templated character tokenizer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    # RoPE axis 0 counts caption tokens (up to 512, the pipeline's max_sequence_length).
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=24, axes_dims=[8, 12, 12], axes_lens=[1024, 32, 32],
+    ).eval()
+    return _save(ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_tiny_flow_vae(),
+                                text_encoder=_tiny_decoder_encoder("qwen3", len(tokenizer)), tokenizer=tokenizer,
+                                transformer=transformer), path)
+
+
 def build_tiny_causal_lm(path: str | Path, *, seed: int = 0) -> Path:
     """A 1-layer GPT-2 with random weights and the character tokenizer, saved to ``path``
     (the layout AutoModelForCausalLM/AutoTokenizer read). Its text is gibberish; it exists to

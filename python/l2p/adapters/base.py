@@ -60,6 +60,11 @@ class SourceAdapter:
     # guidance_scale feeds a guidance embedding (guidance-distilled FLUX); classifier-free
     # guidance is then true_cfg_scale, as in FluxPipeline.
     distilled_guidance: ClassVar[bool] = False
+    # Added to guidance_scale to get the weight w of uncond + w (cond - uncond): 1 where the
+    # pipeline guides as cond + g (cond - uncond) (Z-Image; guidance is then on for any g > 0).
+    guidance_scale_offset: ClassVar[float] = 0.0
+    # How the pipeline encodes negative prompts, where not as encode_prompts does (None).
+    encode_negative_prompts: ClassVar[Any] = None
 
     @classmethod
     def has_conditioning(cls) -> bool:

@@ -1,7 +1,9 @@
 """Lumina2Transformer2DModel (Lumina-Image 2.0): latents patchified inside
 ``rope_embedder``, then ``x_embedder``; joint sequence [caption, image] per sample with the
 caption length from the attention mask. ``norm_out.linear_2`` is the output projection
-(``linear_1`` the final scale). The pipeline negates the output."""
+(``linear_1`` the final scale). The pipeline negates the output. Sampling guides with plain
+CFG: Lumina2Pipeline's cfg_normalization (the guided latent rescaled, row by row, to the
+conditional's norm; on by default) and cfg_trunc_ratio are not applied in pixel space."""
 
 import torch
 
@@ -23,6 +25,15 @@ class Lumina2Adapter(SourceAdapter):
         return torch.stack([captured[i, s : s + n_tokens] for i, s in enumerate(starts)])
 
     encode_prompts = staticmethod(encode_prompt_with_mask)
+
+    @staticmethod
+    def encode_negative_prompts(pipe, prompts, device):
+        # Lumina2Pipeline prepends its system prompt to the prompts but not to the negative
+        # prompts; its public encode_prompt does that only on its negative branch (the
+        # positive one, with the system prompt, is encoded too and dropped).
+        _, _, embeds, mask = pipe.encode_prompt(prompts, do_classifier_free_guidance=True,
+                                                negative_prompt=prompts, device=device)
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
     @staticmethod
     def transformer_kwargs(cond, x_t, times, model, guidance):

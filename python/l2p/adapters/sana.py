@@ -1,4 +1,6 @@
-"""SanaTransformer2DModel: flow velocity; DC-AE latents are 32x smaller, so P = 32."""
+"""SanaTransformer2DModel: flow velocity; DC-AE latents are 32x smaller, so P = 32. Prompts are
+encoded by encode_prompt's defaults, without the complex human instruction that
+SanaPipeline.__call__ prepends by default (the same for training and sampling)."""
 
 from l2p.adapters.base import PatchEmbedAdapter, encode_prompt_with_mask
 

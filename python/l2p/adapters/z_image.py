@@ -16,6 +16,7 @@ class ZImageAdapter(SourceAdapter):
     pixel_argument = "x"
     output_sign = -1
     flow_sigmas = True
+    guidance_scale_offset = 1.0  # ZImagePipeline guides as cond + g (cond - uncond)
 
     @property
     def latent_patch(self) -> int:

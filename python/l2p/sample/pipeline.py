@@ -191,7 +191,7 @@ class L2PPipeline:
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
-        uncond = _repeat(self.family.encode(self.text_pipeline, negatives, device), num_images_per_prompt)
+        uncond = _repeat(self.family.encode_negative(self.text_pipeline, negatives, device), num_images_per_prompt)
         return cond, uncond
 
     # -- sampling ----------------------------------------------------------------------------
@@ -218,9 +218,11 @@ class L2PPipeline:
         Args:
             prompt / negative_prompt: a string or a list (one image set per prompt).
             height, width: multiples of the pixel patch size (default: the source's size).
-            guidance_scale: classifier-free guidance (off when <= 1). For guidance-distilled
-                FLUX it feeds the guidance embedding, as in FluxPipeline, and
-                ``true_cfg_scale`` (> 1) turns on classifier-free guidance.
+            guidance_scale: classifier-free guidance as the source pipeline reads it: the
+                weight w of uncond + w (cond - uncond), off when <= 1; for Z-Image g of
+                cond + g (cond - uncond), off when <= 0. For guidance-distilled FLUX it feeds
+                the guidance embedding, as in FluxPipeline, and ``true_cfg_scale`` (> 1)
+                turns on classifier-free guidance.
             generator: a torch.Generator (or one per image) for the initial noise.
             latents: the initial noise (B, 3, H, W) instead of drawing it.
             shift: flow time shift k overriding the source's; "recommended" applies
@@ -248,7 +250,10 @@ class L2PPipeline:
                     f"{name} must be a positive multiple of the pixel patch size {p}, got {value!r} "
                     f"(e.g. {max(p, round(value / p) * p) if isinstance(value, (int, float)) else p})"
                 )
-        cfg_scale = true_cfg_scale if self.recipe.distilled_guidance else guidance_scale
+        if self.recipe.distilled_guidance:
+            cfg_scale = true_cfg_scale
+        else:
+            cfg_scale = guidance_scale + self.recipe.guidance_scale_offset
         do_cfg = cfg_scale > 1
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
                                           do_classifier_free_guidance=do_cfg)

@@ -24,6 +24,7 @@ class Recipe:
     flow_sigmas: bool = False
     max_shift: float = 1.15
     distilled_guidance: bool = False
+    guidance_scale_offset: float = 0.0
 
 
 def recipe_for(source_class: str) -> Recipe:
@@ -32,7 +33,8 @@ def recipe_for(source_class: str) -> Recipe:
     if source_class not in ADAPTERS:
         raise ValueError(f"no sampling recipe for {source_class}; families: {', '.join(ADAPTERS)}")
     adapter = ADAPTERS[source_class]
-    return Recipe(adapter.flow_sigmas, adapter.max_shift, adapter.distilled_guidance)
+    return Recipe(adapter.flow_sigmas, adapter.max_shift, adapter.distilled_guidance,
+                  adapter.guidance_scale_offset)
 
 
 def dynamic_mu(image_seq_len: int, config, max_shift_default: float = 1.15) -> float:

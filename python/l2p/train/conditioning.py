@@ -25,6 +25,8 @@ class Family:
     encode: Callable[[Any, list[str], torch.device], Cond]
     # (cond, x_t, timesteps, model, guidance) -> transformer kwargs (x_t included).
     call: Callable[..., dict]
+    # Negative prompts for classifier-free guidance, encoded as the source pipeline does.
+    encode_negative: Callable[[Any, list[str], torch.device], Cond]
 
 
 def family_for(source_class: str) -> Family:
@@ -35,7 +37,8 @@ def family_for(source_class: str) -> Family:
         conditioned = [name for name, cls in ADAPTERS.items() if cls.has_conditioning()]
         raise ValueError(f"no text conditioning for {source_class} yet (it converts, but does "
                          f"not train or sample); families with one: {', '.join(conditioned)}")
-    return Family(adapter.encode_prompts, adapter.transformer_kwargs)
+    return Family(adapter.encode_prompts, adapter.transformer_kwargs,
+                  adapter.encode_negative_prompts or adapter.encode_prompts)
 
 
 # ---------------------------------------------------------------------------------------------
