@@ -71,7 +71,9 @@ def register(subparsers) -> None:
                    help="pixels, a multiple of the patch size (default: the source's)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--guidance", type=float, default=4.5,
-                   help="guidance scale (classifier-free; guidance-distilled FLUX: its embedding)")
+                   help="guidance scale, read as the source's own pipeline reads it (classifier-free; "
+                        "Z-Image: cond + g (cond - uncond), on for any g > 0; guidance-distilled "
+                        "FLUX: its embedding)")
     p.add_argument("--true-cfg", type=float, default=1.0,
                    help="classifier-free guidance for guidance-distilled FLUX (> 1 turns it on)")
     p.add_argument("--shift", type=_shift, default=None,
