@@ -414,14 +414,14 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
 
         pipe.vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
         log(f"autoencoder: resumed from {vae_dir}")
+        latents = encode_latents(pipe.vae.to(device), images, device)
     else:
         progress["vae_steps"] = train_vae(pipe.vae, images, cfg, device, log)
-        pipe.vae.to("cpu")
-        latents = encode_latents(pipe.vae, images, torch.device("cpu"))
+        latents = encode_latents(pipe.vae, images, device)
         # Unit variance in the transformer's space, as the published VAEs' scaling factors do.
         pipe.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
         progress["vae_reconstruction"] = reconstruction_score(pipe.vae, cfg.vae_eval_scenes, 1000,
-                                                             cfg.image_size, "cpu")
+                                                             cfg.image_size, device)
         log(f"autoencoder round trip of {cfg.vae_eval_scenes} held-out renders: scorer "
             f"{progress['vae_reconstruction']['overall']:.3f}, "
             f"PSNR {progress['vae_reconstruction']['psnr_db']:.1f} dB")
@@ -431,8 +431,6 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
         progress["seconds"] += time.time() - started
         _write_text_atomically(progress_file, json.dumps(progress, indent=2))
         started = time.time()
-    pipe.vae.to(device)
-    latents = encode_latents(pipe.vae, images, device)
     log(f"latent scaling factor {pipe.vae.config.scaling_factor:.4f}")
     remaining = cfg.time_budget_s - progress["seconds"] - (time.time() - started) if cfg.time_budget_s else 0.0
     dit_steps = train_transformer(pipe, latents, prompts, cfg, device, log,
