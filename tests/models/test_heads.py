@@ -83,3 +83,14 @@ def test_linear_head_matches_reference():
     out = head(torch.zeros(2, 3, 32, 48), tokens)
     ref = unpatchify_reference(tokens, head.weight, head.bias, 16, 32, 48)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_head_config_by_bottleneck_width_follows_the_patch_size():
+    from l2p.models.heads import complete_head_config
+
+    assert complete_head_config({"type": "detailer", "max_channels": 128}, 8) == \
+        {"type": "detailer", "channels": [32, 64, 128]}
+    assert complete_head_config({"type": "detailer", "max_channels": 128}, 4)["channels"] == [64, 128]
+    assert default_detailer_channels(16, 32) == [8, 8, 16, 32]   # never narrower than 8
+    with pytest.raises(ValueError, match="not both"):
+        complete_head_config({"type": "detailer", "channels": [8, 8], "max_channels": 8}, 4)

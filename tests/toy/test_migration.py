@@ -79,7 +79,7 @@ def test_reproduce_runs_every_arm_and_reports_paired_differences(tmp_path, monke
     args = ["toy", "reproduce", "--source", str(src), "--out", str(out), "--steps", "2",
             "--batch-size", "2", "--corpus-prompts", "6", "--eval-prompts", "12",
             "--curve-points", "2", "--curve-prompts", "6",
-            "--set", "data.embeddings=null", "--set", "model.head_channels=[8,8]"]
+            "--set", "data.embeddings=null", "--set", "model.head_max_channels=8"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["arms"]) == {"l2p", "scratch", "l2p-real", "l2p-first-last-1", "l2p-all"}
@@ -132,7 +132,7 @@ def test_reproduce_sizes_the_step_count_from_the_budget(tmp_path, monkeypatch):
     plan = reproduce.ReproducePlan(
         out_dir=str(tmp_path / "repro"), source=str(src), budget_minutes=0.1, arms=["l2p", "scratch"],
         batch_size=2, corpus_prompts=4, eval_prompts=6, curve_points=2, curve_prompts=6,
-        train_overrides=["data.embeddings=null", "model.head_channels=[8,8]"])
+        train_overrides=["data.embeddings=null", "model.head_max_channels=8"])
     report = reproduce.run_reproduce(plan, log=lambda _: None)
     # 6 s of budget / 2 arms / 0.5 s per step = 6 steps each.
     assert report["steps"] == 6 and all(a["steps"] == 6 for a in report["arms"].values())
@@ -151,6 +151,6 @@ def test_calibration_times_the_costliest_arm(tmp_path):
     from l2p.toy.prompts import make_records
     _write_real_corpus(make_records(4, 0, split="train"), tmp_path / "corpus", 32)
     plan = reproduce.ReproducePlan(batch_size=2, train_overrides=["data.embeddings=null",
-                                                                  "model.head_channels=[8,8]"])
+                                                                  "model.head_max_channels=8"])
     seconds = reproduce._seconds_per_step(plan, src, tmp_path / "corpus", 32, tmp_path / "cal")
     assert 0.0 < seconds < 30.0

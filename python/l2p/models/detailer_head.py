@@ -11,11 +11,12 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def default_detailer_channels(patch_size: int) -> list[int]:
-    """Encoder widths, one per level, ending at 512: 64,128,256,512 for P=16 and
-    16,32,64,128,256,512 for P=64 (the official 1K and 4K heads)."""
+def default_detailer_channels(patch_size: int, max_channels: int = 512) -> list[int]:
+    """Encoder widths, one per level, doubling up to ``max_channels`` at the bottleneck (at
+    least 8): with 512, 64,128,256,512 for P=16 and 16,32,64,128,256,512 for P=64 (the
+    official 1K and 4K heads)."""
     levels = int(math.log2(patch_size))
-    return [max(512 >> (levels - 1 - i), 8) for i in range(levels)]
+    return [max(max_channels >> (levels - 1 - i), 8) for i in range(levels)]
 
 
 class DetailerHead(nn.Module):

@@ -1,5 +1,7 @@
 """Output heads by name. A head config is a dict saved in the pixel model's config.json:
-``{"type": "detailer", "channels": [...]}`` or ``{"type": "linear"}``."""
+``{"type": "detailer", "channels": [...]}`` or ``{"type": "linear"}``. A partial detailer
+config may give ``max_channels`` (the bottleneck width; the levels above halve) instead of
+the list, which then follows from the patch size."""
 
 from __future__ import annotations
 
@@ -20,8 +22,11 @@ def complete_head_config(head: str | dict[str, Any], patch_size: int) -> dict[st
     if kind not in HEADS:
         raise ValueError(f"head must be one of {HEADS} (or a dict with 'type'), got {head!r}")
     if kind == "detailer":
-        channels = config.get("channels") or default_detailer_channels(patch_size)
-        unknown = set(config) - {"type", "channels"}
+        if config.get("channels") and config.get("max_channels"):
+            raise ValueError("give the detailer head either channels or max_channels, not both")
+        channels = config.get("channels") or default_detailer_channels(
+            patch_size, int(config.get("max_channels") or 512))
+        unknown = set(config) - {"type", "channels", "max_channels"}
         config = {"type": "detailer", "channels": [int(c) for c in channels]}
     else:
         unknown = set(config) - {"type"}

@@ -32,6 +32,9 @@ class ModelConfig:
     # Detailer Head encoder widths, one per level (log2 P levels); empty = the defaults
     # (64, 128, 256, 512 at P = 16).
     head_channels: list[int] = field(default_factory=list)
+    # Or only the widest (bottleneck) width, the levels above halving: 128 at P=8 gives
+    # 32, 64, 128. None = 512, the official heads.
+    head_max_channels: int | None = None
     # Which parameters train: "first_last:N", "all", or comma-separated name patterns.
     trainable: str = "first_last:5"
     # Seed of the freshly initialised layers (pixel embedding, head).

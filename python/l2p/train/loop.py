@@ -165,10 +165,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------
     def _head_config(self):
         m = self.cfg.model
-        if m.head_channels:
+        if m.head_channels or m.head_max_channels:
             if m.head != "detailer":
-                raise ConfigError("model.head_channels applies to the detailer head only")
-            return {"type": "detailer", "channels": list(m.head_channels)}
+                raise ConfigError("model.head_channels / head_max_channels apply to the detailer head only")
+            if m.head_channels and m.head_max_channels:
+                raise ConfigError("give model.head_channels or model.head_max_channels, not both")
+            if m.head_channels:
+                return {"type": "detailer", "channels": list(m.head_channels)}
+            return {"type": "detailer", "max_channels": int(m.head_max_channels)}
         return m.head
 
     def _text_conditioning(self):
