@@ -160,14 +160,14 @@ TINY_DIT_CLASSES = {0: "tench, Tinca tinca", 1: "goldfish, Carassius auratus", 2
 
 
 def build_tiny_dit_pipeline(path: str | Path | None = None, *, seed: int = 0):
-    """A DiTPipeline: 2-layer, 32-wide transformer (patch 2, learned sigma) with DiT's 1000
+    """A DiTPipeline: 3-layer, 32-wide transformer (patch 2, learned sigma) with DiT's 1000
     classes (+ the null class), a factor-2 AutoencoderKL (pixel patch 4), DDIM, and
     ``id2label`` in model_index.json as the published checkpoints have it."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
-                                        num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=1000).eval()
+                                        num_layers=3, sample_size=16, patch_size=2, num_embeds_ada_norm=1000).eval()
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=8, sample_size=16).eval()
@@ -192,7 +192,7 @@ def _tiny_qwen_tokenizer():
 
 
 def build_tiny_qwen_image_pipeline(path: str | Path | None = None, *, seed: int = 0):
-    """A QwenImagePipeline: 2-layer, 32-wide transformer, a factor-2 AutoencoderKLQwenImage
+    """A QwenImagePipeline: 3-layer, 32-wide transformer, a factor-2 AutoencoderKLQwenImage
     (pixel patch 4), a 1-layer Qwen2.5-VL (24 wide, 1-block vision tower) with a byte-level
     tokenizer, and a dynamically shifted FlowMatchEuler scheduler."""
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
@@ -210,7 +210,7 @@ def build_tiny_qwen_image_pipeline(path: str | Path | None = None, *, seed: int 
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=24,
                            fullatt_block_indexes=[0]),
     )).eval()
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=3,
                                               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
                                               axes_dims_rope=(4, 6, 6)).eval()
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1,
