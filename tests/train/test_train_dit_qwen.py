@@ -96,3 +96,15 @@ def test_qwen_image_captions_of_any_length_share_a_batch(sources, data, tmp_path
     assert len(lengths) == 2, lengths  # captions and the empty caption
     with torch.no_grad():
         assert torch.isfinite(trainer._loss(x0, cond, times, noise))
+
+
+@pytest.mark.parametrize("family", BUILDERS)
+def test_no_embedding_cache(family, sources, data, tmp_path):
+    from l2p.data.embed import build_embedding_cache
+    from l2p.train.config import ConfigError
+
+    with pytest.raises(ValueError, match="no text-embedding cache .*data.embeddings=null"):
+        build_embedding_cache(sources[family], data[family], out=tmp_path / "cache", progress=False)
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(ConfigError, match="cannot use .*set data.embeddings=null"):
+        Trainer(make_config(sources[family], data[family], tmp_path / "run", data__embeddings=tmp_path / "cache"))
