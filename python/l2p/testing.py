@@ -155,6 +155,75 @@ def build_tiny_z_image_pipeline(path: str | Path | None = None, *, seed: int = 0
                                 transformer=transformer), path)
 
 
+# A few ImageNet classes (id -> comma-separated names, as DiT checkpoints store id2label).
+TINY_DIT_CLASSES = {0: "tench, Tinca tinca", 1: "goldfish, Carassius auratus", 207: "golden retriever"}
+
+
+def build_tiny_dit_pipeline(path: str | Path | None = None, *, seed: int = 0):
+    """A DiTPipeline: 3-layer, 32-wide transformer (patch 2, learned sigma) with DiT's 1000
+    classes (+ the null class), a factor-2 AutoencoderKL (pixel patch 4), DDIM, and
+    ``id2label`` in model_index.json as the published checkpoints have it."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                        num_layers=3, sample_size=16, patch_size=2, num_embeds_ada_norm=1000).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=16).eval()
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(clip_sample=False),
+                       id2label=TINY_DIT_CLASSES)
+    pipe.register_to_config(id2label={str(k): v for k, v in TINY_DIT_CLASSES.items()})  # not saved otherwise
+    return _save(pipe, path)
+
+
+def _tiny_qwen_tokenizer():
+    """A Qwen2 (byte-level BPE) tokenizer without merges: one token per byte, plus the chat
+    tokens of QwenImagePipeline's template."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def build_tiny_qwen_image_pipeline(path: str | Path | None = None, *, seed: int = 0):
+    """A QwenImagePipeline: 3-layer, 32-wide transformer, a factor-2 AutoencoderKLQwenImage
+    (pixel patch 4), a 1-layer Qwen2.5-VL (24 wide, 1-block vision tower) with a byte-level
+    tokenizer, and a dynamically shifted FlowMatchEuler scheduler."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = _tiny_qwen_tokenizer()
+    special = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                         bos_token_id=special[0], eos_token_id=special[1], pad_token_id=special[0],
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=24,
+                           fullatt_block_indexes=[0]),
+    )).eval()
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=3,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                              axes_dims_rope=(4, 6, 6)).eval()
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1,
+                                 temperal_downsample=[False]).eval()
+    # Qwen-Image's scheduler (exponential dynamic shift, shift_terminal), with sequence
+    # bounds scaled to tiny images so that mu depends on the size.
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential",
+                                                base_image_seq_len=16, max_image_seq_len=256, base_shift=0.5,
+                                                max_shift=0.9, shift_terminal=0.02)
+    return _save(QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   transformer=transformer), path)
+
+
 def build_tiny_causal_lm(path: str | Path, *, seed: int = 0) -> Path:
     """A 1-layer GPT-2 with random weights and the character tokenizer, saved to ``path``
     (the layout AutoModelForCausalLM/AutoTokenizer read). Its text is gibberish; it exists to

@@ -158,8 +158,8 @@ def test_text_conditioning_and_sampling_recipe_come_from_the_adapter():
     flux = ADAPTERS["FluxTransformer2DModel"]
     assert family_for("FluxTransformer2DModel").call is flux.transformer_kwargs
     assert recipe_for("FluxTransformer2DModel").distilled_guidance and flux.flow_sigmas
-    for name in ("DiTTransformer2DModel", "QwenImageTransformer2DModel"):  # convert only, for now
-        with pytest.raises(ValueError, match=f"no text conditioning for {name}"):
-            family_for(name)
+    assert all(adapter.has_conditioning() for adapter in ADAPTERS.values())
+    with pytest.raises(ValueError, match="no conditioning for UNet2DConditionModel"):
+        family_for("UNet2DConditionModel")
     with pytest.raises(ValueError, match="families:"):
         recipe_for("UNet2DConditionModel")

@@ -57,14 +57,16 @@ class SourceAdapter:
     flow_sigmas: ClassVar[bool] = False
     # calculate_shift's max_shift default in the pipeline, where the scheduler config is silent.
     max_shift: ClassVar[float] = 1.15
-    # guidance_scale feeds a guidance embedding (guidance-distilled FLUX); classifier-free
-    # guidance is then true_cfg_scale, as in FluxPipeline.
+    # guidance_scale feeds a guidance embedding (where the transformer has one); classifier-free
+    # guidance is then true_cfg_scale, as in FluxPipeline and QwenImagePipeline.
     distilled_guidance: ClassVar[bool] = False
     # Added to guidance_scale to get the weight w of uncond + w (cond - uncond): 1 where the
     # pipeline guides as cond + g (cond - uncond) (Z-Image; guidance is then on for any g > 0).
     guidance_scale_offset: ClassVar[float] = 0.0
     # How the pipeline encodes negative prompts, where not as encode_prompts does (None).
     encode_negative_prompts: ClassVar[Any] = None
+    # Why `l2p data embed` cannot cache this family's conditioning (None: it can).
+    no_embedding_cache: ClassVar[str | None] = None
 
     @classmethod
     def has_conditioning(cls) -> bool:
@@ -82,6 +84,15 @@ class SourceAdapter:
         ``times`` (sigma x 1000 for flow sources, integer steps for DDPM ones), rescaled as the
         family's pipeline does."""
         raise NotImplementedError
+
+    @staticmethod
+    def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, patch_size: int) -> torch.Tensor:
+        """Classifier-free guidance of the model outputs (B, 3, H, W) as the pipeline combines
+        them: uncond + scale (cond - uncond)."""
+        return uncond + scale * (cond - uncond)
+
+    def prepare_source(self, transformer: torch.nn.Module) -> None:
+        """Adjust the source transformer inside the pixel model (once, when it is built)."""
 
     # -- latent layout -------------------------------------------------------------------
     @property

@@ -1,6 +1,16 @@
 """QwenImageTransformer2DModel: packed 2x2 latent tokens into ``img_in``, RoPE from
 ``img_shapes``. Text-to-image only: the edit variant's extra reference-image tokens are not
-pixel tokens."""
+pixel tokens.
+
+Prompts are encoded by QwenImagePipeline.encode_prompt (its chat template, the template
+tokens it drops, Qwen2.5-VL's last hidden states) and kept per caption without padding; each
+call pads them to the longest of its batch with the attention mask the pipeline would pass
+(None when no caption is padded), so captions of any lengths share a batch (caption dropout,
+cond and uncond of CFG in one call). Guidance is the pipeline's true CFG (``true_cfg_scale``;
+``guidance_scale`` only feeds a guidance embedding where the config has one), with its
+rescale of the guided prediction to the conditional's norm per token, here per pixel patch."""
+
+import torch
 
 from l2p.adapters.base import PackedLatentAdapter
 
@@ -12,6 +22,9 @@ class QwenImageAdapter(PackedLatentAdapter):
     block_groups = ("transformer_blocks",)
     output_modules = ("norm_out",)
     flow_sigmas = True
+    distilled_guidance = True
+    # The cache stores encode_prompt's rows, padded to the longest caption of each batch.
+    no_embedding_cache = "QwenImagePipeline.encode_prompt pads each batch, and the cache would keep the padding"
 
     def check_arguments(self, arguments, rows, cols):
         shapes = arguments.get("img_shapes")
@@ -25,3 +38,40 @@ class QwenImageAdapter(PackedLatentAdapter):
                     f"token grid of the pixels; pass [[(1, {rows}, {cols})]] * batch "
                     f"(reference-image editing is not supported in pixel space)"
                 )
+
+    @staticmethod
+    def encode_prompts(pipe, prompts, device):
+        embeds, mask = pipe.encode_prompt(prompts, device=device)
+        lengths = [embeds.shape[1]] * len(prompts) if mask is None else mask.sum(dim=1).tolist()
+        return {"prompt_embeds": [e[:n] for e, n in zip(embeds, lengths)]}  # variable-length
+
+    @staticmethod
+    def transformer_kwargs(cond, x_t, times, model, guidance):
+        embeds = list(cond["prompt_embeds"])
+        longest = max(e.shape[0] for e in embeds)
+        padded = torch.stack([torch.cat([e, e.new_zeros(longest - e.shape[0], e.shape[1])]) for e in embeds])
+        mask = None
+        if any(e.shape[0] < longest for e in embeds):
+            mask = torch.stack([(torch.arange(longest) < e.shape[0]).long() for e in embeds]).to(x_t.device)
+        p = model.config.patch_size
+        img_shapes = [[(1, x_t.shape[-2] // p, x_t.shape[-1] // p)]] * x_t.shape[0]
+        kwargs = dict(hidden_states=x_t, timestep=times.to(x_t.dtype) / 1000, encoder_hidden_states=padded,
+                      encoder_hidden_states_mask=mask, img_shapes=img_shapes)
+        if model.config.source_config.get("guidance_embeds", False):
+            kwargs["guidance"] = torch.full((x_t.shape[0],), float(guidance), device=x_t.device)
+        return kwargs
+
+    @staticmethod
+    def guide(uncond, cond, scale, patch_size):
+        # QwenImagePipeline rescales the guided prediction of each packed latent token to the
+        # norm of the conditional one; a pixel token is one patch_size^2 x 3 patch.
+        guided = uncond + scale * (cond - uncond)
+        b, c, h, w = cond.shape
+
+        def patch_norm(x):
+            patches = x.reshape(b, c, h // patch_size, patch_size, w // patch_size, patch_size)
+            return torch.linalg.vector_norm(patches, dim=(1, 3, 5), keepdim=True)
+
+        ratio = patch_norm(cond) / patch_norm(guided)
+        shape = (b, c, h // patch_size, patch_size, w // patch_size, patch_size)
+        return (guided.reshape(shape) * ratio).reshape(b, c, h, w)

@@ -63,7 +63,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", required=True, help="converted pipeline folder")
     p.add_argument("--prompt", required=True, action="append",
-                   help="prompt (repeat for several prompts)")
+                   help="prompt (repeat for several prompts); DiT: a class name or id")
     p.add_argument("--negative-prompt", default=None, help="negative prompt for guidance (default empty)")
     p.add_argument("--height", type=int, default=None,
                    help="pixels, a multiple of the patch size (default: the source's)")
@@ -72,10 +72,10 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--guidance", type=float, default=4.5,
                    help="guidance scale, read as the source's own pipeline reads it (classifier-free; "
-                        "Z-Image: cond + g (cond - uncond), on for any g > 0; guidance-distilled "
-                        "FLUX: its embedding)")
+                        "Z-Image: cond + g (cond - uncond), on for any g > 0; FLUX and Qwen-Image: "
+                        "the guidance embedding, where the model has one)")
     p.add_argument("--true-cfg", type=float, default=1.0,
-                   help="classifier-free guidance for guidance-distilled FLUX (> 1 turns it on)")
+                   help="classifier-free guidance of FLUX and Qwen-Image (> 1 turns it on)")
     p.add_argument("--shift", type=_shift, default=None,
                    help="flow time shift overriding the source's, or 'recommended' (4.5 at 4K; "
                    "l2p.sample.recommended_shift)")

@@ -78,7 +78,7 @@ def load_source_transformer(folder: Path):
     )
 
 
-def _vae_scale_factor(vae_dir: Path) -> int | None:
+def vae_scale_factor(vae_dir: Path) -> int | None:
     """The VAE's spatial factor, computed as the diffusers pipelines compute it."""
     if not (vae_dir / "config.json").is_file():
         return None
@@ -169,7 +169,7 @@ def convert_folder(
             f"pipelines ({', '.join(ADAPTERS)})"
         )
     transformer = load_source_transformer(source / "transformer")
-    factor = _vae_scale_factor(source / "vae")
+    factor = vae_scale_factor(source / "vae")
     pixel = convert_to_pixel(
         transformer, vae_scale_factor=factor, patch_size=patch_size, head=head, seed=seed
     )

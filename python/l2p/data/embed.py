@@ -121,6 +121,16 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _check_cacheable(source: Path) -> None:
+    from l2p.adapters import ADAPTERS
+
+    entry = json.loads((source / "model_index.json").read_text("utf-8")).get("transformer") or [None, None]
+    adapter = ADAPTERS.get(entry[1])
+    if adapter is not None and adapter.no_embedding_cache:
+        raise ValueError(f"{entry[1]} sources have no text-embedding cache ({adapter.no_embedding_cache}); "
+                         "train them with data.embeddings=null")
+
+
 def build_embedding_cache(source: str | os.PathLike, data: str | os.PathLike, *,
                           out: str | os.PathLike | None = None, batch_size: int = 16,
                           shard_size: int = 1024, caption_column: str | None = None,
@@ -132,6 +142,7 @@ def build_embedding_cache(source: str | os.PathLike, data: str | os.PathLike, *,
     if batch_size < 1 or shard_size < 1:
         raise ValueError("--batch-size and --shard-size must be at least 1")
     source_path = resolve_source(source)
+    _check_cacheable(source_path)
     out = Path(out) if out is not None else Path(data) / "embeddings"
     captions = list(dict.fromkeys(["", *(f.caption for f in list_captioned_files(data, caption_column))]))
     index = {"format": CACHE_FORMAT, "source": str(source_path.resolve()), "pipeline": None,

@@ -60,6 +60,7 @@ class PixelTransformer2DModel(ModelMixin, ConfigMixin):
         adapter.pixel_patch_size(patch_size=patch_size)
         self.adapter = adapter
         self.transformer = adapter.source_type().from_config(dict(source_config))
+        adapter.prepare_source(self.transformer)
         latent_in = self.transformer.get_submodule(adapter.input_module)
         latent_out = self.transformer.get_submodule(adapter.output_module)
         token_dim = latent_in.weight.shape[0]

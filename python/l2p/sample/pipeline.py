@@ -58,7 +58,8 @@ def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncon
         x: the initial noise (B, 3, H, W), before ``init_noise_sigma``.
         cond / uncond: the conditioning of the B images and, for classifier-free guidance
             (``uncond`` not None), of their negative prompts.
-        cfg_scale: the guidance weight w: uncond + w (cond - uncond).
+        cfg_scale: the guidance weight w: uncond + w (cond - uncond), combined as the family's
+            pipeline does (``family.guide``; Qwen-Image rescales it to the conditional's norm).
         embedded_guidance: the guidance embedding of guidance-distilled FLUX.
         mu: the dynamic time shift (default: the source pipeline's, from the token count).
     """
@@ -77,7 +78,7 @@ def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncon
         out = model(**family.call(cond, x_in.to(dtype), ts, model, embedded_guidance), return_dict=False)[0].float()
         if uncond is not None:
             out_uncond, out_cond = out.chunk(2)
-            out = out_uncond + cfg_scale * (out_cond - out_uncond)
+            out = family.guide(out_uncond, out_cond, cfg_scale, p)
         # The pixel model keeps the source transformer's sign; its pipeline undoes it here.
         x = scheduler.step(out * model.output_sign, t, x, return_dict=False)[0]
         if progress is not None:
@@ -216,13 +217,16 @@ class L2PPipeline:
         """Generate images.
 
         Args:
-            prompt / negative_prompt: a string or a list (one image set per prompt).
+            prompt / negative_prompt: a string or a list (one image set per prompt); for DiT a
+                class: a name its pipeline knows (``DiTPipeline.labels``) or an id ("207"),
+                and "" (the default negative) is the null class.
             height, width: multiples of the pixel patch size (default: the source's size).
             guidance_scale: classifier-free guidance as the source pipeline reads it: the
                 weight w of uncond + w (cond - uncond), off when <= 1; for Z-Image g of
-                cond + g (cond - uncond), off when <= 0. For guidance-distilled FLUX it feeds
-                the guidance embedding, as in FluxPipeline, and ``true_cfg_scale`` (> 1)
-                turns on classifier-free guidance.
+                cond + g (cond - uncond), off when <= 0. For FLUX and Qwen-Image it feeds the
+                guidance embedding (where the transformer has one), as in FluxPipeline and
+                QwenImagePipeline, and ``true_cfg_scale`` (> 1) turns on classifier-free
+                guidance; unlike those pipelines, the negative prompt then defaults to "".
             generator: a torch.Generator (or one per image) for the initial noise.
             latents: the initial noise (B, 3, H, W) instead of drawing it.
             shift: flow time shift k overriding the source's; "recommended" applies

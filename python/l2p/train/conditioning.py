@@ -27,6 +27,8 @@ class Family:
     call: Callable[..., dict]
     # Negative prompts for classifier-free guidance, encoded as the source pipeline does.
     encode_negative: Callable[[Any, list[str], torch.device], Cond]
+    # (uncond output, cond output, scale, pixel patch) -> the guided output.
+    guide: Callable[..., torch.Tensor]
 
 
 def family_for(source_class: str) -> Family:
@@ -35,10 +37,10 @@ def family_for(source_class: str) -> Family:
     adapter = ADAPTERS.get(source_class)
     if adapter is None or not adapter.has_conditioning():
         conditioned = [name for name, cls in ADAPTERS.items() if cls.has_conditioning()]
-        raise ValueError(f"no text conditioning for {source_class} yet (it converts, but does "
+        raise ValueError(f"no conditioning for {source_class} yet (it converts, but does "
                          f"not train or sample); families with one: {', '.join(conditioned)}")
     return Family(adapter.encode_prompts, adapter.transformer_kwargs,
-                  adapter.encode_negative_prompts or adapter.encode_prompts)
+                  adapter.encode_negative_prompts or adapter.encode_prompts, adapter.guide)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from l2p.conversion.folders import vae_scale_factor
+
 
 @dataclass
 class Source:
@@ -69,11 +71,5 @@ def open_source(name: str) -> Source:
         raise FileNotFoundError(f"{sched_file} not found: the trainer uses the source scheduler's "
                                 "config for its objective")
     scheduler_config = json.loads(sched_file.read_text())
-    vae_factor = None
-    vae_file = path / "vae" / "config.json"
-    if vae_file.is_file():
-        vae = json.loads(vae_file.read_text())
-        levels = vae.get("block_out_channels") or vae.get("encoder_block_out_channels")
-        if levels:
-            vae_factor = 2 ** (len(levels) - 1)
-    return Source(path, index["transformer"][1], scheduler_config, vae_factor)
+    # The same factor `l2p convert` reads, so the trainer's pixel patch is the converted one's.
+    return Source(path, index["transformer"][1], scheduler_config, vae_scale_factor(path / "vae"))

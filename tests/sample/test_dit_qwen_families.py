@@ -1,0 +1,181 @@
+"""L2PPipeline end to end from converted tiny DiT (class-conditional) and Qwen-Image (Qwen2.5-VL
+text encoder) pipelines; l2p.testing builds them with random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from l2p import testing
+from l2p.sample import attention as attn_mod
+from l2p.train.conditioning import stack
+
+SIDE = 32  # both tiny VAEs have factor 2 and latent patch 2: pixel patch 4, an 8x8 token grid
+FAMILIES = {"dit": testing.build_tiny_dit_pipeline, "qwen_image": testing.build_tiny_qwen_image_pipeline}
+PROMPTS = {"dit": ["goldfish", "207"], "qwen_image": ["a red circle", "two blue squares"]}
+# DiT guides with guidance_scale; Qwen-Image with true_cfg_scale (guidance_scale would feed a
+# guidance embedding, which the tiny model has not).
+GUIDANCE = {"dit": {"guidance_scale": 4.0}, "qwen_image": {"true_cfg_scale": 4.0}}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    for name, build in FAMILIES.items():
+        build(root / name)
+    return {name: root / name for name in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def pipelines(sources, tmp_path_factory):
+    from l2p import L2PPipeline
+    from l2p.conversion import convert_folder
+
+    root = tmp_path_factory.mktemp("converted")
+    out = {}
+    for name in FAMILIES:
+        convert_folder(sources[name], root / name, head={"type": "detailer", "channels": [8, 8]}, seed=1)
+        out[name] = L2PPipeline.from_pretrained(root / name)
+        out[name].set_progress_bar_config(disable=True)
+        assert out[name].transformer.config.patch_size == 4
+    return out
+
+
+def _source(path):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run(pipe, name, seed=0, **kwargs):
+    kwargs = {"height": SIDE, "width": SIDE, "num_inference_steps": 2, "output_type": "pt", **GUIDANCE[name],
+              **kwargs}
+    return pipe(PROMPTS[name], generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def _record_calls(pipe):
+    """A hook recording the keyword arguments of each transformer call, and the list it fills."""
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
+    return hook, seen
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_two_images_with_guidance_and_seed(pipelines, name):
+    pipe = pipelines[name]
+    hook, calls = _record_calls(pipe)
+    try:
+        a = _run(pipe, name)
+    finally:
+        hook.remove()
+    assert [len(c["hidden_states"]) for c in calls] == [4, 4]  # uncond and cond of both images
+    assert a.shape == (2, 3, SIDE, SIDE) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
+    torch.testing.assert_close(_run(pipe, name), a, rtol=0, atol=0)
+    assert (_run(pipe, name, seed=1) - a).abs().max() > 1e-3
+    assert (a[0] - a[1]).abs().max() > 1e-4  # the two prompts differ
+    # (Qwen-Image's shift_terminal needs 2 steps or more, in QwenImagePipeline as here.)
+    pil = _run(pipe, name, output_type="pil")
+    assert len(pil) == 2 and isinstance(pil[0], Image.Image) and pil[0].size == (SIDE, SIDE)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_attention_modes_give_the_same_image(pipelines, name, monkeypatch):
+    calls = []
+    original = attn_mod.l2p_attention
+    monkeypatch.setattr(attn_mod, "l2p_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    pipe = pipelines[name]
+    images = {}
+    try:
+        for mode in ("native", "l2p"):
+            pipe.set_attention(mode)
+            images[mode] = _run(pipe, name)
+            assert bool(calls) == (mode == "l2p")
+    finally:
+        pipe.set_attention("auto")
+    torch.testing.assert_close(images["l2p"], images["native"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_timesteps_match_the_source_pipeline(sources, pipelines, name):
+    source = _source(sources[name])
+    if name == "dit":
+        source(class_labels=[1], num_inference_steps=3, output_type="pt")
+    else:  # the tiny latent grid is 8x8 too, so the dynamic shift's mu is the same
+        source("x", height=SIDE, width=SIDE, num_inference_steps=3, output_type="latent")
+    _run(pipelines[name], name, num_inference_steps=3)
+    torch.testing.assert_close(pipelines[name].scheduler.timesteps, source.scheduler.timesteps)
+    if name == "qwen_image":
+        torch.testing.assert_close(pipelines[name].scheduler.sigmas, source.scheduler.sigmas)
+
+
+def test_dit_classes_are_the_sources(sources, pipelines):
+    """Names as DiTPipeline.get_label_ids maps them, ids as digits, and DiTPipeline's null
+    class (1000) for the unconditional half, as the transformer receives them."""
+    source, pipe = _source(sources["dit"]), pipelines["dit"]
+    names = ["goldfish", "Tinca tinca", "golden retriever"]
+    cond, uncond = pipe.encode_prompt([*names, "207", "5"])
+    kwargs = pipe.family.call(stack([uncond, cond]), torch.zeros(10, 3, SIDE, SIDE),
+                              torch.full((10,), 999), pipe.transformer, 1.0)
+    assert kwargs["class_labels"].tolist() == [1000] * 5 + source.get_label_ids(names) + [207, 5]
+    with pytest.raises(ValueError, match=r"'goldfishes' is not a class.*'Carassius auratus'.*\"207\""):
+        pipe.encode_prompt("goldfishes")
+    with pytest.raises(ValueError, match=r"outside 0\.\.999"):
+        pipe("1000", height=SIDE, width=SIDE, num_inference_steps=1, guidance_scale=1.0)
+    hook, calls = _record_calls(pipe)
+    try:
+        _run(pipe, "dit", num_inference_steps=1)
+    finally:
+        hook.remove()
+    assert calls[0]["class_labels"].tolist() == [1000, 1000, 1, 207]
+    assert calls[0]["timestep"].dtype == torch.long
+
+
+def test_qwen_image_conditioning_is_the_sources(sources, pipelines):
+    """encode_prompt's embeddings without their padding; a call pads them back with the mask
+    QwenImagePipeline passes (None where no caption is padded)."""
+    source, pipe = _source(sources["qwen_image"]), pipelines["qwen_image"]
+    prompts = ["a red circle", "two blue squares"]
+    cond, uncond = pipe.encode_prompt(prompts, "blurry")
+    embeds, mask = source.encode_prompt(prompts, device="cpu")
+    assert mask is not None and mask.shape[0] == 2
+    x = torch.zeros(2, 3, SIDE, SIDE)
+    kwargs = pipe.family.call(cond, x, torch.full((2,), 500.0), pipe.transformer, 1.0)
+    torch.testing.assert_close(kwargs["encoder_hidden_states"], embeds, rtol=1e-5, atol=1e-5)
+    assert torch.equal(kwargs["encoder_hidden_states_mask"], mask)
+    assert kwargs["img_shapes"] == [[(1, 8, 8)]] * 2 and torch.equal(kwargs["timestep"], torch.full((2,), 0.5))
+    negative, negative_mask = source.encode_prompt(["blurry"], device="cpu")
+    assert negative_mask is None  # one caption: nothing padded
+    kwargs = pipe.family.call(uncond, x, torch.full((2,), 500.0), pipe.transformer, 1.0)  # "blurry" twice
+    torch.testing.assert_close(kwargs["encoder_hidden_states"], negative.expand(2, -1, -1), rtol=1e-5, atol=1e-5)
+    assert kwargs["encoder_hidden_states_mask"] is None
+
+
+def test_qwen_image_true_cfg_rescales_each_patch_to_the_conditional_norm(pipelines):
+    """QwenImagePipeline: neg + w (cond - neg), rescaled per token to the conditional's norm
+    (here per 4x4x3 pixel patch); on only for true_cfg_scale > 1."""
+    pipe = pipelines["qwen_image"]
+    hook, calls = _record_calls(pipe)
+    try:
+        _run(pipe, "qwen_image", true_cfg_scale=1.0)
+        assert [len(c["hidden_states"]) for c in calls] == [2, 2]
+    finally:
+        hook.remove()
+    outputs = []
+    out_hook = pipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0]))
+    noise = torch.randn(2, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
+    try:
+        image = _run(pipe, "qwen_image", true_cfg_scale=3.0, latents=noise)
+    finally:
+        out_hook.remove()
+    unfold = torch.nn.Unfold(kernel_size=4, stride=4)  # (B, 3*4*4, patches)
+    fold = torch.nn.Fold(output_size=(SIDE, SIDE), kernel_size=4, stride=4)
+    x, sigmas = noise, pipe.scheduler.sigmas
+    for i, out in enumerate(outputs):  # Euler steps of the guided, rescaled velocity
+        neg, pos = out.chunk(2)
+        guided = unfold(neg + 3.0 * (pos - neg))
+        guided = guided * unfold(pos).norm(dim=1, keepdim=True) / guided.norm(dim=1, keepdim=True)
+        x = x + (sigmas[i + 1] - sigmas[i]) * fold(guided)
+    torch.testing.assert_close(image, x.clamp(-1, 1) / 2 + 0.5, rtol=1e-5, atol=1e-5)
