@@ -56,6 +56,7 @@ def test_record_holds_the_autoencoders_round_trip_score(tiny_source):
     assert 0.0 <= recon["overall"] <= 1.0 and recon["psnr_db"] > 0
     assert set(recon["per_category"]) == set(CATEGORIES)
     assert not source.work_dir_for(tiny_source).exists()   # removed once the folder is written
+    assert tiny_source.stat().st_mode & 0o755 == 0o755      # not mkdtemp's owner-only mode
 
 
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):

@@ -425,7 +425,7 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
         log(f"autoencoder round trip of {cfg.vae_eval_scenes} held-out renders: scorer "
             f"{progress['vae_reconstruction']['overall']:.3f}, "
             f"PSNR {progress['vae_reconstruction']['psnr_db']:.1f} dB")
-        tmp = Path(tempfile.mkdtemp(prefix=".vae.", dir=work))
+        tmp = _staging_dir(work, ".vae.")
         pipe.vae.save_pretrained(tmp, safe_serialization=True)
         tmp.rename(vae_dir)
         progress["seconds"] += time.time() - started
@@ -470,11 +470,21 @@ def _write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _staging_dir(parent: Path, prefix: str) -> Path:
+    """A fresh folder in ``parent`` to build in before renaming into place, with the
+    permissions of a folder made by mkdir (mkdtemp's are owner-only)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 def save_pipeline_atomically(pipe, out_dir: Path, extra_files: dict[str, str] | None = None) -> None:
     """save_pretrained into a sibling temporary folder, then swap it into place."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = _staging_dir(out_dir.parent, f".{out_dir.name}.")
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for name, text in (extra_files or {}).items():
