@@ -116,12 +116,13 @@ def test_time_budget_fits_the_schedule_to_the_measured_speed(monkeypatch):
     clock = {"now": 0.0}
     monkeypatch.setattr(source.time, "time", lambda: clock["now"])
 
-    def run(planned, budget_s, seconds_per_step, warmup_seconds=5.0):
+    def run(planned, budget_s, seconds_per_step, warmup_seconds=5.0, slower_from=None):
         clock["now"] = 0.0
         budget = source._Budget(planned, budget_s)
         step = total = 0
         while step < (total := budget.update(step)):
-            clock["now"] += warmup_seconds if step < source._WARMUP_STEPS else seconds_per_step
+            speed = seconds_per_step * (3 if slower_from is not None and step >= slower_from else 1)
+            clock["now"] += warmup_seconds if step < source._WARMUP_STEPS else speed
             step += 1
         return total
 
@@ -131,6 +132,9 @@ def test_time_budget_fits_the_schedule_to_the_measured_speed(monkeypatch):
     assert run(1000, 0.0, 0.5) == 1000          # no budget: the plan
     assert run(80, 1e6, 0.5) == 80               # never more than planned
     assert run(1000, 10.0, 0.5) == 51            # never fewer than already run
+    # The machine gets 3x slower at step 100: at step 150 the re-fit sees 0.86 s/step on
+    # average and 30 s left, and ends the run at 185 steps instead of the 310 first planned.
+    assert run(1000, 200.0, 0.5, slower_from=100) == 185
 
 
 def test_scoring_ground_truth_gives_full_marks_with_an_interval():

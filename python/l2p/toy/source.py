@@ -188,18 +188,21 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-# Steps whose speed is not representative (allocator and autotuning warm-up), then the
-# steps whose speed sets the schedule.
-_WARMUP_STEPS, _TIMED_STEPS = 10, 40
+# Steps whose speed is not representative (allocator and autotuning warm-up), the steps
+# whose speed first sets the schedule, and how often the schedule is re-fitted after them.
+_WARMUP_STEPS, _TIMED_STEPS, _REFIT_EVERY = 10, 40, 100
 
 
 class _Budget:
     """Fits a schedule of ``planned`` steps into ``budget_s`` seconds of wall clock: after
-    the warm-up and the timed steps it sets the total from the measured speed (never more
-    than planned, never fewer than already run). No budget keeps the plan."""
+    the warm-up and the timed steps it sets the total from the measured speed, and re-fits it
+    every ``_REFIT_EVERY`` steps from the speed since the warm-up (a machine that gets busier
+    mid-run must not overrun the budget); never more than planned, never fewer than already
+    run. No budget keeps the plan."""
 
     def __init__(self, planned: int, budget_s: float):
-        self.total, self.budget_s = planned, budget_s
+        self.planned = self.total = planned
+        self.budget_s = budget_s
         self.started = time.time()
         self.timed_from = None
 
@@ -208,11 +211,12 @@ class _Budget:
             return self.total
         if step == _WARMUP_STEPS:
             self.timed_from = time.time()
-        elif step == _WARMUP_STEPS + _TIMED_STEPS and self.timed_from is not None:
+        elif self.timed_from is not None and step >= _WARMUP_STEPS + _TIMED_STEPS and (
+                step - _WARMUP_STEPS - _TIMED_STEPS) % _REFIT_EVERY == 0:
             now = time.time()
-            per_step = (now - self.timed_from) / _TIMED_STEPS
+            per_step = (now - self.timed_from) / (step - _WARMUP_STEPS)
             left = self.budget_s - (now - self.started)
-            self.total = max(step + 1, min(self.total, step + int(left / per_step)))
+            self.total = max(step + 1, min(self.planned, step + int(left / per_step)))
         return self.total
 
 
