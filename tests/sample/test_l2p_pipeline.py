@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -228,3 +230,45 @@ def test_toy_source_flow_dpm_solver(tmp_path):
            use_resolution_binning=False)
     torch.testing.assert_close(pipe.scheduler.timesteps, source.scheduler.timesteps)
     torch.testing.assert_close(pipe.scheduler.sigmas, source.scheduler.sigmas)
+
+
+@pytest.mark.parametrize("name", ["pixart", "flux"])
+def test_save_pretrained_round_trip(pipelines, converted, name, tmp_path):
+    from l2p import L2PPipeline
+
+    pipe = pipelines[name]
+    pipe.save_pretrained(tmp_path / "saved")
+    again = L2PPipeline.from_pretrained(tmp_path / "saved")
+    a = _run(pipe, generator=torch.Generator().manual_seed(0))
+    b = _run(again, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["_l2p"] == json.loads((converted[name] / "model_index.json").read_text())["_l2p"]
+    assert not (tmp_path / "saved" / "vae").exists()
+    assert not list((tmp_path / "saved").rglob("*.bin")) and list((tmp_path / "saved").rglob("*.safetensors"))
+    with pytest.raises(ValueError, match="not empty"):
+        pipe.save_pretrained(tmp_path / "saved")
+    # A pipeline assembled in memory describes its conversion itself.
+    built = L2PPipeline(again.transformer, again.text_pipeline)
+    built.save_pretrained(tmp_path / "built")
+    assert json.loads((tmp_path / "built" / "model_index.json").read_text())["_l2p"]["patch_size"] == \
+        index["_l2p"]["patch_size"]
+
+
+def test_callback_on_step_end_sees_and_replaces_the_sample(pipelines):
+    pipe = pipelines["pixart"]
+    seen = []
+
+    def callback(p, i, t, kwargs):
+        seen.append((i, tuple(kwargs["latents"].shape)))
+        if i == 0:
+            return {"latents": torch.zeros_like(kwargs["latents"])}
+        return {}
+
+    plain = _run(pipe, generator=torch.Generator().manual_seed(0))
+    replaced = _run(pipe, generator=torch.Generator().manual_seed(0), callback_on_step_end=callback)
+    assert [i for i, _ in seen] == list(range(len(seen))) and len(seen) >= 2
+    assert seen[0][1][1:] == (3, plain.shape[2], plain.shape[3])
+    assert not torch.equal(plain, replaced)
+    with pytest.raises(ValueError, match="latents"):
+        _run(pipe, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"])

@@ -110,7 +110,8 @@ def _scheduler_prediction(scheduler_dir: Path) -> str | None:
     return _SCHEDULER_PREDICTIONS.get(config.get("prediction_type"))
 
 
-def _prepare_out(out: Path) -> Path:
+def prepare_folder(out: Path) -> Path:
+    """A staging folder beside ``out`` (which must not exist or be empty)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not empty; choose a new --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,9 +121,10 @@ def _prepare_out(out: Path) -> Path:
     return tmp
 
 
-def _finish(tmp: Path, out: Path) -> None:
+def finish_folder(tmp: Path, out: Path) -> None:
+    """Move the staged folder into place."""
     if out.is_dir():
-        out.rmdir()  # empty, checked in _prepare_out
+        out.rmdir()  # empty, checked in prepare_folder
     os.replace(tmp, out)
 
 
@@ -153,10 +155,10 @@ def convert_folder(
     if kind == "model":
         transformer = load_source_transformer(source)
         pixel = convert_to_pixel(transformer, patch_size=patch_size, head=head, seed=seed)
-        tmp = _prepare_out(out)
+        tmp = prepare_folder(out)
         try:
             pixel.save_pretrained(str(tmp), safe_serialization=True)
-            _finish(tmp, out)
+            finish_folder(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return pixel.conversion_report
@@ -173,7 +175,7 @@ def convert_folder(
     pixel = convert_to_pixel(
         transformer, vae_scale_factor=factor, patch_size=patch_size, head=head, seed=seed
     )
-    tmp = _prepare_out(out)
+    tmp = prepare_folder(out)
     try:
         _copy_pipeline_parts(source, tmp, skip={"vae", "transformer", "model_index.json"})
         pixel.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
@@ -190,7 +192,7 @@ def convert_folder(
             "output_sign": pixel.output_sign,
         }
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        _finish(tmp, out)
+        finish_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return pixel.conversion_report
@@ -242,14 +244,14 @@ def merge_folder(base: str | os.PathLike, delta: str | os.PathLike, out: str | o
     with parameters_on_meta():  # every parameter is about to be assigned from `state`
         model = PixelTransformer2DModel.from_config(config)
     model.load_state_dict(state, strict=True, assign=True)
-    tmp = _prepare_out(out)
+    tmp = prepare_folder(out)
     try:
         if model_dir is base:
             model.save_pretrained(str(tmp), safe_serialization=True)
         else:
             _copy_pipeline_parts(base, tmp, skip={"transformer"})
             model.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
-        _finish(tmp, out)
+        finish_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return sorted(tensors)

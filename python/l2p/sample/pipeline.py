@@ -47,7 +47,7 @@ def _prompt_list(prompt: str | list[str], what: str) -> list[str]:
 
 def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncond: dict | None, *,
             steps: int, cfg_scale: float = 1.0, embedded_guidance: float = 1.0, mu: float | None = None,
-            progress=None) -> torch.Tensor:
+            progress=None, on_step_end=None) -> torch.Tensor:
     """The source pipeline's denoising loop in pixel space; returns the final image (B, 3, H, W)
     in float32, not clipped.
 
@@ -62,6 +62,8 @@ def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncon
             pipeline does (``family.guide``; Qwen-Image rescales it to the conditional's norm).
         embedded_guidance: the guidance embedding of guidance-distilled FLUX.
         mu: the dynamic time shift (default: the source pipeline's, from the token count).
+        on_step_end: called as ``on_step_end(i, t, x)`` after step i; a tensor it returns
+            replaces x (diffusers' callback_on_step_end contract).
     """
     p = model.config.patch_size
     device = next(model.parameters()).device
@@ -71,7 +73,7 @@ def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncon
     cond = condmod.to_device(cond, device, dtype)
     if uncond is not None:
         cond = condmod.stack([condmod.to_device(uncond, device, dtype), cond])
-    for t in timesteps:
+    for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         x_in = torch.cat([x_in, x_in]) if uncond is not None else x_in
         ts = t.to(device).expand(x_in.shape[0])
@@ -81,6 +83,9 @@ def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncon
             out = family.guide(out_uncond, out_cond, cfg_scale, p)
         # The pixel model keeps the source transformer's sign; its pipeline undoes it here.
         x = scheduler.step(out * model.output_sign, t, x, return_dict=False)[0]
+        if on_step_end is not None:
+            replaced = on_step_end(i, t, x)
+            x = x if replaced is None else replaced
         if progress is not None:
             progress.update()
     if not torch.isfinite(x).all():
@@ -107,6 +112,8 @@ class L2PPipeline:
         self.recipe = recipe_for(source_class)
         resolve_attention(attention, torch.device("cpu"), torch.float32)  # validates the name
         self.attention = attention
+        # model_index.json's "_l2p" block of the folder this came from (None if built here).
+        self.conversion_record = None
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -133,7 +140,41 @@ class L2PPipeline:
             str(path), use_safetensors=True, local_files_only=True, **skip, **dtype, **kwargs)
         transformer = PixelTransformer2DModel.from_pretrained(
             str(path / "transformer"), use_safetensors=True, local_files_only=True, **dtype)
-        return cls(transformer.eval(), text_pipeline, attention=attention)
+        pipe = cls(transformer.eval(), text_pipeline, attention=attention)
+        pipe.conversion_record = index.get("_l2p")
+        return pipe
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write the pipeline as the folder ``from_pretrained`` reads (what ``l2p convert``
+        writes: no VAE, safetensors only). The folder must not exist or be empty; it appears
+        complete or not at all."""
+        from l2p.conversion.folders import finish_folder, prepare_folder
+
+        out = Path(save_directory)
+        tmp = prepare_folder(out)
+        try:
+            self.text_pipeline.save_pretrained(str(tmp), safe_serialization=True)
+            self.transformer.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
+            index = json.loads((tmp / "model_index.json").read_text())
+            index["transformer"] = PIXEL_ENTRY
+            if "vae" in index:
+                index["vae"] = [None, None]
+            index["_l2p"] = self.conversion_record or self._describe_conversion()
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            finish_folder(tmp, out)
+        finally:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _describe_conversion(self) -> dict:
+        """The model_index.json "_l2p" block of a pipeline assembled in memory."""
+        model = self.transformer
+        return {"source_pipeline": type(self.text_pipeline).__name__,
+                "source_transformer": model.config.source_class, "pixel_transformer": PIXEL_ENTRY[1],
+                "patch_size": model.config.patch_size,
+                "vae_scale_factor": model.config.patch_size // model.adapter.latent_patch,
+                "prediction": model.prediction, "output_sign": model.output_sign}
 
     # -- diffusers-style conveniences ------------------------------------------------------
     @property
@@ -213,6 +254,8 @@ class L2PPipeline:
         shift: float | str | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
         """Generate images.
 
@@ -234,12 +277,19 @@ class L2PPipeline:
                 ultra-high resolution); for dynamically shifted schedulers mu = log(k).
             output_type: "pil" (default), "np" (B, H, W, 3) in [0, 1], "pt" (B, 3, H, W) in
                 [0, 1].
+            callback_on_step_end: as in diffusers, ``callback(pipe, i, t, callback_kwargs)``
+                after each step; ``callback_kwargs["latents"]`` is the current pixel-space
+                sample x_t (B, 3, H, W), and a "latents" entry in the returned dict replaces it.
         Returns ``ImagePipelineOutput(images=...)``, or a 1-tuple when not return_dict.
         """
         from diffusers.image_processor import VaeImageProcessor
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
 
+        unknown = set(callback_on_step_end_tensor_inputs) - {"latents"}
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may only hold 'latents' (the pixel-space "
+                             f"sample), got {sorted(unknown)}")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
@@ -277,10 +327,15 @@ class L2PPipeline:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         else:
             x = latents.to(device, torch.float32)
+        on_step_end = None
+        if callback_on_step_end is not None:
+            def on_step_end(i, t, sample):
+                kwargs = {name: sample for name in callback_on_step_end_tensor_inputs}
+                return (callback_on_step_end(self, i, t, kwargs) or {}).get("latents")
         with self.text_pipeline.progress_bar(total=num_inference_steps) as progress:
             x = denoise(model, self.family, self.recipe, scheduler, x, cond, uncond, steps=num_inference_steps,
                         cfg_scale=cfg_scale, embedded_guidance=guidance_scale if self.recipe.distilled_guidance
-                        else 1.0, mu=mu, progress=progress)
+                        else 1.0, mu=mu, progress=progress, on_step_end=on_step_end)
         images = VaeImageProcessor(do_resize=False).postprocess(x.clamp(-1, 1), output_type=output_type)
         if not return_dict:
             return (images,)
