@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from _checks import assert_attention_modes_agree
 from l2p import testing
-from l2p.sample import attention as attn_mod
 from l2p.train.conditioning import stack
 
 SIDE = 32  # both tiny VAEs have factor 2 and latent patch 2: pixel patch 4, an 8x8 token grid
@@ -83,19 +83,7 @@ def test_two_images_with_guidance_and_seed(pipelines, name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_attention_modes_give_the_same_image(pipelines, name, monkeypatch):
-    calls = []
-    original = attn_mod.l2p_attention
-    monkeypatch.setattr(attn_mod, "l2p_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
-    pipe = pipelines[name]
-    images = {}
-    try:
-        for mode in ("native", "l2p"):
-            pipe.set_attention(mode)
-            images[mode] = _run(pipe, name)
-            assert bool(calls) == (mode == "l2p")
-    finally:
-        pipe.set_attention("auto")
-    torch.testing.assert_close(images["l2p"], images["native"], rtol=1e-5, atol=1e-5)
+    assert_attention_modes_agree(pipelines[name], lambda pipe: _run(pipe, name), monkeypatch)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from _checks import assert_attention_modes_agree
 from l2p import testing
-from l2p.sample import attention as attn_mod
 
 # name -> (builder, pixel patch of its tiny VAE x latent patch, image side)
 FAMILIES = {
@@ -81,19 +81,7 @@ def test_two_images_with_guidance_and_seed(pipelines, name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_attention_modes_give_the_same_image(pipelines, name, monkeypatch):
-    calls = []
-    original = attn_mod.l2p_attention
-    monkeypatch.setattr(attn_mod, "l2p_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
-    pipe = pipelines[name]
-    images = {}
-    try:
-        for mode in ("native", "l2p"):
-            pipe.set_attention(mode)
-            images[mode] = _run(pipe, name)
-            assert bool(calls) == (mode == "l2p")
-    finally:
-        pipe.set_attention("auto")
-    torch.testing.assert_close(images["l2p"], images["native"], rtol=1e-5, atol=1e-5)
+    assert_attention_modes_agree(pipelines[name], lambda pipe: _run(pipe, name), monkeypatch)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
