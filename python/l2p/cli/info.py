@@ -36,7 +36,22 @@ def collect() -> dict:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+    info["toy_source"] = _toy_source()
     return info
+
+
+def _toy_source() -> dict:
+    """Whether the package ships the toy source, and what its training record says."""
+    from l2p.toy.source import SHIPPED_SOURCE_DIR
+
+    record_file = SHIPPED_SOURCE_DIR / "training_record.json"
+    if not (SHIPPED_SOURCE_DIR / "model_index.json").is_file() or not record_file.is_file():
+        return {"shipped": False}
+    record = json.loads(record_file.read_text())
+    heldout = (record.get("eval") or {}).get("heldout") or {}
+    return {"shipped": True, "path": str(SHIPPED_SOURCE_DIR), "device": record.get("device"),
+            "seconds": record.get("seconds"), "heldout_score": heldout.get("overall"),
+            "heldout_ci95": heldout.get("ci95")}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
               f"CUDA kernels {'yes' if ext['cuda'] else 'no'} (archs: {archs}), "
               f"built against torch {ext['torch_version']}")
     print(f"CPU threads: {info['cpu_threads']}" + (f"; GPU: {info['gpu']}" if "gpu" in info else ""))
+    toy = info["toy_source"]
+    if toy["shipped"]:
+        score = (f"held-out score {toy['heldout_score']:.3f} (95% CI {toy['heldout_ci95'][0]:.3f}-"
+                 f"{toy['heldout_ci95'][1]:.3f})" if toy["heldout_score"] is not None else "not scored")
+        print(f"toy source: shipped, {score}, trained {toy['seconds'] / 60:.0f} min on {toy['device']}")
+    else:
+        print("toy source: not shipped (l2p-train with no arguments needs it; see `l2p toy train-source`)")
     print('backend="auto" picks:')
     for op, per_device in info["auto"].items():
         for dev, per_dtype in per_device.items():

@@ -1,0 +1,28 @@
+"""`l2p info`: what was built, what "auto" picks, and whether the toy source ships."""
+
+from __future__ import annotations
+
+import json
+
+
+def test_info_text_and_json(capsys, monkeypatch, tmp_path):
+    import l2p.toy.source as toy_source
+    from l2p.cli import main
+
+    monkeypatch.setattr(toy_source, "SHIPPED_SOURCE_DIR", tmp_path / "none")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert 'backend="auto" picks' in out and "toy source: not shipped" in out
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "model_index.json").write_text("{}")
+    (shipped / "training_record.json").write_text(json.dumps(
+        {"device": "a CPU", "seconds": 600, "eval": {"heldout": {"overall": 0.5, "ci95": [0.4, 0.6]}}}))
+    monkeypatch.setattr(toy_source, "SHIPPED_SOURCE_DIR", shipped)
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["toy_source"]["shipped"] and info["toy_source"]["heldout_score"] == 0.5
+    assert set(info["auto"]) == {"patch_embed", "unpatchify", "attention"}
+    assert main(["info"]) == 0
+    assert "held-out score 0.500 (95% CI 0.400-0.600), trained 10 min on a CPU" in capsys.readouterr().out
