@@ -6,7 +6,8 @@
 #   3. once the GPU is quiet again, the CUDA benchmarks (l2p and torch in the same run).
 # Results land in $OUT: run.log, build.log, tests.log, memcheck.log, toy.log,
 # cuda_report.md and the toy source as a tarball split into 15 MB parts.
-# Usage (repo root): OUT=/some/dir TOY_BUDGET_S=150 [BENCH=0] bash bench/gpu/device_run.sh
+# Usage (repo root): OUT=/some/dir TOY_BUDGET_S=150 [TOY_ARGS="--dit-batch 128"] [BENCH=0] \
+#   bash bench/gpu/device_run.sh
 set -u
 OUT=${OUT:-/tmp/l2p-device-out}
 TOY_BUDGET_S=${TOY_BUDGET_S:-150}
@@ -40,7 +41,7 @@ from l2p.cli import toy
 parser = argparse.ArgumentParser(prog='l2p'); toy.register(parser.add_subparsers())
 args = parser.parse_args(sys.argv[1:]); sys.exit(args.func(args))" \
     toy train-source --out /tmp/toy-source --device cuda --time-budget-s "$TOY_BUDGET_S" \
-    --eval-prompts 600 > "$OUT/toy.log" 2>&1; echo "exit $?" >> "$OUT/toy.log" ) &
+    --eval-prompts 600 ${TOY_ARGS:-} > "$OUT/toy.log" 2>&1; echo "exit $?" >> "$OUT/toy.log" ) &
 TOY_PID=$!
 if [ $ok = 1 ]; then
   log "build ok"
