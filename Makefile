@@ -15,8 +15,9 @@ install:
 	$(PIP) install --quiet $(BUILD_REQUIREMENTS)
 	$(PIP) install --quiet --no-build-isolation ".[test,train]"
 
+# The main job: the complete ShapesWorld toy migration (l2p-train with no arguments).
 demo: install
-	l2p info
+	l2p-train
 
 test: install
 	$(PYTHON) -m pytest -q
