@@ -7,6 +7,20 @@ import torch
 from l2p.sample import attention as attn_mod
 
 
+def converted_pipelines(sources: dict, root) -> dict:
+    """``l2p convert`` each source folder into ``root`` (a small Detailer Head: 8 channels per
+    level) and load it as an L2PPipeline without progress bars."""
+    from l2p import L2PPipeline
+    from l2p.conversion import convert_folder
+
+    out = {}
+    for name, source in sources.items():
+        convert_folder(source, root / name, head={"type": "detailer", "max_channels": 8}, seed=1)
+        out[name] = L2PPipeline.from_pretrained(root / name)
+        out[name].set_progress_bar_config(disable=True)
+    return out
+
+
 def assert_attention_modes_agree(pipe, run, monkeypatch) -> None:
     """``run(pipe)`` gives the same image with attention="native" and "l2p" (within 1e-5),
     and only the "l2p" mode reaches l2p's attention."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _checks import assert_attention_modes_agree
+from _checks import assert_attention_modes_agree, converted_pipelines
 from l2p import testing
 from l2p.train.conditioning import stack
 
@@ -29,16 +29,8 @@ def sources(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipelines(sources, tmp_path_factory):
-    from l2p import L2PPipeline
-    from l2p.conversion import convert_folder
-
-    root = tmp_path_factory.mktemp("converted")
-    out = {}
-    for name in FAMILIES:
-        convert_folder(sources[name], root / name, head={"type": "detailer", "channels": [8, 8]}, seed=1)
-        out[name] = L2PPipeline.from_pretrained(root / name)
-        out[name].set_progress_bar_config(disable=True)
-        assert out[name].transformer.config.patch_size == 4
+    out = converted_pipelines(sources, tmp_path_factory.mktemp("converted"))
+    assert all(pipe.transformer.config.patch_size == 4 for pipe in out.values())
     return out
 
 

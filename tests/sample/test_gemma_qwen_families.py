@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _checks import assert_attention_modes_agree
+from _checks import assert_attention_modes_agree, converted_pipelines
 from l2p import testing
 
 # name -> (builder, pixel patch of its tiny VAE x latent patch, image side)
@@ -30,16 +30,8 @@ def sources(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipelines(sources, tmp_path_factory):
-    from l2p import L2PPipeline
-    from l2p.conversion import convert_folder
-
-    root = tmp_path_factory.mktemp("converted")
-    out = {}
+    out = converted_pipelines(sources, tmp_path_factory.mktemp("converted"))
     for name, (_, patch, _) in FAMILIES.items():
-        levels = patch.bit_length() - 1
-        convert_folder(sources[name], root / name, head={"type": "detailer", "channels": [8] * levels}, seed=1)
-        out[name] = L2PPipeline.from_pretrained(root / name)
-        out[name].set_progress_bar_config(disable=True)
         assert out[name].transformer.config.patch_size == patch
     return out
 

@@ -35,6 +35,7 @@ import torch
 
 from l2p.toy.prompts import make_records
 from l2p.toy.scoring import paired_difference, score_generated
+from l2p.toy.source import cpu_name
 
 
 @dataclass(frozen=True)
@@ -357,7 +358,7 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
     report = {
         "plan": asdict(plan), "source_dir": str(source_dir), "steps": steps, "steps_from": steps_from,
         "machine": (torch.cuda.get_device_name() if torch.cuda.is_available()
-                    else f"{_cpu_name()}, {torch.get_num_threads()} torch threads"),
+                    else f"{cpu_name()}, {torch.get_num_threads()} torch threads"),
         "source": source, "arms": arms, "comparisons": comparisons,
         "pixel_over_source": {n: (a["eval"]["overall"] / source["overall"] if source["overall"] else None)
                               for n, a in arms.items()},
@@ -368,8 +369,3 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
     log(f"report: {out / 'report.md'}")
     return report
 
-
-def _cpu_name() -> str:
-    from l2p.toy.source import _cpu_name as name
-
-    return name()

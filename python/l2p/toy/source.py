@@ -447,7 +447,7 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
         "vae_reconstruction": progress.get("vae_reconstruction"),
         "command": command,
         "seconds": round(elapsed, 1),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -458,7 +458,8 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
     return out_dir
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
