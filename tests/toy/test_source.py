@@ -91,6 +91,32 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
             assert torch.equal(a[name], b[name]), f"{part}.{name} differs after resuming"
 
 
+def test_continuing_a_trained_source_keeps_its_autoencoder_and_chains_its_record(tiny_source, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "continued"
+    source.train_toy_source(TINY.scaled(init_from=str(tiny_source), dit_steps=2, seed=1), out, "cpu",
+                            log=lambda _: None, command="continue")
+    record = json.loads((out / "training_record.json").read_text())
+    assert record["steps_run"] == {"vae": 0, "transformer": 2}
+    assert record["continued_from"]["command"] == "test"
+    assert record["total_transformer_steps"] == 3 + 2
+    assert record["vae_reconstruction"] == record["continued_from"]["vae_reconstruction"]
+    before, after = (load_file(next((d / "vae").glob("*.safetensors"))) for d in (tiny_source, out))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    before, after = (load_file(next((d / "transformer").glob("*.safetensors"))) for d in (tiny_source, out))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_continuing_needs_the_same_architecture(tiny_source, tmp_path):
+    with pytest.raises(ValueError, match="layers: folder 1, config 2"):
+        source.train_toy_source(TINY.scaled(init_from=str(tiny_source), layers=2), tmp_path / "x", "cpu",
+                                log=lambda _: None)
+    with pytest.raises(FileNotFoundError, match="training_record.json"):
+        source.train_toy_source(TINY.scaled(init_from=str(tmp_path)), tmp_path / "y", "cpu",
+                                log=lambda _: None)
+
+
 def test_a_different_config_does_not_resume_a_foreign_run(tmp_path):
     out = tmp_path / "src"
     source.work_dir_for(out).mkdir(parents=True)

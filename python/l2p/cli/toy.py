@@ -103,6 +103,9 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (default: torch's choice). On a CPU shared with "
                         "other work, 1 avoids the threads waiting on each other")
+    p.add_argument("--init-from", dest="init_from", metavar="FOLDER",
+                   help="continue training this toy source folder (same architecture; its "
+                        "autoencoder is kept) instead of starting from random weights")
     from l2p.toy.source import ToySourceConfig
 
     for f in fields(ToySourceConfig):

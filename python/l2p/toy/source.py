@@ -90,6 +90,10 @@ class ToySourceConfig:
     # its speed on its first steps and shortens its schedule to fit its share (a quarter for
     # the autoencoder); the steps actually run are written to the training record.
     time_budget_s: float = 0.0
+    # Continue training a trained toy source folder (same architecture) instead of starting
+    # from random weights: its autoencoder is kept (phase 1 is skipped) and its transformer and
+    # text encoder are trained further on a fresh schedule. Empty: train from scratch.
+    init_from: str = ""
 
     def scaled(self, **overrides) -> "ToySourceConfig":
         return ToySourceConfig(**{**asdict(self), **overrides})
@@ -156,6 +160,29 @@ def build_toy_pipeline(cfg: ToySourceConfig, seed: int = 0):
     )
     return PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                transformer=transformer, scheduler=scheduler)
+
+
+# The fields that fix the architecture: a run that continues a trained folder must match them.
+ARCHITECTURE_FIELDS = ("image_size", "vae_channels", "latent_channels", "layers", "heads", "head_dim",
+                       "latent_patch", "text_dim", "text_layers", "text_heads", "max_tokens")
+
+
+def load_for_continuation(cfg: ToySourceConfig):
+    """The trained pipeline at ``cfg.init_from`` and its training record, after checking that
+    it has the architecture ``cfg`` describes."""
+    folder = Path(cfg.init_from)
+    record_path = folder / "training_record.json"
+    if not record_path.exists():
+        raise FileNotFoundError(f"init_from={folder} has no training_record.json: continue only "
+                                f"from a folder written by `l2p toy train-source`")
+    previous = json.loads(record_path.read_text())
+    mismatched = [f"{name}: folder {previous['config'][name]!r}, config {getattr(cfg, name)!r}"
+                  for name in ARCHITECTURE_FIELDS
+                  if json.loads(json.dumps(previous["config"].get(name))) != json.loads(json.dumps(getattr(cfg, name)))]
+    if mismatched:
+        raise ValueError(f"init_from={folder} has another architecture than the config ("
+                         + "; ".join(mismatched) + "); pass the folder's values or train from scratch")
+    return load_toy_source(folder), previous
 
 
 def _render_one(args) -> np.ndarray:
@@ -409,11 +436,21 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
     started = time.time()
     progress_file = work / "progress.json"
     progress = json.loads(progress_file.read_text()) if progress_file.exists() else {"seconds": 0.0}
-    pipe = build_toy_pipeline(cfg, seed=cfg.seed)
+    previous = None
+    if cfg.init_from:
+        pipe, previous = load_for_continuation(cfg)
+        log(f"continuing the toy source at {cfg.init_from}")
+    else:
+        pipe = build_toy_pipeline(cfg, seed=cfg.seed)
     log(f"rendering {cfg.train_scenes} ShapesWorld scenes at {cfg.image_size}px")
     images, prompts = render_training_set(cfg.train_scenes, cfg.data_seed, cfg.image_size, cfg.workers)
     vae_dir = work / "vae"
-    if (vae_dir / "config.json").exists():
+    if previous is not None:
+        # The continued folder's autoencoder and latent scaling stay as they are.
+        progress.setdefault("vae_steps", 0)
+        progress.setdefault("vae_reconstruction", previous.get("vae_reconstruction"))
+        latents = encode_latents(pipe.vae.to(device), images, device)
+    elif (vae_dir / "config.json").exists():
         from diffusers import AutoencoderKL
 
         pipe.vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
@@ -452,6 +489,16 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
+    if previous is not None:
+        # The whole history: the run continued here, with its own history inside it.
+        record["continued_from"] = {k: v for k, v in previous.items() if k != "eval"}
+        if "eval" in previous:
+            record["continued_from"]["eval"] = {
+                split: {k: v for k, v in summary.items() if k != "failures"} if isinstance(summary, dict) else summary
+                for split, summary in previous["eval"].items()}
+        record["total_transformer_steps"] = dit_steps + previous.get(
+            "total_transformer_steps", previous["steps_run"]["transformer"])
+        record["total_seconds"] = round(elapsed + previous.get("total_seconds", previous["seconds"]), 1)
     save_pipeline_atomically(pipe, out_dir, extra_files={"training_record.json": json.dumps(record, indent=2)})
     shutil.rmtree(work, ignore_errors=True)
     log(f"toy source written to {out_dir} in {elapsed:.0f} s")
