@@ -90,7 +90,32 @@ def test_timesteps_match_the_source_pipeline(sources, pipelines, name):
     torch.testing.assert_close(pipelines[name].scheduler.sigmas, source.scheduler.sigmas)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+def test_sana_conditioning_is_what_its_pipeline_feeds_the_transformer(sources, pipelines):
+    """SanaPipeline.__call__ prepends its complex human instruction to prompts, not to
+    negative prompts, and keeps the first and the last max_sequence_length - 1 tokens."""
+    from diffusers import DiffusionPipeline
+
+    source = DiffusionPipeline.from_pretrained(str(sources["sana"]))
+    source.set_progress_bar_config(disable=True)
+    seen = []
+    hook = source.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["encoder_hidden_states"], kw["encoder_attention_mask"])),
+        with_kwargs=True)
+    try:
+        source("a red circle", negative_prompt="blurry", height=32, width=32, num_inference_steps=1,
+               guidance_scale=3.0, output_type="latent", use_resolution_binning=False)
+    finally:
+        hook.remove()
+    embeds, mask = seen[0]  # [negative, positive]
+    cond, uncond = pipelines["sana"].encode_prompt(["a red circle"], "blurry")
+    for ours, theirs in [(uncond["prompt_embeds"], embeds[:1]), (cond["prompt_embeds"], embeds[1:]),
+                         (uncond["prompt_attention_mask"], mask[:1]), (cond["prompt_attention_mask"], mask[1:])]:
+        torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=1e-5, atol=1e-5)
+    plain = source.encode_prompt("a red circle", False, complex_human_instruction=None)[0]
+    assert plain.shape != cond["prompt_embeds"].shape or (plain - cond["prompt_embeds"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", ["lumina2", "z_image"])
 def test_conditioning_is_the_sources(sources, pipelines, name):
     """Prompt and negative prompt encoded as the source pipeline encodes them for CFG
     (Lumina2 prepends its system prompt to the prompt only)."""
@@ -131,3 +156,71 @@ def test_z_image_guidance_is_its_pipelines(pipelines):
     expected = ((noise + pos + 0.5 * (pos - neg)).clamp(-1, 1) / 2 + 0.5).clamp(0, 1)
     torch.testing.assert_close(image, expected, rtol=1e-5, atol=1e-5)
     assert np.isfinite(image.numpy()).all()
+
+
+def _guided_one_step(pipe, name, **options):
+    """One Euler step from sigma 1 to 0 with given noise: (the image, the transformer's
+    uncond and cond outputs of that step)."""
+    side = FAMILIES[name][2]
+    outputs = []
+    hook = pipe.transformer.register_forward_hook(lambda m, a, out: outputs.append(out[0]))
+    noise = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    try:
+        image = _run(pipe, name, num_inference_steps=1, latents=noise, **options)
+    finally:
+        hook.remove()
+    uncond, cond = outputs[0].chunk(2)
+    return image, noise, uncond, cond
+
+
+def _as_image(x0):
+    return (x0.clamp(-1, 1) / 2 + 0.5).clamp(0, 1)
+
+
+def test_lumina2_guidance_is_its_pipelines(pipelines):
+    """Lumina2Pipeline: uncond + w (cond - uncond), rescaled by default to the conditional's
+    norm along the last axis; cfg_trunc_ratio ends guidance after that fraction of the steps."""
+    pipe = pipelines["lumina2"]
+    image, noise, uncond, cond = _guided_one_step(pipe, "lumina2")
+    guided = uncond + 3.0 * (cond - uncond)
+    normalized = guided * cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True)
+    # The model returns the negated velocity: x0 = noise + output after one step from 1 to 0.
+    torch.testing.assert_close(image, _as_image(noise + normalized), rtol=1e-5, atol=1e-5)
+    plain, noise, uncond, cond = _guided_one_step(pipe, "lumina2", cfg_normalization=False)
+    torch.testing.assert_close(plain, _as_image(noise + uncond + 3.0 * (cond - uncond)), rtol=1e-5, atol=1e-5)
+    assert (plain - image).abs().max() > 1e-4
+
+    hook, batches = _batch_sizes(pipe)
+    try:
+        _run(pipe, "lumina2", num_inference_steps=4, cfg_trunc_ratio=0.5)
+    finally:
+        hook.remove()
+    assert batches == [4, 4, 2, 2]  # (i + 1) / 4 <= 0.5 for the first two steps only
+
+
+def test_z_image_truncation_and_normalization_are_its_pipelines(pipelines):
+    pipe = pipelines["z_image"]
+    image, noise, uncond, cond = _guided_one_step(pipe, "z_image", cfg_normalization=1.0)
+    guided = cond + 3.0 * (cond - uncond)
+    limit = cond.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    current = guided.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    assert (current > limit).all()  # the cap binds here
+    torch.testing.assert_close(image, _as_image(noise + guided * limit / current), rtol=1e-5, atol=1e-5)
+
+    source_timesteps = []
+    hook, batches = _batch_sizes(pipe)
+    try:
+        _run(pipe, "z_image", num_inference_steps=4, cfg_truncation=0.2,
+             callback_on_step_end=lambda p, i, t, kw: source_timesteps.append(float(t)))
+    finally:
+        hook.remove()
+    # ZImagePipeline: guided while (1000 - t) / 1000 <= cfg_truncation.
+    assert batches == [4 if (1000 - t) / 1000 <= 0.2 else 2 for t in source_timesteps]
+    assert 4 in batches and 2 in batches
+
+
+def test_unknown_guidance_options_are_refused_by_name(pipelines):
+    with pytest.raises(TypeError, match="cfg_trunc_ratio \\(default 1.0\\), cfg_normalization"):
+        _run(pipelines["lumina2"], "lumina2", cfg_truncation=0.5)
+    with pytest.raises(TypeError, match="guidance options: none"):
+        _run(pipelines["sana"], "sana", cfg_normalization=True)

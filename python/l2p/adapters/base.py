@@ -26,7 +26,7 @@ def _power_of_two(n: int) -> bool:
 
 def encode_prompt_with_mask(pipe, prompts: list[str], device) -> dict[str, Any]:
     """Text conditioning of the pipelines whose encode_prompt returns (embeddings, mask,
-    negative embeddings, negative mask): PixArt, Sana, Lumina2."""
+    negative embeddings, negative mask), called with its defaults: PixArt, Lumina2."""
     embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device)
     return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
@@ -85,8 +85,20 @@ class SourceAdapter:
         family's pipeline does."""
         raise NotImplementedError
 
+    # The family pipeline's own guidance options (name -> that pipeline's default), which
+    # L2PPipeline's call takes by the same names: e.g. Lumina2's cfg_trunc_ratio.
+    guidance_options: ClassVar[Mapping[str, Any]] = {}
+
     @staticmethod
-    def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, patch_size: int) -> torch.Tensor:
+    def guides_step(step: int, num_steps: int, t: torch.Tensor, options: Mapping[str, Any]) -> bool:
+        """Whether classifier-free guidance runs at denoising step ``step`` (0-based) of
+        ``num_steps`` at scheduler time ``t``; a pipeline that truncates guidance says no for
+        its late steps, which then run the conditional branch alone."""
+        return True
+
+    @staticmethod
+    def guide(uncond: torch.Tensor, cond: torch.Tensor, scale: float, patch_size: int,
+              options: Mapping[str, Any]) -> torch.Tensor:
         """Classifier-free guidance of the model outputs (B, 3, H, W) as the pipeline combines
         them: uncond + scale (cond - uncond)."""
         return uncond + scale * (cond - uncond)

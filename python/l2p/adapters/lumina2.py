@@ -1,9 +1,10 @@
 """Lumina2Transformer2DModel (Lumina-Image 2.0): latents patchified inside
 ``rope_embedder``, then ``x_embedder``; joint sequence [caption, image] per sample with the
 caption length from the attention mask. ``norm_out.linear_2`` is the output projection
-(``linear_1`` the final scale). The pipeline negates the output. Sampling guides with plain
-CFG: Lumina2Pipeline's cfg_normalization (the guided latent rescaled, row by row, to the
-conditional's norm; on by default) and cfg_trunc_ratio are not applied in pixel space."""
+(``linear_1`` the final scale). The pipeline negates the output. Guidance is Lumina2Pipeline's:
+CFG off for the steps past ``cfg_trunc_ratio``, and ``cfg_normalization`` (on by default)
+rescales the guided output to the conditional one's norm along the last axis, which in pixel
+space is each pixel row of each colour channel (in the pipeline, each latent row)."""
 
 import torch
 
@@ -40,3 +41,17 @@ class Lumina2Adapter(SourceAdapter):
         return dict(hidden_states=x_t, encoder_hidden_states=cond["prompt_embeds"],
                     encoder_attention_mask=cond["prompt_attention_mask"],
                     timestep=1.0 - times / 1000.0)
+
+    guidance_options = {"cfg_trunc_ratio": 1.0, "cfg_normalization": True}
+
+    @staticmethod
+    def guides_step(step, num_steps, t, options):
+        return (step + 1) / num_steps <= options["cfg_trunc_ratio"]
+
+    @staticmethod
+    def guide(uncond, cond, scale, patch_size, options):
+        guided = uncond + scale * (cond - uncond)
+        if options["cfg_normalization"]:
+            norm = torch.linalg.vector_norm
+            guided = guided * (norm(cond, dim=-1, keepdim=True) / norm(guided, dim=-1, keepdim=True))
+        return guided

@@ -62,7 +62,7 @@ class QwenImageAdapter(PackedLatentAdapter):
         return kwargs
 
     @staticmethod
-    def guide(uncond, cond, scale, patch_size):
+    def guide(uncond, cond, scale, patch_size, options):
         # QwenImagePipeline rescales the guided prediction of each packed latent token to the
         # norm of the conditional one; a pixel token is one patch_size^2 x 3 patch.
         guided = uncond + scale * (cond - uncond)

@@ -1,7 +1,10 @@
 """ZImageTransformer2DModel (Z-Image / -Turbo): latents enter as a list of (C, 1, H, W),
 are patchified inside (order f, ph, pw, c), padded to a multiple of 32 tokens per image and
 embedded together; the image tokens lead the unified [image, caption] sequence. The model
-returns the negative velocity (the pipeline negates), t = 1 - sigma."""
+returns the negative velocity (the pipeline negates), t = 1 - sigma. Guidance is
+ZImagePipeline's: cond + g (cond - uncond); ``cfg_truncation`` turns it off where
+t = 1 - sigma exceeds it, and ``cfg_normalization`` k > 0 caps each guided output's norm at k
+times the conditional one's (norms over the whole image, as over the whole latent there)."""
 
 import torch
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
@@ -17,6 +20,25 @@ class ZImageAdapter(SourceAdapter):
     output_sign = -1
     flow_sigmas = True
     guidance_scale_offset = 1.0  # ZImagePipeline guides as cond + g (cond - uncond)
+    guidance_options = {"cfg_truncation": 1.0, "cfg_normalization": False}
+
+    @staticmethod
+    def guides_step(step, num_steps, t, options):
+        truncation = options["cfg_truncation"]
+        if truncation is None or float(truncation) > 1:
+            return True
+        return (1000 - float(t)) / 1000 <= float(truncation)
+
+    @staticmethod
+    def guide(uncond, cond, scale, patch_size, options):
+        guided = uncond + scale * (cond - uncond)
+        cap = float(options["cfg_normalization"] or 0.0)
+        if cap > 0:
+            norm = torch.linalg.vector_norm
+            limit = norm(cond, dim=(1, 2, 3), keepdim=True) * cap
+            current = norm(guided, dim=(1, 2, 3), keepdim=True)
+            guided = torch.where(current > limit, guided * (limit / current), guided)
+        return guided
 
     @property
     def latent_patch(self) -> int:

@@ -45,9 +45,20 @@ def _prompt_list(prompt: str | list[str], what: str) -> list[str]:
     raise ValueError(f"{what} must be a string or a non-empty list of strings, got {prompt!r}")
 
 
+def guidance_options_for(family, given: dict) -> dict:
+    """The family pipeline's guidance options: its defaults updated by ``given``; a name the
+    family's pipeline does not take is an error that lists those it does."""
+    unknown = sorted(set(given) - set(family.guidance_options))
+    if unknown:
+        known = ", ".join(f"{k} (default {v!r})" for k, v in family.guidance_options.items()) or "none"
+        raise TypeError(f"unexpected option(s) {', '.join(unknown)}; this family's pipeline "
+                        f"takes these guidance options: {known}")
+    return {**family.guidance_options, **given}
+
+
 def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncond: dict | None, *,
             steps: int, cfg_scale: float = 1.0, embedded_guidance: float = 1.0, mu: float | None = None,
-            progress=None, on_step_end=None) -> torch.Tensor:
+            guidance_options: dict | None = None, progress=None, on_step_end=None) -> torch.Tensor:
     """The source pipeline's denoising loop in pixel space; returns the final image (B, 3, H, W)
     in float32, not clipped.
 
@@ -62,6 +73,8 @@ def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncon
             pipeline does (``family.guide``; Qwen-Image rescales it to the conditional's norm).
         embedded_guidance: the guidance embedding of guidance-distilled FLUX.
         mu: the dynamic time shift (default: the source pipeline's, from the token count).
+        guidance_options: the family pipeline's own guidance options (``family.guidance_options``
+            names them; e.g. Lumina2's cfg_trunc_ratio), its defaults where not given.
         on_step_end: called as ``on_step_end(i, t, x)`` after step i; a tensor it returns
             replaces x (diffusers' callback_on_step_end contract).
     """
@@ -70,17 +83,21 @@ def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncon
     dtype = next(model.parameters()).dtype
     timesteps = set_timesteps(scheduler, recipe, steps, (x.shape[2] // p) * (x.shape[3] // p), device, mu=mu)
     x = x.to(device, torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
+    options = guidance_options_for(family, guidance_options or {})
     cond = condmod.to_device(cond, device, dtype)
+    both = None
     if uncond is not None:
-        cond = condmod.stack([condmod.to_device(uncond, device, dtype), cond])
+        both = condmod.stack([condmod.to_device(uncond, device, dtype), cond])
     for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        x_in = torch.cat([x_in, x_in]) if uncond is not None else x_in
+        guided = both is not None and family.guides_step(i, len(timesteps), t, options)
+        x_in = torch.cat([x_in, x_in]) if guided else x_in
         ts = t.to(device).expand(x_in.shape[0])
-        out = model(**family.call(cond, x_in.to(dtype), ts, model, embedded_guidance), return_dict=False)[0].float()
-        if uncond is not None:
+        call = family.call(both if guided else cond, x_in.to(dtype), ts, model, embedded_guidance)
+        out = model(**call, return_dict=False)[0].float()
+        if guided:
             out_uncond, out_cond = out.chunk(2)
-            out = family.guide(out_uncond, out_cond, cfg_scale, p)
+            out = family.guide(out_uncond, out_cond, cfg_scale, p, options)
         # The pixel model keeps the source transformer's sign; its pipeline undoes it here.
         x = scheduler.step(out * model.output_sign, t, x, return_dict=False)[0]
         if on_step_end is not None:
@@ -256,6 +273,7 @@ class L2PPipeline:
         return_dict: bool = True,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        **guidance_options,
     ):
         """Generate images.
 
@@ -280,6 +298,11 @@ class L2PPipeline:
             callback_on_step_end: as in diffusers, ``callback(pipe, i, t, callback_kwargs)``
                 after each step; ``callback_kwargs["latents"]`` is the current pixel-space
                 sample x_t (B, 3, H, W), and a "latents" entry in the returned dict replaces it.
+            **guidance_options: the source pipeline's own guidance options, by its names and
+                with its defaults: Lumina2 ``cfg_trunc_ratio`` (1.0) and ``cfg_normalization``
+                (True), Z-Image ``cfg_truncation`` (1.0) and ``cfg_normalization`` (False).
+                Norms that the pipeline takes over latent rows or latents are taken over
+                the same axes of the pixel-space output.
         Returns ``ImagePipelineOutput(images=...)``, or a 1-tuple when not return_dict.
         """
         from diffusers.image_processor import VaeImageProcessor
@@ -290,6 +313,7 @@ class L2PPipeline:
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs may only hold 'latents' (the pixel-space "
                              f"sample), got {sorted(unknown)}")
+        guidance_options = guidance_options_for(self.family, guidance_options)
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
@@ -335,7 +359,8 @@ class L2PPipeline:
         with self.text_pipeline.progress_bar(total=num_inference_steps) as progress:
             x = denoise(model, self.family, self.recipe, scheduler, x, cond, uncond, steps=num_inference_steps,
                         cfg_scale=cfg_scale, embedded_guidance=guidance_scale if self.recipe.distilled_guidance
-                        else 1.0, mu=mu, progress=progress, on_step_end=on_step_end)
+                        else 1.0, mu=mu, guidance_options=guidance_options, progress=progress,
+                        on_step_end=on_step_end)
         images = VaeImageProcessor(do_resize=False).postprocess(x.clamp(-1, 1), output_type=output_type)
         if not return_dict:
             return (images,)

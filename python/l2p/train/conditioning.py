@@ -9,7 +9,9 @@ embedding cache stores, so training with the cache never loads a text encoder.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Callable
 
 import torch
@@ -27,8 +29,12 @@ class Family:
     call: Callable[..., dict]
     # Negative prompts for classifier-free guidance, encoded as the source pipeline does.
     encode_negative: Callable[[Any, list[str], torch.device], Cond]
-    # (uncond output, cond output, scale, pixel patch) -> the guided output.
+    # (uncond output, cond output, scale, pixel patch, options) -> the guided output.
     guide: Callable[..., torch.Tensor]
+    # (step, num_steps, t, options) -> whether this step is guided.
+    guides_step: Callable[..., bool]
+    # The pipeline's own guidance options and their defaults.
+    guidance_options: Mapping[str, Any]
 
 
 def family_for(source_class: str) -> Family:
@@ -40,7 +46,8 @@ def family_for(source_class: str) -> Family:
         raise ValueError(f"no conditioning for {source_class} yet (it converts, but does "
                          f"not train or sample); families with one: {', '.join(conditioned)}")
     return Family(adapter.encode_prompts, adapter.transformer_kwargs,
-                  adapter.encode_negative_prompts or adapter.encode_prompts, adapter.guide)
+                  adapter.encode_negative_prompts or adapter.encode_prompts, adapter.guide,
+                  adapter.guides_step, MappingProxyType(dict(adapter.guidance_options)))
 
 
 # ---------------------------------------------------------------------------------------------
