@@ -1,5 +1,5 @@
-"""The prompt-embedding cache: output names, the round trip against encode_prompt, shards,
-incremental updates, the dataset and trainer views, the CLI."""
+"""The prompt-embedding cache: the round trip against encode_prompt, shards, incremental
+updates, the dataset and trainer views, the CLI."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 
 from l2p.cli import main
 from l2p.data.dataset import ImageCaptionDataset
-from l2p.data.embed import EmbeddingCache, build_embedding_cache, encode_prompt_output_names
+from l2p.data.embed import EmbeddingCache, build_embedding_cache
 from l2p.data.generate import load_pipeline
 
 CAPTIONS = ["a red fox in the snow", "a blue car", "a red fox in the snow", "a bowl of ramen, steaming",
@@ -31,19 +31,6 @@ def data(tmp_path):
             Image.fromarray(np.full((16, 16, 3), i * 40, np.uint8)).save(root / f"images/{i}.png")
             writer.writerow([f"images/{i}.png", caption])
     return root
-
-
-def test_output_names_of_common_families():
-    from diffusers import (FluxPipeline, PixArtSigmaPipeline, SanaPipeline, StableDiffusion3Pipeline,
-                           ZImagePipeline)
-
-    assert encode_prompt_output_names(PixArtSigmaPipeline) == [
-        "prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask"]
-    assert encode_prompt_output_names(SanaPipeline) == encode_prompt_output_names(PixArtSigmaPipeline)
-    assert encode_prompt_output_names(StableDiffusion3Pipeline) == [
-        "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
-    assert encode_prompt_output_names(FluxPipeline) == ["prompt_embeds", "pooled_prompt_embeds", "text_ids"]
-    assert encode_prompt_output_names(ZImagePipeline) == ["prompt_embeds", "negative_prompt_embeds"]
 
 
 def test_cache_round_trip(tiny_pixart, data):
@@ -103,19 +90,13 @@ def test_cli_embed(tiny_pixart, data, tmp_path, capsys):
         EmbeddingCache(tmp_path)
 
 
-def test_pipelines_with_one_prompt_per_text_encoder_are_encoded():
-    # SD3's encode_prompt has required prompt_2 / prompt_3 (None = reuse prompt).
-    from l2p.data.embed import encode_captions
-
-    class SD3Like:
-        def encode_prompt(self, prompt, prompt_2, prompt_3, device=None, num_images_per_prompt=1,
-                          do_classifier_free_guidance=True):
-            assert prompt_2 is None and prompt_3 is None and not do_classifier_free_guidance
-            n = len(prompt)
-            prompt_embeds, pooled_prompt_embeds = torch.ones(n, 3, 2), torch.zeros(n, 4)
-            negative_prompt_embeds = negative_pooled_prompt_embeds = None
-            return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
-
-    rows, shared, _ = encode_captions(SD3Like(), ["a", "b"], "cpu")
-    assert len(rows) == 2 and rows[0]["prompt_embeds"].shape == (3, 2)
-    assert rows[1]["pooled_prompt_embeds"].shape == (4,) and not shared
+def test_a_cache_of_another_format_is_refused(tiny_pixart, data):
+    build_embedding_cache(tiny_pixart, data, device="cpu", progress=False)
+    index_file = data / "embeddings" / "index.json"
+    index = json.loads(index_file.read_text())
+    index["format"] = 1
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="format 1.*run `l2p data embed` again"):
+        EmbeddingCache(data / "embeddings")
+    with pytest.raises(ValueError, match="format 1"):
+        build_embedding_cache(tiny_pixart, data, device="cpu", progress=False)

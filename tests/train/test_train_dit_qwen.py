@@ -99,12 +99,19 @@ def test_qwen_image_captions_of_any_length_share_a_batch(sources, data, tmp_path
 
 
 @pytest.mark.parametrize("family", BUILDERS)
-def test_no_embedding_cache(family, sources, data, tmp_path):
+def test_the_embedding_cache_gives_the_text_encoders_conditioning(family, sources, data, tmp_path):
+    """Class ids (DiT) and unpadded per-caption rows (Qwen-Image) come back from the cache as
+    the family's conditioning computes them, so a run from the cache trains on the same batch."""
     from l2p.data.embed import build_embedding_cache
-    from l2p.train.config import ConfigError
 
-    with pytest.raises(ValueError, match="no text-embedding cache .*data.embeddings=null"):
-        build_embedding_cache(sources[family], data[family], out=tmp_path / "cache", progress=False)
-    (tmp_path / "cache").mkdir()
-    with pytest.raises(ConfigError, match="cannot use .*set data.embeddings=null"):
-        Trainer(make_config(sources[family], data[family], tmp_path / "run", data__embeddings=tmp_path / "cache"))
+    build_embedding_cache(sources[family], data[family], out=tmp_path / "cache", batch_size=3, progress=False)
+    runs = [Trainer(make_config(sources[family], data[family], tmp_path / name, data__caption_dropout=0.5, **extra))
+            for name, extra in (("encoders", {}), ("cached", {"data__embeddings": tmp_path / "cache"}))]
+    (x0_a, cond_a, *_), (x0_b, cond_b, *_) = (
+        t._micro_batch(step=0, slots=list(range(8)), batch=t._load(list(range(8)))) for t in runs)
+    torch.testing.assert_close(x0_a, x0_b, rtol=0, atol=0)
+    assert cond_a.keys() == cond_b.keys()
+    for name in cond_a:
+        a, b = cond_a[name], cond_b[name]
+        for x, y in zip(a, b) if isinstance(a, list) else [(a, b)]:
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)

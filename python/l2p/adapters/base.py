@@ -65,8 +65,6 @@ class SourceAdapter:
     guidance_scale_offset: ClassVar[float] = 0.0
     # How the pipeline encodes negative prompts, where not as encode_prompts does (None).
     encode_negative_prompts: ClassVar[Any] = None
-    # Why `l2p data embed` cannot cache this family's conditioning (None: it can).
-    no_embedding_cache: ClassVar[str | None] = None
 
     @classmethod
     def has_conditioning(cls) -> bool:

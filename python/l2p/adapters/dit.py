@@ -23,7 +23,6 @@ class DiTAdapter(PatchEmbedAdapter):
     block_groups = ("transformer_blocks",)
     output_modules = ("norm_out", "proj_out_1")
     prediction = "epsilon"
-    no_embedding_cache = "its conditioning is a class id, which needs no text encoder"
 
     def check_arguments(self, arguments, rows, cols):
         if rows != cols:

@@ -23,8 +23,6 @@ class QwenImageAdapter(PackedLatentAdapter):
     output_modules = ("norm_out",)
     flow_sigmas = True
     distilled_guidance = True
-    # The cache stores encode_prompt's rows, padded to the longest caption of each batch.
-    no_embedding_cache = "QwenImagePipeline.encode_prompt pads each batch, and the cache would keep the padding"
 
     def check_arguments(self, arguments, rows, cols):
         shapes = arguments.get("img_shapes")

@@ -181,10 +181,6 @@ class Trainer:
         if cache_dir == "auto":
             auto = Path(cfg.data.path) / "embeddings"
             cache_dir = str(auto) if auto.is_dir() else None
-        reason = self.model.adapter.no_embedding_cache
-        if cache_dir is not None and reason:
-            raise ConfigError(f"{cache_dir} is a text-embedding cache, which {self.model.config.source_class} "
-                              f"cannot use ({reason}); set data.embeddings=null")
         if cache_dir is not None:
             from l2p.train.embedding_cache import open_embedding_cache
 
