@@ -17,4 +17,6 @@ def run_rank(rank: int, world_size: int, port: int, runs: list[list[str]]) -> No
 
     for i, overrides in enumerate(runs):
         os.environ["MASTER_PORT"] = str(port + i)
-        train(load_config(None, overrides), DistEnv(rank=rank, world_size=world_size, local_rank=rank))
+        result = train(load_config(None, overrides), DistEnv(rank=rank, world_size=world_size, local_rank=rank))
+        if rank == 0:  # what the parent process cannot see in the children
+            (result.output_dir / "offloaded-blocks.txt").write_text(str(result.offloaded_blocks))

@@ -15,7 +15,13 @@ from _dist_worker import run_rank
 from l2p.train.config import load_config
 from l2p.train.loop import train
 
-STRATEGIES = ("ddp", "fsdp")
+# run folder -> how it is distributed
+STRATEGIES = {"ddp": {"distributed__strategy": "ddp"}, "fsdp": {"distributed__strategy": "fsdp"},
+              # Frozen blocks in host memory (FSDP2 CPUOffloadPolicy); on the CPU the copies are
+              # no-ops, so this checks the wrapping and the arithmetic, not the memory saved. The
+              # tiny source has two blocks: train none of them, so both are frozen.
+              "fsdp-offload": {"distributed__strategy": "fsdp", "low_memory__cpu_offload": True,
+                               "model__trainable": "first_last:0"}}
 
 
 def _free_ports(n: int) -> int:
@@ -36,27 +42,34 @@ def test_two_processes_match_one(sources, images, tmp_path):
     common = dict(train__max_steps=4, checkpoint__every=2, optim__schedule="constant", optim__warmup_steps=0)
     single = tmp_path / "single"
     train(load_config(None, overrides(sources["pixart"], images, single, train__batch_size=4, **common)))
+    single_frozen = tmp_path / "single-frozen"
+    train(load_config(None, overrides(sources["pixart"], images, single_frozen, train__batch_size=4,
+                                      model__trainable="first_last:0", **common)))
 
     def two(name, **extra):
         return overrides(sources["pixart"], images, tmp_path / name, train__batch_size=2, **{**common, **extra})
 
-    runs = [two("ddp", distributed__strategy="ddp"),
-            two("fsdp", distributed__strategy="fsdp", sample__every=2, sample__prompts="[a red square]",
-                sample__steps=2)]
+    runs = [two("ddp", **STRATEGIES["ddp"]),
+            two("fsdp", **STRATEGIES["fsdp"], sample__every=2, sample__prompts="[a red square]", sample__steps=2),
+            two("fsdp-offload", **STRATEGIES["fsdp-offload"])]
     # An FSDP run stopped at step 2 and resumed from its sharded checkpoint.
     runs += [two("fsdp-resumed", distributed__strategy="fsdp", train__max_steps=2),
              two("fsdp-resumed", distributed__strategy="fsdp", train__resume="latest")]
     mp.spawn(run_rank, args=(2, _free_ports(len(runs)), runs), nprocs=2, join=True)
-    final_a = load_file(str(single / "final" / "delta-raw.safetensors"))
     for strategy in STRATEGIES:
+        reference = single_frozen if strategy == "fsdp-offload" else single
+        final_a = load_file(str(reference / "final" / "delta-raw.safetensors"))
         multi = tmp_path / strategy
-        a, b = _losses(single), _losses(multi)
+        a, b = _losses(reference), _losses(multi)
         assert len(a) == len(b) == 4
         assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-6), (strategy, a, b)
         final_b = load_file(str(multi / "final" / "delta-raw.safetensors"))
         assert final_a.keys() == final_b.keys()
         for k in final_a:
             assert torch.allclose(final_a[k], final_b[k], rtol=1e-3, atol=1e-5), (strategy, k)
+    layers = json.loads((sources["pixart"] / "transformer" / "config.json").read_text())["num_layers"]
+    assert (tmp_path / "fsdp-offload" / "offloaded-blocks.txt").read_text() == str(layers)
+    assert (tmp_path / "fsdp" / "offloaded-blocks.txt").read_text() == "0"
     # FSDP checkpoints hold one shard file per rank, and resuming from them is exact.
     shards = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "step-00000004").glob("trainable*"))
     assert shards == ["trainable-rank0.safetensors", "trainable-rank1.safetensors"]

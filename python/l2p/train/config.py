@@ -159,6 +159,10 @@ class LowMemoryConfig:
     # Cached text embeddings only (text encoders never loaded) and frozen blocks in bf16.
     enabled: bool = False
     frozen_dtype: str = "bfloat16"
+    # Frozen blocks live in host memory and are copied to the GPU block by block, in the
+    # forward and again in the backward (FSDP2's CPUOffloadPolicy on their units). Needs
+    # distributed.strategy=fsdp under torchrun; one process is enough.
+    cpu_offload: bool = False
 
 
 @dataclass
@@ -200,6 +204,9 @@ class Config:
         _check_choice("distributed.strategy", self.distributed.strategy, ("ddp", "fsdp"))
         _check_choice("low_memory.frozen_dtype", self.low_memory.frozen_dtype,
                       ("bfloat16", "float16", "float32"))
+        if self.low_memory.cpu_offload and self.distributed.strategy != "fsdp":
+            raise ConfigError("low_memory.cpu_offload runs on FSDP2: set distributed.strategy=fsdp and start "
+                              "the run with torchrun (torchrun --nproc-per-node 1 for one GPU)")
         for name, value, low in [
             ("train.max_steps", self.train.max_steps, 1),
             ("train.batch_size", self.train.batch_size, 1),

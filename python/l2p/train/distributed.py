@@ -52,17 +52,28 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def wrap_fsdp(model: nn.Module, blocks: list[nn.Module], *, bf16: bool) -> nn.Module:
+def wrap_fsdp(model: nn.Module, blocks: list[nn.Module], *, bf16: bool, offload_frozen: bool = False) -> int:
     """FSDP2: shard every block (trainable and frozen alike), then the root, which holds the
-    embeddings and the head. Parameters become DTensors sharded on dim 0."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    embeddings and the head. Parameters become DTensors sharded on dim 0. With
+    ``offload_frozen``, the shards of blocks without trainable parameters stay in host memory
+    (CPUOffloadPolicy: copied to the device for each forward and for the backward through
+    them, freed after). Returns how many blocks were offloaded."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
+    offloaded = 0
     for block in blocks:
-        fully_shard(block, mp_policy=mp)
+        frozen = not any(p.requires_grad for p in block.parameters())
+        if offload_frozen and frozen:
+            # Pinned host memory makes the copies asynchronous; there is none without CUDA.
+            policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+            offloaded += 1
+        else:
+            policy = OffloadPolicy()
+        fully_shard(block, mp_policy=mp, offload_policy=policy)
     fully_shard(model, mp_policy=mp)
-    return model
+    return offloaded
 
 
 def reshard(model: nn.Module) -> None:

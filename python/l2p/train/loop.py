@@ -44,6 +44,8 @@ class TrainResult:
     skipped_steps: int = 0
     output_dir: Path | None = None
     final_dir: Path | None = None
+    # Frozen blocks whose weights lived in host memory (low_memory.cpu_offload).
+    offloaded_blocks: int = 0
 
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -126,8 +128,15 @@ class Trainer:
         model.to(self.device).train()
         self.model = model
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if cfg.low_memory.cpu_offload and not self.fsdp:
+            raise ConfigError("low_memory.cpu_offload needs FSDP2 under torchrun: start the run with "
+                              "torchrun --nproc-per-node N -m l2p.train (N = 1 for one GPU) and "
+                              "distributed.strategy=fsdp")
+        self.offloaded_blocks = 0
         if self.fsdp:
-            self.wrapped = wrap_fsdp(model, [b for _, b in blocks], bf16=use_bf16)
+            self.offloaded_blocks = wrap_fsdp(model, [b for _, b in blocks], bf16=use_bf16,
+                                              offload_frozen=cfg.low_memory.cpu_offload)
+            self.wrapped = model
         elif self.env.enabled:
             self.wrapped = wrap_ddp(model, self.device)
         else:
@@ -360,12 +369,14 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg, env = self.cfg, self.env
-        result = TrainResult(step=self.step, output_dir=self.out)
+        result = TrainResult(step=self.step, output_dir=self.out, offloaded_blocks=self.offloaded_blocks)
         writer = None
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
             self._log(str(self.trainable_report))
+            if self.offloaded_blocks:
+                self._log(f"{self.offloaded_blocks} frozen blocks kept in host memory (FSDP2 CPUOffloadPolicy)")
             if cfg.logging.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
