@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from l2p.cli import main
@@ -31,3 +34,21 @@ def test_sample_bad_size_is_a_clear_error(converted, tmp_path, capsys):
     assert rc == 2
     assert "multiple of the pixel patch size 4" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_guidance_options_are_passed_by_name_and_checked(converted, tmp_path, capsys):
+    rc = main(["sample", "--model", str(converted["pixart"]), "--prompt", "x", "--height", "32", "--width", "32",
+               "--steps", "1", "--guidance-option", "cfg_trunc_ratio=0.5", "--out", str(tmp_path / "x.png")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unexpected option(s) cfg_trunc_ratio" in err and "guidance options: none" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_guidance_option_values_are_typed():
+    from l2p.cli.sample import _guidance_option
+
+    assert _guidance_option("cfg_normalization=false") == ("cfg_normalization", False)
+    assert _guidance_option("cfg_trunc_ratio=0.25") == ("cfg_trunc_ratio", 0.25)
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME=VALUE"):
+        _guidance_option("cfg_trunc_ratio")

@@ -26,6 +26,15 @@ def _shift(value: str) -> float | str:
         raise argparse.ArgumentTypeError(f"a number or 'recommended', got {value!r}") from None
 
 
+def _guidance_option(value: str) -> tuple[str, object]:
+    import yaml
+
+    name, sep, text = value.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. cfg_trunc_ratio=0.5), got {value!r}")
+    return name.strip(), yaml.safe_load(text)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -43,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     images = pipe(args.prompt, args.negative_prompt, height=args.height, width=args.width,
                   num_inference_steps=args.steps, guidance_scale=args.guidance,
                   true_cfg_scale=args.true_cfg, num_images_per_prompt=args.num_images,
-                  generator=generator, shift=args.shift).images
+                  generator=generator, shift=args.shift, **dict(args.guidance_option)).images
     paths = _paths(args.out, len(images))
     for image, path in zip(images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +96,9 @@ def register(subparsers) -> None:
                    help="attention kernels inside the transformer")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--guidance-option", action="append", default=[], type=_guidance_option, metavar="NAME=VALUE",
+                   help="an option of the source pipeline's own guidance, by its name (repeatable): "
+                        "Lumina2 cfg_trunc_ratio, cfg_normalization; Z-Image cfg_truncation, cfg_normalization")
     p.add_argument("--out", default="sample.png",
                    help="a .png file (several images: NAME-000.png, ...) or a folder (000.png, ...)")
     p.set_defaults(func=run)
