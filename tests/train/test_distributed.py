@@ -91,3 +91,26 @@ def test_two_processes_match_one(sources, images, tmp_path):
     assert all(torch.equal(exported[k], fsdp_ema[k]) for k in fsdp_ema)
     for grid in ("step-00000002.png", "final.png"):
         assert (tmp_path / "fsdp" / "samples" / grid).is_file()
+
+
+def test_one_process_under_torchrun_runs_fsdp_with_offload(sources, images, tmp_path, monkeypatch):
+    """torchrun --nproc-per-node 1: a process group of one, FSDP2 with the frozen blocks in
+    host memory, the same run as without torchrun."""
+    from l2p.torchrun import DistEnv
+
+    common = dict(train__max_steps=3, train__batch_size=2, optim__schedule="constant", optim__warmup_steps=0,
+                  checkpoint__every=0, model__trainable="first_last:0")
+    plain = train(load_config(None, overrides(sources["pixart"], images, tmp_path / "plain", **common)))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_ports(1)))
+    launched = DistEnv(rank=0, world_size=1, local_rank=0, launched=True)
+    offloaded = train(load_config(None, overrides(sources["pixart"], images, tmp_path / "offload", **common,
+                                                  distributed__strategy="fsdp", low_memory__cpu_offload=True)),
+                      launched)
+    assert not torch.distributed.is_initialized()  # the run leaves no process group behind
+    layers = json.loads((sources["pixart"] / "transformer" / "config.json").read_text())["num_layers"]
+    assert (plain.offloaded_blocks, offloaded.offloaded_blocks) == (0, layers)
+    assert torch.allclose(torch.tensor(plain.losses), torch.tensor(offloaded.losses), rtol=1e-5, atol=1e-7)
+    a = load_file(str(tmp_path / "plain" / "final" / "delta-raw.safetensors"))
+    b = load_file(str(tmp_path / "offload" / "final" / "delta-raw.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)

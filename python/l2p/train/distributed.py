@@ -17,7 +17,7 @@ from l2p.torchrun import DistEnv
 
 def init_distributed(env: DistEnv, device: torch.device, backend: str | None = None) -> None:
     """Join the process group that torchrun (or a test's launcher) set up (env:// rendezvous)."""
-    if not env.enabled or torch.distributed.is_initialized():
+    if not env.has_process_group or torch.distributed.is_initialized():
         return
     if backend is None:
         backend = "nccl" if device.type == "cuda" else "gloo"

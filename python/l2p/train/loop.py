@@ -91,7 +91,8 @@ class Trainer:
         self.device = pick_device(cfg.train.device, self.env)
         init_distributed(self.env, self.device, cfg.distributed.backend)
         self.out = Path(cfg.train.output_dir)
-        self.fsdp = self.env.enabled and cfg.distributed.strategy == "fsdp"
+        # FSDP2 runs in any process group, one process included (torchrun --nproc-per-node 1).
+        self.fsdp = self.env.has_process_group and cfg.distributed.strategy == "fsdp"
 
         use_bf16 = cfg.train.mixed_precision == "bf16" or (
             cfg.train.mixed_precision == "auto" and self.device.type == "cuda")
@@ -125,7 +126,12 @@ class Trainer:
             _checkpoint_blocks(trainable_blocks)
         elif cfg.model.gradient_checkpointing == "all":
             _checkpoint_blocks([b for _, b in blocks])
-        model.to(self.device).train()
+        offload = self.fsdp and cfg.low_memory.cpu_offload
+        if not offload:
+            model.to(self.device)
+        # else fully_shard moves each unit's tensors to the device as it wraps it and copies
+        # the offloaded shards back to host memory, so the GPU never holds the whole model.
+        model.train()
         self.model = model
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         if cfg.low_memory.cpu_offload and not self.fsdp:
@@ -134,8 +140,7 @@ class Trainer:
                               "distributed.strategy=fsdp")
         self.offloaded_blocks = 0
         if self.fsdp:
-            self.offloaded_blocks = wrap_fsdp(model, [b for _, b in blocks], bf16=use_bf16,
-                                              offload_frozen=cfg.low_memory.cpu_offload)
+            self.offloaded_blocks = wrap_fsdp(model, [b for _, b in blocks], bf16=use_bf16, offload_frozen=offload)
             self.wrapped = model
         elif self.env.enabled:
             self.wrapped = wrap_ddp(model, self.device)
