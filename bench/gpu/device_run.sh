@@ -3,11 +3,14 @@
 #   1. build l2p with its CUDA kernels in place;
 #   2. train the toy source on the GPU in the background while the op tests (CPU and
 #      CUDA) and a compute-sanitizer memcheck smoke run go on;
-#   3. once the GPU is quiet again, the CUDA benchmarks (l2p and torch in the same run).
+#   3. once the GPU is quiet again, the CUDA benchmarks (l2p and torch in the same run);
+#   4. optional: SAMPLING=1 the pixel vs latent sampling benchmark at 1K-8K (issue 7),
+#      PEAK=1 the trainer's peak memory on an SD3-Medium-sized source, offload included.
 # Results land in $OUT: run.log, build.log, tests.log, memcheck.log, toy.log,
-# cuda_report.md and the toy source as a tarball split into 15 MB parts.
+# cuda_report.md, sampling.log, peak_memory.json and the toy source as a tarball split
+# into 15 MB parts.
 # Usage (repo root): OUT=/some/dir TOY_BUDGET_S=150 [TOY_ARGS="--dit-batch 128"] [BENCH=0] \
-#   bash bench/gpu/device_run.sh
+#   [SAMPLING=1] [PEAK=1] bash bench/gpu/device_run.sh
 set -u
 OUT=${OUT:-/tmp/l2p-device-out}
 TOY_BUDGET_S=${TOY_BUDGET_S:-150}
@@ -68,5 +71,17 @@ if [ "${BENCH:-1}" = 1 ] && python3 -c "import l2p._C" 2>/dev/null; then
   log "CUDA benchmarks"
   timeout 150 python3 bench/cuda_report.py --quick > "$OUT/cuda_report.md" 2>&1
   log "bench exit $?"; cat "$OUT/cuda_report.md"
+fi
+if [ "${SAMPLING:-0}" = 1 ]; then
+  log "sampling benchmark (pixel vs latent path, 1K-8K)"
+  timeout "${SAMPLING_TIMEOUT_S:-240}" python3 -m pytest bench/test_bench_sampling.py --benchmark-enable -s -q \
+    -p no:cacheprovider > "$OUT/sampling.log" 2>&1
+  log "sampling exit $? :: $(tail -1 "$OUT/sampling.log")"
+fi
+if [ "${PEAK:-0}" = 1 ]; then
+  log "trainer peak memory"
+  timeout "${PEAK_TIMEOUT_S:-240}" python3 tests/train/peak_memory.py --out "$OUT/peak_memory.json" \
+    > "$OUT/peak_memory.log" 2>&1
+  log "peak memory exit $?"; grep -E '"peak_gib"|error' "$OUT/peak_memory.log" | tee -a "$OUT/run.log"
 fi
 log "done"

@@ -1,12 +1,15 @@
 """Peak GPU memory and step time of the trainer on an SD3-Medium-sized source (about 2B
-parameters in the transformer, random weights) at 1024 px, for the memory table in
-``l2p/train/MEMORY.md``. Run on a GPU machine: ``python tests/train/peak_memory.py [--small]``.
-(``--small`` shrinks the model to check the script itself on a CPU.)"""
+parameters in the transformer, random weights) at 1024 px, for the memory section of
+``python/l2p/train/README.md``: plain, gradient checkpointing, low-memory mode, and frozen
+blocks offloaded to host memory (FSDP2 in a process group of one). Run on a GPU machine:
+``python tests/train/peak_memory.py [--small]`` (``--small`` shrinks the model to check the
+script itself on a CPU)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -50,6 +53,8 @@ def build_source(path: Path, small: bool) -> int:
 
 def measure(source: Path, data: Path, out: Path, size: int, steps: int, **extra) -> dict:
     from _trainkit import make_config
+    from l2p.torchrun import DistEnv
+    from l2p.train.distributed import shutdown_distributed
     from l2p.train.loop import Trainer
 
     torch.cuda.empty_cache()
@@ -58,45 +63,31 @@ def measure(source: Path, data: Path, out: Path, size: int, steps: int, **extra)
     cfg = make_config(source, data, out, data__resolution=size, model__trainable="first_last:5",
                       model__head_channels="[]", train__max_steps=steps, checkpoint__every=0,
                       ema__enabled="true", **extra)
+    # FSDP2 (the offload setting) needs a process group; one process, as torchrun
+    # --nproc-per-node 1 would start it.
+    env = DistEnv(launched=True) if extra.get("distributed__strategy") == "fsdp" else DistEnv()
     t0 = time.perf_counter()
-    trainer = Trainer(cfg)
-    trainer.cfg.train.max_steps = steps
-    load_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        trainer.train_step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    row = {"setting": extra, "trainable_params": trainer.trainable_report.trainable,
-           "total_params": trainer.trainable_report.total, "peak_gib": round(peak, 2),
-           "step_s": round(min(times[1:] or times), 3), "load_s": round(load_s, 1)}
-    del trainer
+    try:
+        trainer = Trainer(cfg, env)
+        trainer.cfg.train.max_steps = steps
+        load_s = time.perf_counter() - t0
+        times = []
+        for _ in range(steps):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            trainer.train_step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+        row = {"setting": extra, "trainable_params": trainer.trainable_report.trainable,
+               "total_params": trainer.trainable_report.total, "offloaded_blocks": trainer.offloaded_blocks,
+               "peak_gib": round(peak, 2), "step_s": round(min(times[1:] or times), 3), "load_s": round(load_s, 1)}
+        del trainer
+    finally:
+        shutdown_distributed()
     return row
-
-
-def _sd3_prompt_2_3_default_none() -> None:
-    """Workaround: ``l2p data embed`` calls ``encode_prompt(prompt=...)`` only, which SD3's
-    encode_prompt rejects (prompt_2, prompt_3 have no default). Remove once the data package
-    passes them."""
-    import functools
-
-    from diffusers import StableDiffusion3Pipeline
-
-    original = StableDiffusion3Pipeline.encode_prompt
-    if getattr(original, "_l2p_patched", False):
-        return
-
-    @functools.wraps(original)
-    def encode_prompt(self, prompt, prompt_2=None, prompt_3=None, **kwargs):
-        return original(self, prompt, prompt_2, prompt_3, **kwargs)
-
-    encode_prompt._l2p_patched = True
-    StableDiffusion3Pipeline.encode_prompt = encode_prompt
 
 
 def main() -> None:
@@ -106,12 +97,13 @@ def main() -> None:
     args = parser.parse_args()
     size = 64 if args.small else 1024
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29561")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         n = build_source(tmp / "src", args.small)
         data = kit.make_images(tmp / "data", n=4, size=size)
         from l2p.data.embed import build_embedding_cache
-        _sd3_prompt_2_3_default_none()
         build_embedding_cache(tmp / "src", data, progress=False, device=device)
         rows = []
         settings = [
@@ -119,6 +111,8 @@ def main() -> None:
             dict(train__batch_size=1, model__gradient_checkpointing="none"),
             dict(train__batch_size=1, model__gradient_checkpointing="all"),
             dict(train__batch_size=4, model__gradient_checkpointing="all", low_memory__enabled="true"),
+            dict(train__batch_size=1, model__gradient_checkpointing="all", low_memory__enabled="true",
+                 distributed__strategy="fsdp", low_memory__cpu_offload="true"),
         ]
         for i, setting in enumerate(settings):
             try:
