@@ -78,20 +78,28 @@ def test_reproduce_runs_every_arm_and_reports_paired_differences(tmp_path, monke
     out = tmp_path / "repro"
     args = ["toy", "reproduce", "--source", str(src), "--out", str(out), "--steps", "2",
             "--batch-size", "2", "--corpus-prompts", "6", "--eval-prompts", "12",
-            "--curve-points", "2", "--curve-prompts", "6",
+            "--curve-points", "2", "--curve-prompts", "6", "--train-seeds", "0,1",
             "--set", "data.embeddings=null", "--set", "model.head_max_channels=8"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["arms"]) == {"l2p", "scratch", "l2p-real", "l2p-first-last-1", "l2p-all"}
-    for arm in report["arms"].values():
-        assert arm["steps"] == 2 and len(arm["eval"]["correct"]) == 12
+    for name, arm in report["arms"].items():
+        assert arm["steps"] == 2 and np.shape(arm["correct_by_seed"]) == (2, 12)
         assert [p["step"] for p in arm["score_curve"]] == [1, 2]
+        assert [r["train_seed"] for r in arm["per_seed"]] == [0, 1]
+        assert arm["eval"]["overall"] == pytest.approx(np.mean([r["overall"] for r in arm["per_seed"]]))
+        # The two training seeds are two different runs (data order, noise, new layers).
+        losses = [json.loads(line)["loss"] for seed in (0, 1)
+                  for line in (out / "arms" / name / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()[:1]]
+        assert losses[0] != losses[1], name
     assert [c["b"] for c in report["comparisons"]] == ["scratch", "l2p-real", "l2p-first-last-1", "l2p-all"]
     for c in report["comparisons"]:
         low, high = c["ci95"]
         assert low <= c["difference"] <= high and c["beyond_noise"] == (low > 0 or high < 0)
+    assert all(c["training_seeds"] == 2 for c in report["comparisons"])
     md = (out / "report.md").read_text()
     assert "| scratch | random | all | synthetic |" in md and "beyond noise" in md
+    assert "Training seeds per arm: 0, 1" in md and "prompts and training seeds" in md
     assert (out / "curves.png").stat().st_size > 0
     assert len(list((out / "corpus-real" / "images").glob("*.png"))) == 6
     # The ground-truth corpus holds the very prompts of the synthetic one.
@@ -122,6 +130,28 @@ def test_paired_difference_sees_a_real_gap_and_not_a_null_one():
         paired_difference(strong[:10], weak, categories)
 
 
+def test_training_seeds_widen_the_interval_and_pair_by_seed():
+    from l2p.toy.scoring import paired_difference, score_over_seeds
+    from l2p.toy.world import CATEGORIES
+
+    rng = np.random.default_rng(1)
+    categories = [CATEGORIES[i % 6] for i in range(300)]
+    base = rng.random(300)
+    # Three training seeds whose luck moves both models alike (paired) or A alone (noise).
+    luck = np.array([0.0, 0.3, -0.3])[:, None]
+    a = (base + luck) < 0.7
+    b = (base + luck) < 0.6
+    paired = paired_difference(a, b, categories)
+    assert paired["training_seeds"] == 3 and paired["beyond_noise"]
+    unpaired = paired_difference(a, b[[1, 2, 0]], categories)  # seeds mismatched: luck no longer cancels
+    width = lambda d: d["ci95"][1] - d["ci95"][0]
+    assert width(unpaired) > 2 * width(paired)
+    single = score_over_seeds(a[:1], categories)
+    several = score_over_seeds(a, categories)
+    assert several["per_seed"] == pytest.approx([a[k].mean() for k in range(3)], abs=1e-9)
+    assert several["overall"] == pytest.approx(a.mean()) and width(several) > width(single)
+
+
 @pytest.mark.slow
 def test_reproduce_sizes_the_step_count_from_the_budget(tmp_path, monkeypatch):
     from l2p.toy import reproduce
@@ -134,7 +164,7 @@ def test_reproduce_sizes_the_step_count_from_the_budget(tmp_path, monkeypatch):
         batch_size=2, corpus_prompts=4, eval_prompts=6, curve_points=2, curve_prompts=6,
         train_overrides=["data.embeddings=null", "model.head_max_channels=8"])
     report = reproduce.run_reproduce(plan, log=lambda _: None)
-    # 6 s of budget / 2 arms / 0.5 s per step = 6 steps each.
+    # 6 s of budget / 2 arms / 0.5 s per step = 6 steps each (one training seed).
     assert report["steps"] == 6 and all(a["steps"] == 6 for a in report["arms"].values())
     assert "0.50 s per step" in report["steps_from"]
     assert [c["b"] for c in report["comparisons"]] == ["scratch"]

@@ -64,20 +64,26 @@ def _evaluate_source(folder, device, n: int) -> None:
     record_path.write_text(json.dumps(record, indent=2))
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--train-seeds takes comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+
+
 def run_reproduce(args: argparse.Namespace) -> int:
     from l2p.toy.reproduce import ReproducePlan, run_reproduce as reproduce
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    plan = ReproducePlan(
-        out_dir=args.out, source=args.source, budget_minutes=args.budget_minutes, steps=args.steps,
-        batch_size=args.batch_size, corpus_prompts=args.corpus_prompts, eval_prompts=args.eval_prompts,
-        curve_points=args.curve_points, curve_prompts=args.curve_prompts, seed=args.seed,
-        train_overrides=list(args.set),
-        **({"arms": args.arms.split(",")} if args.arms else {}),
-    )
     try:
-        plan.validate()
+        plan = ReproducePlan(
+            out_dir=args.out, source=args.source, budget_minutes=args.budget_minutes, steps=args.steps,
+            batch_size=args.batch_size, corpus_prompts=args.corpus_prompts, eval_prompts=args.eval_prompts,
+            curve_points=args.curve_points, curve_prompts=args.curve_prompts, seed=args.seed,
+            train_seeds=_seed_list(args.train_seeds), train_overrides=list(args.set),
+            **({"arms": args.arms.split(",")} if args.arms else {}),
+        ).validate()
     except ValueError as err:
         print(f"l2p toy reproduce: {err}", file=sys.stderr)
         return 2
@@ -137,7 +143,10 @@ def register(subparsers) -> None:
     r.add_argument("--eval-prompts", type=int, default=d.eval_prompts)
     r.add_argument("--curve-points", type=int, default=d.curve_points)
     r.add_argument("--curve-prompts", type=int, default=d.curve_prompts)
-    r.add_argument("--seed", type=int, default=d.seed)
+    r.add_argument("--seed", type=int, default=d.seed, help="prompts, corpus and sampling seed")
+    r.add_argument("--train-seeds", default=",".join(map(str, d.train_seeds)), metavar="S1,S2,...",
+                   help="train every arm once per seed (data order, noise, new-layer init); several "
+                        "seeds put seed-to-seed variation into the intervals (default %(default)s)")
     r.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="trainer config override applied to every arm (repeatable)")

@@ -10,9 +10,12 @@ same sampling seeds:
     l2p-real       as l2p, trained on ground-truth renders of the same prompts (b) data
     l2p-first-last-1 / l2p-all   as l2p with n = 1 / every block trainable    (c) depth
 
-Differences between arms are paired (same prompts, same seeds) and carry a bootstrap 95%
-interval; a difference is called beyond noise only when its interval excludes zero. Score
-curves come from the EMA weights of the checkpoints the trainer writes along the way.
+Each arm can be trained from several training seeds (``train_seeds``: the data order, noise,
+times and the initialisation of new layers); arms trained from the same seed see the same
+batches. Differences between arms are paired (same prompts, same sampling seeds, same training
+seeds) and carry a bootstrap 95% interval that resamples prompts and training seeds; a
+difference is called beyond noise only when its interval excludes zero. Score curves come from
+the EMA weights of the checkpoints the first training seed's run writes along the way.
 
 The synthetic corpus is the toy source's own generations for ShapesWorld training prompts; the
 real corpus is the ground-truth renders of the very same prompts, so the two differ only in
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 
 from l2p.toy.prompts import make_records
-from l2p.toy.scoring import paired_difference, score_generated
+from l2p.toy.scoring import paired_difference, score_generated, score_over_seeds
 from l2p.toy.source import cpu_name
 
 
@@ -86,7 +89,10 @@ class ReproducePlan:
     curve_points: int = 4
     curve_prompts: int = 120
     arms: list[str] = field(default_factory=lambda: [arm.name for arm in ARMS])
+    # Prompts, corpus and sampling seed.
     seed: int = 0
+    # Each arm trains once per seed here (train.seed and model.init_seed).
+    train_seeds: list[int] = field(default_factory=lambda: [0])
     train_overrides: list[str] = field(default_factory=list)
 
     def validate(self) -> "ReproducePlan":
@@ -97,7 +103,13 @@ class ReproducePlan:
             raise ValueError(f"steps ({self.steps}) must be at least curve_points ({self.curve_points})")
         if self.steps is None and self.budget_minutes <= 0:
             raise ValueError("give a positive budget_minutes or a step count")
+        if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
+            raise ValueError(f"train_seeds must be distinct and at least one, got {self.train_seeds}")
         return self
+
+    @property
+    def runs(self) -> int:
+        return len(self.arms) * len(self.train_seeds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,16 +146,17 @@ def _write_real_corpus(records, out: Path, size: int) -> None:
 
 
 def _arm_config(plan: ReproducePlan, arm: Arm, source_dir: Path, corpus: Path, size: int, steps: int,
-                out: Path, extra: list[str] = ()):
+                out: Path, extra: list[str] = (), train_seed: int = 0):
     from l2p.train.config import DEFAULT_CONFIG_DIR, load_config
 
     every = max(1, steps // plan.curve_points)
     return load_config(DEFAULT_CONFIG_DIR / "toy.yaml", [
         f"model.source={source_dir}", f"model.init={arm.init}", f"model.trainable={arm.trainable}",
-        f"data.path={corpus}", f"data.resolution={size}", f"train.output_dir={out}",
-        f"train.max_steps={steps}", f"train.batch_size={plan.batch_size}", f"train.seed={plan.seed}",
-        "train.resume=latest", f"checkpoint.every={every}", f"checkpoint.keep_last={plan.curve_points + 1}",
-        "sample.every=0", "logging.progress_bar=false", *plan.train_overrides, *extra,
+        f"model.init_seed={train_seed}", f"data.path={corpus}", f"data.resolution={size}",
+        f"train.output_dir={out}", f"train.max_steps={steps}", f"train.batch_size={plan.batch_size}",
+        f"train.seed={train_seed}", "train.resume=latest", f"checkpoint.every={every}",
+        f"checkpoint.keep_last={plan.curve_points + 1}", "sample.every=0", "logging.progress_bar=false",
+        *plan.train_overrides, *extra,
     ])
 
 
@@ -154,7 +167,8 @@ def _seconds_per_step(plan: ReproducePlan, source_dir: Path, corpus: Path, size:
 
     arm = ARMS_BY_NAME["scratch"]
     cfg = _arm_config(plan, arm, source_dir, corpus, size, 6, out,
-                      ["train.resume=null", "checkpoint.every=1000000", "logging.tensorboard=false"])
+                      ["train.resume=null", "checkpoint.every=1000000", "logging.tensorboard=false"],
+                      train_seed=plan.train_seeds[0])
     trainer = Trainer(cfg)
     trainer.train_step()
     started = time.perf_counter()
@@ -252,21 +266,24 @@ def _markdown(report: dict) -> str:
         f"Machine: {report['machine']}. Each arm: {report['steps']} steps at batch {plan['batch_size']} "
         f"({report['steps_from']}). Corpus: {plan['corpus_prompts']} ShapesWorld training prompts, "
         f"one image each. Evaluation: {plan['eval_prompts']} held-out prompts, {plan['eval_steps']} "
-        f"sampling steps, guidance {plan['guidance']}, the same seeds for every model. "
-        "Intervals are 95% percentile bootstrap over prompts.", "",
-        "| model | init | trainable | data | train s | overall | 95% CI | % of source | "
+        f"sampling steps, guidance {plan['guidance']}, the same sampling seeds for every model. "
+        f"Training seeds per arm: {', '.join(map(str, plan['train_seeds']))} (an arm's score is their "
+        "mean). Intervals are 95% percentile bootstrap over prompts"
+        + (" and training seeds." if len(plan["train_seeds"]) > 1 else "."), "",
+        "| model | init | trainable | data | train s | overall | 95% CI | per training seed | % of source | "
         + " | ".join(cats) + " |",
-        "|---|---|---|---|---|---|---|---|" + "---|" * len(cats),
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(cats),
     ]
     if src:
         lines.append(f"| source (latent) | - | - | - | - | {src['overall']:.3f} | {src['ci95'][0]:.3f}-"
-                     f"{src['ci95'][1]:.3f} | 100% | "
+                     f"{src['ci95'][1]:.3f} | - | 100% | "
                      + " | ".join(f"{src['per_category'][c]:.2f}" for c in cats) + " |")
     for name, arm in report["arms"].items():
         e = arm["eval"]
         share = f"{100 * e['overall'] / src['overall']:.0f}%" if src and src["overall"] > 0 else "-"
+        seeds = ", ".join(f"{r['overall']:.3f}" for r in arm["per_seed"])
         lines.append(f"| {name} | {arm['init']} | {arm['trainable']} | {arm['data']} | {arm['seconds']:.0f} | "
-                     f"{e['overall']:.3f} | {e['ci95'][0]:.3f}-{e['ci95'][1]:.3f} | {share} | "
+                     f"{e['overall']:.3f} | {e['ci95'][0]:.3f}-{e['ci95'][1]:.3f} | {seeds} | {share} | "
                      + " | ".join(f"{e['per_category'][c]:.2f}" for c in cats) + " |")
     lines += ["", "## Comparisons (paired: same prompts, same seeds)", "",
               "| question | A | B | A - B | 95% CI | beyond noise |", "|---|---|---|---|---|---|"]
@@ -311,49 +328,65 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
     else:
         per_step = _cached(out / "calibration.json", lambda: {"seconds_per_step": _seconds_per_step(
             plan, source_dir, corpora["synthetic"], size, out / ".calibration")})["seconds_per_step"]
-        share = plan.budget_minutes * 60 / len(plan.arms)
+        share = plan.budget_minutes * 60 / plan.runs
         steps = max(plan.curve_points, int(share / per_step))
-        steps_from = (f"{plan.budget_minutes:g} min budget / {len(plan.arms)} arms at "
-                      f"{per_step:.2f} s per step of the costliest arm")
-    log(f"[2/4] training {len(plan.arms)} arms for {steps} steps each ({steps_from})")
+        steps_from = (f"{plan.budget_minutes:g} min budget / {len(plan.arms)} arms x {len(plan.train_seeds)} "
+                      f"training seeds at {per_step:.2f} s per step of the costliest arm")
+    log(f"[2/4] training {len(plan.arms)} arms x {len(plan.train_seeds)} training seeds for {steps} steps "
+        f"each ({steps_from})")
     eval_records = make_records(plan.eval_prompts, plan.seed + 1000, split="heldout")
     curve_records = eval_records[:plan.curve_prompts]
     eval_prompts = [r.prompt for r in eval_records]
+    categories = [r.category for r in eval_records]
     sampling = dict(seed=plan.seed, steps=plan.eval_steps, guidance=plan.guidance)
     arms = {}
     for name in plan.arms:
         arm = ARMS_BY_NAME[name]
-        run_dir = out / "arms" / name
-        started = time.time()
-        result = train(_arm_config(plan, arm, source_dir, corpora[arm.data], size, steps, run_dir))
-        seconds = _cached(run_dir / "seconds.json", lambda: {"seconds": time.time() - started})["seconds"]
-        log(f"      {name}: trained; scoring {plan.curve_points} checkpoints "
-            f"and {plan.eval_prompts} held-out prompts")
-        pipeline_dir = result.final_dir / "pipeline"
+        runs = []
+        for k, train_seed in enumerate(plan.train_seeds):
+            run_dir = out / "arms" / name / f"seed-{train_seed}"
+            started = time.time()
+            result = train(_arm_config(plan, arm, source_dir, corpora[arm.data], size, steps, run_dir,
+                                       train_seed=train_seed))
+            seconds = _cached(run_dir / "seconds.json", lambda: {"seconds": time.time() - started})["seconds"]
+            with_curve = k == 0  # score curves of the first training seed only
+            log(f"      {name} (training seed {train_seed}): trained; scoring "
+                f"{plan.curve_points if with_curve else 0} checkpoints and {plan.eval_prompts} held-out prompts")
+            pipeline_dir = result.final_dir / "pipeline"
 
-        def evaluate_arm():
-            pipe = L2PPipeline.from_pretrained(pipeline_dir)
-            from l2p.toy.scoring import pixel_images
+            def evaluate_run():
+                from l2p.toy.scoring import pixel_images
 
-            summary = score_generated(pixel_images(pipe, eval_prompts, **sampling), eval_records)
-            return {"eval": summary, "score_curve": _score_checkpoints(pipe, run_dir, curve_records, plan)}
+                pipe = L2PPipeline.from_pretrained(pipeline_dir)
+                summary = score_generated(pixel_images(pipe, eval_prompts, **sampling), eval_records)
+                curve = _score_checkpoints(pipe, run_dir, curve_records, plan) if with_curve else []
+                return {"eval": summary, "score_curve": curve}
 
-        scores = _cached(run_dir / "scores.json", evaluate_arm)
-        arms[name] = {**asdict(arm), "steps": result.step, "seconds": seconds, **scores,
-                      "loss_curve": _loss_curve(run_dir)}
-        log(f"      {name}: {scores['eval']['overall']:.3f} "
-            f"({scores['eval']['ci95'][0]:.3f}-{scores['eval']['ci95'][1]:.3f})")
+            scores = _cached(run_dir / "scores.json", evaluate_run)
+            runs.append({"train_seed": train_seed, "steps": result.step, "seconds": seconds, **scores,
+                         "loss_curve": _loss_curve(run_dir)})
+            log(f"      {name} (training seed {train_seed}): {scores['eval']['overall']:.3f} "
+                f"({scores['eval']['ci95'][0]:.3f}-{scores['eval']['ci95'][1]:.3f})")
+        correct = [r["eval"]["correct"] for r in runs]
+        # One training seed: that run's summary as it is; several: means, and an interval
+        # over prompts and seeds.
+        evaluation = runs[0]["eval"] if len(runs) == 1 else score_over_seeds(correct, categories)
+        arms[name] = {**asdict(arm), "steps": runs[0]["steps"], "seconds": sum(r["seconds"] for r in runs),
+                      "eval": evaluation, "correct_by_seed": correct,
+                      "per_seed": [{"train_seed": r["train_seed"], "overall": r["eval"]["overall"],
+                                    "final_loss": r["loss_curve"][1][-1] if r["loss_curve"][1] else None}
+                                   for r in runs],
+                      "score_curve": runs[0]["score_curve"], "loss_curve": runs[0]["loss_curve"]}
 
     log("[3/4] scoring the source on the same prompts")
     source = _cached(out / "source-scores.json", lambda: score_generated(
         images_for_prompts(source_dir, eval_prompts, **sampling), eval_records))
 
     log("[4/4] report")
-    categories = [r.category for r in eval_records]
     comparisons = []
     for a, b, question in COMPARISONS:
         if a in arms and b in arms:
-            diff = paired_difference(arms[a]["eval"]["correct"], arms[b]["eval"]["correct"], categories)
+            diff = paired_difference(arms[a]["correct_by_seed"], arms[b]["correct_by_seed"], categories)
             comparisons.append({"question": question, "a": a, "b": b, **diff})
     report = {
         "plan": asdict(plan), "source_dir": str(source_dir), "steps": steps, "steps_from": steps_from,

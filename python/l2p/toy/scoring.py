@@ -28,28 +28,60 @@ def bootstrap_interval(results, *, rounds: int = 1000, level: float = 0.95, seed
     return float(np.quantile(overall, tail)), float(np.quantile(overall, 1.0 - tail))
 
 
+def _paired_bootstrap(a, b, categories, rounds: int, level: float, seed: int):
+    """(mean of A - B, interval low, high) over categories; a and b are (seeds, prompts)."""
+    groups = [np.flatnonzero(categories == c) for c in CATEGORIES]
+    groups = [g for g in groups if len(g)]
+    diff = float(np.mean([a[:, g].mean() - b[:, g].mean() for g in groups]))
+    rng = np.random.default_rng(seed)
+    n_seeds = a.shape[0]
+    rounds_out = np.empty(rounds)
+    for i in range(rounds):
+        rows = rng.choice(n_seeds, n_seeds) if n_seeds > 1 else np.zeros(1, dtype=np.int64)
+        picks = [rng.choice(g, len(g)) for g in groups]
+        rounds_out[i] = np.mean([a[np.ix_(rows, p)].mean() - b[np.ix_(rows, p)].mean() for p in picks])
+    tail = (1.0 - level) / 2
+    return diff, float(np.quantile(rounds_out, tail)), float(np.quantile(rounds_out, 1.0 - tail))
+
+
+def _by_seed(correct, categories, what: str):
+    rows = np.atleast_2d(np.asarray(correct, dtype=np.float64))
+    categories = np.asarray(categories)
+    if rows.shape[1:] != categories.shape:
+        raise ValueError(f"{what} needs one result per prompt (per training seed), in the prompts' order")
+    return rows, categories
+
+
 def paired_difference(correct_a, correct_b, categories, *, rounds: int = 2000, level: float = 0.95,
                       seed: int = 0) -> dict:
     """Overall score of A minus that of B on the same prompts and sampling seeds, with a paired
-    percentile-bootstrap interval: each round resamples prompts within each category and uses
-    the same resample for both, so prompt difficulty cancels. ``beyond_noise`` when the
-    interval excludes 0."""
-    a = np.asarray(correct_a, dtype=np.float64)
-    b = np.asarray(correct_b, dtype=np.float64)
-    categories = np.asarray(categories)
-    if a.shape != b.shape or a.shape != categories.shape:
-        raise ValueError("paired_difference needs one result per prompt for both models, in the same order")
-    groups = [np.flatnonzero(categories == c) for c in CATEGORIES]
-    groups = [g for g in groups if len(g)]
-    diff = float(np.mean([a[g].mean() - b[g].mean() for g in groups]))
-    rng = np.random.default_rng(seed)
-    rounds_out = np.empty(rounds)
-    for i in range(rounds):
-        picks = [rng.choice(g, len(g)) for g in groups]
-        rounds_out[i] = np.mean([a[p].mean() - b[p].mean() for p in picks])
-    tail = (1.0 - level) / 2
-    low, high = float(np.quantile(rounds_out, tail)), float(np.quantile(rounds_out, 1.0 - tail))
-    return {"difference": diff, "ci95": (low, high), "beyond_noise": bool(low > 0 or high < 0)}
+    percentile-bootstrap interval.
+
+    ``correct_a`` / ``correct_b``: one result per prompt, or one row of them per training seed
+    (seeds x prompts; row k of A and row k of B trained from the same seed). Each round
+    resamples the training seeds and, within each category, the prompts, and uses the same
+    resample for both models, so prompt difficulty and a seed's luck cancel while the spread
+    between seeds widens the interval. ``beyond_noise`` when the interval excludes 0."""
+    a, categories = _by_seed(correct_a, categories, "paired_difference")
+    b, _ = _by_seed(correct_b, categories, "paired_difference")
+    if a.shape != b.shape:
+        raise ValueError("paired_difference needs one result per prompt for both models (per training "
+                         "seed), in the same order")
+    diff, low, high = _paired_bootstrap(a, b, categories, rounds, level, seed)
+    return {"difference": diff, "ci95": (low, high), "beyond_noise": bool(low > 0 or high < 0),
+            "training_seeds": a.shape[0]}
+
+
+def score_over_seeds(correct_by_seed, categories, *, rounds: int = 2000, level: float = 0.95,
+                     seed: int = 0) -> dict:
+    """One model trained from several seeds, scored on the same prompts (seeds x prompts): the
+    mean overall score and per-category accuracies, each seed's overall score, and a bootstrap
+    interval that resamples prompts (within categories) and seeds."""
+    rows, categories = _by_seed(correct_by_seed, categories, "score_over_seeds")
+    overall, low, high = _paired_bootstrap(rows, np.zeros_like(rows), categories, rounds, level, seed)
+    per_category = {c: float(rows[:, categories == c].mean()) for c in CATEGORIES if (categories == c).any()}
+    per_seed = [float(np.mean([r[categories == c].mean() for c in per_category])) for r in rows]
+    return {"overall": overall, "ci95": (low, high), "per_category": per_category, "per_seed": per_seed}
 
 
 def score_generated(images, records: list[PromptRecord]) -> dict:
