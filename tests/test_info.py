@@ -26,3 +26,9 @@ def test_info_text_and_json(capsys, monkeypatch, tmp_path):
     assert set(info["auto"]) == {"patch_embed", "unpatchify", "attention"}
     assert main(["info"]) == 0
     assert "held-out score 0.500 (95% CI 0.400-0.600), trained 10 min on a CPU" in capsys.readouterr().out
+    # A source trained further (--init-from) reports the time of all its runs.
+    (shipped / "training_record.json").write_text(json.dumps(
+        {"device": "a CPU", "seconds": 600, "total_seconds": 1800,
+         "eval": {"heldout": {"overall": 0.5, "ci95": [0.4, 0.6]}}}))
+    assert main(["info"]) == 0
+    assert "trained 30 min on a CPU" in capsys.readouterr().out

@@ -50,7 +50,8 @@ def _toy_source() -> dict:
     record = json.loads(record_file.read_text())
     heldout = (record.get("eval") or {}).get("heldout") or {}
     return {"shipped": True, "path": str(SHIPPED_SOURCE_DIR), "device": record.get("device"),
-            "seconds": record.get("seconds"), "heldout_score": heldout.get("overall"),
+            # A source trained further (--init-from) records the time of all its runs.
+            "seconds": record.get("total_seconds", record.get("seconds")), "heldout_score": heldout.get("overall"),
             "heldout_ci95": heldout.get("ci95")}
 
 
