@@ -224,3 +224,38 @@ def test_unknown_guidance_options_are_refused_by_name(pipelines):
         _run(pipelines["lumina2"], "lumina2", cfg_truncation=0.5)
     with pytest.raises(TypeError, match="guidance options: none"):
         _run(pipelines["sana"], "sana", cfg_normalization=True)
+
+
+def _assert_same_conditioning(ours: dict, theirs: dict):
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        a, b = ours[name], theirs[name]
+        for x, y in zip(a, b) if isinstance(a, list) else [(a, b)]:
+            torch.testing.assert_close(x, y.to(x.dtype), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_training_encodes_the_empty_caption_as_the_samplers_negative_prompt(sources, pipelines, name, tmp_path):
+    """Caption dropout trains the unconditional branch on what guidance feeds it when sampling:
+    Lumina2's system prompt and Sana's instruction go with prompts, not with the empty caption."""
+    import csv
+
+    from l2p.data.embed import EmbeddingCache, build_embedding_cache
+    from l2p.train import conditioning
+
+    pipe = pipelines[name]
+    cond, uncond = pipe.encode_prompt(["a red circle"], "")
+    text = conditioning.TextEncoder(pipe.text_pipeline, pipe.transformer.config.source_class, torch.device("cpu"))
+    _assert_same_conditioning(text(["a red circle"]), cond)
+    _assert_same_conditioning(text([""]), uncond)
+    _assert_same_conditioning(text(["a red circle", ""]), conditioning.stack([cond, uncond]))
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (8, 8)).save(data / "0.png")
+    with open(data / "metadata.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["file_name", "text"], ["0.png", "a red circle"]])
+    build_embedding_cache(sources[name], data, out=tmp_path / "cache", device="cpu", progress=False)
+    cache = EmbeddingCache(tmp_path / "cache")
+    _assert_same_conditioning(cache([""]), uncond)
+    _assert_same_conditioning(cache(["a red circle"]), cond)

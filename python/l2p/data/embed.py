@@ -5,7 +5,7 @@ the text encoders (low-memory mode).
 source family's conditioning (its adapter's ``encode_prompts``, l2p/adapters/: the pipeline's
 own ``encode_prompt`` called as the pipeline calls it, e.g. Sana with its complex human
 instruction, Qwen-Image's rows without the batch's padding) on every distinct caption of a
-dataset, plus "" (caption dropout and the negative prompt of classifier-free guidance). It
+dataset, plus "" (caption dropout, encoded as the pipeline encodes its negative prompt). It
 stores, per caption, every tensor of that conditioning under the name the trainer reads, so a
 run from the cache sees exactly the tensors a run with the text encoders computes. Layout::
 
@@ -51,10 +51,10 @@ def encode_captions(pipe, source_class: str, captions: list[str], device: str,
                     ) -> tuple[list[dict[str, torch.Tensor]], set[str]]:
     """The family's conditioning of ``captions``, split per caption. Returns (one dict per
     caption, the names whose conditioning is a list of per-caption tensors)."""
-    from l2p.train.conditioning import family_for
+    from l2p.train import conditioning
 
     with torch.no_grad():
-        cond = family_for(source_class).encode(pipe, captions, device)
+        cond = conditioning.encode_captions(conditioning.family_for(source_class), pipe, captions, device)
     rows: list[dict[str, torch.Tensor]] = [{} for _ in captions]
     list_names: set[str] = set()
     for name, value in cond.items():

@@ -89,6 +89,19 @@ def stack(samples: list[Cond]) -> Cond:
     return out
 
 
+def encode_captions(family: Family, pipeline, captions: list[str], device) -> Cond:
+    """Training captions -> conditioning. The empty caption (caption dropout, unconditional
+    images) is encoded as the source pipeline encodes its default negative prompt "", so the
+    unconditional branch trains on what classifier-free guidance feeds it at sampling time
+    (Lumina2 and Sana add a system prompt or instruction to prompts but not to negatives)."""
+    captions = list(captions)
+    cond = family.encode(pipeline, captions, device)
+    keep = torch.tensor([c != "" for c in captions])
+    if not bool(keep.all()):
+        cond = select(cond, keep, family.encode_negative(pipeline, [""], device))
+    return cond
+
+
 class TextEncoder:
     """Encodes captions with the source pipeline's own text encoders (no gradients); the
     tensors come back on the CPU, like the embedding cache's."""
@@ -100,4 +113,4 @@ class TextEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> Cond:
-        return to_device(self.family.encode(self.pipeline, list(prompts), self.device), torch.device("cpu"))
+        return to_device(encode_captions(self.family, self.pipeline, prompts, self.device), torch.device("cpu"))
