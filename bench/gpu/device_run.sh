@@ -11,6 +11,8 @@
 # into 15 MB parts.
 # Usage (repo root): OUT=/some/dir TOY_BUDGET_S=150 [TOY_ARGS="--dit-batch 128"] [BENCH=0] \
 #   [SAMPLING=1] [PEAK=1] bash bench/gpu/device_run.sh
+# TOY_ARGS="--init-from python/l2p/toy/weights/shapes-pixart --dit-batch 128" continues the
+# shipped source (same architecture, its autoencoder kept) instead of training a new one.
 set -u
 OUT=${OUT:-/tmp/l2p-device-out}
 TOY_BUDGET_S=${TOY_BUDGET_S:-150}
