@@ -99,6 +99,7 @@ def test_continuing_a_trained_source_keeps_its_autoencoder_and_chains_its_record
                             log=lambda _: None, command="continue")
     record = json.loads((out / "training_record.json").read_text())
     assert record["steps_run"] == {"vae": 0, "transformer": 2}
+    assert not [p for p in out.rglob("*.json") if "_name_or_path" in json.loads(p.read_text())]
     assert record["continued_from"]["command"] == "test"
     assert record["total_transformer_steps"] == 3 + 2
     assert record["vae_reconstruction"] == record["continued_from"]["vae_reconstruction"]

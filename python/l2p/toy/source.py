@@ -539,6 +539,7 @@ def save_pipeline_atomically(pipe, out_dir: Path, extra_files: dict[str, str] | 
     tmp = _staging_dir(out_dir.parent, f".{out_dir.name}.")
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        _drop_local_paths(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         if out_dir.exists():
@@ -552,6 +553,16 @@ def save_pipeline_atomically(pipe, out_dir: Path, extra_files: dict[str, str] | 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _drop_local_paths(folder: Path) -> None:
+    """Remove the ``_name_or_path`` that a pipeline loaded from disk writes into its configs:
+    it names a folder of the machine that trained it, not anything the copy needs."""
+    for config in folder.rglob("*.json"):
+        data = json.loads(config.read_text())
+        if isinstance(data, dict) and "_name_or_path" in data:
+            del data["_name_or_path"]
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def load_toy_source(path: str | Path | None = None, device: str | torch.device = "cpu"):
