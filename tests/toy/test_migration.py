@@ -102,6 +102,7 @@ def test_reproduce_runs_every_arm_and_reports_paired_differences(tmp_path, monke
     assert "Training seeds per arm: 0, 1" in md and "prompts and training seeds" in md
     assert (out / "curves.png").stat().st_size > 0
     assert len(list((out / "corpus-real" / "images").glob("*.png"))) == 6
+    assert len(list((out / "corpus-synthetic").rglob("*.png"))) == 6  # one image per prompt in both
     # The ground-truth corpus holds the very prompts of the synthetic one.
     import csv
     real = {r["text"] for r in csv.DictReader(open(out / "corpus-real" / "metadata.csv"))}

@@ -318,6 +318,7 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
     if any(ARMS_BY_NAME[a].data == "synthetic" for a in plan.arms):
         generate_images(GenerationConfig(
             source=str(source_dir), prompts=str(prompts_file), out=str(corpora["synthetic"]),
+            images_per_prompt=1,  # as many images as the ground-truth corpus, one per prompt
             steps=plan.corpus_steps, guidance=plan.guidance, height=size, width=size, seed=plan.seed,
             batch_size=32, device=device))
     if any(ARMS_BY_NAME[a].data == "real" for a in plan.arms):
