@@ -28,20 +28,23 @@ def bootstrap_interval(results, *, rounds: int = 1000, level: float = 0.95, seed
     return float(np.quantile(overall, tail)), float(np.quantile(overall, 1.0 - tail))
 
 
-def _paired_bootstrap(a, b, categories, rounds: int, level: float, seed: int):
-    """(mean of A - B, interval low, high) over categories; a and b are (seeds, prompts)."""
+def _bootstrap_mean(values, categories, rounds: int, level: float, seed: int):
+    """(overall, interval low, high) of ``values`` (seeds x prompts): the mean over categories
+    of each category's mean, and a percentile bootstrap that resamples seeds and, within each
+    category, prompts. For a paired difference, ``values`` is A - B: the mean is linear, so
+    resampling the difference is resampling both models with the same picks."""
     groups = [np.flatnonzero(categories == c) for c in CATEGORIES]
     groups = [g for g in groups if len(g)]
-    diff = float(np.mean([a[:, g].mean() - b[:, g].mean() for g in groups]))
+    overall = float(np.mean([values[:, g].mean() for g in groups]))
     rng = np.random.default_rng(seed)
-    n_seeds = a.shape[0]
+    n_seeds = values.shape[0]
     rounds_out = np.empty(rounds)
     for i in range(rounds):
         rows = rng.choice(n_seeds, n_seeds) if n_seeds > 1 else np.zeros(1, dtype=np.int64)
         picks = [rng.choice(g, len(g)) for g in groups]
-        rounds_out[i] = np.mean([a[np.ix_(rows, p)].mean() - b[np.ix_(rows, p)].mean() for p in picks])
+        rounds_out[i] = np.mean([values[np.ix_(rows, p)].mean() for p in picks])
     tail = (1.0 - level) / 2
-    return diff, float(np.quantile(rounds_out, tail)), float(np.quantile(rounds_out, 1.0 - tail))
+    return overall, float(np.quantile(rounds_out, tail)), float(np.quantile(rounds_out, 1.0 - tail))
 
 
 def _by_seed(correct, categories, what: str):
@@ -67,7 +70,7 @@ def paired_difference(correct_a, correct_b, categories, *, rounds: int = 2000, l
     if a.shape != b.shape:
         raise ValueError("paired_difference needs one result per prompt for both models (per training "
                          "seed), in the same order")
-    diff, low, high = _paired_bootstrap(a, b, categories, rounds, level, seed)
+    diff, low, high = _bootstrap_mean(a - b, categories, rounds, level, seed)
     return {"difference": diff, "ci95": (low, high), "beyond_noise": bool(low > 0 or high < 0),
             "training_seeds": a.shape[0]}
 
@@ -78,7 +81,7 @@ def score_over_seeds(correct_by_seed, categories, *, rounds: int = 2000, level: 
     mean overall score and per-category accuracies, each seed's overall score, and a bootstrap
     interval that resamples prompts (within categories) and seeds."""
     rows, categories = _by_seed(correct_by_seed, categories, "score_over_seeds")
-    overall, low, high = _paired_bootstrap(rows, np.zeros_like(rows), categories, rounds, level, seed)
+    overall, low, high = _bootstrap_mean(rows, categories, rounds, level, seed)
     per_category = {c: float(rows[:, categories == c].mean()) for c in CATEGORIES if (categories == c).any()}
     per_seed = [float(np.mean([r[categories == c].mean() for c in per_category])) for r in rows]
     return {"overall": overall, "ci95": (low, high), "per_category": per_category, "per_seed": per_seed}

@@ -176,9 +176,9 @@ def load_for_continuation(cfg: ToySourceConfig):
         raise FileNotFoundError(f"init_from={folder} has no training_record.json: continue only "
                                 f"from a folder written by `l2p toy train-source`")
     previous = json.loads(record_path.read_text())
-    mismatched = [f"{name}: folder {previous['config'][name]!r}, config {getattr(cfg, name)!r}"
-                  for name in ARCHITECTURE_FIELDS
-                  if json.loads(json.dumps(previous["config"].get(name))) != json.loads(json.dumps(getattr(cfg, name)))]
+    ours = json.loads(json.dumps(asdict(cfg)))  # as the record stores it (tuples as lists)
+    mismatched = [f"{name}: folder {previous['config'].get(name)!r}, config {ours[name]!r}"
+                  for name in ARCHITECTURE_FIELDS if previous["config"].get(name) != ours[name]]
     if mismatched:
         raise ValueError(f"init_from={folder} has another architecture than the config ("
                          + "; ".join(mismatched) + "); pass the folder's values or train from scratch")

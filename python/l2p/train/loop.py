@@ -93,6 +93,10 @@ class Trainer:
         self.out = Path(cfg.train.output_dir)
         # FSDP2 runs in any process group, one process included (torchrun --nproc-per-node 1).
         self.fsdp = self.env.has_process_group and cfg.distributed.strategy == "fsdp"
+        if cfg.low_memory.cpu_offload and not self.fsdp:
+            raise ConfigError("low_memory.cpu_offload needs FSDP2 under torchrun: start the run with "
+                              "torchrun --nproc-per-node N -m l2p.train (N = 1 for one GPU) and "
+                              "distributed.strategy=fsdp")
 
         use_bf16 = cfg.train.mixed_precision == "bf16" or (
             cfg.train.mixed_precision == "auto" and self.device.type == "cuda")
@@ -126,7 +130,7 @@ class Trainer:
             _checkpoint_blocks(trainable_blocks)
         elif cfg.model.gradient_checkpointing == "all":
             _checkpoint_blocks([b for _, b in blocks])
-        offload = self.fsdp and cfg.low_memory.cpu_offload
+        offload = cfg.low_memory.cpu_offload  # (under FSDP: checked above)
         if not offload:
             model.to(self.device)
         # else fully_shard moves each unit's tensors to the device as it wraps it and copies
@@ -134,10 +138,6 @@ class Trainer:
         model.train()
         self.model = model
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
-        if cfg.low_memory.cpu_offload and not self.fsdp:
-            raise ConfigError("low_memory.cpu_offload needs FSDP2 under torchrun: start the run with "
-                              "torchrun --nproc-per-node N -m l2p.train (N = 1 for one GPU) and "
-                              "distributed.strategy=fsdp")
         self.offloaded_blocks = 0
         if self.fsdp:
             self.offloaded_blocks = wrap_fsdp(model, [b for _, b in blocks], bf16=use_bf16, offload_frozen=offload)
