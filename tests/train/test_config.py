@@ -46,6 +46,9 @@ def test_bad_types_and_choices():
         load_config(None, ["data.caption_dropout=1.5"])
     with pytest.raises(ConfigError, match="--set expects key=value"):
         load_config(None, ["optim.lr"])
+    with pytest.raises(ConfigError, match="optim.new_layers_lr must be > 0"):
+        load_config(None, ["optim.new_layers_lr=0"])
+    assert load_config(None, ["optim.new_layers_lr=null"]).optim.new_layers_lr is None
     with pytest.raises(ConfigError, match="cpu_offload runs on FSDP2.*torchrun --nproc-per-node 1"):
         load_config(None, ["low_memory.cpu_offload=true"])
     assert load_config(None, ["low_memory.cpu_offload=true", "distributed.strategy=fsdp"]).low_memory.cpu_offload

@@ -128,3 +128,47 @@ def test_random_init_is_the_same_architecture_trained_from_scratch(sources, imag
     with scratch.ema.swapped_in():
         for name, p in exported.named_parameters():
             assert torch.equal(p, a[name]), name
+
+
+def _moved(before: dict, trainer: Trainer, names) -> float:
+    named = dict(trainer.model.named_parameters())
+    return max((named[n].detach() - before[n]).abs().max().item() for n in names)
+
+
+@pytest.mark.parametrize("init", ["source", "random"])
+def test_new_layers_train_at_their_own_rate(init, sources, images, tmp_path):
+    """optim.new_layers_lr: every parameter of a layer convert_to_pixel initialised (the pixel
+    embedding, its bias copied from the source included, and the head) takes that rate; the
+    source's weights take optim.lr. From random init nothing comes from the source."""
+    cfg = make_config(sources["pixart"], images, tmp_path / "run", model__init=init, model__trainable="all",
+                      optim__lr=1e-4, optim__new_layers_lr=1e-2, optim__schedule="constant",
+                      optim__warmup_steps=0, optim__weight_decay=0.0, train__max_steps=1)
+    trainer = Trainer(cfg)
+    fresh_layers = {n.rpartition(".")[0] for n in trainer.model.conversion_report.initialised}
+    new = [n for n in trainer.param_names if init == "random" or n.rpartition(".")[0] in fresh_layers]
+    transferred = [n for n in trainer.param_names if n not in new]
+    if init == "source":
+        assert "transformer.pos_embed.proj.bias" in new and "transformer.pos_embed.proj.weight" in new
+        assert any(n.startswith("head.") for n in new) and transferred
+        assert "transformer.pos_embed.proj.bias" in trainer.model.conversion_report.copied
+    assert trainer.param_names == transferred + new  # the optimizer's (and checkpoints') order
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.run()
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == ([1e-4, 1e-2] if transferred else [1e-2])
+    # Adam's first step moves every parameter with a gradient by about its rate, never more.
+    assert 0.9e-2 < _moved(before, trainer, new) <= 1.001e-2
+    if transferred:
+        assert 0.9e-4 < _moved(before, trainer, transferred) <= 1.001e-4
+
+
+def test_resume_with_new_layers_lr_is_bit_identical(sources, images, tmp_path):
+    settings = dict(optim__lr=1e-4, optim__new_layers_lr=3e-3, optim__warmup_steps=2)
+    straight = Trainer(make_config(sources["pixart"], images, tmp_path / "a", checkpoint__every=100, **settings))
+    straight.run()
+    Trainer(make_config(sources["pixart"], images, tmp_path / "b", train__max_steps=3, **settings)).run()
+    resumed = Trainer(make_config(sources["pixart"], images, tmp_path / "b", train__resume="latest", **settings))
+    resumed.run()
+    _assert_identical(_state(straight), _state(resumed))
+    # A run resumed with another parameter split is refused, not silently mixed.
+    with pytest.raises(ValueError, match="new_layers_lr"):
+        Trainer(make_config(sources["pixart"], images, tmp_path / "b", train__resume="latest"))

@@ -100,9 +100,10 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer, param_names: list[str]) 
 
 
 def optimizer_from_flat(optimizer: torch.optim.Optimizer, param_names: list[str], tensors: dict, meta: dict) -> None:
-    if meta["param_names"] != param_names:
+    saved_groups = [len(g["params"]) for g in meta["param_groups"]]
+    if meta["param_names"] != param_names or saved_groups != [len(g["params"]) for g in optimizer.param_groups]:
         raise ValueError("the checkpoint's optimizer was built over different parameters "
-                         "(model.trainable changed?); resume with the same config")
+                         "(model.trainable or optim.new_layers_lr changed?); resume with the same config")
     index = {n: i for i, n in enumerate(param_names)}
     state: dict[int, dict] = {index[n]: dict(meta["scalars"].get(n, {})) for n in meta["has_state"]}
     for key, value in tensors.items():

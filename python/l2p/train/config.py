@@ -82,7 +82,12 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
+    # Learning rate of the weights that come from the source.
     lr: float = 5e-5
+    # Learning rate of the layers that do not: the pixel patch embedding and the head that
+    # convert_to_pixel initialises (every layer with model.init=random). None = lr. Fresh
+    # layers want a far larger rate than transferred blocks, which a large rate overwrites.
+    new_layers_lr: float | None = None
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
@@ -225,6 +230,9 @@ class Config:
             raise ConfigError(f"ema.decay must be in [0, 1), got {self.ema.decay}")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if self.optim.new_layers_lr is not None and self.optim.new_layers_lr <= 0:
+            raise ConfigError(f"optim.new_layers_lr must be > 0 (or null: the same as optim.lr), "
+                              f"got {self.optim.new_layers_lr}")
         return self
 
 

@@ -147,12 +147,18 @@ class Trainer:
         else:
             self.wrapped = model
         named = dict(model.named_parameters())
-        self.params = [named[n] for n in self.param_names]
 
         o = cfg.optim
+        groups = self._parameter_groups(model)
+        # The optimizer's parameter order (group by group) is the order checkpoints name them in.
+        self.param_names = [n for group in groups for n in group["names"]]
+        self.params = [named[n] for n in self.param_names]
         fused = all(p.is_cuda for p in self.params) and not self.fsdp
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                           weight_decay=o.weight_decay, fused=fused or None)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [named[n] for n in g["names"]]} for g in groups],
+            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay, fused=fused or None)
+        # Kept beside the optimizer, not in its groups: a resumed run takes them from its config.
+        self.lr_scales = [g["lr_scale"] for g in groups]
         self.ema = EMA({n: named[n] for n in self.param_names}, cfg.ema.decay, cfg.ema.start_step) \
             if cfg.ema.enabled else None
         self.objective = Objective.from_scheduler_config(self.source.scheduler_config, cfg.objective,
@@ -177,6 +183,23 @@ class Trainer:
         self._resume()
 
     # ------------------------------------------------------------------------------------
+    def _parameter_groups(self, model) -> list[dict]:
+        """The trainable parameters as optimizer groups: those from the source at optim.lr,
+        the new layers at optim.new_layers_lr (one group of all when it is not set)."""
+        o = self.cfg.optim
+        if o.new_layers_lr is None:
+            return [{"names": list(self.param_names), "lr_scale": 1.0}]
+        if self.cfg.model.init == "random":
+            new = set(self.param_names)  # nothing comes from the source
+        else:
+            # Every parameter of a layer convert_to_pixel initialised, including any tensor of
+            # it that kept its name and shape (the pixel embedding's bias).
+            fresh_layers = {name.rpartition(".")[0] for name in model.conversion_report.initialised}
+            new = {n for n in self.param_names if n.rpartition(".")[0] in fresh_layers}
+        groups = [{"names": [n for n in self.param_names if n not in new], "lr_scale": 1.0},
+                  {"names": [n for n in self.param_names if n in new], "lr_scale": o.new_layers_lr / o.lr}]
+        return [g for g in groups if g["names"]]
+
     def _head_config(self):
         m = self.cfg.model
         if m.head_channels or m.head_max_channels:
@@ -301,8 +324,8 @@ class Trainer:
         B, A, W = cfg.train.batch_size, cfg.train.grad_accum, env.world_size
         indices, next_position = self.plan.take(self.position)
         lr = lr_at(cfg, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group, scale in zip(self.optimizer.param_groups, self.lr_scales):
+            group["lr"] = lr * scale
         loss_sum = torch.zeros((), dtype=torch.float64)
         for a in range(A):
             start = a * B * W + env.rank * B
@@ -423,6 +446,8 @@ class Trainer:
                         if window_n:
                             writer.add_scalar("train/loss", window_loss / window_n, self.step)
                         writer.add_scalar("train/lr", record["lr"], self.step)
+                        if cfg.optim.new_layers_lr is not None:
+                            writer.add_scalar("train/lr_new_layers", record["lr"] * cfg.optim.new_layers_lr / cfg.optim.lr, self.step)
                         writer.add_scalar("train/grad_norm", grad_norm, self.step)
                         images_per_s = global_batch * max(window_n, 1) / max(elapsed, 1e-9)
                         writer.add_scalar("train/images_per_s", images_per_s, self.step)
