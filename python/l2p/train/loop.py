@@ -447,7 +447,8 @@ class Trainer:
                             writer.add_scalar("train/loss", window_loss / window_n, self.step)
                         writer.add_scalar("train/lr", record["lr"], self.step)
                         if cfg.optim.new_layers_lr is not None:
-                            writer.add_scalar("train/lr_new_layers", record["lr"] * cfg.optim.new_layers_lr / cfg.optim.lr, self.step)
+                            new_lr = record["lr"] * cfg.optim.new_layers_lr / cfg.optim.lr
+                            writer.add_scalar("train/lr_new_layers", new_lr, self.step)
                         writer.add_scalar("train/grad_norm", grad_norm, self.step)
                         images_per_s = global_batch * max(window_n, 1) / max(elapsed, 1e-9)
                         writer.add_scalar("train/images_per_s", images_per_s, self.step)
