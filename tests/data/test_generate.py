@@ -69,6 +69,13 @@ def test_generate_writes_images_and_metadata(tiny_pixart, prompt_file, tmp_path,
     np.testing.assert_allclose(np.asarray(Image.open(first)).astype(int), before.astype(int), atol=1)
 
 
+def test_captions_are_rendered_as_written(tiny_pixart, prompt_file, tmp_path, pipe):
+    """PixArt cleans captions only where bs4 and ftfy are installed; the trainer encodes them
+    as written, so the corpus must be rendered from them as written, whatever is installed."""
+    kwargs, _ = G._call_kwargs(pipe, _config(tiny_pixart, prompt_file, tmp_path / "out"))
+    assert kwargs["clean_caption"] is False and kwargs["use_resolution_binning"] is False
+
+
 def test_resume_after_interruption(tiny_pixart, prompt_file, tmp_path, pipe, monkeypatch):
     out = tmp_path / "out"
     write = G._atomic_write_png

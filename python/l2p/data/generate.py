@@ -254,7 +254,10 @@ def _call_kwargs(pipe, config: GenerationConfig) -> tuple[dict, dict]:
               "guidance_scale": config.guidance, "num_images_per_prompt": 1, "output_type": "pil",
               # Binning renders at the nearest trained size and then resizes to the requested
               # one; resampled images would teach the pixel model interpolation artefacts.
-              "use_resolution_binning": False}
+              "use_resolution_binning": False,
+              # PixArt's caption cleaning runs only where bs4 and ftfy happen to be installed;
+              # the trainer and the sampler encode the caption as written, so the corpus must too.
+              "clean_caption": False}
     kwargs = {k: v for k, v in wanted.items() if v is not None and k in params}
     effective = {}
     for name, key in (("steps", "num_inference_steps"), ("guidance", "guidance_scale")):
