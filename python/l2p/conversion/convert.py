@@ -28,6 +28,12 @@ class ConversionReport:
     # False on the meta device, where there is no data to copy or compare.
     verified: bool = False
 
+    def new_layers(self) -> set[str]:
+        """The layers (module names) that were initialised: every parameter under them is new,
+        including one that was copied because its name and shape matched (the pixel
+        embedding's bias)."""
+        return {name.rpartition(".")[0] for name in self.initialised}
+
     def __str__(self) -> str:
         state = "verified bit-identical" if self.verified else "not verified (meta device)"
         return (f"{self.source_class} -> pixel patch {self.patch_size}: copied "

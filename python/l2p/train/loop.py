@@ -192,10 +192,8 @@ class Trainer:
         if self.cfg.model.init == "random":
             new = set(self.param_names)  # nothing comes from the source
         else:
-            # Every parameter of a layer convert_to_pixel initialised, including any tensor of
-            # it that kept its name and shape (the pixel embedding's bias).
-            fresh_layers = {name.rpartition(".")[0] for name in model.conversion_report.initialised}
-            new = {n for n in self.param_names if n.rpartition(".")[0] in fresh_layers}
+            new_layers = model.conversion_report.new_layers()
+            new = {n for n in self.param_names if n.rpartition(".")[0] in new_layers}
         groups = [{"names": [n for n in self.param_names if n not in new], "lr_scale": 1.0},
                   {"names": [n for n in self.param_names if n in new], "lr_scale": o.new_layers_lr / o.lr}]
         return [g for g in groups if g["names"]]
