@@ -91,6 +91,33 @@ def run_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sigma_list(text: str, flag: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated noise levels, e.g. 0.5,0.9; got {text!r}") from None
+
+
+def run_diagnose(args: argparse.Namespace) -> int:
+    from l2p.toy.diagnose import DiagnosePlan, run_diagnose as diagnose, write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        plan = DiagnosePlan(
+            model=args.model, source=args.source, prompts=args.prompts, steps=args.steps,
+            guidance=args.guidance, seed=args.seed,
+            handoff_sigmas=_sigma_list(args.handoff_sigmas, "--handoff-sigmas"),
+            probe_sigmas=_sigma_list(args.probe_sigmas, "--probe-sigmas"),
+        ).validate()
+    except ValueError as err:
+        print(f"l2p toy diagnose: {err}", file=sys.stderr)
+        return 2
+    report = diagnose(plan)
+    print(f"report: {write_report(report, args.out)}")
+    return 0
+
+
 def register(subparsers) -> None:
     toy = subparsers.add_parser("toy", help="the ShapesWorld toy world")
     toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
@@ -151,3 +178,28 @@ def register(subparsers) -> None:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="trainer config override applied to every arm (repeatable)")
     r.set_defaults(func=run_reproduce)
+
+    from l2p.toy.diagnose import DiagnosePlan
+
+    dp = DiagnosePlan(model="")
+    g = toy_sub.add_parser(
+        "diagnose",
+        help="where along the denoising path a pixel model falls behind its toy source",
+        description="Handoff: the source's images for held-out prompts, noised to each sigma and "
+                    "finished by the pixel model, scored. Prompt use: each model's clean-image "
+                    "estimate error with and without the prompt at each sigma. Writes "
+                    "diagnose.md and diagnose.json.",
+    )
+    g.add_argument("--model", required=True, help="the pixel pipeline folder (l2p-train's final/pipeline)")
+    g.add_argument("--source", default=dp.source, help="toy source folder (default: the shipped one)")
+    g.add_argument("--out", default="runs/toy/diagnose", help="report folder (default %(default)s)")
+    g.add_argument("--prompts", type=int, default=dp.prompts, help="held-out prompts (default %(default)s)")
+    g.add_argument("--handoff-sigmas", default=",".join(f"{s:g}" for s in dp.handoff_sigmas),
+                   help="noise levels the pixel model starts from (default %(default)s; 1 = pure noise)")
+    g.add_argument("--probe-sigmas", default=",".join(f"{s:g}" for s in dp.probe_sigmas),
+                   help="noise levels of the prompt-use probe (default %(default)s)")
+    g.add_argument("--steps", type=int, default=dp.steps, help="sampling steps (default %(default)s)")
+    g.add_argument("--guidance", type=float, default=dp.guidance, help="guidance scale (default %(default)s)")
+    g.add_argument("--seed", type=int, default=dp.seed, help="prompts and noise seed (default %(default)s)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    g.set_defaults(func=run_diagnose)
