@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from l2p.toy import source
-from l2p.toy.diagnose import DiagnosePlan, handoff, prompt_use
+from l2p.toy.diagnose import DiagnosePlan, feature_alignment, handoff, prompt_use
 
 from _tiny_source import TINY
 
@@ -85,6 +85,18 @@ def test_prompt_use_differs_between_prompt_and_empty_at_high_noise(tiny):
     assert prompt_use(pipe, source_pipe, images, prompts, 0.9, seed=0) == row  # seeded
 
 
+def test_feature_alignment_compares_every_block_input(tiny):
+    _, pipe, source_pipe, prompts, images = tiny
+    row = feature_alignment(pipe, source_pipe, images, prompts, 0.3, seed=0)
+    names = [name for name, _ in pipe.transformer.blocks()]
+    assert [b["block"] for b in row["blocks"]] == names and len(names) == TINY.layers
+    for b in row["blocks"]:
+        assert -1.0 <= b["same"] <= 1.0 and -1.0 <= b["other"] <= 1.0 and b["norm_ratio"] > 0
+    # The hooks are gone afterwards, and the measurement is seeded.
+    assert all(not block._forward_pre_hooks for _, block in pipe.transformer.blocks())
+    assert feature_alignment(pipe, source_pipe, images, prompts, 0.3, seed=0) == row
+
+
 @pytest.mark.slow
 def test_diagnose_command_writes_both_reports(tiny, monkeypatch, capsys):
     from l2p.cli import main
@@ -101,8 +113,9 @@ def test_diagnose_command_writes_both_reports(tiny, monkeypatch, capsys):
     assert report["handoff"][0]["overall"] == report["source"]["overall"]
     assert all(0.0 <= r["overall"] <= 1.0 for r in report["handoff"])
     assert [r["sigma"] for r in report["prompt_use"]] == [0.9]
+    assert [r["sigma"] for r in report["alignment"]] == [0.9]
     md = (out / "diagnose.md").read_text()
-    assert "| 0.5 |" in md and "Prompt use" in md
+    assert "| 0.5 |" in md and "Prompt use" in md and "| transformer.transformer_blocks.1 |" in md
     assert "handoff from sigma 1" in capsys.readouterr().out
 
 

@@ -7,6 +7,13 @@ Two measurements on the same held-out prompts, both against the latent source:
   sigma this asks whether the pixel model can finish a picture whose layout is given; at
   sigma = 1 it samples from pure noise. The sigma where the score falls away is where the
   pixel model stops producing what the source would.
+- Feature alignment: at each sigma, the cosine similarity between the hidden states entering
+  each block in the pixel model (image noised in pixels) and in the source (its latent
+  noised in latent space), beside the source's similarity between two different images. L2P
+  counts on the trainable first blocks carrying pixels into the source's feature space so the
+  frozen middle blocks work as they did; where the pixel model's features at the first frozen
+  block are further from the source's than another image's are, the middle sees inputs it
+  was not trained on.
 - Prompt use: at each sigma, the error of each model's one-step clean-image estimate
   (x_s - sigma * v for flow models) with the prompt and with the empty prompt, on the same
   images and noise; for the source, noised in its latent space and decoded. A model that
@@ -126,6 +133,52 @@ def prompt_use(pipe, source_pipe, images: np.ndarray, prompts: list[str], sigma:
     return {"sigma": sigma, "pixel": {**pixel, "gain": gain(pixel)}, "source": {**latent, "gain": gain(latent)}}
 
 
+@torch.no_grad()
+def feature_alignment(pipe, source_pipe, images: np.ndarray, prompts: list[str], sigma: float, *,
+                      seed: int) -> dict:
+    """Per block (in ``pipe.transformer.blocks()`` order): mean cosine similarity over tokens
+    and images between the pixel model's and the source's block inputs for the same image
+    (``same``), the source's for two different images (``other``: each image against the
+    next), and the ratio of their mean norms (pixel / source)."""
+    from l2p.train import conditioning as condmod
+
+    x0 = _to_unit(images)
+    vae, scale = source_pipe.vae, source_pipe.vae.config.scaling_factor
+    z0 = vae.encode(x0).latent_dist.mean * scale
+    x = (1.0 - sigma) * x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    z = (1.0 - sigma) * z0 + sigma * torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + 1))
+    names = [name for name, _ in pipe.transformer.blocks()]
+    captured: dict[tuple[str, str], torch.Tensor] = {}
+
+    def capture(key):
+        def hook(module, args, kwargs):
+            captured[key] = (args[0] if args else kwargs["hidden_states"]).float()
+        return hook
+
+    handles = []
+    for name, block in pipe.transformer.blocks():
+        handles.append(block.register_forward_pre_hook(capture(("pixel", name)), with_kwargs=True))
+        source_block = source_pipe.transformer.get_submodule(name.removeprefix("transformer."))
+        handles.append(source_block.register_forward_pre_hook(capture(("source", name)), with_kwargs=True))
+    try:
+        source_family = condmod.family_for(type(source_pipe.transformer).__name__)
+        _velocity(pipe.transformer, pipe.family, pipe.encode_prompt(prompts, do_classifier_free_guidance=False)[0],
+                  x, sigma)
+        _velocity(source_pipe.transformer, source_family, source_family.encode(source_pipe, prompts, z.device), z,
+                  sigma)
+    finally:
+        for handle in handles:
+            handle.remove()
+    cosine = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())  # noqa: E731
+    rows = []
+    for name in names:
+        pixel, src = captured[("pixel", name)], captured[("source", name)]
+        other = torch.roll(src, 1, dims=0)
+        rows.append({"block": name, "same": cosine(pixel, src), "other": cosine(src, other),
+                     "norm_ratio": float(pixel.norm(dim=-1).mean() / src.norm(dim=-1).mean())})
+    return {"sigma": sigma, "blocks": rows}
+
+
 def run_diagnose(plan: DiagnosePlan, log=print) -> dict:
     from l2p.data.generate import resolve_source
     from l2p.sample.pipeline import L2PPipeline
@@ -144,7 +197,7 @@ def run_diagnose(plan: DiagnosePlan, log=print) -> dict:
     source_score = score_generated(source_images, records)
     log(f"source: {source_score['overall']:.3f} on {plan.prompts} held-out prompts")
     report = {"plan": asdict(plan), "source_dir": str(source_dir), "source": _brief(source_score),
-              "handoff": [], "prompt_use": []}
+              "handoff": [], "prompt_use": [], "alignment": []}
     for sigma in plan.handoff_sigmas:
         images = handoff(pipe, source_images, prompts, sigma, steps=plan.steps, guidance=plan.guidance,
                          seed=plan.seed, batch_size=plan.batch_size)
@@ -159,6 +212,12 @@ def run_diagnose(plan: DiagnosePlan, log=print) -> dict:
         log(f"sigma {sigma:g}: estimate error with/without prompt: pixel {row['pixel']['prompt']:.4f}/"
             f"{row['pixel']['empty']:.4f} (gain {row['pixel']['gain']:.1%}), source "
             f"{row['source']['prompt']:.4f}/{row['source']['empty']:.4f} (gain {row['source']['gain']:.1%})")
+    for sigma in plan.probe_sigmas:
+        row = feature_alignment(pipe, source_pipe, source_images[:probe], prompts[:probe], sigma, seed=plan.seed)
+        report["alignment"].append(row)
+        log(f"sigma {sigma:g}: block inputs, cosine pixel vs source (same image) / source vs source "
+            f"(another image): " + ", ".join(f"{i}: {b['same']:.2f}/{b['other']:.2f}"
+                                            for i, b in enumerate(row["blocks"])))
     return report
 
 
@@ -192,6 +251,20 @@ def report_markdown(report: dict) -> str:
     lines += [f"| {r['sigma']:g} | {r['pixel']['prompt']:.4f} / {r['pixel']['empty']:.4f} | "
               f"{r['pixel']['gain']:.1%} | {r['source']['prompt']:.4f} / {r['source']['empty']:.4f} | "
               f"{r['source']['gain']:.1%} |" for r in report["prompt_use"]]
+    if report.get("alignment"):
+        blocks = report["alignment"][0]["blocks"]
+        lines += [
+            "",
+            "## Feature alignment: cosine of the block inputs, pixel vs source for the same image "
+            "(source vs source for another image), pixel/source norm",
+            "",
+            "| block | " + " | ".join(f"sigma {r['sigma']:g}" for r in report["alignment"]) + " |",
+            "|---|" + "---|" * len(report["alignment"]),
+        ]
+        for i, name in enumerate(b["block"] for b in blocks):
+            cells = [f"{r['blocks'][i]['same']:.2f} ({r['blocks'][i]['other']:.2f}), "
+                     f"{r['blocks'][i]['norm_ratio']:.2f}x" for r in report["alignment"]]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,4 +278,4 @@ def write_report(report: dict, out: str | Path) -> Path:
     return out / "diagnose.md"
 
 
-__all__ = ["DiagnosePlan", "handoff", "prompt_use", "report_markdown", "run_diagnose", "write_report"]
+__all__ = ["DiagnosePlan", "feature_alignment", "handoff", "prompt_use", "report_markdown", "run_diagnose", "write_report"]
