@@ -34,6 +34,7 @@ import torch
 
 from l2p.toy.prompts import make_records
 from l2p.toy.scoring import score_generated
+from l2p.train import conditioning as condmod
 
 
 @dataclass
@@ -80,8 +81,6 @@ def handoff(pipe, images: np.ndarray, prompts: list[str], sigma: float, *, steps
             seed: int, batch_size: int) -> np.ndarray:
     """``images`` (n, H, W, 3) noised to ``sigma`` (generator seed ``seed + i`` for image i)
     and denoised by the pixel pipeline's model with ``steps`` Euler steps to 0."""
-    from l2p.train import conditioning as condmod
-
     model, family = pipe.transformer, pipe.family
     sigmas = torch.linspace(sigma, 0.0, steps + 1).tolist() if sigma > 0 else [0.0]
     out = []
@@ -97,6 +96,14 @@ def handoff(pipe, images: np.ndarray, prompts: list[str], sigma: float, *, steps
             x = x + (s_next - s) * family.guide(v_uncond, v_cond, guidance, model.config.patch_size, {})
         out.append(_to_uint8(x))
     return np.concatenate(out)
+
+
+def _source_conditioning(source_pipe, prompts: list[str]):
+    """(family, prompt conditioning, empty-prompt conditioning) of the latent source."""
+    family = condmod.family_for(type(source_pipe.transformer).__name__)
+    device = source_pipe.transformer.device
+    return (family, family.encode(source_pipe, prompts, device),
+            family.encode_negative(source_pipe, [""] * len(prompts), device))
 
 
 @torch.no_grad()
@@ -119,11 +126,7 @@ def prompt_use(pipe, source_pipe, images: np.ndarray, prompts: list[str], sigma:
     z0 = vae.encode(x0).latent_dist.mean * scale
     z_noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + 1))
     z = (1.0 - sigma) * z0 + sigma * z_noise
-    from l2p.train import conditioning as condmod
-
-    source_family = condmod.family_for(type(source_pipe.transformer).__name__)
-    source_cond = source_family.encode(source_pipe, prompts, z.device)
-    source_uncond = source_family.encode_negative(source_pipe, [""] * len(prompts), z.device)
+    source_family, source_cond, source_uncond = _source_conditioning(source_pipe, prompts)
     latent = {}
     for name, c in (("prompt", source_cond), ("empty", source_uncond)):
         z_estimate = z - sigma * _velocity(source_pipe.transformer, source_family, c, z, sigma)
@@ -140,8 +143,6 @@ def feature_alignment(pipe, source_pipe, images: np.ndarray, prompts: list[str],
     and images between the pixel model's and the source's block inputs for the same image
     (``same``), the source's for two different images (``other``: each image against the
     next), and the ratio of their mean norms (pixel / source)."""
-    from l2p.train import conditioning as condmod
-
     x0 = _to_unit(images)
     vae, scale = source_pipe.vae, source_pipe.vae.config.scaling_factor
     z0 = vae.encode(x0).latent_dist.mean * scale
@@ -161,11 +162,10 @@ def feature_alignment(pipe, source_pipe, images: np.ndarray, prompts: list[str],
         source_block = source_pipe.transformer.get_submodule(name.removeprefix("transformer."))
         handles.append(source_block.register_forward_pre_hook(capture(("source", name)), with_kwargs=True))
     try:
-        source_family = condmod.family_for(type(source_pipe.transformer).__name__)
+        source_family, source_cond, _ = _source_conditioning(source_pipe, prompts)
         _velocity(pipe.transformer, pipe.family, pipe.encode_prompt(prompts, do_classifier_free_guidance=False)[0],
                   x, sigma)
-        _velocity(source_pipe.transformer, source_family, source_family.encode(source_pipe, prompts, z.device), z,
-                  sigma)
+        _velocity(source_pipe.transformer, source_family, source_cond, z, sigma)
     finally:
         for handle in handles:
             handle.remove()
