@@ -64,11 +64,12 @@ def _evaluate_source(folder, device, n: int) -> None:
     record_path.write_text(json.dumps(record, indent=2))
 
 
-def _seed_list(text: str) -> list[int]:
+def _number_list(text: str, kind: type, flag: str, example: str) -> list:
+    """A comma-separated flag value as numbers of ``kind``; a bad one is a ValueError naming the flag."""
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        return [kind(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"--train-seeds takes comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+        raise ValueError(f"{flag} takes comma-separated {kind.__name__}s, e.g. {example}; got {text!r}") from None
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
@@ -81,7 +82,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
             out_dir=args.out, source=args.source, budget_minutes=args.budget_minutes, steps=args.steps,
             batch_size=args.batch_size, corpus_prompts=args.corpus_prompts, eval_prompts=args.eval_prompts,
             curve_points=args.curve_points, curve_prompts=args.curve_prompts, seed=args.seed,
-            train_seeds=_seed_list(args.train_seeds), train_overrides=list(args.set),
+            train_seeds=_number_list(args.train_seeds, int, "--train-seeds", "0,1,2"), train_overrides=list(args.set),
             **({"arms": args.arms.split(",")} if args.arms else {}),
         ).validate()
     except ValueError as err:
@@ -89,13 +90,6 @@ def run_reproduce(args: argparse.Namespace) -> int:
         return 2
     reproduce(plan)
     return 0
-
-
-def _sigma_list(text: str, flag: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated noise levels, e.g. 0.5,0.9; got {text!r}") from None
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
@@ -107,8 +101,8 @@ def run_diagnose(args: argparse.Namespace) -> int:
         plan = DiagnosePlan(
             model=args.model, source=args.source, prompts=args.prompts, steps=args.steps,
             guidance=args.guidance, seed=args.seed,
-            handoff_sigmas=_sigma_list(args.handoff_sigmas, "--handoff-sigmas"),
-            probe_sigmas=_sigma_list(args.probe_sigmas, "--probe-sigmas"),
+            handoff_sigmas=_number_list(args.handoff_sigmas, float, "--handoff-sigmas", "0.5,0.9"),
+            probe_sigmas=_number_list(args.probe_sigmas, float, "--probe-sigmas", "0.5,0.9"),
         ).validate()
     except ValueError as err:
         print(f"l2p toy diagnose: {err}", file=sys.stderr)
