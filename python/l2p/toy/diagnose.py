@@ -1,6 +1,6 @@
 """Where along the denoising path a toy pixel model falls behind its source.
 
-Two measurements on the same held-out prompts, both against the latent source:
+Three measurements on the same held-out prompts, each against the latent source:
 
 - Handoff: the source's finished images, noised in pixel space to sigma, then denoised by the
   pixel model (classifier-free guidance, Euler steps from sigma to 0) and scored. At small
