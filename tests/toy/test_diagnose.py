@@ -112,6 +112,7 @@ def test_diagnose_command_writes_both_reports(tiny, monkeypatch, capsys):
     # Handed the finished images, the pixel model changes nothing: the source's own score.
     assert report["handoff"][0]["overall"] == report["source"]["overall"]
     assert all(0.0 <= r["overall"] <= 1.0 for r in report["handoff"])
+    assert all(len(r["correct"]) == 6 for r in report["handoff"])
     assert [r["sigma"] for r in report["prompt_use"]] == [0.9]
     assert [r["sigma"] for r in report["alignment"]] == [0.9]
     md = (out / "diagnose.md").read_text()

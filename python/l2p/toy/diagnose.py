@@ -202,7 +202,9 @@ def run_diagnose(plan: DiagnosePlan, log=print) -> dict:
         images = handoff(pipe, source_images, prompts, sigma, steps=plan.steps, guidance=plan.guidance,
                          seed=plan.seed, batch_size=plan.batch_size)
         score = score_generated(images, records)
-        report["handoff"].append({"sigma": sigma, **_brief(score)})
+        # Per-image verdicts, so two models' handoffs on the same prompts can be compared
+        # pairwise (l2p.toy.scoring.paired_difference).
+        report["handoff"].append({"sigma": sigma, **_brief(score), "correct": score["correct"]})
         log(f"handoff from sigma {sigma:g}: {score['overall']:.3f} "
             f"({score['ci95'][0]:.3f}-{score['ci95'][1]:.3f})")
     probe = min(plan.prompts, 64)
