@@ -181,8 +181,9 @@ def register(subparsers) -> None:
         help="where along the denoising path a pixel model falls behind its toy source",
         description="Handoff: the source's images for held-out prompts, noised to each sigma and "
                     "finished by the pixel model, scored. Prompt use: each model's clean-image "
-                    "estimate error with and without the prompt at each sigma. Writes "
-                    "diagnose.md and diagnose.json.",
+                    "estimate error with and without the prompt at each sigma. Feature "
+                    "alignment: how close the hidden states entering each block are to the "
+                    "source's for the same image. Writes diagnose.md and diagnose.json.",
     )
     g.add_argument("--model", required=True, help="the pixel pipeline folder (l2p-train's final/pipeline)")
     g.add_argument("--source", default=dp.source, help="toy source folder (default: the shipped one)")
@@ -191,7 +192,7 @@ def register(subparsers) -> None:
     g.add_argument("--handoff-sigmas", default=",".join(f"{s:g}" for s in dp.handoff_sigmas),
                    help="noise levels the pixel model starts from (default %(default)s; 1 = pure noise)")
     g.add_argument("--probe-sigmas", default=",".join(f"{s:g}" for s in dp.probe_sigmas),
-                   help="noise levels of the prompt-use probe (default %(default)s)")
+                   help="noise levels of the prompt-use and alignment probes (default %(default)s)")
     g.add_argument("--steps", type=int, default=dp.steps, help="sampling steps (default %(default)s)")
     g.add_argument("--guidance", type=float, default=dp.guidance, help="guidance scale (default %(default)s)")
     g.add_argument("--seed", type=int, default=dp.seed, help="prompts and noise seed (default %(default)s)")

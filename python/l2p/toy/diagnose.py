@@ -34,6 +34,7 @@ import torch
 
 from l2p.toy.prompts import make_records
 from l2p.toy.scoring import score_generated
+from l2p.toy.source import to_model_range
 from l2p.train import conditioning as condmod
 
 
@@ -61,10 +62,6 @@ class DiagnosePlan:
         return self
 
 
-def _to_unit(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
@@ -85,7 +82,7 @@ def handoff(pipe, images: np.ndarray, prompts: list[str], sigma: float, *, steps
     sigmas = torch.linspace(sigma, 0.0, steps + 1).tolist() if sigma > 0 else [0.0]
     out = []
     for start in range(0, len(prompts), batch_size):
-        x0 = _to_unit(images[start:start + batch_size])
+        x0 = to_model_range(images[start:start + batch_size])
         noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed + start + i))
                              for i in range(len(x0))])
         x = (1.0 - sigma) * x0 + sigma * noise
@@ -112,7 +109,7 @@ def prompt_use(pipe, source_pipe, images: np.ndarray, prompts: list[str], sigma:
     """Mean squared error of the clean-image estimate with the prompt and with "" (pixels in
     [-1, 1]), for the pixel model (noised in pixels) and the source (noised in its latent
     space, estimate decoded)."""
-    x0 = _to_unit(images)
+    x0 = to_model_range(images)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     cond, uncond = pipe.encode_prompt(prompts)
     x = (1.0 - sigma) * x0 + sigma * noise
@@ -143,7 +140,7 @@ def feature_alignment(pipe, source_pipe, images: np.ndarray, prompts: list[str],
     and images between the pixel model's and the source's block inputs for the same image
     (``same``), the source's for two different images (``other``: each image against the
     next), and the ratio of their mean norms (pixel / source)."""
-    x0 = _to_unit(images)
+    x0 = to_model_range(images)
     vae, scale = source_pipe.vae, source_pipe.vae.config.scaling_factor
     z0 = vae.encode(x0).latent_dist.mean * scale
     x = (1.0 - sigma) * x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))

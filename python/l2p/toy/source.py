@@ -203,7 +203,8 @@ def render_training_set(n: int, seed: int, size: int, workers: int = 0):
     return np.stack(images), [s.prompt for s in scenes]
 
 
-def _to_model_range(batch_uint8: np.ndarray, device) -> torch.Tensor:
+def to_model_range(batch_uint8: np.ndarray, device="cpu") -> torch.Tensor:
+    """Images (n, H, W, 3) uint8 -> (n, 3, H, W) float in [-1, 1], the models' pixel range."""
     x = torch.from_numpy(batch_uint8).to(device).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
 
@@ -258,7 +259,7 @@ def train_vae(vae, images: np.ndarray, cfg: ToySourceConfig, device, log: Callab
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, total, cfg.vae_lr, min(200, cfg.warmup_steps))
         idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=gen).numpy()
-        x = _random_crops(_to_model_range(images[idx], device), cfg.vae_crop, gen)
+        x = _random_crops(to_model_range(images[idx], device), cfg.vae_crop, gen)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
@@ -296,7 +297,7 @@ def reconstruction_score(vae, n: int, seed: int, size: int, device) -> dict:
     images = np.stack([render_array(r.scene, size) for r in records])
     out = []
     for i in range(0, n, 64):
-        x = _to_model_range(images[i:i + 64], device)
+        x = to_model_range(images[i:i + 64], device)
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample
         out.append(((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
     recon = np.concatenate(out)
@@ -311,7 +312,7 @@ def encode_latents(vae, images: np.ndarray, device, batch: int = 256) -> torch.T
     """Posterior means of all images, unscaled, on the CPU."""
     out = []
     for i in range(0, len(images), batch):
-        out.append(vae.encode(_to_model_range(images[i:i + batch], device)).latent_dist.mean.cpu())
+        out.append(vae.encode(to_model_range(images[i:i + batch], device)).latent_dist.mean.cpu())
     return torch.cat(out)
 
 
