@@ -13,6 +13,10 @@ for dtype in (torch.bfloat16, torch.float32):
         mask = torch.rand(1, 1, 1, 45, device=dev) > 0.3
         out = l2p.ops.attention(q, k, v, attn_mask=mask, backend="cuda")
         out.float().sum().backward()
+    if dtype == torch.bfloat16:  # the unmasked tensor-core kernel: ragged row blocks and key tiles
+        for dh in (64, 128):
+            q, k, v = (torch.randn(1, 2, n, dh, device=dev, dtype=dtype, requires_grad=True) for n in (200, 130, 130))
+            l2p.ops.attention(q, k, v, backend="cuda").float().sum().backward()
     x = torch.randn(2, 3, 48, 32, device=dev, dtype=dtype, requires_grad=True)
     w = torch.randn(24, 3, 16, 16, device=dev, dtype=dtype, requires_grad=True)
     y = l2p.ops.patch_embed(x, w, patch_size=16, backend="cuda")

@@ -124,6 +124,11 @@ SWEEP = [
     (1, 4, 4, 200, 200, 17, 33, None),
     (3, 6, 3, 129, 513, 32, 32, "padding"),
     (2, 4, 2, 70, 1300, 32, 24, "lengths"),
+    # Unmasked, head dims the GPU's register-tiled kernel takes (multiples of 8 up to 128):
+    # several 128-row query blocks, whole and ragged 64-key tiles.
+    (2, 4, 2, 300, 333, 64, 64, None),
+    (1, 3, 3, 257, 190, 128, 128, None),
+    (1, 2, 1, 256, 128, 120, 112, None),
 ]
 
 

@@ -50,6 +50,21 @@ __device__ __forceinline__ uint32_t ld_shared32(const void* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 
+// Four 8x8 16-bit matrices: lane i gives the row address for matrix i / 8; each lane gets
+// (row lane / 4, columns 2 (lane % 4) and 2 (lane % 4) + 1) of every matrix.
+// The address is a shared-state-space address (smem_addr): 32 bits, where a generic pointer
+// would hold two registers per address in register-hungry kernels.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(row_address));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(row_address));
+}
+
 // Four 8x8 16-bit matrices, transposed: lane i gives the row address for matrix i / 8.
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_address) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
