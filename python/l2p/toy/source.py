@@ -316,15 +316,13 @@ def encode_latents(vae, images: np.ndarray, device, batch: int = 256) -> torch.T
     return torch.cat(out)
 
 
-def encode_text(pipe, prompts: list[str], device, max_tokens: int):
-    """(embeddings, mask) exactly as PixArtSigmaPipeline.encode_prompt computes them: padding
+def tokenize(pipe, prompts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) as PixArtSigmaPipeline.encode_prompt tokenizes: padding
     beyond the prompt is masked, so a shorter max length changes nothing for real tokens."""
     tokens = pipe.tokenizer([p.lower().strip() for p in prompts], padding="max_length",
                             max_length=max_tokens, truncation=True, add_special_tokens=True,
                             return_tensors="pt")
-    ids = tokens.input_ids.to(device)
-    mask = tokens.attention_mask.to(device)
-    return pipe.text_encoder(ids, attention_mask=mask)[0], mask
+    return tokens.input_ids, tokens.attention_mask
 
 
 def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: ToySourceConfig,
@@ -348,7 +346,11 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: ToyS
     opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.01)
     ema = EMA(named, cfg.ema_decay)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
-    x0_all = latents * pipe.vae.config.scaling_factor
+    # The whole training set lives on the device, tokenized once: on a GPU the per-step
+    # tokenizing and host-to-device copies would otherwise take a good share of each step.
+    x0_all = (latents * pipe.vae.config.scaling_factor).to(device)
+    all_ids, all_mask = (t.to(device) for t in tokenize(pipe, prompts, cfg.max_tokens))
+    empty_ids, empty_mask = (t.to(device) for t in tokenize(pipe, [""], cfg.max_tokens))
     budget = _Budget(cfg.dit_steps, budget_s)
     total, step = cfg.dit_steps, 0
     resume = latest_checkpoint(work_dir) if work_dir is not None else None
@@ -370,15 +372,17 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: ToyS
             group["lr"] = _lr_at(step, total, cfg.dit_lr, min(cfg.warmup_steps, total // 10))
         idx = torch.randint(0, len(prompts), (cfg.dit_batch,), generator=gen)
         drop = torch.rand(cfg.dit_batch, generator=gen) < cfg.caption_dropout
-        batch_prompts = ["" if d else prompts[i] for i, d in zip(idx.tolist(), drop.tolist())]
-        x0 = x0_all[idx].to(device)
+        idx_dev, drop_dev = idx.to(device), drop.to(device).view(-1, 1)
+        ids = torch.where(drop_dev, empty_ids, all_ids[idx_dev])
+        mask = torch.where(drop_dev, empty_mask, all_mask[idx_dev])
+        x0 = x0_all[idx_dev]
         eps = torch.randn(x0.shape, generator=gen).to(device)
         s = torch.sigmoid(torch.randn(cfg.dit_batch, generator=gen)).to(device)
         if cfg.flow_shift != 1.0:
             s = cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s)
         xt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
         with autocast:
-            emb, mask = encode_text(pipe, batch_prompts, device, cfg.max_tokens)
+            emb = pipe.text_encoder(ids, attention_mask=mask)[0]
             pred = transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask,
                                timestep=s * 1000,
                                added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
