@@ -40,6 +40,7 @@ def test_low_memory_on_gpu(sources, images, tmp_path):
     shutil.copytree(images, data)
     build_embedding_cache(sources["flux"], data, progress=False, device="cuda")
     trainer = Trainer(make_config(sources["flux"], data, tmp_path / "run", train__device="cuda",
-                                  low_memory__enabled="true", model__gradient_checkpointing="all"))
+                                  data__embeddings="auto", low_memory__enabled="true",
+                                  model__gradient_checkpointing="all"))
     assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters() if not p.requires_grad)
     assert all(torch.isfinite(torch.tensor(trainer.run().losses)))

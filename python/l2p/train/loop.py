@@ -307,7 +307,9 @@ class Trainer:
 
     def _loss(self, x0, cond, times, noise) -> torch.Tensor:
         dev = self.device
-        x0, noise = x0.to(dev), noise.to(dev)
+        # Times, noise and conditioning are drawn on the CPU (seeded per sample, so they do not
+        # depend on the device or the world size) and move to the device here.
+        x0, noise, times = x0.to(dev), noise.to(dev), times.to(dev)
         x_t, target = self.objective.noisy_and_target(x0, noise, times)
         model_times = self.objective.scheduler_timesteps(times).to(dev)
         cond = condmod.to_device(cond, dev, torch.float32)  # cached/encoded in bf16 on GPUs
