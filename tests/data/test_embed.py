@@ -100,3 +100,19 @@ def test_a_cache_of_another_format_is_refused(tiny_pixart, data):
         EmbeddingCache(data / "embeddings")
     with pytest.raises(ValueError, match="format 1"):
         build_embedding_cache(tiny_pixart, data, device="cpu", progress=False)
+
+
+def test_non_finite_embeddings_are_refused(tiny_pixart, data, monkeypatch):
+    import l2p.data.embed as embed
+
+    real = embed.encode_captions
+
+    def broken(pipe, source_class, captions, device):
+        rows, list_names = real(pipe, source_class, captions, device)
+        rows[-1]["prompt_embeds"][0, 0] = float("nan")
+        return rows, list_names
+
+    monkeypatch.setattr(embed, "encode_captions", broken)
+    with pytest.raises(ValueError, match="non-finite 'prompt_embeds'.*--dtype float32"):
+        build_embedding_cache(tiny_pixart, data, device="cpu", progress=False)
+    assert not list((data / "embeddings").glob("shard-*"))

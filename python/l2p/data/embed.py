@@ -137,6 +137,12 @@ def build_embedding_cache(source: str | os.PathLike, data: str | os.PathLike, *,
             rows, list_names = encode_captions(pipe, source_class, batch, device)
             for offset, row in enumerate(rows):
                 for name, tensor in row.items():
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        # A cache of NaN would make every training step non-finite, far from here.
+                        raise ValueError(
+                            f"the text encoders gave non-finite {name!r} for caption "
+                            f"{batch[offset]!r} on {device} in {torch_dtype}; nothing of this shard "
+                            "was written. Encode in float32 (`l2p data embed --dtype float32`)")
                     tensors[f"{start + offset}/{name}"] = tensor
             index["names"] = sorted(set(index["names"]) | {n for r in rows for n in r})
             index["list_names"] = sorted(set(index["list_names"]) | list_names)
