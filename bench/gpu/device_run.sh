@@ -1,89 +1,115 @@
 #!/usr/bin/env bash
-# One pass on a GPU machine (H100/H200), ordered for a short lease:
-#   1. build l2p with its CUDA kernels in place;
-#   2. train the toy source on the GPU in the background while the op tests (CPU and
-#      CUDA) and a compute-sanitizer memcheck smoke run go on;
-#   3. once the GPU is quiet again, the CUDA benchmarks (l2p and torch in the same run);
-#   4. optional: SAMPLING=1 the pixel vs latent sampling benchmark at 1K-8K (issue 7),
-#      PEAK=1 the trainer's peak memory on an SD3-Medium-sized source, offload included.
-# Results land in $OUT: run.log, build.log, tests.log, memcheck.log, toy.log,
-# cuda_report.md, sampling.log, peak_memory.json and the toy source as a tarball split
-# into 15 MB parts.
-# Usage (repo root): OUT=/some/dir TOY_BUDGET_S=150 [TOY_ARGS="--dit-batch 128"] [BENCH=0] \
-#   [SAMPLING=1] [PEAK=1] bash bench/gpu/device_run.sh
-# TOY_ARGS="--init-from python/l2p/toy/weights/shapes-pixart --dit-batch 128" continues the
+# One pass on a GPU machine (H100/H200), ordered for a short lease and held to a deadline:
+#   1. the toy source trains on the GPU in the background (from a copy of the Python package,
+#      so the in-place build cannot change what it imports) while
+#   2. l2p is built with its CUDA kernels in place, the op tests run on CPU and CUDA, and a
+#      compute-sanitizer memcheck smoke run checks every kernel;
+#   3. once the GPU is quiet again: the CUDA op benchmarks (l2p and torch in the same run),
+#      the pixel vs latent sampling benchmark up to 16K (issue 7) and, if time is left, the
+#      trainer's peak memory on an SD3-Medium-sized source (issue 6).
+# Each step gets what is left of DEADLINE_S (seconds from the start); steps that no longer fit
+# are skipped and say so. Results land in $OUT as few files (the device tool brings back at
+# most 8): run.log, cuda_report.md, logs.tgz (build, tests, memcheck, toy, sampling, peak
+# memory logs and JSON) and the toy source as a tarball split into 15 MB parts.
+# Usage (repo root): OUT=/some/dir [DEADLINE_S=540] [TOY_BUDGET_S=220] [TOY_ARGS="..."] \
+#   [BENCH=0] [SAMPLING=0] [PEAK=0] bash bench/gpu/device_run.sh
+# TOY_ARGS="--init-from python/l2p/toy/weights/shapes-pixart --dit-batch 256" continues the
 # shipped source (same architecture, its autoencoder kept) instead of training a new one.
 set -u
 OUT=${OUT:-/tmp/l2p-device-out}
-TOY_BUDGET_S=${TOY_BUDGET_S:-150}
-mkdir -p "$OUT"
+DEADLINE_S=${DEADLINE_S:-540}
+TOY_BUDGET_S=${TOY_BUDGET_S:-220}
+LOGS=/tmp/l2p-logs
+START=$(date +%s)
+mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/run.log"; }
+log() { echo "[$(date +%T) +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/run.log"; }
+left() { echo $(( DEADLINE_S - ($(date +%s) - START) )); }
+# Run "$@" with at most min(cap, time left - reserve) seconds; skip it when under 20 remain.
+within() {
+  local cap=$1 reserve=$2; shift 2
+  local t=$(( $(left) - reserve )); [ "$t" -gt "$cap" ] && t=$cap
+  if [ "$t" -lt 20 ]; then log "skipped (no time left): $*"; return 124; fi
+  timeout "$t" "$@"
+}
+pack_logs() { tar -C "$LOGS" -czf "$OUT/logs.tgz" . 2>/dev/null; }
 
 if ls .whl/*.whl >/dev/null 2>&1; then   # packages the GPU image lacks (diffusers)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="$PWD/python:${PYTHONPATH:-}"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv;
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } \
   | tee -a "$OUT/run.log"
 
-
-
-build() { L2P_CUDA=1 TORCH_CUDA_ARCH_LIST="9.0a" MAX_JOBS=16 \
-          python3 setup.py build_ext --inplace >> "$OUT/build.log" 2>&1; }
-log "build in place (L2P_CUDA=1, sm_90a)"
-ok=0; build && ok=1
-if [ $ok = 0 ] && [ -n "${SKIP_ON_FAILURE:-}" ]; then
-  # A work-in-progress CPU source must not cost the whole GPU pass: set it aside, rebuild.
-  log "build failed; retrying without $SKIP_ON_FAILURE"; grep -E "error" "$OUT/build.log" | head -5
-  mv "$SKIP_ON_FAILURE" /tmp/ && build && ok=1
-fi
 log "toy source: training in the background (budget ${TOY_BUDGET_S}s)"
-( python3 -c "import argparse, sys
+rm -rf /tmp/toy-pkg && cp -r python /tmp/toy-pkg
+( PYTHONPATH="/tmp/toy-pkg:${PYTHONPATH:-}" python3 -c "import argparse, sys
 from l2p.cli import toy
 parser = argparse.ArgumentParser(prog='l2p'); toy.register(parser.add_subparsers())
 args = parser.parse_args(sys.argv[1:]); sys.exit(args.func(args))" \
     toy train-source --out /tmp/toy-source --device cuda --time-budget-s "$TOY_BUDGET_S" \
-    --eval-prompts 600 ${TOY_ARGS:-} > "$OUT/toy.log" 2>&1; echo "exit $?" >> "$OUT/toy.log" ) &
+    --eval-prompts 600 ${TOY_ARGS:-} > "$LOGS/toy.log" 2>&1; echo "exit $?" >> "$LOGS/toy.log" ) &
 TOY_PID=$!
+export PYTHONPATH="$PWD/python:${PYTHONPATH:-}"
+
+# The image's default C++ compiler (/opt/gcc/bin/g++) links libstdc++ statically, which makes the
+# extension crash on its own error messages (tests/test_extension_build.py); the distribution's
+# compiler links it dynamically.
+[ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+log "build in place (L2P_CUDA=1, sm_90a, CXX=${CXX:-default})"
+ok=0
+within 300 60 env L2P_CUDA=1 TORCH_CUDA_ARCH_LIST="9.0a" MAX_JOBS=16 \
+  python3 setup.py build_ext --inplace > "$LOGS/build.log" 2>&1 && ok=1
 if [ $ok = 1 ]; then
   log "build ok"
   python3 -m l2p info 2>&1 | tee -a "$OUT/run.log"
-  log "op tests (CPU and CUDA)"
-  timeout 170 python3 -m pytest tests/ops/test_cuda_ops.py tests/ops/test_patch_ops.py tests/ops/test_attention.py -q -rfE -p no:cacheprovider > "$OUT/tests.log" 2>&1
-  log "tests exit $? :: $(tail -1 "$OUT/tests.log")"
+  log "op tests (CPU and CUDA, 8 processes)"
+  within 200 120 python3 -m pytest tests/test_extension_build.py tests/ops/test_cuda_ops.py tests/ops/test_patch_ops.py \
+    tests/ops/test_attention.py tests/train/test_cuda.py tests/sample/test_attention_routing.py \
+    -q -rfE -p no:cacheprovider -n 8 > "$LOGS/tests.log" 2>&1
+  log "tests exit $? :: $(tail -1 "$LOGS/tests.log")"
+  grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -20 | tee -a "$OUT/run.log"
   log "compute-sanitizer memcheck smoke run"
-  timeout 90 compute-sanitizer --tool memcheck --error-exitcode 99 \
-    python3 bench/gpu/memcheck_smoke.py > "$OUT/memcheck.log" 2>&1
-  log "memcheck exit $? :: $(grep -E 'ERROR SUMMARY|smoke' "$OUT/memcheck.log" | tail -2 | tr '\n' ' ')"
+  within 90 120 compute-sanitizer --tool memcheck --error-exitcode 99 \
+    python3 bench/gpu/memcheck_smoke.py > "$LOGS/memcheck.log" 2>&1
+  log "memcheck exit $? :: $(grep -E 'ERROR SUMMARY|smoke' "$LOGS/memcheck.log" | tail -2 | tr '\n' ' ')"
 else
-  log "BUILD FAILED"; grep -E "error|Error" "$OUT/build.log" | head -30
+  log "BUILD FAILED"; grep -E "error|Error" "$LOGS/build.log" | head -30 | tee -a "$OUT/run.log"
 fi
+pack_logs
 
 log "waiting for the toy source"
 wait "$TOY_PID"
-grep -E "overall|exit|written" "$OUT/toy.log" | tee -a "$OUT/run.log"
+grep -E "step .*/|overall|exit|written" "$LOGS/toy.log" | tail -8 | tee -a "$OUT/run.log"
 if [ -f /tmp/toy-source/model_index.json ]; then
   tar -C /tmp -czf /tmp/toy-source.tgz toy-source && split -b 15M /tmp/toy-source.tgz "$OUT/toy-source.tgz.part-"
 fi
+pack_logs
 
 if [ "${BENCH:-1}" = 1 ] && python3 -c "import l2p._C" 2>/dev/null; then
-  log "CUDA benchmarks"
-  timeout 150 python3 bench/cuda_report.py --quick > "$OUT/cuda_report.md" 2>&1
+  log "CUDA op benchmarks"
+  within 150 0 python3 bench/cuda_report.py --quick > "$OUT/cuda_report.md" 2>&1
   log "bench exit $?"; cat "$OUT/cuda_report.md"
 fi
-if [ "${SAMPLING:-0}" = 1 ]; then
-  log "sampling benchmark (pixel vs latent path, 1K-8K)"
-  timeout "${SAMPLING_TIMEOUT_S:-240}" python3 -m pytest bench/test_bench_sampling.py --benchmark-enable -s -q \
-    -p no:cacheprovider > "$OUT/sampling.log" 2>&1
-  log "sampling exit $? :: $(tail -1 "$OUT/sampling.log")"
+if [ "${SAMPLING:-1}" = 1 ]; then
+  log "sampling benchmark (pixel vs latent path, 1K-16K), the sizes of the issue's goals first"
+  ids=()
+  for c in 4096-pixel-untiled 4096-pixel-tiled 4096-latent-untiled 4096-latent-tiled \
+           8192-pixel-untiled 8192-pixel-tiled 8192-latent-tiled 16384-pixel-tiled \
+           1024-pixel-untiled 1024-latent-tiled 2048-pixel-untiled 2048-latent-tiled; do
+    ids+=("bench/test_bench_sampling.py::test_step_and_final_image[$c]")
+  done
+  within 300 5 python3 -m pytest "${ids[@]}" --benchmark-enable -s -q -p no:cacheprovider \
+    --benchmark-json "$LOGS/sampling.json" > "$LOGS/sampling.log" 2>&1
+  log "sampling exit $? :: $(tail -1 "$LOGS/sampling.log")"
+  grep -E "\^2 (pixel|latent)" "$LOGS/sampling.log" | tee -a "$OUT/run.log"
 fi
-if [ "${PEAK:-0}" = 1 ]; then
+pack_logs
+if [ "${PEAK:-1}" = 1 ]; then
   log "trainer peak memory"
-  timeout "${PEAK_TIMEOUT_S:-240}" python3 tests/train/peak_memory.py --out "$OUT/peak_memory.json" \
-    > "$OUT/peak_memory.log" 2>&1
-  log "peak memory exit $?"; grep -E '"peak_gib"|error' "$OUT/peak_memory.log" | tee -a "$OUT/run.log"
+  within 200 5 python3 tests/train/peak_memory.py --out "$LOGS/peak_memory.json" > "$LOGS/peak_memory.log" 2>&1
+  log "peak memory exit $?"; grep -E '"peak_gib"|rror' "$LOGS/peak_memory.log" | tail -8 | tee -a "$OUT/run.log"
 fi
+pack_logs
 log "done"
