@@ -44,3 +44,22 @@ def test_low_memory_on_gpu(sources, images, tmp_path):
                                   model__gradient_checkpointing="all"))
     assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters() if not p.requires_grad)
     assert all(torch.isfinite(torch.tensor(trainer.run().losses)))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_align_under_bf16_autocast_on_gpu(family, sources, images, tmp_path):
+    """The alignment term with bf16 autocast and checkpointed trainable blocks: the source copy
+    sits on the GPU, the term is taken in fp32 and the run resumes."""
+    extra = dict(train__device="cuda", model__gradient_checkpointing="trainable", train__max_steps=2,
+                 align__weight=1.0, align__block=1)
+    trainer = Trainer(make_config(sources[family], images, tmp_path / "run", **extra))
+    assert all(p.is_cuda for p in trainer.align.transformer.parameters())
+    batch = trainer._micro_batch(step=0, slots=[0, 1], batch=trainer._load([0, 1]))
+    with torch.no_grad():
+        _, parts = trainer._loss_and_parts(*batch)
+    assert parts["align"].dtype == torch.float32 and 0 < parts["align"].item() < 2
+    result = trainer.run()
+    assert all(torch.isfinite(torch.tensor(result.losses))) and 0 < trainer.loss_parts["align"] < 2
+    resumed = Trainer(make_config(sources[family], images, tmp_path / "run", train__resume="latest",
+                                  **dict(extra, train__max_steps=3)))
+    assert resumed.run().step == 3

@@ -16,13 +16,13 @@ def _params(trainer):
 
 def _poison(trainer, bad_steps):
     """Make the loss NaN at the given (0-based) steps."""
-    real = trainer._loss
+    real = trainer._loss_and_parts
 
     def loss(*args):
-        value = real(*args)
-        return value * float("nan") if trainer.step in bad_steps else value
+        value, parts = real(*args)
+        return (value * float("nan") if trainer.step in bad_steps else value), parts
 
-    trainer._loss = loss
+    trainer._loss_and_parts = loss
 
 
 def test_nonfinite_step_is_skipped_and_counted(sources, images, tmp_path):
@@ -101,11 +101,11 @@ def test_gradient_accumulation_equals_the_larger_batch(sources, images, tmp_path
 
 def test_caption_dropout_swaps_in_the_empty_caption(sources, images, tmp_path):
     trainer = Trainer(make_config(sources["sd3"], images, tmp_path / "run", data__caption_dropout=1.0))
-    _, cond, _, _ = trainer._micro_batch(0, [0, 1], trainer._load([0, 1]))
+    cond = trainer._micro_batch(0, [0, 1], trainer._load([0, 1])).cond
     for name, value in cond.items():
         assert torch.equal(value, trainer.empty[name].expand_as(value)), name
     kept = Trainer(make_config(sources["sd3"], images, tmp_path / "run2", data__caption_dropout=0.0))
-    _, cond, _, _ = kept._micro_batch(0, [0, 1], kept._load([0, 1]))
+    cond = kept._micro_batch(0, [0, 1], kept._load([0, 1])).cond
     assert not torch.equal(cond["prompt_embeds"][0], kept.empty["prompt_embeds"][0])
 
 

@@ -80,7 +80,7 @@ def test_dit_caption_dropout_is_the_null_class(sources, data, tmp_path):
     trainer = Trainer(make_config(sources["dit"], data["dit"], tmp_path / "run", data__caption_dropout=0.5))
     embedders = [m for m in trainer.model.modules() if isinstance(m, LabelEmbedding)]
     assert len(embedders) == 3 and all(m.dropout_prob == 0 for m in embedders) and trainer.model.training
-    _, cond, _, _ = trainer._micro_batch(step=0, slots=list(range(8)), batch=trainer._load(list(range(8))))
+    cond = trainer._micro_batch(step=0, slots=list(range(8)), batch=trainer._load(list(range(8)))).cond
     labels = trainer.family.call(cond, torch.zeros(8, 3, 32, 32), torch.zeros(8, dtype=torch.long), trainer.model,
                                  1.0)["class_labels"].tolist()
     expected = [1, 207, 0, 1, 0, 207, 0, 5]
@@ -91,11 +91,11 @@ def test_qwen_image_captions_of_any_length_share_a_batch(sources, data, tmp_path
     """Caption dropout puts the empty caption's (shorter) embeddings beside full captions."""
     trainer = Trainer(make_config(sources["qwen_image"], data["qwen_image"], tmp_path / "run",
                                   data__caption_dropout=0.5))
-    x0, cond, times, noise = trainer._micro_batch(step=0, slots=list(range(8)), batch=trainer._load(list(range(8))))
-    lengths = {e.shape[0] for e in cond["prompt_embeds"]}
+    batch = trainer._micro_batch(step=0, slots=list(range(8)), batch=trainer._load(list(range(8))))
+    lengths = {e.shape[0] for e in batch.cond["prompt_embeds"]}
     assert len(lengths) == 2, lengths  # captions and the empty caption
     with torch.no_grad():
-        assert torch.isfinite(trainer._loss(x0, cond, times, noise))
+        assert torch.isfinite(trainer._loss(*batch))
 
 
 @pytest.mark.parametrize("family", BUILDERS)

@@ -180,6 +180,25 @@ class SourceAdapter:
             )
         return captured
 
+    # -- the source itself, beside the pixel model (the trainer's align term) ----------------
+    def source_latent(self, latent: torch.Tensor) -> Any:
+        """A latent (B, C, h, w), as the VAE gives it, in the form the source forward takes
+        in the argument ``pixel_argument``."""
+        return latent
+
+    def block_input_tokens(
+        self, group: str, hidden_states: torch.Tensor, n_tokens: int, arguments: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """The image tokens (B, N, D) of the hidden states entering a block of ``group``
+        (one of ``block_groups``); ``arguments``: the transformer's call arguments. Here the
+        blocks see the image tokens alone (text tokens, where any, travel separately)."""
+        if hidden_states.dim() != 3 or hidden_states.shape[1] != n_tokens:
+            raise RuntimeError(
+                f"the {group} blocks of {self.source_class} take hidden states of shape "
+                f"{tuple(hidden_states.shape)}, not the {n_tokens} image tokens expected"
+            )
+        return hidden_states
+
 
 class PatchEmbedAdapter(SourceAdapter):
     """Families whose input is a diffusers ``PatchEmbed``: its Conv2d ``proj`` is replaced
@@ -209,3 +228,10 @@ class PackedLatentAdapter(SourceAdapter):
     def dummy_latent(self, batch, rows, cols, dtype, device):
         channels = int(self.config["in_channels"])
         return torch.zeros(batch, rows * cols, channels, dtype=dtype, device=device)
+
+    def source_latent(self, latent):
+        # The pipelines' _pack_latents: each token is a 2x2 block of the latent, channels first.
+        b, c, h, w = latent.shape
+        q = self.latent_patch
+        tokens = latent.reshape(b, c, h // q, q, w // q, q).permute(0, 2, 4, 1, 3, 5)
+        return tokens.reshape(b, (h // q) * (w // q), c * q * q)

@@ -25,6 +25,12 @@ class Lumina2Adapter(SourceAdapter):
         starts = mask.sum(dim=1).tolist()
         return torch.stack([captured[i, s : s + n_tokens] for i, s in enumerate(starts)])
 
+    def block_input_tokens(self, group, hidden_states, n_tokens, arguments):
+        # The noise refiner sees the image tokens alone; the joint blocks [caption, image].
+        if group == "layers":
+            return self.image_tokens(hidden_states, n_tokens, arguments)
+        return super().block_input_tokens(group, hidden_states, n_tokens, arguments)
+
     encode_prompts = staticmethod(encode_prompt_with_mask)
 
     @staticmethod

@@ -89,6 +89,13 @@ class ZImageAdapter(SourceAdapter):
     def image_tokens(self, captured, n_tokens, arguments):
         return captured[:, :n_tokens]
 
+    def source_latent(self, latent):
+        return [z.unsqueeze(1) for z in latent]  # one (C, 1, h, w) per image
+
+    def block_input_tokens(self, group, hidden_states, n_tokens, arguments):
+        # The image tokens lead both the noise refiner's (padded) sequence and the unified one.
+        return hidden_states[:, :n_tokens]
+
     @staticmethod
     def encode_prompts(pipe, prompts, device):
         embeds, _ = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -171,6 +172,19 @@ class LowMemoryConfig:
 
 
 @dataclass
+class AlignConfig:
+    # Weight of the source-feature alignment term added to the loss: 1 - cosine similarity
+    # between the pixel model's hidden states entering block `block` and the source
+    # transformer's for the same image (its VAE latent, noised at the same time). 0 = off: the
+    # source's VAE and transformer are then not loaded.
+    weight: float = 0.0
+    # The block whose input is compared, counted from 0 as model.trainable counts blocks (FLUX:
+    # the double-stream blocks, then the single-stream ones). None = the first block with no
+    # trainable parameter: N of model.trainable=first_last:N.
+    block: int | None = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -183,6 +197,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     low_memory: LowMemoryConfig = field(default_factory=LowMemoryConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -233,6 +248,12 @@ class Config:
         if self.optim.new_layers_lr is not None and self.optim.new_layers_lr <= 0:
             raise ConfigError(f"optim.new_layers_lr must be > 0 (or null: the same as optim.lr), "
                               f"got {self.optim.new_layers_lr}")
+        if not (math.isfinite(self.align.weight) and self.align.weight >= 0):
+            raise ConfigError(f"align.weight must be a number >= 0 (0 turns the alignment term off), "
+                              f"got {self.align.weight}")
+        if self.align.block is not None and self.align.block < 0:
+            raise ConfigError(f"align.block must be a block index >= 0 (or null: the first frozen block), "
+                              f"got {self.align.block}")
         return self
 
 

@@ -18,12 +18,14 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from l2p.train import checkpoint as ckpt
 from l2p.train import conditioning as condmod
+from l2p.train.align import SourceAlignment
 from l2p.train.config import Config, ConfigError
 from l2p.train.data import BatchPlan, DataPosition, collate, local_batches, open_dataset, sample_seed
 from l2p.train.distributed import (DistEnv, all_reduce_sum, init_distributed, pick_device,
@@ -46,6 +48,17 @@ class TrainResult:
     final_dir: Path | None = None
     # Frozen blocks whose weights lived in host memory (low_memory.cpu_offload).
     offloaded_blocks: int = 0
+
+
+class MicroBatch(NamedTuple):
+    """One micro-batch as the loss takes it: clean images, conditioning (after caption
+    dropout), each sample's time and noise and, with align on, the noise of its source latent."""
+
+    x0: torch.Tensor
+    cond: dict
+    times: torch.Tensor
+    noise: torch.Tensor
+    source_noise: torch.Tensor | None = None
 
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -110,7 +123,8 @@ class Trainer:
         # memory) and upcasts only what trains; new layers are then initialised in that dtype.
         frozen_dtype = getattr(torch, cfg.low_memory.frozen_dtype) \
             if cfg.low_memory.enabled and not self.fsdp else torch.float32
-        transformer = self.source.load_transformer(frozen_dtype)
+        source_transformer = self.source.load_transformer(frozen_dtype)
+        transformer = source_transformer
         if cfg.model.init == "random":
             # Same class and config, fresh weights: the from-scratch baseline.
             torch.manual_seed(cfg.model.init_seed)
@@ -120,6 +134,10 @@ class Trainer:
                                  seed=cfg.model.init_seed)
         del transformer
         self.trainable_report = set_trainable(model, cfg.model.trainable)
+        # The source's own transformer (convert_to_pixel copied its tensors and left it as it
+        # was) and VAE encoder, for the alignment term; otherwise dropped here.
+        self.align = self._alignment(model, source_transformer, frozen_dtype) if cfg.align.weight > 0 else None
+        del source_transformer
         self.family = condmod.family_for(model.config.source_class)
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
@@ -133,6 +151,9 @@ class Trainer:
         offload = cfg.low_memory.cpu_offload  # (under FSDP: checked above)
         if not offload:
             model.to(self.device)
+        if self.align is not None:
+            # Whole on every process, never wrapped or offloaded.
+            self.align.to(self.device, frozen_dtype)
         # else fully_shard moves each unit's tensors to the device as it wraps it and copies
         # the offloaded shards back to host memory, so the GPU never holds the whole model.
         model.train()
@@ -178,6 +199,9 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.images_seen = 0
+        # The parts of the last step's loss beside the total (global-batch means, by name):
+        # with align on, the objective's loss and the alignment term.
+        self.loss_parts: dict[str, float] = {}
         self._loader = None
         self._rng_to_restore = None
         self._resume()
@@ -197,6 +221,19 @@ class Trainer:
         groups = [{"names": [n for n in self.param_names if n not in new], "lr_scale": 1.0},
                   {"names": [n for n in self.param_names if n in new], "lr_scale": o.new_layers_lr / o.lr}]
         return [g for g in groups if g["names"]]
+
+    def _alignment(self, model, source_transformer, dtype: torch.dtype) -> SourceAlignment:
+        blocks = model.blocks()
+        block = self.cfg.align.block
+        if block is None:
+            frozen = [i for i, (_, b) in enumerate(blocks) if not any(p.requires_grad for p in b.parameters())]
+            if not frozen:
+                raise ConfigError(f"align.block=null compares the input of the first frozen block, but "
+                                  f"model.trainable={self.cfg.model.trainable} trains all {len(blocks)} blocks: "
+                                  f"set align.block to a block index (0..{len(blocks) - 1})")
+            block = frozen[0]
+        return SourceAlignment(model, source_transformer, self.source.load_vae_encoder(dtype), block,
+                               self.source.vae_scale_factor)
 
     def _head_config(self):
         m = self.cfg.model
@@ -294,18 +331,26 @@ class Trainer:
         x0 = batch["pixel_values"]
         p = self.model.config.patch_size
         seq_len = (x0.shape[-2] // p) * (x0.shape[-1] // p)
-        times, keep, noise = [], [], []
+        times, keep, noise, source_noise = [], [], [], []
         for slot in slots:
             g = torch.Generator().manual_seed(sample_seed(self.cfg.train.seed, step, slot))
             times.append(self.objective.sample_time(g, seq_len))
             keep.append(torch.rand((), generator=g).item() >= self.cfg.data.caption_dropout)
             noise.append(torch.randn(x0.shape[1:], generator=g))
+            if self.align is not None:
+                source_noise.append(torch.randn(self.align.latent_shape(*x0.shape[-2:]), generator=g))
         dtype = torch.float64 if self.objective.kind == "flow" else torch.long
         times = torch.tensor(times, dtype=dtype)
         cond = condmod.select(self.text(batch["text"]), torch.tensor(keep), self.empty)
-        return x0, cond, times, torch.stack(noise)
+        return MicroBatch(x0, cond, times, torch.stack(noise), torch.stack(source_noise) if source_noise else None)
 
-    def _loss(self, x0, cond, times, noise) -> torch.Tensor:
+    def _loss(self, x0, cond, times, noise, source_noise=None) -> torch.Tensor:
+        """The loss of one micro-batch (``MicroBatch``'s fields)."""
+        return self._loss_and_parts(x0, cond, times, noise, source_noise)[0]
+
+    def _loss_and_parts(self, x0, cond, times, noise, source_noise=None) -> tuple[torch.Tensor, dict]:
+        """The loss of one micro-batch and, with align on, its parts: the objective's loss
+        and the alignment term (loss = objective_loss + align.weight x align)."""
         dev = self.device
         # Times, noise and conditioning are drawn on the CPU (seeded per sample, so they do not
         # depend on the device or the world size) and move to the device here.
@@ -314,9 +359,21 @@ class Trainer:
         model_times = self.objective.scheduler_timesteps(times).to(dev)
         cond = condmod.to_device(cond, dev, torch.float32)  # cached/encoded in bf16 on GPUs
         kwargs = self.family.call(cond, x_t, model_times, self.model, self.cfg.objective.guidance)
-        with self._autocast():
+        tap = self.align.pixel_block_input() if self.align is not None else contextlib.nullcontext()
+        with tap as pixel_hidden, self._autocast():
             pred = self.wrapped(**kwargs, return_dict=False)[0]
-        return torch.nn.functional.mse_loss(pred.float(), target.float())
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        if self.align is None:
+            return loss, {}
+        if source_noise is None:
+            raise ValueError("with align.weight > 0 the loss takes the micro-batch's source_noise "
+                             "(MicroBatch.source_noise, drawn by _micro_batch)")
+        if len(pixel_hidden) != 1:
+            raise RuntimeError(f"{self.align.block_name} ran {len(pixel_hidden)} times in one forward")
+        source_hidden = self.align.source_block_input(x0, source_noise, times, kwargs, self.objective,
+                                                      self._autocast)
+        term = self.align.term(pixel_hidden[0], source_hidden, x0, kwargs)
+        return loss + self.cfg.align.weight * term, {"objective_loss": loss, "align": term}
 
     def train_step(self) -> tuple[float, float, bool]:
         """One optimizer step (all micro-batches). Returns (loss, grad_norm, finite)."""
@@ -327,19 +384,24 @@ class Trainer:
         for group, scale in zip(self.optimizer.param_groups, self.lr_scales):
             group["lr"] = lr * scale
         loss_sum = torch.zeros((), dtype=torch.float64)
+        part_sums: dict[str, torch.Tensor] = {}
         for a in range(A):
             start = a * B * W + env.rank * B
             slots = list(range(start, start + B))
             batch = self._load([indices[s] for s in slots])
-            x0, cond, times, noise = self._micro_batch(self.step, slots, batch)
+            micro = self._micro_batch(self.step, slots, batch)
             sync = a == A - 1 or not env.enabled or self.fsdp
             ctx = contextlib.nullcontext() if sync else self.wrapped.no_sync()
             with ctx:
-                loss = self._loss(x0, cond, times, noise)
+                loss, parts = self._loss_and_parts(*micro)
                 (loss / A).backward()
             loss_sum += loss.detach().double().cpu()
-        # The mean loss over the global batch; non-finite on any rank -> skipped everywhere.
-        total = all_reduce_sum(loss_sum.to(self.device)).cpu().item() / (A * W)
+            for name, value in parts.items():
+                part_sums[name] = part_sums.get(name, 0.0) + value.detach().double().cpu()
+        # The mean loss (and parts) over the global batch; non-finite on any rank -> skipped everywhere.
+        sums = all_reduce_sum(torch.stack([loss_sum, *part_sums.values()]).to(self.device)).cpu()
+        total = sums[0].item() / (A * W)
+        self.loss_parts = {name: sums[i].item() / (A * W) for i, name in enumerate(part_sums, start=1)}
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         if hasattr(grad_norm, "full_tensor"):
@@ -405,6 +467,9 @@ class Trainer:
             self._log(str(self.trainable_report))
             if self.offloaded_blocks:
                 self._log(f"{self.offloaded_blocks} frozen blocks kept in host memory (FSDP2 CPUOffloadPolicy)")
+            if self.align is not None:
+                self._log(f"align: {cfg.align.weight} x (1 - cosine) with the source's hidden states entering "
+                          f"{self.align.block_name}")
             if cfg.logging.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -425,26 +490,31 @@ class Trainer:
                             dynamic_ncols=True)
         metrics = self._open_metrics() if env.is_main else None
         global_batch = cfg.train.batch_size * cfg.train.grad_accum * env.world_size
-        window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
+        window_loss, window_parts, window_n, t0 = 0.0, {}, 0, time.perf_counter()
         try:
             while self.step < cfg.train.max_steps:
                 loss, grad_norm, finite = self.train_step()
                 result.losses.append(loss)
                 if finite:
                     window_loss, window_n = window_loss + loss, window_n + 1
+                    for name, value in self.loss_parts.items():
+                        window_parts[name] = window_parts.get(name, 0.0) + value
                 if env.is_main:
-                    record = {"step": self.step, "loss": loss, "grad_norm": grad_norm,
+                    record = {"step": self.step, "loss": loss, **self.loss_parts, "grad_norm": grad_norm,
                               "lr": lr_at(cfg, self.step - 1), "skipped": not finite}
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                     if progress is not None:
-                        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
+                        shown = {"align": f"{self.loss_parts['align']:.4f}"} if "align" in self.loss_parts else {}
+                        progress.set_postfix(loss=f"{loss:.4f}", **shown, lr=f"{record['lr']:.2e}",
                                              skipped=self.skipped_steps, refresh=False)
                         progress.update(1)
                     if writer is not None and (self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps):
                         elapsed = time.perf_counter() - t0
                         if window_n:
                             writer.add_scalar("train/loss", window_loss / window_n, self.step)
+                            for name, value in window_parts.items():
+                                writer.add_scalar(f"train/{name}", value / window_n, self.step)
                         writer.add_scalar("train/lr", record["lr"], self.step)
                         if cfg.optim.new_layers_lr is not None:
                             new_lr = record["lr"] * cfg.optim.new_layers_lr / cfg.optim.lr
@@ -454,7 +524,7 @@ class Trainer:
                         writer.add_scalar("train/images_per_s", images_per_s, self.step)
                         writer.add_scalar("train/peak_memory_gb", _peak_memory_gb(self.device), self.step)
                         writer.add_scalar("train/skipped_steps", self.skipped_steps, self.step)
-                        window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
+                        window_loss, window_parts, window_n, t0 = 0.0, {}, 0, time.perf_counter()
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.max_steps:
                     self.save_checkpoint()
                 if cfg.sample.every and cfg.sample.prompts and self.step % cfg.sample.every == 0:

@@ -118,7 +118,7 @@ class Objective:
     def noisy_and_target(self, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor):
         """``times``: (B,) flow times s (float) or DDPM steps (long). Returns (x_t, target)."""
         if self.kind == "flow":
-            s = times.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+            s = times.to(device=x0.device, dtype=x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
             x_t = (1.0 - s) * x0 + s * noise
             target = noise - x0
         else:

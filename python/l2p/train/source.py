@@ -26,6 +26,22 @@ class Source:
         cls = getattr(diffusers, self.transformer_class)
         return cls.from_pretrained(str(self.path / "transformer"), torch_dtype=dtype)
 
+    def load_vae_encoder(self, dtype: torch.dtype = torch.float32):
+        """The source's VAE without its decoder (what ``encode_latents`` needs), frozen."""
+        import diffusers
+
+        index = json.loads((self.path / "model_index.json").read_text())
+        if not index.get("vae") or index["vae"][1] is None:
+            raise ValueError(f"{self.path} has no VAE; align.weight > 0 encodes the batch with the "
+                             "source's VAE: use the source pipeline folder with its vae/")
+        vae = getattr(diffusers, index["vae"][1]).from_pretrained(str(self.path / "vae"), torch_dtype=dtype)
+        # Empty stand-ins, not None: encoding never runs them, but Qwen-Image's VAE counts the
+        # decoder's layers when it resets its caches; a decode fails at once.
+        for name in ("decoder", "post_quant_conv"):
+            if getattr(vae, name, None) is not None:
+                setattr(vae, name, torch.nn.Module())
+        return vae.eval().requires_grad_(False)
+
     def load_text_pipeline(self, device: torch.device):
         """The pipeline with its text encoders and tokenizers only (no transformer, no VAE)."""
         from diffusers import DiffusionPipeline
@@ -40,6 +56,25 @@ class Source:
             if isinstance(module, torch.nn.Module):
                 module.to(device).eval().requires_grad_(False)
         return pipe
+
+
+def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Clean images (B, 3, H, W) in [-1, 1] -> the latents (B, C, h, w) the source transformer
+    was trained on: the encoder's mean, normalised as the pipeline reads the VAE config
+    (``(z - shift_factor) * scaling_factor``; Qwen-Image's VAE: ``(z - latents_mean) /
+    latents_std``, its frame axis of one dropped)."""
+    config = vae.config
+    video = "temperal_downsample" in config  # AutoencoderKLQwenImage takes (B, C, frames, H, W)
+    encoded = vae.encode(pixels.to(vae.dtype).unsqueeze(2) if video else pixels.to(vae.dtype))
+    z = (encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latent).float()
+    if video:
+        z = z.squeeze(2)
+    if config.get("latents_mean") is not None:
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(config["latents_mean"], device=z.device).view(shape)
+        std = torch.tensor(config["latents_std"], device=z.device).view(shape)
+        return (z - mean) / std
+    return (z - (config.get("shift_factor") or 0.0)) * config["scaling_factor"]
 
 
 def resolve_source_path(name: str) -> Path:
