@@ -45,7 +45,23 @@ def test_nonfinite_step_is_skipped_and_counted(sources, images, tmp_path):
 def test_too_many_nonfinite_steps_stop_with_advice(sources, images, tmp_path):
     trainer = Trainer(make_config(sources["pixart"], images, tmp_path / "run", train__max_nonfinite_steps=2))
     _poison(trainer, set(range(100)))
-    with pytest.raises(NonFiniteLossError, match=r"2 steps in a row \(the last at step 2.*lower optim.lr.*fp32.*data"):
+    with pytest.raises(NonFiniteLossError, match=r"2 steps in a row \(the last at step 2.*non-finite in the last "
+                                                  r"one: the model's output.*lower optim.lr.*fp32.*data"):
+        trainer.run()
+
+
+def test_nonfinite_conditioning_is_named(sources, images, tmp_path):
+    """A NaN in the text conditioning (a broken embedding cache, say) is what the error names."""
+    trainer = Trainer(make_config(sources["pixart"], images, tmp_path / "run", train__max_nonfinite_steps=1))
+    real = trainer.text
+
+    def text(captions):
+        cond = real(captions)
+        name = next(k for k, v in cond.items() if torch.is_tensor(v) and v.is_floating_point())
+        return {**cond, name: cond[name] * float("nan")}
+
+    trainer.text = text
+    with pytest.raises(NonFiniteLossError, match=r"non-finite in the last one: conditioning '"):
         trainer.run()
 
 

@@ -50,6 +50,18 @@ class TrainResult:
     offloaded_blocks: int = 0
 
 
+def _nonfinite_inputs(micro: "MicroBatch") -> str:
+    """Which inputs of a micro-batch hold NaN or inf ("" if none), to say where a non-finite
+    loss came from: the images, the noise or the conditioning (an embedding cache, the text
+    encoders)."""
+    found = [name for name, t in (("images", micro.x0), ("noise", micro.noise)) if not torch.isfinite(t).all()]
+    for name, value in micro.cond.items():
+        tensors = value if isinstance(value, (list, tuple)) else [value]
+        if any(torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
+            found.append(f"conditioning {name!r}")
+    return ", ".join(found)
+
+
 class MicroBatch(NamedTuple):
     """One micro-batch as the loss takes it: clean images, conditioning (after caption
     dropout), each sample's time and noise and, with align on, the noise of its source latent."""
@@ -198,6 +210,7 @@ class Trainer:
         self.position = DataPosition(sampler_seed=cfg.train.seed)
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
+        self.last_nonfinite_cause = ""
         self.images_seen = 0
         # The parts of the last step's loss beside the total (global-batch means, by name):
         # with align on, the objective's loss and the alignment term.
@@ -385,6 +398,7 @@ class Trainer:
             group["lr"] = lr * scale
         loss_sum = torch.zeros((), dtype=torch.float64)
         part_sums: dict[str, torch.Tensor] = {}
+        nonfinite_cause = None
         for a in range(A):
             start = a * B * W + env.rank * B
             slots = list(range(start, start + B))
@@ -395,7 +409,10 @@ class Trainer:
             with ctx:
                 loss, parts = self._loss_and_parts(*micro)
                 (loss / A).backward()
-            loss_sum += loss.detach().double().cpu()
+            loss_value = loss.detach().double().cpu()
+            loss_sum += loss_value
+            if nonfinite_cause is None and not math.isfinite(loss_value.item()):
+                nonfinite_cause = _nonfinite_inputs(micro) or "the model's output (its inputs were finite)"
             for name, value in parts.items():
                 part_sums[name] = part_sums.get(name, 0.0) + value.detach().double().cpu()
         # The mean loss (and parts) over the global batch; non-finite on any rank -> skipped everywhere.
@@ -408,6 +425,9 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         grad_norm = float(grad_norm)
         finite = math.isfinite(total) and math.isfinite(grad_norm)
+        if not finite:
+            self.last_nonfinite_cause = nonfinite_cause or (
+                "another process's loss" if not math.isfinite(total) else "the gradient (the loss was finite)")
         if finite:
             self.optimizer.step()
             self.consecutive_nonfinite = 0
@@ -423,7 +443,8 @@ class Trainer:
         if not finite and self.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"the loss or gradient was not finite for {self.consecutive_nonfinite} steps in a row "
-                f"(the last at step {self.step}; {self.skipped_steps} skipped in all). Try a lower "
+                f"(the last at step {self.step}; {self.skipped_steps} skipped in all; non-finite in the "
+                f"last one: {self.last_nonfinite_cause}). Try a lower "
                 f"optim.lr or more optim.warmup_steps, train.mixed_precision=no (fp32), or check the "
                 f"data for broken images.")
         return total, grad_norm, finite
