@@ -71,19 +71,22 @@ def measure(source: Path, data: Path, out: Path, size: int, steps: int, **extra)
         trainer = Trainer(cfg, env)
         trainer.cfg.train.max_steps = steps
         load_s = time.perf_counter() - t0
-        times = []
+        times, losses = [], []
         for _ in range(steps):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            trainer.train_step()
+            # A skipped (non-finite) step never allocates AdamW's moments, so the peak of a run
+            # whose steps were all skipped would be too low: the losses go into the row.
+            losses.append(trainer.train_step()[0])
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
         row = {"setting": extra, "trainable_params": trainer.trainable_report.trainable,
                "total_params": trainer.trainable_report.total, "offloaded_blocks": trainer.offloaded_blocks,
-               "peak_gib": round(peak, 2), "step_s": round(min(times[1:] or times), 3), "load_s": round(load_s, 1)}
+               "peak_gib": round(peak, 2), "step_s": round(min(times[1:] or times), 3), "load_s": round(load_s, 1),
+               "losses": [round(x, 4) for x in losses], "skipped_steps": trainer.skipped_steps}
         del trainer
     finally:
         shutdown_distributed()
