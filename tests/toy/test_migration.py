@@ -4,6 +4,7 @@ source, training, scoring of both models, report."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,6 +168,20 @@ def test_reproduce_sizes_the_step_count_from_the_budget(tmp_path, monkeypatch):
     assert [c["b"] for c in report["comparisons"]] == ["scratch"]
     with pytest.raises(ValueError, match="unknown arm"):
         reproduce.ReproducePlan(arms=["l2p", "nope"]).validate()
+
+
+def test_the_alignment_arm_is_asked_for_and_sets_the_term(tmp_path):
+    from l2p.toy import reproduce
+
+    plan = reproduce.ReproducePlan(arms=["l2p", "l2p-align"], train_overrides=["align.block=1"]).validate()
+    assert "l2p-align" not in reproduce.ReproducePlan().arms  # the default is the paper's arms
+    source_dir = Path(reproduce.__file__).parent / "weights" / "shapes-pixart"
+    configs = {name: reproduce._arm_config(plan, reproduce.ARMS_BY_NAME[name], source_dir, tmp_path, 64, 10,
+                                           tmp_path / name) for name in plan.arms}
+    assert (configs["l2p"].align.weight, configs["l2p-align"].align.weight) == (0.0, 0.5)
+    assert configs["l2p-align"].align.block == 1  # --set still applies on top of the arm
+    assert configs["l2p-align"].model.trainable == configs["l2p"].model.trainable
+    assert ("l2p-align", "l2p") in [(a, b) for a, b, _ in reproduce.COMPARISONS]
 
 
 def test_calibration_times_the_costliest_arm(tmp_path):

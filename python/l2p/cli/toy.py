@@ -142,7 +142,7 @@ def register(subparsers) -> None:
                            help=f"default {f.default}")
     p.set_defaults(func=run_train_source)
 
-    from l2p.toy.reproduce import ARMS, ReproducePlan
+    from l2p.toy.reproduce import ARMS, EXTRA_ARMS, ReproducePlan
 
     d = ReproducePlan()
     r = toy_sub.add_parser(
@@ -151,7 +151,9 @@ def register(subparsers) -> None:
         description="Train every arm for the same steps on the toy source's corpus (or ground-truth "
                     "renders), score all on the same held-out prompts and seeds, and write "
                     "report.md/json and curves.png with paired 95%% intervals. Arms: "
-                    + "; ".join(f"{a.name}: {a.description}" for a in ARMS),
+                    + "; ".join(f"{a.name}: {a.description}" for a in ARMS)
+                    + ". Beyond the paper, run only when named in --arms: "
+                    + "; ".join(f"{a.name}: {a.description}" for a in EXTRA_ARMS),
     )
     r.add_argument("--out", default=d.out_dir, help=f"run folder (default {d.out_dir}); rerun to resume")
     r.add_argument("--source", default=d.source, help="toy source folder (default: the shipped one)")
@@ -159,7 +161,8 @@ def register(subparsers) -> None:
                    help=f"training wall clock for all arms together (default {d.budget_minutes:g})")
     r.add_argument("--steps", type=int, help="steps per arm (overrides --budget-minutes)")
     r.add_argument("--batch-size", type=int, default=d.batch_size)
-    r.add_argument("--arms", help="comma-separated subset of: " + ",".join(a.name for a in ARMS))
+    r.add_argument("--arms", help="comma-separated arms (default: the paper's, "
+                   + ",".join(a.name for a in ARMS) + "; also " + ",".join(a.name for a in EXTRA_ARMS) + ")")
     r.add_argument("--corpus-prompts", type=int, default=d.corpus_prompts)
     r.add_argument("--eval-prompts", type=int, default=d.eval_prompts)
     r.add_argument("--curve-points", type=int, default=d.curve_points)

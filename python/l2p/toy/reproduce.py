@@ -10,6 +10,11 @@ same sampling seeds:
     l2p-real       as l2p, trained on ground-truth renders of the same prompts (b) data
     l2p-first-last-1 / l2p-all   as l2p with n = 1 / every block trainable    (c) depth
 
+and, when asked for (``--arms``), one arm beyond the paper:
+
+    l2p-align      as l2p plus the source-feature alignment term (align.weight 0.5: the
+                   hidden states entering the first frozen block pulled towards the source's)
+
 Each arm can be trained from several training seeds (``train_seeds``: the data order, noise,
 times and the initialisation of new layers); arms trained from the same seed see the same
 batches. Differences between arms are paired (same prompts, same sampling seeds, same training
@@ -48,6 +53,7 @@ class Arm:
     trainable: str     # model.trainable
     data: str          # "synthetic" (the source's generations) or "real" (ground-truth renders)
     description: str
+    overrides: tuple[str, ...] = ()  # further trainer settings ("key=value")
 
 
 ARMS = (
@@ -60,7 +66,12 @@ ARMS = (
     Arm("l2p-first-last-1", "source", "first_last:1", "synthetic", "as l2p with n = 1"),
     Arm("l2p-all", "source", "all", "synthetic", "as l2p with every block trainable"),
 )
-ARMS_BY_NAME = {arm.name: arm for arm in ARMS}
+# Beyond the paper's comparisons: run only when named in ``arms``.
+EXTRA_ARMS = (
+    Arm("l2p-align", "source", "first_last:2", "synthetic",
+        "as l2p plus the source-feature alignment term (align.weight 0.5)", ("align.weight=0.5",)),
+)
+ARMS_BY_NAME = {arm.name: arm for arm in ARMS + EXTRA_ARMS}
 
 # (A, B, question): the report gives score(A) - score(B) with its paired interval.
 COMPARISONS = (
@@ -68,6 +79,7 @@ COMPARISONS = (
     ("l2p", "l2p-real", "(b) source-synthetic corpus vs ground-truth renders"),
     ("l2p", "l2p-first-last-1", "(c) trainable first/last n = 2 vs n = 1"),
     ("l2p", "l2p-all", "(c) trainable first/last n = 2 vs all blocks"),
+    ("l2p-align", "l2p", "beyond the paper: with the source-feature alignment term vs without"),
 )
 
 
@@ -156,7 +168,7 @@ def _arm_config(plan: ReproducePlan, arm: Arm, source_dir: Path, corpus: Path, s
         f"train.output_dir={out}", f"train.max_steps={steps}", f"train.batch_size={plan.batch_size}",
         f"train.seed={train_seed}", "train.resume=latest", f"checkpoint.every={every}",
         f"checkpoint.keep_last={plan.curve_points + 1}", "sample.every=0", "logging.progress_bar=false",
-        *plan.train_overrides, *extra,
+        *arm.overrides, *plan.train_overrides, *extra,
     ])
 
 
