@@ -5,7 +5,7 @@ L2P freezes the middle blocks and counts on the trainable first blocks to carry 
 into the source's feature space. In the toy migration they do not (cosine similarity 0.44-0.69
 between the pixel model's and the source's hidden states entering the first frozen block, for
 the same image), and adding 0.5 x this term to the loss raised the toy pixel model's score from
-0.017 to 0.117 at 2400 steps (python/l2p/toy/RESULTS.md).
+0.033 to 0.125 at 1500 steps, over three training seeds (python/l2p/toy/RESULTS.md).
 
 Per micro-batch: the source's VAE encodes the clean images (``encode_latents``); each latent is
 noised at its sample's time with its own noise, which the sample's seeded generator draws after
