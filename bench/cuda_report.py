@@ -5,6 +5,7 @@ cached. bench/test_bench_cuda.py runs the same cases under pytest-benchmark.
 
     python bench/cuda_report.py            # everything (a few minutes on an H100/H200)
     python bench/cuda_report.py --quick    # skip N=65536 and the fwd+bwd at N=16384
+    python bench/cuda_report.py --quick --only attention   # one kind of table
 """
 
 from __future__ import annotations
@@ -205,6 +206,8 @@ def time_ms(case: Case, warmup: int = 3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the longest cases")
+    parser.add_argument("--only", metavar="TEXT", default="",
+                        help="only the tables whose title contains TEXT (e.g. attention)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -215,6 +218,8 @@ def main() -> None:
     print(f"Device: {device}; torch {torch.__version__}; bf16; median of CUDA-event timings\n")
     current = None
     for case in all_cases(args.quick):
+        if args.only not in case.table:
+            continue
         if case.table != current:
             current = case.table
             print(f"\n### {current}\n")

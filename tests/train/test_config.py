@@ -26,6 +26,17 @@ def test_set_overrides_are_typed():
     assert cfg.model.head_channels == [8, 16]
 
 
+def test_yaml_booleans_in_text_fields_mean_the_word(tmp_path):
+    # YAML 1.1 reads `no` as false: train.mixed_precision=no (the fp32 setting) must still work,
+    # from --set and from a file, and a yes/true there is refused by the field's choices.
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision must be one of auto, no, bf16"):
+        load_config(None, ["train.mixed_precision=true"])
+
+
 def test_unknown_key_names_the_nearest_valid_one(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.learning_rat'.*did you mean 'optim.lr'|did you mean"):
         load_config(None, ["optim.learning_rat=1"])

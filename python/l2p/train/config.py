@@ -324,7 +324,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if annotation is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):
+            # YAML reads no/off/false (and yes/on/true) as booleans; a text field such as
+            # train.mixed_precision=no means the word.
+            return "yes" if value else "no"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"{key} must be a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported field type {annotation!r}")
