@@ -30,6 +30,14 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+// 2^x as one MUFU.EX2 instruction: exp2f without fast-math adds the handling of denormal
+// results, which softmax weights below 2^-126 of the row maximum do not need (they flush to 0).
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Additive mask value for (b, h, i, j), or 0 without a mask.
 struct MaskView {
   const float* ptr;

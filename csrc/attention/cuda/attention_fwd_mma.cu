@@ -21,6 +21,7 @@ namespace l2p::cuda {
 namespace {
 
 using attn::kLn2;
+using attn::exp2_ftz;
 using attn::kLog2e;
 using namespace attn::mma;
 
@@ -103,6 +104,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_mma_kernel(const MmaPa
 #pragma unroll
     for (int dj = 0; dj < kOutTiles; ++dj) o[mi][dj][0] = o[mi][dj][1] = o[mi][dj][2] = o[mi][dj][3] = 0.0f;
   }
+  const float ks = kHasMask ? 1.0f : p.scale_log2;  // scores' units -> log2 units
   float m[kWarpTiles][2], l[kWarpTiles][2];  // running row max (log2 units), this thread's row-sum share
 #pragma unroll
   for (int mi = 0; mi < kWarpTiles; ++mi) m[mi][0] = m[mi][1] = -INFINITY, l[mi][0] = l[mi][1] = 0.0f;
@@ -148,6 +150,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_mma_kernel(const MmaPa
 
     // Scale to log2 units, add the mask, drop keys past the end; then the online softmax.
     // Keys of this tile that exist: all but on the last tile of a ragged sequence.
+    // Without a mask the row maximum is taken on the raw scores (scale > 0, checked by the
+    // launcher) and the scale enters each exponent through one FFMA, exp2(s k - m k); with a
+    // mask the scores are scaled first (k = 1) so that the mask can be added.
     const int64_t n0 = it * kKeys;
     const int valid = p.kv_len - n0 < kKeys ? static_cast<int>(p.kv_len - n0) : kKeys;
 #pragma unroll
@@ -159,8 +164,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_mma_kernel(const MmaPa
         for (int e = 0; e < 4; ++e) {
           const int r = e / 2;
           const int col = 8 * j + 2 * t + (e & 1);
-          float x = s[mi][j][e] * p.scale_log2;
+          float x = s[mi][j][e];
           if constexpr (kHasMask) {
+            x *= p.scale_log2;
             if (mask_row[mi][r] != nullptr && col < valid) {
               x += mask_row[mi][r][(n0 + col) * p.mask.s3] * kLog2e;
             }
@@ -170,15 +176,16 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_mma_kernel(const MmaPa
           tile_max[r] = fmaxf(tile_max[r], x);
         }
       }
-      float alpha[2], m_use[2];
+      float alpha[2], neg_m[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
         const float m_new = fmaxf(m[mi][r], tile_max[r]);
         // Nothing to attend to so far: exponentiate against 0, so every term is exp2(-inf) = 0.
-        m_use[r] = m_new == -INFINITY ? 0.0f : m_new;
-        alpha[r] = exp2f(m[mi][r] - m_use[r]);
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+        alpha[r] = exp2_ftz((m[mi][r] - m_use) * ks);
+        neg_m[r] = -m_use * ks;
         m[mi][r] = m_new;
         l[mi][r] *= alpha[r];
       }
@@ -186,7 +193,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_mma_kernel(const MmaPa
       for (int j = 0; j < kScoreTiles; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[mi][j][e] = exp2f(s[mi][j][e] - m_use[e / 2]);
+          s[mi][j][e] = exp2_ftz(fmaf(s[mi][j][e], ks, neg_m[e / 2]));
           l[mi][e / 2] += s[mi][j][e];
         }
       }
@@ -245,7 +252,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_mma_kernel(const MmaPa
         }
       }
       if (t == 0) {
-        p.lse[bh * p.q_len + i] = sum > 0.0f ? (m[mi][r] + log2f(sum)) * kLn2 : -INFINITY;
+        p.lse[bh * p.q_len + i] = sum > 0.0f ? (m[mi][r] * ks + log2f(sum)) * kLn2 : -INFINITY;
       }
     }
   }
@@ -304,6 +311,7 @@ bool attention_forward_mma_supported(const AttentionForwardArgs& args) {
   if (s.dtype != AttentionDType::kBFloat16 && s.dtype != AttentionDType::kFloat16) return false;
   const int dp = attn::padded_head_dim(s.head_dim, s.value_dim);
   if (dp != 64 && dp != 128) return false;
+  if (!(s.scale > 0.0)) return false;  // the unmasked kernel takes the row maximum before scaling
   if (s.head_dim % 8 != 0 || s.value_dim % 8 != 0) return false;
   if (!attn::aligned16(args.q) || !attn::aligned16(args.k) || !attn::aligned16(args.v) ||
       !attn::aligned16(args.out)) {
