@@ -24,7 +24,9 @@ def test_toy_migration_end_to_end_and_resume(tmp_path, monkeypatch):
         out_dir=str(tmp_path / "run"), corpus_prompts=6, eval_prompts=6, corpus_steps=2,
         eval_steps=2,
         train_overrides=["train.max_steps=3", "train.batch_size=2", "checkpoint.every=2",
-                         "sample.every=0", "logging.progress_bar=false", "model.trainable=first_last:1"],
+                         "sample.every=0", "logging.progress_bar=false", "model.trainable=first_last:1",
+                         # The tiny source has two blocks, both trainable here: align the second.
+                         "align.block=1"],
     )
     report = run_toy_migration(plan, log=lambda _: None)
     run = tmp_path / "run"
@@ -179,12 +181,17 @@ def test_the_alignment_arm_is_asked_for_and_sets_the_term(tmp_path):
     configs = {name: reproduce._arm_config(plan, reproduce.ARMS_BY_NAME[name], source_dir, tmp_path, 64, 10,
                                            tmp_path / name) for name in plan.arms}
     assert (configs["l2p"].align.weight, configs["l2p-align"].align.weight) == (0.0, 0.5)
+    # The default migration (toy.yaml) uses the term; every arm of the paper's comparisons runs
+    # the paper's recipe, without it.
+    from l2p.train.config import DEFAULT_CONFIG_DIR, load_config
+    assert load_config(DEFAULT_CONFIG_DIR / "toy.yaml").align.weight == 0.5
+    assert all("align.weight=0" in arm.overrides for arm in reproduce.ARMS)
     assert configs["l2p-align"].align.block == 1  # --set still applies on top of the arm
     assert configs["l2p-align"].model.trainable == configs["l2p"].model.trainable
     assert ("l2p-align", "l2p") in [(a, b) for a, b, _ in reproduce.COMPARISONS]
 
 
-def test_calibration_times_the_costliest_arm(tmp_path):
+def test_calibration_times_the_costliest_arm(tmp_path, monkeypatch):
     from l2p.toy import reproduce
 
     src = tmp_path / "toy-source"
@@ -194,5 +201,14 @@ def test_calibration_times_the_costliest_arm(tmp_path):
     _write_real_corpus(make_records(4, 0, split="train"), tmp_path / "corpus", 32)
     plan = reproduce.ReproducePlan(batch_size=2, train_overrides=["data.embeddings=null",
                                                                   "model.head_max_channels=8"])
+    timed = []
+    arm_config = reproduce._arm_config
+    monkeypatch.setattr(reproduce, "_arm_config", lambda plan, arm, *a, **k: (
+        timed.append(arm.name), arm_config(plan, arm, *a, **k))[1])
     seconds = reproduce._seconds_per_step(plan, src, tmp_path / "corpus", 32, tmp_path / "cal")
-    assert 0.0 < seconds < 30.0
+    assert 0.0 < seconds < 30.0 and timed == ["scratch"]
+    # With the alignment arm in the run, it is timed too (its source forward may cost more).
+    plan.arms = ["l2p", "l2p-align"]
+    plan.train_overrides.append("align.block=1")  # the tiny source has two blocks
+    reproduce._seconds_per_step(plan, src, tmp_path / "corpus", 32, tmp_path / "cal")
+    assert timed == ["scratch", "scratch", "l2p-align"]

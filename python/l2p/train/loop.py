@@ -243,7 +243,8 @@ class Trainer:
             if not frozen:
                 raise ConfigError(f"align.block=null compares the input of the first frozen block, but "
                                   f"model.trainable={self.cfg.model.trainable} trains all {len(blocks)} blocks: "
-                                  f"set align.block to a block index (0..{len(blocks) - 1})")
+                                  f"set align.block to a block index (0..{len(blocks) - 1}), or "
+                                  f"align.weight=0 to turn the alignment term off")
             block = frozen[0]
         return SourceAlignment(model, source_transformer, self.source.load_vae_encoder(dtype), block,
                                self.source.vae_scale_factor)
