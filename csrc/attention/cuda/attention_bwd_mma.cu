@@ -1,12 +1,12 @@
-// Attention backward on tensor cores with mma.sync, flash-attention-2 style: a block of 4
-// warps owns 64 keys of one (batch, key/value head), each warp 16 of them, and walks every
+// Attention backward on tensor cores with mma.sync, flash-attention-2 style: a block of warps
+// (kWarps, 4) owns 16 keys per warp of one (batch, key/value head) and walks every
 // query tile of every query head of the group. Per tile a warp computes, in registers,
 // S^T = K Q^T and dP^T = V dO^T for its keys, P^T = exp(S^T - lse) (from the forward's
 // logsumexp) and dS^T = P^T (dP^T - delta), delta = rowsum(dO * O) precomputed; then
 // dV += P^T dO and dK += dS^T Q into register accumulators (written once at the end, so GQA
 // needs no atomics). dS^T goes through shared memory so that the block can form
-// dQ = dS K, which is added into the fp32 dQ buffer with atomics (each warp a quarter of the
-// head dim; on sm_90 one 16-byte atomic per lane and n8 tile).
+// dQ = dS K, which is added into the fp32 dQ buffer with atomics (each warp DP / kWarps
+// columns; on sm_90 one 16-byte atomic per lane and n8 tile).
 // Every operand comes out of shared memory through ldmatrix (32-bit shared addresses, as in
 // attention_fwd_mma.cu). The Q and dO tiles (and their lse / delta rows) are double-buffered:
 // the next tile, which may belong to the next query head of the group, loads with cp.async
@@ -27,23 +27,21 @@ namespace {
 using attn::kLog2e;
 using namespace attn::mma;
 
-constexpr int kWarps = 4, kKeys = 16 * kWarps, kThreads = 32 * kWarps;
-
-// Query rows per tile: 32 at DP = 128 keeps the register accumulators (dK and dV: 128 floats
-// per thread) clear of spills.
+// Block shape per padded head dim. Each warp owns 16 keys; more warps per block share every
+// Q / dO tile (and its dQ atomics) among more keys, at one block per SM where 4 warps fit two.
+// Query rows per tile (BM): 32 at DP = 128 keeps the register accumulators (dK and dV: 128
+// floats per thread) clear of spills.
 template <int DP>
-constexpr int query_tile() {
-  return DP == 128 ? 32 : 64;
-}
-
-template <int DP, int BM>
 struct BwdMmaTile {
-  static constexpr int kLd = DP + 8;   // +16 bytes per row: conflict-free ldmatrix rows
-  static constexpr int kLdS = BM + 8;  // likewise for dS^T
-  // K, V (kKeys rows); Q, dO (BM rows, two buffers each); dS^T (kKeys x BM), all 16-bit;
-  // lse and delta (BM floats, two buffers each).
+  static constexpr int kWarps = 4;
+  static constexpr int kKeys = 16 * kWarps, kThreads = 32 * kWarps;
+  static constexpr int kBM = DP == 128 ? 32 : 64;
+  static constexpr int kLd = DP + 8;    // +16 bytes per row: conflict-free ldmatrix rows
+  static constexpr int kLdS = kBM + 8;  // likewise for dS^T
+  // K, V (kKeys rows); Q, dO (kBM rows, two buffers each); dS^T (kKeys x kBM), all 16-bit;
+  // lse and delta (kBM floats, two buffers each).
   static constexpr size_t kSmem =
-      2 * (size_t(kLd) * (2 * kKeys + 4 * BM) + size_t(kKeys) * kLdS) + 4 * 4 * size_t(BM);
+      2 * (size_t(kLd) * (2 * kKeys + 4 * kBM) + size_t(kKeys) * kLdS) + 4 * 4 * size_t(kBM);
 };
 
 template <typename T>
@@ -72,23 +70,31 @@ __device__ __forceinline__ void atomic_add4(float* dst, float4 x) {
 #endif
 }
 
-// Statistics of one query row for the P and dS of the backward: lse in log2 units, +inf where
-// P must be 0 (a row that attends to nothing has lse = -inf; a row past the end does not
-// exist), and delta.
+// Statistics of one query row as stored: lse and delta; a row past the end reads as one that
+// attends to nothing (lse = -inf). Loaded into registers early, converted only when stored, so
+// that the load's latency passes while the tensor cores work.
 struct RowStats {
-  float lse_log2, delta;
+  float lse, delta;
 };
 __device__ __forceinline__ RowStats read_row_stats(const float* lse, const float* delta,
                                                    int64_t row, int64_t rows) {
-  if (row >= rows) return {INFINITY, 0.0f};
-  const float l = lse[row];
-  return {l == -INFINITY ? INFINITY : l * kLog2e, delta[row]};
+  if (row >= rows) return {-INFINITY, 0.0f};
+  return {lse[row], delta[row]};
+}
+// Shared-memory form for P = exp2(S log2(e) - lse log2(e)): lse in log2 units, and +inf where
+// P must be 0 (lse = -inf: the row attends to nothing).
+__device__ __forceinline__ void store_row_stats(float* s_lse, float* s_delta, int i,
+                                                RowStats r) {
+  s_lse[i] = r.lse == -INFINITY ? INFINITY : r.lse * kLog2e;
+  s_delta[i] = r.delta;
 }
 
-template <typename T, int DP, int BM, bool kHasMask>
-__global__ void __launch_bounds__(kThreads) attention_bwd_mma_kernel(const BwdMmaParams<T> p) {
-  using Tile = BwdMmaTile<DP, BM>;
-  constexpr int LD = Tile::kLd, LDS = Tile::kLdS;
+template <typename T, int DP, bool kHasMask>
+__global__ void __launch_bounds__(BwdMmaTile<DP>::kThreads)
+    attention_bwd_mma_kernel(const BwdMmaParams<T> p) {
+  using Tile = BwdMmaTile<DP>;
+  constexpr int kWarps = Tile::kWarps, kKeys = Tile::kKeys, kThreads = Tile::kThreads;
+  constexpr int BM = Tile::kBM, LD = Tile::kLd, LDS = Tile::kLdS;
   constexpr int kQueryTiles = BM / 8;  // n8 tiles of S^T (queries) per warp
   constexpr int kDimTiles = DP / 8;    // n8 tiles of dK, dV per warp
   constexpr int kDepth = DP / 16;      // k16 steps over the head dim
@@ -132,10 +138,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_mma_kernel(const BwdMm
   load_query_tile(0, 0, 0);
   cp_async_commit();
   if (threadIdx.x < BM) {
-    const RowStats r = read_row_stats(p.lse + head0 * p.q_len, p.delta + head0 * p.q_len,
-                                      threadIdx.x, p.q_len);
-    sLse[threadIdx.x] = r.lse_log2;
-    sDelta[threadIdx.x] = r.delta;
+    store_row_stats(sLse, sDelta, threadIdx.x,
+                    read_row_stats(p.lse + head0 * p.q_len, p.delta + head0 * p.q_len,
+                                   threadIdx.x, p.q_len));
   }
 
   // This thread's keys: kr0 + g and kr0 + g + 8 of the tile. A key past the end has a zero
@@ -181,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_mma_kernel(const BwdMm
     // products, so their latency hides behind them too.
     int64_t next_gi = gi, next_m0 = m0 + BM;
     if (next_m0 >= p.q_len) next_gi += 1, next_m0 = 0;
-    RowStats next_stats{INFINITY, 0.0f};
+    RowStats next_stats{-INFINITY, 0.0f};
     if (it + 1 < tiles) {
       load_query_tile(next_gi, next_m0, buf ^ 1);
       cp_async_commit();
@@ -281,12 +286,11 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_mma_kernel(const BwdMm
       }
     }
     if (threadIdx.x < BM) {
-      sLse[(buf ^ 1) * BM + threadIdx.x] = next_stats.lse_log2;
-      sDelta[(buf ^ 1) * BM + threadIdx.x] = next_stats.delta;
+      store_row_stats(sLse + (buf ^ 1) * BM, sDelta + (buf ^ 1) * BM, threadIdx.x, next_stats);
     }
     __syncthreads();
 
-    // dQ (BM x DP) = dS K over the block's 64 keys; this warp: columns
+    // dQ (BM x DP) = dS K over the block's kKeys keys; this warp: columns
     // [warp * kQDims, (warp + 1) * kQDims).
     float dqa[BM / 16][kQDims / 8][4];
 #pragma unroll
@@ -367,11 +371,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_mma_kernel(const BwdMm
 
 template <typename T, int DP>
 cudaError_t launch(const AttentionBackwardArgs& args, cudaStream_t stream) {
-  constexpr int BM = query_tile<DP>();
-  using Tile = BwdMmaTile<DP, BM>;
+  using Tile = BwdMmaTile<DP>;
   const AttentionShape& s = args.shape;
-  auto kernel = s.mask != nullptr ? attention_bwd_mma_kernel<T, DP, BM, true>
-                                  : attention_bwd_mma_kernel<T, DP, BM, false>;
+  auto kernel = s.mask != nullptr ? attention_bwd_mma_kernel<T, DP, true>
+                                  : attention_bwd_mma_kernel<T, DP, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(Tile::kSmem));
   if (err != cudaSuccess) return err;
@@ -395,13 +398,13 @@ cudaError_t launch(const AttentionBackwardArgs& args, cudaStream_t stream) {
   p.value_dim = static_cast<int>(s.value_dim);
   p.scale = static_cast<float>(s.scale);
   p.scale_log2 = static_cast<float>(s.scale) * kLog2e;
-  const int64_t k_tiles = (s.kv_len + kKeys - 1) / kKeys;
+  const int64_t k_tiles = (s.kv_len + Tile::kKeys - 1) / Tile::kKeys;
   const int64_t heads = s.batch * s.kv_heads;
   for (int64_t first = 0; first < heads; first += 65535) {
     p.bkv_offset = first;
     const dim3 grid(static_cast<unsigned>(k_tiles),
                     static_cast<unsigned>(heads - first < 65535 ? heads - first : 65535));
-    kernel<<<grid, kThreads, Tile::kSmem, stream>>>(p);
+    kernel<<<grid, Tile::kThreads, Tile::kSmem, stream>>>(p);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -435,8 +438,7 @@ bool attention_backward_mma_supported(const AttentionBackwardArgs& args) {
       major < 8) {
     return false;
   }
-  const size_t smem = dp == 64 ? BwdMmaTile<64, query_tile<64>()>::kSmem
-                               : BwdMmaTile<128, query_tile<128>()>::kSmem;
+  const size_t smem = dp == 64 ? BwdMmaTile<64>::kSmem : BwdMmaTile<128>::kSmem;
   return smem <= static_cast<size_t>(attn::max_shared_per_block());
 }
 
