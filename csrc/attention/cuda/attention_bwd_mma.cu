@@ -1,5 +1,5 @@
-// Attention backward on tensor cores with mma.sync, flash-attention-2 style: a block of warps
-// (kWarps, 4) owns 16 keys per warp of one (batch, key/value head) and walks every
+// Attention backward on tensor cores with mma.sync, flash-attention-2 style: a block of 4
+// warps owns 16 keys per warp of one (batch, key/value head) and walks every
 // query tile of every query head of the group. Per tile a warp computes, in registers,
 // S^T = K Q^T and dP^T = V dO^T for its keys, P^T = exp(S^T - lse) (from the forward's
 // logsumexp) and dS^T = P^T (dP^T - delta), delta = rowsum(dO * O) precomputed; then
@@ -27,10 +27,12 @@ namespace {
 using attn::kLog2e;
 using namespace attn::mma;
 
-// Block shape per padded head dim. Each warp owns 16 keys; more warps per block share every
-// Q / dO tile (and its dQ atomics) among more keys, at one block per SM where 4 warps fit two.
-// Query rows per tile (BM): 32 at DP = 128 keeps the register accumulators (dK and dV: 128
-// floats per thread) clear of spills.
+// Block shape per padded head dim. Each warp owns 16 keys. 8 warps per block would share each
+// Q / dO tile and its dQ atomics among twice the keys, but one such block fills an SM's
+// registers, where two blocks of 4 overlap each other's barriers; 8 at DP = 128 compiles
+// without spills too, which of the two is faster is not measured. Query rows per tile (BM):
+// 32 at DP = 128 keeps the register accumulators (dK and dV: 128 floats per thread) clear of
+// spills.
 template <int DP>
 struct BwdMmaTile {
   static constexpr int kWarps = 4;
