@@ -24,6 +24,7 @@
 namespace l2p::cuda {
 namespace {
 
+using attn::exp2_ftz;
 using attn::kLog2e;
 using namespace attn::mma;
 
@@ -247,7 +248,7 @@ __global__ void __launch_bounds__(BwdMmaTile<DP>::kThreads)
             s += mask[qi * p.mask.s2 + key[e / 2] * p.mask.s3] * kLog2e;
           }
         }
-        const float prob = key_ok[e / 2] ? exp2f(s - ((e & 1) ? lse2.y : lse2.x)) : 0.0f;
+        const float prob = key_ok[e / 2] ? exp2_ftz(s - ((e & 1) ? lse2.y : lse2.x)) : 0.0f;
         st[j][e] = prob;
         dpt[j][e] = prob * (dpt[j][e] - ((e & 1) ? delta2.y : delta2.x));
       }
