@@ -1,12 +1,19 @@
 // Attention backward on tensor cores with mma.sync, flash-attention-2 style: a block of 4
-// warps owns 64 keys of one (batch, key/value head), each warp 16 of them, and walks every
+// warps owns 16 keys per warp of one (batch, key/value head) and walks every
 // query tile of every query head of the group. Per tile a warp computes, in registers,
 // S^T = K Q^T and dP^T = V dO^T for its keys, P^T = exp(S^T - lse) (from the forward's
 // logsumexp) and dS^T = P^T (dP^T - delta), delta = rowsum(dO * O) precomputed; then
 // dV += P^T dO and dK += dS^T Q into register accumulators (written once at the end, so GQA
 // needs no atomics). dS^T goes through shared memory so that the block can form
-// dQ = dS K, which is added into the fp32 dQ buffer with atomics (each warp a quarter of the
-// head dim). Needs head dims that are multiples of 8 and 16-byte aligned tensors; head dims are
+// dQ = dS K, which is added into the fp32 dQ buffer with atomics (each warp DP / kWarps
+// columns; on sm_90 one 16-byte atomic per lane and n8 tile).
+// Every operand comes out of shared memory through ldmatrix (32-bit shared addresses, as in
+// attention_fwd_mma.cu). The Q and dO tiles (and their lse / delta rows) are double-buffered:
+// the next tile, which may belong to the next query head of the group, loads with cp.async
+// while this one computes. Bounds need no per-element checks: rows past the end are zero in
+// shared memory and get lse = +inf (so P = 0), and a thread's keys are fixed, so a key past
+// the end is one select per element; the mask read is compiled in only when there is one.
+// Needs head dims that are multiples of 8 and 16-byte aligned tensors; head dims are
 // zero-padded to DP = 64 or 128. Fragment layouts: mma_sm80.cuh.
 #include <cmath>
 #include <cstdint>
@@ -17,25 +24,27 @@
 namespace l2p::cuda {
 namespace {
 
+using attn::exp2_ftz;
 using attn::kLog2e;
 using namespace attn::mma;
 
-constexpr int kKeys = 64, kThreads = 128;
-
-// Query rows per tile: 32 at DP = 128 keeps the register accumulators (dK and dV: 128 floats
-// per thread) clear of spills.
+// Block shape per padded head dim. Each warp owns 16 keys. 8 warps per block would share each
+// Q / dO tile and its dQ atomics among twice the keys, but one such block fills an SM's
+// registers, where two blocks of 4 overlap each other's barriers; 8 at DP = 128 compiles
+// without spills too, which of the two is faster is not measured. Query rows per tile (BM):
+// 32 at DP = 128 keeps the register accumulators (dK and dV: 128 floats per thread) clear of
+// spills.
 template <int DP>
-constexpr int query_tile() {
-  return DP == 128 ? 32 : 64;
-}
-
-template <int DP, int BM>
 struct BwdMmaTile {
-  static constexpr int kLd = DP + 8;
-  static constexpr int kLdS = BM + 8;
-  // K, V (kKeys rows), Q, dO (BM rows), dS^T (kKeys x BM) in 16 bits; lse and delta in fp32.
+  static constexpr int kWarps = 4;
+  static constexpr int kKeys = 16 * kWarps, kThreads = 32 * kWarps;
+  static constexpr int kBM = DP == 128 ? 32 : 64;
+  static constexpr int kLd = DP + 8;    // +16 bytes per row: conflict-free ldmatrix rows
+  static constexpr int kLdS = kBM + 8;  // likewise for dS^T
+  // K, V (kKeys rows); Q, dO (kBM rows, two buffers each); dS^T (kKeys x kBM), all 16-bit;
+  // lse and delta (kBM floats, two buffers each).
   static constexpr size_t kSmem =
-      2 * (size_t(kLd) * (2 * kKeys + 2 * BM) + size_t(kKeys) * kLdS) + 4 * 2 * size_t(BM);
+      2 * (size_t(kLd) * (2 * kKeys + 4 * kBM) + size_t(kKeys) * kLdS) + 4 * 4 * size_t(kBM);
 };
 
 template <typename T>
@@ -51,208 +60,303 @@ struct BwdMmaParams {
   float scale, scale_log2;
 };
 
-template <typename T, int DP, int BM>
-__global__ void __launch_bounds__(kThreads) attention_bwd_mma_kernel(const BwdMmaParams<T> p) {
-  using Tile = BwdMmaTile<DP, BM>;
-  constexpr int LD = Tile::kLd, LDS = Tile::kLdS;
+// Adds four consecutive floats (16-byte aligned) into global memory: one vector atomic where
+// the hardware has it (sm_90), four scalar ones before.
+__device__ __forceinline__ void atomic_add4(float* dst, float4 x) {
+#if __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(dst), x);
+#else
+  atomicAdd(dst, x.x);
+  atomicAdd(dst + 1, x.y);
+  atomicAdd(dst + 2, x.z);
+  atomicAdd(dst + 3, x.w);
+#endif
+}
+
+// Statistics of one query row as stored: lse and delta; a row past the end reads as one that
+// attends to nothing (lse = -inf). Loaded into registers early, converted only when stored, so
+// that the load's latency passes while the tensor cores work.
+struct RowStats {
+  float lse, delta;
+};
+__device__ __forceinline__ RowStats read_row_stats(const float* lse, const float* delta,
+                                                   int64_t row, int64_t rows) {
+  if (row >= rows) return {-INFINITY, 0.0f};
+  return {lse[row], delta[row]};
+}
+// Shared-memory form for P = exp2(S log2(e) - lse log2(e)): lse in log2 units, and +inf where
+// P must be 0 (lse = -inf: the row attends to nothing).
+__device__ __forceinline__ void store_row_stats(float* s_lse, float* s_delta, int i,
+                                                RowStats r) {
+  s_lse[i] = r.lse == -INFINITY ? INFINITY : r.lse * kLog2e;
+  s_delta[i] = r.delta;
+}
+
+template <typename T, int DP, bool kHasMask>
+__global__ void __launch_bounds__(BwdMmaTile<DP>::kThreads)
+    attention_bwd_mma_kernel(const BwdMmaParams<T> p) {
+  using Tile = BwdMmaTile<DP>;
+  constexpr int kWarps = Tile::kWarps, kKeys = Tile::kKeys, kThreads = Tile::kThreads;
+  constexpr int BM = Tile::kBM, LD = Tile::kLd, LDS = Tile::kLdS;
   constexpr int kQueryTiles = BM / 8;  // n8 tiles of S^T (queries) per warp
   constexpr int kDimTiles = DP / 8;    // n8 tiles of dK, dV per warp
   constexpr int kDepth = DP / 16;      // k16 steps over the head dim
-  constexpr int kQDims = DP / 4;       // dQ columns per warp
+  constexpr int kQDims = DP / kWarps;  // dQ columns per warp
+  static_assert(BM <= kThreads, "one thread reads each row's lse and delta");
+  static_assert(kQDims % 16 == 0, "dQ columns per warp come in ldmatrix.x4 pairs of n8 tiles");
+  constexpr uint32_t kRowBytes = LD * sizeof(T), kDsRowBytes = LDS * sizeof(T);
+  constexpr uint32_t kBufferBytes = BM * kRowBytes;  // one Q or dO buffer
   extern __shared__ __align__(128) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kKeys * LD;
-  T* sQ = sV + kKeys * LD;
-  T* sdO = sQ + BM * LD;
-  T* sdS = sdO + BM * LD;  // dS^T: rows are keys, columns queries
-  float* sLse = reinterpret_cast<float*>(sdS + kKeys * LDS);
-  float* sDelta = sLse + BM;
+  T* sQ = sV + kKeys * LD;     // buffer i at sQ + i * BM * LD
+  T* sdO = sQ + 2 * BM * LD;   // likewise
+  T* sdS = sdO + 2 * BM * LD;  // dS^T: rows are keys, columns queries
+  float* sLse = reinterpret_cast<float*>(sdS + kKeys * LDS);  // buffer i at sLse + i * BM
+  float* sDelta = sLse + 2 * BM;                              // likewise
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t bkv = p.bkv_offset + blockIdx.y;
   const int64_t b = bkv / p.kv_heads, hk = bkv - b * p.kv_heads;
   const int64_t n0 = int64_t(blockIdx.x) * kKeys;
-  const T* k = p.k + bkv * p.kv_len * p.head_dim;
-  const T* v = p.v + bkv * p.kv_len * p.value_dim;
-  load_tile_async<T, kKeys, DP, kThreads>(sK, k, n0, p.kv_len, p.head_dim);
-  load_tile_async<T, kKeys, DP, kThreads>(sV, v, n0, p.kv_len, p.value_dim);
-  cp_async_commit();
+  const int64_t head0 = b * p.q_heads + hk * p.group;  // (batch, query head) of the first tile
+  const int64_t q_tiles = (p.q_len + BM - 1) / BM;
+  const int64_t tiles = p.group * q_tiles;  // query tiles of all heads of the group, in order
 
-  const int kr0 = warp * 16;  // this warp's keys in the tile; this thread's: kr0 + g (+ 8)
+  // Tiles run through the group's heads one after another; tile (gi, m0) loads its Q and dO
+  // rows [m0, m0 + BM) of query head head0 + gi into buffer buf.
+  auto load_query_tile = [&](int64_t gi, int64_t m0, int buf) {
+    const int64_t bh = head0 + gi;
+    load_tile_async<T, BM, DP, kThreads>(sQ + buf * BM * LD, p.q + bh * p.q_len * p.head_dim,
+                                         m0, p.q_len, p.head_dim);
+    load_tile_async<T, BM, DP, kThreads>(sdO + buf * BM * LD,
+                                         p.grad_out + bh * p.q_len * p.value_dim, m0, p.q_len,
+                                         p.value_dim);
+  };
+  load_tile_async<T, kKeys, DP, kThreads>(sK, p.k + bkv * p.kv_len * p.head_dim, n0, p.kv_len,
+                                          p.head_dim);
+  load_tile_async<T, kKeys, DP, kThreads>(sV, p.v + bkv * p.kv_len * p.value_dim, n0,
+                                          p.kv_len, p.value_dim);
+  load_query_tile(0, 0, 0);
+  cp_async_commit();
+  if (threadIdx.x < BM) {
+    store_row_stats(sLse, sDelta, threadIdx.x,
+                    read_row_stats(p.lse + head0 * p.q_len, p.delta + head0 * p.q_len,
+                                   threadIdx.x, p.q_len));
+  }
+
+  // This thread's keys: kr0 + g and kr0 + g + 8 of the tile. A key past the end has a zero
+  // K row, so S = 0 there and P would be exp(-lse), not 0: it is dropped by key_ok.
+  const int kr0 = warp * 16;
   const int64_t key[2] = {n0 + kr0 + g, n0 + kr0 + g + 8};
+  const bool key_ok[2] = {key[0] < p.kv_len, key[1] < p.kv_len};
   float dk[kDimTiles][4], dv[kDimTiles][4];
 #pragma unroll
   for (int dj = 0; dj < kDimTiles; ++dj) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[dj][e] = dv[dj][e] = 0.0f;
   }
-  // Row / column of this lane's address for ldmatrix.x4.trans of a 16x16 B operand (two n8
-  // tiles) stored k-major: matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), ...
-  const int b_row = (lane % 8) + ((lane / 8) % 2) * 8, b_col = (lane / 16) * 8;
-  // ... and of a 16x16 A operand stored transposed (rows are its k): matrices a0..a3.
-  const int a_row = (lane % 8) + (lane / 16) * 8, a_col = ((lane / 8) % 2) * 8;
 
-  for (int64_t gi = 0; gi < p.group; ++gi) {
-    const int64_t h = hk * p.group + gi;
-    const int64_t bh = b * p.q_heads + h;
-    const T* q = p.q + bh * p.q_len * p.head_dim;
-    const T* dO = p.grad_out + bh * p.q_len * p.value_dim;
-    const float* lse = p.lse + bh * p.q_len;
-    const float* delta = p.delta + bh * p.q_len;
-    float* dq = p.grad_q_accum + bh * p.q_len * p.head_dim;
-    const float* mask = p.mask.row(b, h, 0);  // mask[b, h, i, j] = mask[i * s2 + j * s3]
-    for (int64_t m0 = 0; m0 < p.q_len; m0 += BM) {
-      // Nothing reads sQ, sdO, sLse or sDelta after the middle barrier of the previous tile,
-      // and sdS is rewritten only after the barrier below.
-      load_tile_async<T, BM, DP, kThreads>(sQ, q, m0, p.q_len, p.head_dim);
-      load_tile_async<T, BM, DP, kThreads>(sdO, dO, m0, p.q_len, p.value_dim);
+  // ldmatrix row addresses (shared state space, in bytes): lane i names row i % 8 of 8x8
+  // matrix i / 8. Two lane patterns serve every operand:
+  //   rows_first: matrices (rows 0-7 | 8-15) x (columns 0-7), then the same at columns 8-15;
+  //   cols_first: matrices (rows 0-7) x (columns 0-7 | 8-15), then the same at rows 8-15.
+  // K, V as the A operand of S^T, dP^T (rows = keys = m, columns = dims = k): rows_first gives
+  //   a0..a3. Q, dO as the B operand of S^T, dP^T (B(k = dim, n = query) = Q[query][dim]):
+  //   cols_first gives b0, b1 of query tile n and then of n + 1.
+  // dO, Q as the B operand of dV, dK and K as that of dQ (stored k-major: rows are the k),
+  //   read with .trans: rows_first gives b0, b1 of dim tile n and then of n + 1.
+  // dS^T as the A operand of dQ (A(m = query, k = key) = dS^T[key][query]), with .trans:
+  //   cols_first gives a0..a3.
+  const int rows_first = (lane % 8 + ((lane / 8) % 2) * 8) * LD + (lane / 16) * 8;
+  const int cols_first = (lane % 8 + (lane / 16) * 8) * LD + ((lane / 8) % 2) * 8;
+  const uint32_t k_lane = smem_addr(sK + kr0 * LD + rows_first);
+  const uint32_t v_lane = smem_addr(sV + kr0 * LD + rows_first);
+  const uint32_t q_lane = smem_addr(sQ + cols_first);   // S^T, dP^T operands
+  const uint32_t do_lane = smem_addr(sdO + cols_first);
+  const uint32_t qt_lane = smem_addr(sQ + rows_first);  // dK, dV operands (.trans)
+  const uint32_t dot_lane = smem_addr(sdO + rows_first);
+  const uint32_t kt_lane = smem_addr(sK + rows_first + warp * kQDims);  // dQ operand (.trans)
+  const uint32_t ds_lane =
+      smem_addr(sdS + (lane % 8 + (lane / 16) * 8) * LDS + ((lane / 8) % 2) * 8);
+
+  int64_t gi = 0, m0 = 0;  // this tile: query head head0 + gi, rows [m0, m0 + BM)
+  for (int64_t it = 0; it < tiles; ++it) {
+    const int buf = static_cast<int>(it & 1);
+    // Prefetch the next tile into the other buffer (nothing reads it since the middle
+    // barrier of the previous tile); its lse / delta wait in registers until after the
+    // products, so their latency hides behind them too.
+    int64_t next_gi = gi, next_m0 = m0 + BM;
+    if (next_m0 >= p.q_len) next_gi += 1, next_m0 = 0;
+    RowStats next_stats{-INFINITY, 0.0f};
+    if (it + 1 < tiles) {
+      load_query_tile(next_gi, next_m0, buf ^ 1);
       cp_async_commit();
-      for (int i = threadIdx.x; i < BM; i += kThreads) {
-        const int64_t qi = m0 + i;
-        const float l = qi < p.q_len ? lse[qi] : -INFINITY;
-        // A row that attends to nothing (lse = -inf) has P = 0: exponentiate against +inf.
-        sLse[i] = l == -INFINITY ? INFINITY : l * kLog2e;
-        sDelta[i] = qi < p.q_len ? delta[qi] : 0.0f;
+      if (threadIdx.x < BM) {
+        next_stats = read_row_stats(p.lse + (head0 + next_gi) * p.q_len,
+                                    p.delta + (head0 + next_gi) * p.q_len,
+                                    next_m0 + threadIdx.x, p.q_len);
       }
+      cp_async_wait<1>();
+    } else {
       cp_async_wait<0>();
-      __syncthreads();
+    }
+    __syncthreads();
+    const uint32_t q_buf = q_lane + buf * kBufferBytes, do_buf = do_lane + buf * kBufferBytes;
+    const uint32_t qt_buf = qt_lane + buf * kBufferBytes;
+    const uint32_t dot_buf = dot_lane + buf * kBufferBytes;
 
-      // S^T = K_w Q^T and dP^T = V_w dO^T: 16 keys x BM queries.
-      float st[kQueryTiles][4], dpt[kQueryTiles][4];
+    // S^T = K_w Q^T and dP^T = V_w dO^T: 16 keys x BM queries.
+    float st[kQueryTiles][4], dpt[kQueryTiles][4];
 #pragma unroll
-      for (int j = 0; j < kQueryTiles; ++j) {
+    for (int j = 0; j < kQueryTiles; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.0f;
+      for (int e = 0; e < 4; ++e) st[j][e] = dpt[j][e] = 0.0f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < kDepth; ++kk) {
+      uint32_t ka[4], va[4];
+      ldmatrix_x4(ka, k_lane + kk * 16 * sizeof(T));
+      ldmatrix_x4(va, v_lane + kk * 16 * sizeof(T));
+#pragma unroll
+      for (int j = 0; j < kQueryTiles; j += 2) {
+        uint32_t qb[4], ob[4];
+        ldmatrix_x4(qb, q_buf + j * 8 * kRowBytes + kk * 16 * sizeof(T));
+        mma16816<T>(st[j], ka, qb[0], qb[1]);
+        mma16816<T>(st[j + 1], ka, qb[2], qb[3]);
+        ldmatrix_x4(ob, do_buf + j * 8 * kRowBytes + kk * 16 * sizeof(T));
+        mma16816<T>(dpt[j], va, ob[0], ob[1]);
+        mma16816<T>(dpt[j + 1], va, ob[2], ob[3]);
       }
-      const T* kw = sK + (kr0 + g) * LD + 2 * t;
-      const T* vw = sV + (kr0 + g) * LD + 2 * t;
-#pragma unroll
-      for (int kk = 0; kk < kDepth; ++kk) {
-        const uint32_t ka[4] = {ld_shared32(kw + kk * 16), ld_shared32(kw + 8 * LD + kk * 16),
-                                ld_shared32(kw + kk * 16 + 8),
-                                ld_shared32(kw + 8 * LD + kk * 16 + 8)};
-        const uint32_t va[4] = {ld_shared32(vw + kk * 16), ld_shared32(vw + 8 * LD + kk * 16),
-                                ld_shared32(vw + kk * 16 + 8),
-                                ld_shared32(vw + 8 * LD + kk * 16 + 8)};
-#pragma unroll
-        for (int j = 0; j < kQueryTiles; ++j) {
-          const T* qr = sQ + (8 * j + g) * LD + kk * 16 + 2 * t;
-          mma16816<T>(st[j], ka, ld_shared32(qr), ld_shared32(qr + 8));
-          const T* dr = sdO + (8 * j + g) * LD + kk * 16 + 2 * t;
-          mma16816<T>(dpt[j], va, ld_shared32(dr), ld_shared32(dr + 8));
-        }
-      }
+    }
 
-      // P^T into st, dS^T into dpt. Element e of tile j: key kr0 + g + 8 (e / 2),
-      // query 8 j + 2 t + (e % 2).
+    // P^T into st, dS^T into dpt. Element e of tile j: key kr0 + g + 8 (e / 2),
+    // query m0 + 8 j + 2 t + (e % 2), whose lse and delta sit side by side in shared memory.
+    const float* mask = kHasMask ? p.mask.row(b, head0 - b * p.q_heads + gi, 0) : nullptr;
 #pragma unroll
-      for (int j = 0; j < kQueryTiles; ++j) {
+    for (int j = 0; j < kQueryTiles; ++j) {
+      const int i = 8 * j + 2 * t;
+      const float2 lse2 = *reinterpret_cast<const float2*>(sLse + buf * BM + i);
+      const float2 delta2 = *reinterpret_cast<const float2*>(sDelta + buf * BM + i);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = 8 * j + 2 * t + (e & 1);
-          const int64_t qi = m0 + i;
-          const int64_t kj = key[e / 2];
-          float prob = 0.0f;
-          if (qi < p.q_len && kj < p.kv_len) {
-            float s = st[j][e] * p.scale_log2;
-            if (mask != nullptr) s += mask[qi * p.mask.s2 + kj * p.mask.s3] * kLog2e;
-            prob = exp2f(s - sLse[i]);
+      for (int e = 0; e < 4; ++e) {
+        float s = st[j][e] * p.scale_log2;
+        if constexpr (kHasMask) {  // mask[b, h, qi, kj] = mask[qi * s2 + kj * s3]
+          const int64_t qi = m0 + i + (e & 1);
+          if (key_ok[e / 2] && qi < p.q_len) {
+            s += mask[qi * p.mask.s2 + key[e / 2] * p.mask.s3] * kLog2e;
           }
-          st[j][e] = prob;
-          dpt[j][e] = prob * (dpt[j][e] - sDelta[i]);
         }
+        const float prob = key_ok[e / 2] ? exp2_ftz(s - ((e & 1) ? lse2.y : lse2.x)) : 0.0f;
+        st[j][e] = prob;
+        dpt[j][e] = prob * (dpt[j][e] - ((e & 1) ? delta2.y : delta2.x));
       }
+    }
 
-      // dV += P^T dO and dK += dS^T Q, k16 steps over the tile's queries.
+    // dV += P^T dO and dK += dS^T Q, k16 steps over the tile's queries.
 #pragma unroll
-      for (int kq = 0; kq < BM / 16; ++kq) {
-        const uint32_t pa[4] = {pack2<T>(st[2 * kq][0], st[2 * kq][1]),
-                                pack2<T>(st[2 * kq][2], st[2 * kq][3]),
-                                pack2<T>(st[2 * kq + 1][0], st[2 * kq + 1][1]),
-                                pack2<T>(st[2 * kq + 1][2], st[2 * kq + 1][3])};
-        const uint32_t da[4] = {pack2<T>(dpt[2 * kq][0], dpt[2 * kq][1]),
-                                pack2<T>(dpt[2 * kq][2], dpt[2 * kq][3]),
-                                pack2<T>(dpt[2 * kq + 1][0], dpt[2 * kq + 1][1]),
-                                pack2<T>(dpt[2 * kq + 1][2], dpt[2 * kq + 1][3])};
-        const int row = kq * 16 + b_row;
+    for (int kq = 0; kq < BM / 16; ++kq) {
+      const uint32_t pa[4] = {pack2<T>(st[2 * kq][0], st[2 * kq][1]),
+                              pack2<T>(st[2 * kq][2], st[2 * kq][3]),
+                              pack2<T>(st[2 * kq + 1][0], st[2 * kq + 1][1]),
+                              pack2<T>(st[2 * kq + 1][2], st[2 * kq + 1][3])};
+      const uint32_t da[4] = {pack2<T>(dpt[2 * kq][0], dpt[2 * kq][1]),
+                              pack2<T>(dpt[2 * kq][2], dpt[2 * kq][3]),
+                              pack2<T>(dpt[2 * kq + 1][0], dpt[2 * kq + 1][1]),
+                              pack2<T>(dpt[2 * kq + 1][2], dpt[2 * kq + 1][3])};
 #pragma unroll
-        for (int dj = 0; dj < kDimTiles; dj += 2) {
-          uint32_t ob[4], qb[4];
-          ldmatrix_x4_trans(ob, sdO + row * LD + b_col + dj * 8);
-          mma16816<T>(dv[dj], pa, ob[0], ob[1]);
-          mma16816<T>(dv[dj + 1], pa, ob[2], ob[3]);
-          ldmatrix_x4_trans(qb, sQ + row * LD + b_col + dj * 8);
-          mma16816<T>(dk[dj], da, qb[0], qb[1]);
-          mma16816<T>(dk[dj + 1], da, qb[2], qb[3]);
-        }
+      for (int dj = 0; dj < kDimTiles; dj += 2) {
+        uint32_t ob[4], qb[4];
+        ldmatrix_x4_trans(ob, dot_buf + kq * 16 * kRowBytes + dj * 8 * sizeof(T));
+        mma16816<T>(dv[dj], pa, ob[0], ob[1]);
+        mma16816<T>(dv[dj + 1], pa, ob[2], ob[3]);
+        ldmatrix_x4_trans(qb, qt_buf + kq * 16 * kRowBytes + dj * 8 * sizeof(T));
+        mma16816<T>(dk[dj], da, qb[0], qb[1]);
+        mma16816<T>(dk[dj + 1], da, qb[2], qb[3]);
       }
+    }
 
-      // dS^T to shared memory for the dQ product.
+    // dS^T to shared memory for the dQ product (nothing reads sdS since the previous tile's
+    // dQ, which every warp finished before the barrier at the top); the next tile's lse and
+    // delta into the other buffer (last read by the previous tile).
 #pragma unroll
-      for (int j = 0; j < kQueryTiles; ++j) {
+    for (int j = 0; j < kQueryTiles; ++j) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          *reinterpret_cast<uint32_t*>(sdS + (kr0 + g + 8 * r) * LDS + 8 * j + 2 * t) =
-              pack2<T>(dpt[j][2 * r], dpt[j][2 * r + 1]);
-        }
+      for (int r = 0; r < 2; ++r) {
+        *reinterpret_cast<uint32_t*>(sdS + (kr0 + g + 8 * r) * LDS + 8 * j + 2 * t) =
+            pack2<T>(dpt[j][2 * r], dpt[j][2 * r + 1]);
       }
-      __syncthreads();
+    }
+    if (threadIdx.x < BM) {
+      store_row_stats(sLse + (buf ^ 1) * BM, sDelta + (buf ^ 1) * BM, threadIdx.x, next_stats);
+    }
+    __syncthreads();
 
-      // dQ (BM x DP) = dS K over the block's 64 keys; this warp: columns
-      // [warp * kQDims, (warp + 1) * kQDims). A = dS read transposed out of dS^T.
-      float dqa[BM / 16][kQDims / 8][4];
+    // dQ (BM x DP) = dS K over the block's kKeys keys; this warp: columns
+    // [warp * kQDims, (warp + 1) * kQDims).
+    float dqa[BM / 16][kQDims / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < BM / 16; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < kQDims / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dqa[mt][nt][e] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      uint32_t kb[kQDims / 16][4];
+#pragma unroll
+      for (int nt = 0; nt < kQDims / 8; nt += 2) {
+        ldmatrix_x4_trans(kb[nt / 2], kt_lane + kk * 16 * kRowBytes + nt * 8 * sizeof(T));
+      }
 #pragma unroll
       for (int mt = 0; mt < BM / 16; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < kQDims / 8; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) dqa[mt][nt][e] = 0.0f;
-        }
-      }
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        uint32_t kb[kQDims / 16][4];
+        uint32_t a[4];
+        ldmatrix_x4_trans(a, ds_lane + kk * 16 * kDsRowBytes + mt * 16 * sizeof(T));
 #pragma unroll
         for (int nt = 0; nt < kQDims / 8; nt += 2) {
-          ldmatrix_x4_trans(kb[nt / 2],
-                            sK + (kk * 16 + b_row) * LD + b_col + warp * kQDims + nt * 8);
-        }
-#pragma unroll
-        for (int mt = 0; mt < BM / 16; ++mt) {
-          uint32_t a[4];
-          ldmatrix_x4_trans(a, sdS + (kk * 16 + a_row) * LDS + mt * 16 + a_col);
-#pragma unroll
-          for (int nt = 0; nt < kQDims / 8; nt += 2) {
-            mma16816<T>(dqa[mt][nt], a, kb[nt / 2][0], kb[nt / 2][1]);
-            mma16816<T>(dqa[mt][nt + 1], a, kb[nt / 2][2], kb[nt / 2][3]);
-          }
-        }
-      }
-#pragma unroll
-      for (int mt = 0; mt < BM / 16; ++mt) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int64_t qi = m0 + mt * 16 + g + 8 * r;
-          if (qi >= p.q_len) continue;
-#pragma unroll
-          for (int nt = 0; nt < kQDims / 8; ++nt) {
-            const int d = warp * kQDims + nt * 8 + 2 * t;
-            if (d < p.head_dim) {  // head_dim is a multiple of 8: d + 1 exists too
-              atomicAdd(dq + qi * p.head_dim + d, dqa[mt][nt][2 * r] * p.scale);
-              atomicAdd(dq + qi * p.head_dim + d + 1, dqa[mt][nt][2 * r + 1] * p.scale);
-            }
-          }
+          mma16816<T>(dqa[mt][nt], a, kb[nt / 2][0], kb[nt / 2][1]);
+          mma16816<T>(dqa[mt][nt + 1], a, kb[nt / 2][2], kb[nt / 2][3]);
         }
       }
     }
+    // One 16-byte atomic per lane and n8 tile: the lanes of a pair (t, t ^ 1) swap halves so
+    // that the even one holds row g, columns 4 (t / 2) .. + 3 and the odd one row g + 8, the
+    // same columns.
+    const bool odd = t & 1;
+    const int64_t bh = head0 + gi;
+    float* dq = p.grad_q_accum + bh * p.q_len * p.head_dim;
+#pragma unroll
+    for (int mt = 0; mt < BM / 16; ++mt) {
+      const int64_t qi = m0 + mt * 16 + g + (odd ? 8 : 0);
+#pragma unroll
+      for (int nt = 0; nt < kQDims / 8; ++nt) {
+        const float* c = dqa[mt][nt];
+        const float send0 = odd ? c[0] : c[2], send1 = odd ? c[1] : c[3];
+        const float got0 = __shfl_xor_sync(0xffffffffu, send0, 1);
+        const float got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
+        const float4 sum = odd ? make_float4(got0, got1, c[2], c[3])
+                               : make_float4(c[0], c[1], got0, got1);
+        const int d = warp * kQDims + nt * 8 + 4 * (t / 2);
+        // head_dim is a multiple of 8: columns d .. d + 3 exist together.
+        if (qi < p.q_len && d < p.head_dim) {
+          atomic_add4(dq + qi * p.head_dim + d,
+                      make_float4(sum.x * p.scale, sum.y * p.scale, sum.z * p.scale,
+                                  sum.w * p.scale));
+        }
+      }
+    }
+    gi = next_gi;
+    m0 = next_m0;
   }
 
   T* grad_k = p.grad_k + bkv * p.kv_len * p.head_dim;
   T* grad_v = p.grad_v + bkv * p.kv_len * p.value_dim;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (key[r] >= p.kv_len) continue;
+    if (!key_ok[r]) continue;
 #pragma unroll
     for (int dj = 0; dj < kDimTiles; ++dj) {
       const int d = dj * 8 + 2 * t;
@@ -270,10 +374,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_mma_kernel(const BwdMm
 
 template <typename T, int DP>
 cudaError_t launch(const AttentionBackwardArgs& args, cudaStream_t stream) {
-  constexpr int BM = query_tile<DP>();
-  using Tile = BwdMmaTile<DP, BM>;
+  using Tile = BwdMmaTile<DP>;
   const AttentionShape& s = args.shape;
-  auto kernel = attention_bwd_mma_kernel<T, DP, BM>;
+  auto kernel = s.mask != nullptr ? attention_bwd_mma_kernel<T, DP, true>
+                                  : attention_bwd_mma_kernel<T, DP, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(Tile::kSmem));
   if (err != cudaSuccess) return err;
@@ -297,13 +401,13 @@ cudaError_t launch(const AttentionBackwardArgs& args, cudaStream_t stream) {
   p.value_dim = static_cast<int>(s.value_dim);
   p.scale = static_cast<float>(s.scale);
   p.scale_log2 = static_cast<float>(s.scale) * kLog2e;
-  const int64_t k_tiles = (s.kv_len + kKeys - 1) / kKeys;
+  const int64_t k_tiles = (s.kv_len + Tile::kKeys - 1) / Tile::kKeys;
   const int64_t heads = s.batch * s.kv_heads;
   for (int64_t first = 0; first < heads; first += 65535) {
     p.bkv_offset = first;
     const dim3 grid(static_cast<unsigned>(k_tiles),
                     static_cast<unsigned>(heads - first < 65535 ? heads - first : 65535));
-    kernel<<<grid, kThreads, Tile::kSmem, stream>>>(p);
+    kernel<<<grid, Tile::kThreads, Tile::kSmem, stream>>>(p);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -337,8 +441,7 @@ bool attention_backward_mma_supported(const AttentionBackwardArgs& args) {
       major < 8) {
     return false;
   }
-  const size_t smem = dp == 64 ? BwdMmaTile<64, query_tile<64>()>::kSmem
-                               : BwdMmaTile<128, query_tile<128>()>::kSmem;
+  const size_t smem = dp == 64 ? BwdMmaTile<64>::kSmem : BwdMmaTile<128>::kSmem;
   return smem <= static_cast<size_t>(attn::max_shared_per_block());
 }
 
