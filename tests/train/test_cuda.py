@@ -18,6 +18,8 @@ def test_bf16_fused_training_and_resume_on_gpu(family, sources, images, tmp_path
     extra = dict(train__device="cuda", model__gradient_checkpointing="trainable", train__max_steps=3)
     trainer = Trainer(make_config(sources[family], images, tmp_path / "run", **extra))
     assert trainer.autocast_dtype == torch.bfloat16
+    with trainer._attention_backends():  # train.cudnn_attention is off by default
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
     assert trainer.optimizer.param_groups[0]["fused"] is True
     assert all(p.is_cuda and p.dtype == torch.float32 for p in trainer.params)
     result = trainer.run()

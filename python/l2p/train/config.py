@@ -113,6 +113,12 @@ class TrainConfig:
     mixed_precision: str = "auto"
     # Stop after this many non-finite steps in a row (each one is skipped and counted).
     max_nonfinite_steps: int = 5
+    # Let torch's SDPA pick its cuDNN backend in training on GPUs. Off by default: its backward
+    # gave non-finite gradients (finite loss) to tiny FLUX in bf16 on an H200 with torch 2.11,
+    # where the flash / memory-efficient / math backends are finite, and such bugs are reported
+    # for other shapes (e.g. pytorch/pytorch#196678). It is the fastest backend on Hopper:
+    # turn it on where a run has shown finite gradients with it.
+    cudnn_attention: bool = False
     # "latest" (newest checkpoint in output_dir, if any), a checkpoint folder, or None.
     resume: str | None = None
     device: str = "auto"

@@ -315,6 +315,15 @@ class Trainer:
             print(f"[l2p-train] {message}", flush=True)
 
     # ------------------------------------------------------------------------------------
+    def _attention_backends(self):
+        """Forward and backward of a step (checkpointed blocks recompute inside backward) run
+        without SDPA's cuDNN backend unless train.cudnn_attention (see the config)."""
+        if self.device.type != "cuda" or self.cfg.train.cudnn_attention:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -407,7 +416,7 @@ class Trainer:
             micro = self._micro_batch(self.step, slots, batch)
             sync = a == A - 1 or not env.enabled or self.fsdp
             ctx = contextlib.nullcontext() if sync else self.wrapped.no_sync()
-            with ctx:
+            with ctx, self._attention_backends():
                 loss, parts = self._loss_and_parts(*micro)
                 (loss / A).backward()
             loss_value = loss.detach().double().cpu()
@@ -446,8 +455,9 @@ class Trainer:
                 f"the loss or gradient was not finite for {self.consecutive_nonfinite} steps in a row "
                 f"(the last at step {self.step}; {self.skipped_steps} skipped in all; non-finite in the "
                 f"last one: {self.last_nonfinite_cause}). Try a lower "
-                f"optim.lr or more optim.warmup_steps, train.mixed_precision=no (fp32), or check the "
-                f"data for broken images.")
+                f"optim.lr or more optim.warmup_steps, train.mixed_precision=no (fp32)"
+                + (", train.cudnn_attention=false" if self.cfg.train.cudnn_attention else "")
+                + ", or check the data for broken images.")
         return total, grad_norm, finite
 
     # ------------------------------------------------------------------------------------
