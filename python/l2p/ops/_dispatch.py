@@ -26,8 +26,9 @@ AUTO_RULES: dict[tuple[str, str], frozenset[torch.dtype]] = {
     ("attention", "cpu"): frozenset({torch.float32, torch.float16}),
     # Measured on an H200 in bf16 (fp16 runs the same kernels): patch_embed 0.54 ms against
     # Conv2d's 17 ms at 4096^2, p=16; unpatchify 0.51 ms against Linear+permute's 0.57 ms.
-    # Attention on CUDA stays with torch: on an H200 its flash backend was 1.2-1.25x faster than
-    # ours in the forward and 2x in forward+backward, cuDNN 2.1-2.3x / 3.4x (bench/RESULTS.md).
+    # Attention on CUDA stays with torch: on an H200 its flash backend was 1.1-1.16x faster than
+    # ours in the forward and 1.3x in forward+backward, cuDNN 2.0-2.3x / 2.3-2.5x
+    # (bench/RESULTS.md).
     ("patch_embed", "cuda"): frozenset({torch.bfloat16, torch.float16}),
     ("unpatchify", "cuda"): frozenset({torch.bfloat16, torch.float16}),
 }
