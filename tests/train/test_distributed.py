@@ -114,3 +114,36 @@ def test_one_process_under_torchrun_runs_fsdp_with_offload(sources, images, tmp_
     a = load_file(str(tmp_path / "plain" / "final" / "delta-raw.safetensors"))
     b = load_file(str(tmp_path / "offload" / "final" / "delta-raw.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_fsdp_keeps_frozen_blocks_in_the_low_memory_dtype(sources, images, tmp_path, monkeypatch):
+    """low_memory under FSDP2 (one process under torchrun, with and without offload): the frozen
+    blocks are sharded and offloaded in bf16, as without FSDP, and the run follows the
+    single-process low-memory run."""
+    import shutil
+
+    from l2p.data.embed import build_embedding_cache
+    from l2p.torchrun import DistEnv
+    from l2p.train.distributed import shutdown_distributed
+    from l2p.train.loop import Trainer
+
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    build_embedding_cache(sources["pixart"], data, progress=False, device="cpu")
+    common = dict(train__max_steps=3, train__batch_size=2, optim__schedule="constant", optim__warmup_steps=0,
+                  checkpoint__every=0, data__embeddings="auto", low_memory__enabled=True)
+    plain = train(load_config(None, overrides(sources["pixart"], data, tmp_path / "plain", **common)))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    for offload in (False, True):
+        monkeypatch.setenv("MASTER_PORT", str(_free_ports(1)))
+        cfg = load_config(None, overrides(sources["pixart"], data, tmp_path / f"fsdp-{offload}", **common,
+                                          distributed__strategy="fsdp", low_memory__cpu_offload=offload))
+        trainer = Trainer(cfg, DistEnv(rank=0, world_size=1, local_rank=0, launched=True))
+        try:
+            frozen = [p for p in trainer.model.parameters() if not p.requires_grad]
+            assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+            assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
+            result = trainer.run()
+        finally:
+            shutdown_distributed()
+        assert torch.allclose(torch.tensor(plain.losses), torch.tensor(result.losses), rtol=1e-4, atol=1e-6)

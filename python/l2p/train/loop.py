@@ -134,7 +134,7 @@ class Trainer:
         # Low-memory mode reads the source in the frozen dtype (no full fp32 copy in host
         # memory) and upcasts only what trains; new layers are then initialised in that dtype.
         frozen_dtype = getattr(torch, cfg.low_memory.frozen_dtype) \
-            if cfg.low_memory.enabled and not self.fsdp else torch.float32
+            if cfg.low_memory.enabled else torch.float32
         source_transformer = self.source.load_transformer(frozen_dtype)
         transformer = source_transformer
         if cfg.model.init == "random":
