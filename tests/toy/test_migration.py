@@ -196,9 +196,9 @@ def test_calibration_times_the_costliest_arm(tmp_path, monkeypatch):
 
     src = tmp_path / "toy-source"
     source.train_toy_source(TINY, src, "cpu", log=lambda _: None)
-    from l2p.toy.reproduce import _write_real_corpus
+    from l2p.toy.corpus import write_real_corpus
     from l2p.toy.prompts import make_records
-    _write_real_corpus(make_records(4, 0, split="train"), tmp_path / "corpus", 32)
+    write_real_corpus(make_records(4, 0, split="train"), tmp_path / "corpus", 32)
     plan = reproduce.ReproducePlan(batch_size=2, train_overrides=["data.embeddings=null",
                                                                   "model.head_max_channels=8"])
     timed = []
@@ -212,3 +212,31 @@ def test_calibration_times_the_costliest_arm(tmp_path, monkeypatch):
     plan.train_overrides.append("align.block=1")  # the tiny source has two blocks
     reproduce._seconds_per_step(plan, src, tmp_path / "corpus", 32, tmp_path / "cal")
     assert timed == ["scratch", "scratch", "l2p-align"]
+
+
+@pytest.mark.slow
+def test_reproduce_trains_the_verified_arm_on_the_accepted_generations(tmp_path, monkeypatch):
+    import csv
+
+    from l2p.cli import main
+    from l2p.toy import scorer
+
+    src = tmp_path / "toy-source"
+    source.train_toy_source(TINY, src, "cpu", log=lambda _: None)
+
+    # The tiny source draws nothing the scorer accepts; stand in for the scorer at corpus time
+    # only (scoring the arms uses l2p.toy.scoring's own binding): accept each prompt's second try.
+    def second_try(images, scenes, world=None):
+        return [scorer.ImageScore("", "", k % 2 == 1, "") for k in range(len(images))], {}
+    monkeypatch.setattr(scorer, "score_images", second_try)
+    out = tmp_path / "repro"
+    assert main(["toy", "reproduce", "--source", str(src), "--out", str(out), "--steps", "2",
+                 "--batch-size", "2", "--corpus-prompts", "6", "--eval-prompts", "6", "--curve-points", "1",
+                 "--curve-prompts", "6", "--arms", "l2p,l2p-verified", "--verify-candidates", "2",
+                 "--set", "data.embeddings=null", "--set", "model.head_max_channels=8"]) == 0
+    rows = list(csv.DictReader(open(out / "corpus-verified" / "metadata.csv")))
+    assert len(rows) == 6 and {r["image_index"] for r in rows} == {"1"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["arms"]["l2p-verified"]["data"] == "verified"
+    assert [(c["a"], c["b"]) for c in report["comparisons"]] == [("l2p-verified", "l2p")]
+    assert main(["toy", "reproduce", "--out", str(out), "--verify-candidates", "0"]) == 2

@@ -80,7 +80,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
     try:
         plan = ReproducePlan(
             out_dir=args.out, source=args.source, budget_minutes=args.budget_minutes, steps=args.steps,
-            batch_size=args.batch_size, corpus_prompts=args.corpus_prompts, eval_prompts=args.eval_prompts,
+            batch_size=args.batch_size, corpus_prompts=args.corpus_prompts,
+            verify_candidates=args.verify_candidates, eval_prompts=args.eval_prompts,
             curve_points=args.curve_points, curve_prompts=args.curve_prompts, seed=args.seed,
             train_seeds=_number_list(args.train_seeds, int, "--train-seeds", "0,1,2"), train_overrides=list(args.set),
             **({"arms": args.arms.split(",")} if args.arms else {}),
@@ -164,6 +165,9 @@ def register(subparsers) -> None:
     r.add_argument("--arms", help="comma-separated arms (default: the paper's, "
                    + ",".join(a.name for a in ARMS) + "; also " + ",".join(a.name for a in EXTRA_ARMS) + ")")
     r.add_argument("--corpus-prompts", type=int, default=d.corpus_prompts)
+    r.add_argument("--verify-candidates", type=int, default=d.verify_candidates, metavar="K",
+                   help="source generations tried per prompt for the verified corpus of arm "
+                        "l2p-verified (default %(default)s)")
     r.add_argument("--eval-prompts", type=int, default=d.eval_prompts)
     r.add_argument("--curve-points", type=int, default=d.curve_points)
     r.add_argument("--curve-prompts", type=int, default=d.curve_prompts)

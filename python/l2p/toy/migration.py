@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from l2p.toy.corpus import write_synthetic_corpus, write_verified_corpus
 from l2p.toy.scoring import images_for_prompts, score_generated
 from l2p.toy.prompts import make_records
 
@@ -35,6 +36,10 @@ class MigrationPlan:
     source: str = "toy"
     corpus_prompts: int = 600
     images_per_prompt: int = 1
+    # "synthetic": every generation of the source, as the paper trains; "verified": per prompt
+    # the first of ``verify_candidates`` generations the scorer accepts (l2p.toy.corpus).
+    corpus: str = "synthetic"
+    verify_candidates: int = 4
     corpus_steps: int = 10
     guidance: float = 4.5
     eval_prompts: int = 120
@@ -42,11 +47,6 @@ class MigrationPlan:
     seed: int = 0
     # Extra ``--set`` overrides for the trainer's toy config.
     train_overrides: list[str] = field(default_factory=list)
-
-
-def _write_corpus_prompts(path: Path, n: int, seed: int) -> None:
-    records = make_records(n, seed, split="train")
-    path.write_text("".join(r.prompt + "\n" for r in records))
 
 
 def _image_size(source_dir: Path) -> int:
@@ -82,9 +82,17 @@ def _report_markdown(report: dict) -> str:
     src, pix = report["source"], report["pixel"]
     lines = [
         "# L2P toy migration", "",
-        f"Source: `{report['source_dir']}`; corpus {report['corpus_images']} images; "
+        f"Source: `{report['source_dir']}`; {report['corpus']} corpus of {report['corpus_images']} images; "
         f"trained {report['train_steps']} steps; {report['seconds']:.0f} s on {report['machine']}.",
         "",
+    ]
+    if report.get("verification"):
+        v = report["verification"]
+        lines += [f"Verified corpus: {v['kept']} of {v['prompts']} prompts kept an image the scorer accepts "
+                  f"(of {v['candidates']} tries each; the first try passed for {v['first_try_accepted']:.0%}). "
+                  "Kept by category: " + ", ".join(f"{c} {f:.0%}" for c, f in v["kept_by_category"].items())
+                  + ".", ""]
+    lines += [
         f"Held-out prompts: {report['eval_prompts']} ({report['eval_steps']} sampling steps, "
         f"guidance {report['guidance']}). 95% intervals are bootstrap over images.", "",
         "| model | overall | 95% CI | " + " | ".join(src["per_category"]) + " |",
@@ -103,27 +111,36 @@ def _report_markdown(report: dict) -> str:
 def run_toy_migration(plan: MigrationPlan | None = None,
                       log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the whole migration; returns the report dictionary."""
-    from l2p.data.generate import GenerationConfig, generate_images, resolve_source
+    from l2p.data.generate import resolve_source
     from l2p.train.config import DEFAULT_CONFIG_DIR, load_config
     from l2p.train.loop import train
 
     plan = plan or MigrationPlan()
+    if plan.corpus not in ("synthetic", "verified"):
+        raise ValueError(f"corpus must be 'synthetic' or 'verified', got {plan.corpus!r}")
     started = time.time()
     out = Path(plan.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     source_dir = resolve_source(plan.source)
     size = _image_size(source_dir)
 
-    log(f"[1/4] corpus: {plan.corpus_prompts} ShapesWorld prompts rendered by the source")
-    prompts_file = out / "corpus-prompts.txt"
-    if not prompts_file.exists():
-        _write_corpus_prompts(prompts_file, plan.corpus_prompts, plan.seed)
-    corpus = out / "corpus"
-    generate_images(GenerationConfig(
-        source=str(source_dir), prompts=str(prompts_file), out=str(corpus),
-        images_per_prompt=plan.images_per_prompt, steps=plan.corpus_steps, guidance=plan.guidance,
-        height=size, width=size, seed=plan.seed, batch_size=32, device="cpu" if not torch.cuda.is_available() else None,
-    ))
+    records = make_records(plan.corpus_prompts, plan.seed, split="train")
+    generation = dict(size=size, steps=plan.corpus_steps, guidance=plan.guidance, seed=plan.seed,
+                      device=None if torch.cuda.is_available() else "cpu")
+    verification = None
+    if plan.corpus == "verified":
+        log(f"[1/4] corpus: the source's generations for {plan.corpus_prompts} ShapesWorld prompts that "
+            f"the scorer accepts (up to {plan.verify_candidates} tries each)")
+        corpus = out / "corpus-verified"
+        verification = write_verified_corpus(source_dir, records, corpus,
+                                             candidates=plan.verify_candidates, **generation)
+        corpus_images = verification["images"]
+        log(f"      {verification['kept']} of {len(records)} prompts kept an image")
+    else:
+        log(f"[1/4] corpus: {plan.corpus_prompts} ShapesWorld prompts rendered by the source")
+        corpus = write_synthetic_corpus(source_dir, records, out / "corpus",
+                                        images_per_prompt=plan.images_per_prompt, **generation)
+        corpus_images = plan.corpus_prompts * plan.images_per_prompt
 
     log("[2/4] training the pixel model (l2p/train/configs/toy.yaml)")
     cfg = load_config(DEFAULT_CONFIG_DIR / "toy.yaml", [
@@ -148,7 +165,10 @@ def run_toy_migration(plan: MigrationPlan | None = None,
     report = {
         "plan": asdict(plan),
         "source_dir": str(source_dir),
-        "corpus_images": plan.corpus_prompts * plan.images_per_prompt,
+        "corpus": plan.corpus,
+        "corpus_images": corpus_images,
+        "verification": ({k: v for k, v in verification.items() if k != "verdicts"}
+                         if verification else None),
         "train_steps": result.step,
         "eval_prompts": plan.eval_prompts,
         "eval_steps": plan.eval_steps,

@@ -10,11 +10,12 @@ is scored on the same held-out prompts with the same sampling seeds:
     l2p-real       as l2p, trained on ground-truth renders of the same prompts (b) data
     l2p-first-last-1 / l2p-all   as l2p with n = 1 / every block trainable    (c) depth
 
-and, when asked for (``--arms``), one arm beyond the paper:
+and, when asked for (``--arms``), arms beyond the paper:
 
     l2p-align      as l2p plus the source-feature alignment term (align.weight 0.5, as in the
                    default migration: the hidden states entering the first frozen block pulled
                    towards the source's)
+    l2p-verified   as l2p on the verified corpus: the source's generations the scorer accepts
 
 Each arm can be trained from several training seeds (``train_seeds``: the data order, noise,
 times and the initialisation of new layers); arms trained from the same seed see the same
@@ -25,13 +26,14 @@ the EMA weights of the checkpoints the first training seed's run writes along th
 
 The synthetic corpus is the toy source's own generations for ShapesWorld training prompts; the
 real corpus is the ground-truth renders of the very same prompts, so the two differ only in
-where the pixels come from. Every stage resumes: corpora skip finished images, arms continue
+where the pixels come from; the verified corpus (``l2p.toy.corpus``) keeps, per prompt, the
+first of ``verify_candidates`` source generations the scorer accepts, so it differs from the
+synthetic one only in the source's mistakes being left out. Every stage resumes: corpora skip finished images, arms continue
 from their newest checkpoint, finished evaluations are read back from disk.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -42,6 +44,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from l2p.toy.corpus import CORPORA, write_real_corpus, write_synthetic_corpus, write_verified_corpus
 from l2p.toy.prompts import make_records
 from l2p.toy.scoring import paired_difference, score_generated, score_over_seeds
 from l2p.toy.source import cpu_name
@@ -74,6 +77,9 @@ ARMS = (
 EXTRA_ARMS = (
     Arm("l2p-align", "source", "first_last:2", "synthetic",
         "as l2p plus the source-feature alignment term (align.weight 0.5)", ("align.weight=0.5",)),
+    Arm("l2p-verified", "source", "first_last:2", "verified",
+        "as l2p, on the source's generations the scorer accepts (the first of up to "
+        "--verify-candidates tries per prompt; prompts with none left out)", PAPER_RECIPE),
 )
 ARMS_BY_NAME = {arm.name: arm for arm in ARMS + EXTRA_ARMS}
 
@@ -84,6 +90,8 @@ COMPARISONS = (
     ("l2p", "l2p-first-last-1", "(c) trainable first/last n = 2 vs n = 1"),
     ("l2p", "l2p-all", "(c) trainable first/last n = 2 vs all blocks"),
     ("l2p-align", "l2p", "beyond the paper: with the source-feature alignment term vs without"),
+    ("l2p-verified", "l2p", "beyond the paper: the source's generations verified by the scorer vs all of them"),
+    ("l2p-verified", "l2p-real", "beyond the paper: verified source generations vs ground-truth renders"),
 )
 
 
@@ -98,6 +106,8 @@ class ReproducePlan:
     batch_size: int = 16
     corpus_prompts: int = 600
     corpus_steps: int = 10
+    # Tries per prompt for the verified corpus (arm l2p-verified).
+    verify_candidates: int = 4
     guidance: float = 4.5
     eval_prompts: int = 600
     eval_steps: int = 10
@@ -121,40 +131,13 @@ class ReproducePlan:
             raise ValueError("give a positive budget_minutes or a step count")
         if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
             raise ValueError(f"train_seeds must be distinct and at least one, got {self.train_seeds}")
+        if self.verify_candidates < 1:
+            raise ValueError(f"verify_candidates must be at least 1, got {self.verify_candidates}")
         return self
 
     @property
     def runs(self) -> int:
         return len(self.arms) * len(self.train_seeds)
-
-
-# ---------------------------------------------------------------------------------------------
-# corpora
-
-
-def _write_real_corpus(records, out: Path, size: int) -> None:
-    """Ground-truth renders of ``records`` in the corpus layout (images/ + metadata.csv)."""
-    from PIL import Image
-
-    from l2p.toy.render import render
-
-    images = out / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for rec in records:
-        name = f"images/{rec.index:06d}.png"
-        path = out / name
-        if not path.exists():
-            tmp = path.with_name(f".{path.name}.tmp")
-            render(rec.scene, size).save(tmp, format="PNG")
-            os.replace(tmp, path)
-        rows.append({"file_name": name, "text": rec.prompt})
-    tmp = out / ".metadata.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file_name", "text"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out / "metadata.csv")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +299,7 @@ def _markdown(report: dict) -> str:
 
 def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) every arm, evaluate, and write report.md / report.json / curves.png."""
-    from l2p.data.generate import GenerationConfig, generate_images, resolve_source
+    from l2p.data.generate import resolve_source
     from l2p.sample.pipeline import L2PPipeline
     from l2p.toy.migration import _image_size
     from l2p.toy.scoring import images_for_prompts
@@ -331,18 +314,17 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
 
     log(f"[1/4] corpora: {plan.corpus_prompts} training prompts, source generations and ground truth")
     corpus_records = make_records(plan.corpus_prompts, plan.seed, split="train")
-    prompts_file = out / "corpus-prompts.txt"
-    if not prompts_file.exists():
-        prompts_file.write_text("".join(r.prompt + "\n" for r in corpus_records))
-    corpora = {"synthetic": out / "corpus-synthetic", "real": out / "corpus-real"}
-    if any(ARMS_BY_NAME[a].data == "synthetic" for a in plan.arms):
-        generate_images(GenerationConfig(
-            source=str(source_dir), prompts=str(prompts_file), out=str(corpora["synthetic"]),
-            images_per_prompt=1,  # as many images as the ground-truth corpus, one per prompt
-            steps=plan.corpus_steps, guidance=plan.guidance, height=size, width=size, seed=plan.seed,
-            batch_size=32, device=device))
-    if any(ARMS_BY_NAME[a].data == "real" for a in plan.arms):
-        _write_real_corpus(corpus_records, corpora["real"], size)
+    corpora = {kind: out / f"corpus-{kind}" for kind in CORPORA}
+    needed = {ARMS_BY_NAME[a].data for a in plan.arms} | {"synthetic"}  # synthetic: step calibration
+    generation = dict(size=size, steps=plan.corpus_steps, guidance=plan.guidance, seed=plan.seed, device=device)
+    write_synthetic_corpus(source_dir, corpus_records, corpora["synthetic"], **generation)
+    if "verified" in needed:
+        kept = write_verified_corpus(source_dir, corpus_records, corpora["verified"],
+                                     candidates=plan.verify_candidates, **generation)
+        log(f"      verified corpus: {kept['kept']} of {kept['prompts']} prompts kept an image the "
+            f"scorer accepts (of {plan.verify_candidates} tries each)")
+    if "real" in needed:
+        write_real_corpus(corpus_records, corpora["real"], size)
 
     if plan.steps is not None:
         steps, steps_from = plan.steps, "fixed by --steps"

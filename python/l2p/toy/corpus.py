@@ -1,0 +1,133 @@
+"""Training corpora of the toy world, in the trainer's layout (``images/`` + ``metadata.csv``):
+
+- ``synthetic``: the source's own generations for ShapesWorld training prompts (the paper's data);
+- ``verified``: the same generations, kept only where the scorer finds the prompt in them: each
+  prompt gets ``candidates`` tries (try 0 has the seed of the synthetic corpus's image for that
+  prompt) and keeps the first that passes; a prompt with no passing try is left out. A filter
+  of this kind is how a weak source's mistakes are kept out of its own training data;
+- ``real``: ground-truth renders of the same prompts.
+
+Every builder resumes: finished images are skipped, each file lands with one ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from l2p.toy.prompts import PromptRecord
+
+CORPORA = ("synthetic", "verified", "real")
+
+
+def write_prompt_file(records: list[PromptRecord], path: Path) -> Path:
+    """The records' prompts, one per line (the input of ``generate_images``)."""
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(r.prompt + "\n" for r in records))
+        os.replace(tmp, path)
+    return path
+
+
+def write_synthetic_corpus(source_dir: Path, records: list[PromptRecord], out: Path, *, size: int,
+                           steps: int, guidance: float, seed: int, images_per_prompt: int = 1,
+                           device: str | None = None) -> Path:
+    """The source's generations for ``records``, ``images_per_prompt`` each (image i of prompt
+    p seeded by ``derive_seed(seed, p, i)``, so the first image of a prompt is the same in
+    every corpus rendered with this seed)."""
+    from l2p.data.generate import GenerationConfig, generate_images
+
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = write_prompt_file(records, out.parent / f"{out.name}-prompts.txt")
+    generate_images(GenerationConfig(
+        source=str(source_dir), prompts=str(prompts), out=str(out), images_per_prompt=images_per_prompt,
+        steps=steps, guidance=guidance, height=size, width=size, seed=seed, batch_size=32, device=device))
+    return out
+
+
+def write_verified_corpus(source_dir: Path, records: list[PromptRecord], out: Path, *, size: int,
+                          steps: int, guidance: float, seed: int, candidates: int = 4,
+                          device: str | None = None) -> dict:
+    """The source's generations that the scorer accepts: up to ``candidates`` tries per prompt
+    (rendered into ``<out>-candidates``), the first accepted one copied into ``out``.
+
+    Returns (and writes to ``out/verification.json``) how many prompts kept an image, overall
+    and per category, and each prompt's verdicts, so the selection's bias (hard categories keep
+    fewer prompts) is on record next to the corpus."""
+    from l2p.data.generate import image_name, rebuild_metadata
+    from l2p.toy.scorer import score_images
+
+    if candidates < 1:
+        raise ValueError(f"candidates must be at least 1, got {candidates}")
+    pool = write_synthetic_corpus(source_dir, records, out.parent / f"{out.name}-candidates", size=size,
+                                  steps=steps, guidance=guidance, seed=seed, images_per_prompt=candidates,
+                                  device=device)
+    record_path = out / "verification.json"
+    if record_path.exists():
+        verification = json.loads(record_path.read_text())
+        if verification["candidates"] == candidates and verification["prompts"] == len(records):
+            return verification
+    names = [[image_name(p, i) for i in range(candidates)] for p in range(len(records))]
+    images = np.stack([np.asarray(Image.open(pool / n).convert("RGB")) for row in names for n in row])
+    results, _ = score_images(images, [r.scene for r in records for _ in range(candidates)])
+    passed = np.array([r.correct for r in results], dtype=bool).reshape(len(records), candidates)
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for p, row in enumerate(passed):
+        if row.any():
+            name = names[p][int(np.argmax(row))]
+            target = out / name
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.tmp")
+                shutil.copyfile(pool / name, tmp)  # keeps the PNG's generation record
+                os.replace(tmp, target)
+    rows = rebuild_metadata(out)
+    if rows == 0:
+        raise ValueError(
+            f"the scorer accepted none of the source's {passed.size} generations for {len(records)} "
+            f"prompts ({candidates} tries each), so the verified corpus would be empty; give more "
+            "tries per prompt, or use a better-trained source")
+    categories = np.array([r.category for r in records])
+    kept = passed.any(axis=1)
+    verification = {
+        "candidates": candidates, "prompts": len(records), "kept": int(kept.sum()), "images": rows,
+        "kept_fraction": float(kept.mean()),
+        "first_try_accepted": float(passed[:, 0].mean()),
+        "kept_by_category": {c: float(kept[categories == c].mean()) for c in dict.fromkeys(categories)},
+        "verdicts": passed.astype(int).tolist(),
+    }
+    tmp = record_path.with_name(f".{record_path.name}.tmp")
+    tmp.write_text(json.dumps(verification, indent=1))
+    os.replace(tmp, record_path)
+    return verification
+
+
+def write_real_corpus(records: list[PromptRecord], out: Path, size: int) -> Path:
+    """Ground-truth renders of ``records``."""
+    from l2p.toy.render import render
+
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for rec in records:
+        name = f"images/{rec.index:06d}.png"
+        path = out / name
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.tmp")
+            render(rec.scene, size).save(tmp, format="PNG")
+            os.replace(tmp, path)
+        rows.append({"file_name": name, "text": rec.prompt})
+    tmp = out / ".metadata.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file_name", "text"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out / "metadata.csv")
+    return out
