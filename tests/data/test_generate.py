@@ -69,6 +69,21 @@ def test_generate_writes_images_and_metadata(tiny_pixart, prompt_file, tmp_path,
     np.testing.assert_allclose(np.asarray(Image.open(first)).astype(int), before.astype(int), atol=1)
 
 
+def test_prompt_indices_add_tries_for_some_prompts_only(tiny_pixart, prompt_file, tmp_path, pipe):
+    out = tmp_path / "out"
+    G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=1), pipe=pipe, progress=False)
+    first = {n: (out / n).read_bytes() for n in _all_names(k=1)}
+    more = G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=3), pipe=pipe,
+                             prompt_indices=[3, 1], progress=False)
+    assert (more.planned, more.existing, more.rendered) == (6, 2, 4)
+    names = [r["file_name"] for r in _metadata(out)]
+    assert names == [G.image_name(0, 0), G.image_name(1, 0), G.image_name(1, 1), G.image_name(1, 2),
+                     G.image_name(2, 0), G.image_name(3, 0), G.image_name(3, 1), G.image_name(3, 2)]
+    assert all((out / n).read_bytes() == b for n, b in first.items())  # earlier tries untouched
+    with pytest.raises(ValueError, match="prompt_indices must lie in"):
+        G.generate_images(_config(tiny_pixart, prompt_file, out), pipe=pipe, prompt_indices=[4], progress=False)
+
+
 def test_captions_are_rendered_as_written(tiny_pixart, prompt_file, tmp_path, pipe):
     """PixArt cleans captions only where bs4 and ftfy are installed; the trainer encodes them
     as written, so the corpus must be rendered from them as written, whatever is installed."""

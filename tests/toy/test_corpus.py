@@ -24,13 +24,17 @@ def tiny_source(tmp_path_factory):
     return folder
 
 
-def _verdicts_by_rule(rule, tries):
-    """A stand-in for the scorer that accepts the images whose (prompt, try) ``rule`` names, in
-    the order write_verified_corpus scores them (prompt-major, tries minor)."""
+def _verdicts_by_rule(rule, records):
+    """A stand-in for the scorer that accepts try i of prompt p when ``rule(p, i)``: call k of
+    write_verified_corpus scores try k of the prompts still without an accepted image."""
+    index = {id(r.scene): p for p, r in enumerate(records)}
+    calls = []
+
     def score_images(images, scenes, world=None):
-        results = [scorer.ImageScore(category="", prompt="", correct=rule(k // tries, k % tries), reason="")
-                   for k in range(len(images))]
-        return results, {}
+        attempt = len(calls)
+        calls.append([index[id(s)] for s in scenes])
+        return [scorer.ImageScore("", "", rule(index[id(s)], attempt), "") for s in scenes], {}
+    score_images.calls = calls
     return score_images
 
 
@@ -38,7 +42,8 @@ def test_verified_corpus_keeps_the_first_accepted_try(tiny_source, tmp_path, mon
     records = make_records(6, 0, split="train")
     # Prompt 0: tries 1 and 2 pass -> keeps 1; prompt 1: none -> left out; the rest: try 0.
     accepted = {(0, 1), (0, 2)} | {(p, 0) for p in range(2, 6)}
-    monkeypatch.setattr(scorer, "score_images", _verdicts_by_rule(lambda p, i: (p, i) in accepted, 3))
+    stand_in = _verdicts_by_rule(lambda p, i: (p, i) in accepted, records)
+    monkeypatch.setattr(scorer, "score_images", stand_in)
     out = tmp_path / "corpus-verified"
     kw = dict(size=32, steps=2, guidance=4.5, seed=0, candidates=3, device="cpu")
     result = toy_corpus.write_verified_corpus(tiny_source, records, out, **kw)
@@ -46,14 +51,17 @@ def test_verified_corpus_keeps_the_first_accepted_try(tiny_source, tmp_path, mon
     assert result["prompts"] == 6 and result["kept"] == 5 and result["images"] == 5
     assert result["kept_fraction"] == pytest.approx(5 / 6)
     assert result["first_try_accepted"] == pytest.approx(4 / 6)
-    assert result["verdicts"][0] == [0, 1, 1] and result["verdicts"][1] == [0, 0, 0]
+    # Round k renders and scores try k only for the prompts still without an accepted image.
+    assert stand_in.calls == [[0, 1, 2, 3, 4, 5], [0, 1], [1]]
+    assert result["verdicts"][0] == [0, 1, -1] and result["verdicts"][1] == [0, 0, 0]
+    assert result["generated"] == 9
     rows = list(csv.DictReader(open(out / "metadata.csv")))
     kept = {int(r["prompt_index"]): int(r["image_index"]) for r in rows}
     assert kept == {0: 1, 2: 0, 3: 0, 4: 0, 5: 0}
     for r in rows:  # each kept image is the candidate it names, with its prompt's text
         assert r["text"] == records[int(r["prompt_index"])].prompt
         assert (out / r["file_name"]).read_bytes() == (tmp_path / "corpus-verified-candidates" / r["file_name"]).read_bytes()
-    assert len(list((tmp_path / "corpus-verified-candidates").rglob("*.png"))) == 18
+    assert len(list((tmp_path / "corpus-verified-candidates").rglob("*.png"))) == 9
     assert json.loads((out / "verification.json").read_text())["kept"] == 5
 
     # Rerun: read back from disk, nothing scored again.
@@ -64,9 +72,10 @@ def test_verified_corpus_keeps_the_first_accepted_try(tiny_source, tmp_path, mon
 
 
 def test_an_empty_verified_corpus_is_refused(tiny_source, tmp_path, monkeypatch):
-    monkeypatch.setattr(scorer, "score_images", _verdicts_by_rule(lambda p, i: False, 2))
+    records = make_records(3, 0, split="train")
+    monkeypatch.setattr(scorer, "score_images", _verdicts_by_rule(lambda p, i: False, records))
     with pytest.raises(ValueError, match="accepted none .* more tries"):
-        toy_corpus.write_verified_corpus(tiny_source, make_records(3, 0, split="train"), tmp_path / "v",
+        toy_corpus.write_verified_corpus(tiny_source, records, tmp_path / "v",
                                          size=32, steps=2, guidance=4.5, seed=0, candidates=2, device="cpu")
     with pytest.raises(ValueError, match="at least 1"):
         toy_corpus.write_verified_corpus(tiny_source, [], tmp_path / "w", size=32, steps=2, guidance=4.5,

@@ -225,9 +225,13 @@ def test_reproduce_trains_the_verified_arm_on_the_accepted_generations(tmp_path,
     source.train_toy_source(TINY, src, "cpu", log=lambda _: None)
 
     # The tiny source draws nothing the scorer accepts; stand in for the scorer at corpus time
-    # only (scoring the arms uses l2p.toy.scoring's own binding): accept each prompt's second try.
+    # only (scoring the arms uses l2p.toy.scoring's own binding): accept each prompt's second
+    # try (the corpus scores one try per call).
+    calls = []
+
     def second_try(images, scenes, world=None):
-        return [scorer.ImageScore("", "", k % 2 == 1, "") for k in range(len(images))], {}
+        calls.append(len(images))
+        return [scorer.ImageScore("", "", len(calls) == 2, "") for _ in images], {}
     monkeypatch.setattr(scorer, "score_images", second_try)
     out = tmp_path / "repro"
     assert main(["toy", "reproduce", "--source", str(src), "--out", str(out), "--steps", "2",
@@ -235,7 +239,7 @@ def test_reproduce_trains_the_verified_arm_on_the_accepted_generations(tmp_path,
                  "--curve-prompts", "6", "--arms", "l2p,l2p-verified", "--verify-candidates", "2",
                  "--set", "data.embeddings=null", "--set", "model.head_max_channels=8"]) == 0
     rows = list(csv.DictReader(open(out / "corpus-verified" / "metadata.csv")))
-    assert len(rows) == 6 and {r["image_index"] for r in rows} == {"1"}
+    assert calls == [6, 6] and len(rows) == 6 and {r["image_index"] for r in rows} == {"1"}
     report = json.loads((out / "report.json").read_text())
     assert report["arms"]["l2p-verified"]["data"] == "verified"
     assert [(c["a"], c["b"]) for c in report["comparisons"]] == [("l2p-verified", "l2p")]

@@ -281,9 +281,13 @@ def _batches(jobs: list, size: int) -> Iterator[list]:
 
 
 def generate_images(config: GenerationConfig, *, pipe=None, rank: int | None = None,
-                    world_size: int | None = None,
+                    world_size: int | None = None, prompt_indices=None,
                     progress: bool = True) -> GenerationSummary:
     """Render ``images_per_prompt`` images for every prompt into ``config.out``.
+
+    ``prompt_indices`` limits this call to those prompts (by index in the prompt file); the
+    images of the others are neither rendered nor removed, so a caller can add tries for
+    some prompts only (raise ``images_per_prompt`` and name them).
 
     Continues where a previous run stopped; a failing image is logged and counted, and the
     next run retries it. ``pipe`` may be passed to reuse a loaded pipeline; ``rank`` and
@@ -315,7 +319,10 @@ def generate_images(config: GenerationConfig, *, pipe=None, rank: int | None = N
         for stale in (out / "images").glob(f"*/.*.{tmp_tag}.tmp.png"):
             stale.unlink()  # left by a run of this rank that was killed mid-write
 
-        jobs = [(p, i) for p in range(len(prompts)) for i in range(config.images_per_prompt)]
+        chosen = range(len(prompts)) if prompt_indices is None else sorted(set(prompt_indices))
+        if chosen and not 0 <= chosen[0] <= chosen[-1] < len(prompts):
+            raise ValueError(f"prompt_indices must lie in [0, {len(prompts)}), the prompt file's range")
+        jobs = [(p, i) for p in chosen for i in range(config.images_per_prompt)]
         mine = jobs[ranks.rank::ranks.world_size]
         todo = [(p, i) for p, i in mine if not (out / image_name(p, i)).exists()]
         summary = GenerationSummary(ranks.rank, ranks.world_size, planned=len(mine),

@@ -57,31 +57,42 @@ def write_verified_corpus(source_dir: Path, records: list[PromptRecord], out: Pa
     """The source's generations that the scorer accepts: up to ``candidates`` tries per prompt
     (rendered into ``<out>-candidates``), the first accepted one copied into ``out``.
 
-    Returns (and writes to ``out/verification.json``) how many prompts kept an image, overall
-    and per category, and each prompt's verdicts, so the selection's bias (hard categories keep
-    fewer prompts) is on record next to the corpus."""
-    from l2p.data.generate import image_name, rebuild_metadata
+    Tries go in rounds: round i renders try i only for the prompts no earlier try satisfied,
+    so a source that gets most prompts right first time costs little more than the plain
+    synthetic corpus. Returns (and writes to ``out/verification.json``) how many prompts kept
+    an image, overall and per category, and each prompt's verdicts (1 accepted, 0 rejected,
+    -1 not tried), so the selection's bias (hard categories keep fewer prompts) is on record
+    next to the corpus."""
+    from l2p.data.generate import GenerationConfig, generate_images, image_name, rebuild_metadata
     from l2p.toy.scorer import score_images
 
     if candidates < 1:
         raise ValueError(f"candidates must be at least 1, got {candidates}")
-    pool = write_synthetic_corpus(source_dir, records, out.parent / f"{out.name}-candidates", size=size,
-                                  steps=steps, guidance=guidance, seed=seed, images_per_prompt=candidates,
-                                  device=device)
     record_path = out / "verification.json"
     if record_path.exists():
         verification = json.loads(record_path.read_text())
         if verification["candidates"] == candidates and verification["prompts"] == len(records):
             return verification
-    names = [[image_name(p, i) for i in range(candidates)] for p in range(len(records))]
-    images = np.stack([np.asarray(Image.open(pool / n).convert("RGB")) for row in names for n in row])
-    results, _ = score_images(images, [r.scene for r in records for _ in range(candidates)])
-    passed = np.array([r.correct for r in results], dtype=bool).reshape(len(records), candidates)
+    pool = out.parent / f"{out.name}-candidates"
+    pool.mkdir(parents=True, exist_ok=True)
+    prompts = write_prompt_file(records, out.parent / f"{out.name}-prompts.txt")
+    verdicts = np.full((len(records), candidates), -1, dtype=np.int64)
+    for attempt in range(candidates):
+        todo = [p for p in range(len(records)) if not (verdicts[p] == 1).any()]
+        if not todo:
+            break
+        generate_images(GenerationConfig(
+            source=str(source_dir), prompts=str(prompts), out=str(pool), images_per_prompt=attempt + 1,
+            steps=steps, guidance=guidance, height=size, width=size, seed=seed, batch_size=32,
+            device=device), prompt_indices=todo)
+        images = np.stack([np.asarray(Image.open(pool / image_name(p, attempt)).convert("RGB")) for p in todo])
+        results, _ = score_images(images, [records[p].scene for p in todo])
+        verdicts[todo, attempt] = [int(r.correct) for r in results]
 
     (out / "images").mkdir(parents=True, exist_ok=True)
-    for p, row in enumerate(passed):
-        if row.any():
-            name = names[p][int(np.argmax(row))]
+    for p, row in enumerate(verdicts):
+        if (row == 1).any():
+            name = image_name(p, int(np.argmax(row == 1)))
             target = out / name
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -91,17 +102,18 @@ def write_verified_corpus(source_dir: Path, records: list[PromptRecord], out: Pa
     rows = rebuild_metadata(out)
     if rows == 0:
         raise ValueError(
-            f"the scorer accepted none of the source's {passed.size} generations for {len(records)} "
-            f"prompts ({candidates} tries each), so the verified corpus would be empty; give more "
-            "tries per prompt, or use a better-trained source")
+            f"the scorer accepted none of the source's generations for {len(records)} prompts "
+            f"({candidates} tries each), so the verified corpus would be empty; give more tries per "
+            "prompt, or use a better-trained source")
     categories = np.array([r.category for r in records])
-    kept = passed.any(axis=1)
+    kept = (verdicts == 1).any(axis=1)
     verification = {
         "candidates": candidates, "prompts": len(records), "kept": int(kept.sum()), "images": rows,
+        "generated": int((verdicts >= 0).sum()),
         "kept_fraction": float(kept.mean()),
-        "first_try_accepted": float(passed[:, 0].mean()),
+        "first_try_accepted": float((verdicts[:, 0] == 1).mean()),
         "kept_by_category": {c: float(kept[categories == c].mean()) for c in dict.fromkeys(categories)},
-        "verdicts": passed.astype(int).tolist(),
+        "verdicts": verdicts.tolist(),
     }
     tmp = record_path.with_name(f".{record_path.name}.tmp")
     tmp.write_text(json.dumps(verification, indent=1))
