@@ -69,6 +69,11 @@ def test_verified_corpus_keeps_the_first_accepted_try(tiny_source, tmp_path, mon
         raise AssertionError("rescored on resume")
     monkeypatch.setattr(scorer, "score_images", refuse)
     assert toy_corpus.write_verified_corpus(tiny_source, records, out, **kw)["kept"] == 5
+    # Other prompts or another number of tries in the same folder: refused, not mixed.
+    with pytest.raises(ValueError, match="other prompts or another number of tries"):
+        toy_corpus.write_verified_corpus(tiny_source, records, out, **{**kw, "candidates": 2})
+    with pytest.raises(ValueError, match="other prompts"):
+        toy_corpus.write_verified_corpus(tiny_source, make_records(6, 1, split="train"), out, **kw)
 
 
 def test_an_empty_verified_corpus_is_refused(tiny_source, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ Every builder resumes: finished images are skipped, each file lands with one ``o
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -27,10 +28,13 @@ CORPORA = ("synthetic", "verified", "real")
 
 
 def write_prompt_file(records: list[PromptRecord], path: Path) -> Path:
-    """The records' prompts, one per line (the input of ``generate_images``)."""
-    if not path.exists():
+    """The records' prompts, one per line (the input of ``generate_images``). Rewritten when the
+    records changed, so that generating into a folder rendered from other prompts is refused
+    (by its manifest) instead of mixing two prompt lists."""
+    text = "".join(r.prompt + "\n" for r in records)
+    if not path.exists() or path.read_text() != text:
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(r.prompt + "\n" for r in records))
+        tmp.write_text(text)
         os.replace(tmp, path)
     return path
 
@@ -69,10 +73,13 @@ def write_verified_corpus(source_dir: Path, records: list[PromptRecord], out: Pa
     if candidates < 1:
         raise ValueError(f"candidates must be at least 1, got {candidates}")
     record_path = out / "verification.json"
+    prompts_sha256 = hashlib.sha256("\n".join(r.prompt for r in records).encode()).hexdigest()
     if record_path.exists():
         verification = json.loads(record_path.read_text())
-        if verification["candidates"] == candidates and verification["prompts"] == len(records):
+        if (verification["candidates"], verification.get("prompts_sha256")) == (candidates, prompts_sha256):
             return verification
+        raise ValueError(f"{out} holds a verified corpus of other prompts or another number of tries; "
+                         "use a new folder")
     pool = out.parent / f"{out.name}-candidates"
     pool.mkdir(parents=True, exist_ok=True)
     prompts = write_prompt_file(records, out.parent / f"{out.name}-prompts.txt")
@@ -108,7 +115,7 @@ def write_verified_corpus(source_dir: Path, records: list[PromptRecord], out: Pa
     categories = np.array([r.category for r in records])
     kept = (verdicts == 1).any(axis=1)
     verification = {
-        "candidates": candidates, "prompts": len(records), "kept": int(kept.sum()), "images": rows,
+        "candidates": candidates, "prompts": len(records), "prompts_sha256": prompts_sha256, "kept": int(kept.sum()), "images": rows,
         "generated": int((verdicts >= 0).sum()),
         "kept_fraction": float(kept.mean()),
         "first_try_accepted": float((verdicts[:, 0] == 1).mean()),
