@@ -17,9 +17,19 @@ from _tiny_source import TINY
 
 @pytest.mark.slow
 def test_toy_migration_end_to_end_and_resume(tmp_path, monkeypatch):
+    from l2p.toy import scorer
+
     src = tmp_path / "toy-source"
     source.train_toy_source(TINY, src, "cpu", log=lambda _: None)
     monkeypatch.setattr(source, "SHIPPED_SOURCE_DIR", src)
+    # The default corpus keeps the generations the scorer accepts; the tiny source draws none
+    # right, so at corpus time (only) accept every prompt's second try but for prompt 0's.
+    calls = []
+
+    def second_try(images, scenes, world=None):
+        calls.append(len(images))
+        return [scorer.ImageScore("", "", len(calls) == 2 and k > 0, "") for k in range(len(images))], {}
+    monkeypatch.setattr(scorer, "score_images", second_try)
     plan = MigrationPlan(
         out_dir=str(tmp_path / "run"), corpus_prompts=6, eval_prompts=6, corpus_steps=2,
         eval_steps=2,
@@ -30,18 +40,20 @@ def test_toy_migration_end_to_end_and_resume(tmp_path, monkeypatch):
     )
     report = run_toy_migration(plan, log=lambda _: None)
     run = tmp_path / "run"
-    assert report["train_steps"] == 3 and report["corpus_images"] == 6
+    assert report["train_steps"] == 3 and report["corpus"] == "verified" and report["corpus_images"] == 5
+    assert report["verification"]["kept"] == 5 and report["verification"]["first_try_accepted"] == 0
+    assert calls == [6, 6, 1, 1] and "Verified corpus: 5 of 6 prompts" in (tmp_path / "run" / "report.md").read_text()
     for key in ("source", "pixel"):
         assert 0.0 <= report[key]["overall"] <= 1.0 and len(report[key]["ci95"]) == 2
     assert json.loads((run / "report.json").read_text())["eval_prompts"] == 6
     assert "| L2P pixel model |" in (run / "report.md").read_text()
     assert (run / "loss.png").stat().st_size > 0
     assert (run / "train" / "final" / "pipeline" / "model_index.json").exists()
-    assert len(list((run / "corpus" / "images").rglob("*.png"))) == 6
+    assert len(list((run / "corpus-verified" / "images").rglob("*.png"))) == 5
 
     # A second call resumes: nothing is rendered or trained again.
     again = run_toy_migration(plan, log=lambda _: None)
-    assert again["train_steps"] == 3
+    assert again["train_steps"] == 3 and calls == [6, 6, 1, 1]
     assert again["pixel"]["overall"] == report["pixel"]["overall"]
 
 
@@ -243,4 +255,6 @@ def test_reproduce_trains_the_verified_arm_on_the_accepted_generations(tmp_path,
     report = json.loads((out / "report.json").read_text())
     assert report["arms"]["l2p-verified"]["data"] == "verified"
     assert [(c["a"], c["b"]) for c in report["comparisons"]] == [("l2p-verified", "l2p")]
+    assert report["verification"]["kept"] == 6
+    assert "(verified: 6 prompts kept an image the scorer accepts, of 2 tries each)" in (out / "report.md").read_text()
     assert main(["toy", "reproduce", "--out", str(out), "--verify-candidates", "0"]) == 2

@@ -27,9 +27,10 @@ the EMA weights of the checkpoints the first training seed's run writes along th
 The synthetic corpus is the toy source's own generations for ShapesWorld training prompts; the
 real corpus is the ground-truth renders of the very same prompts, so the two differ only in
 where the pixels come from; the verified corpus (``l2p.toy.corpus``) keeps, per prompt, the
-first of ``verify_candidates`` source generations the scorer accepts, so it differs from the
-synthetic one only in the source's mistakes being left out. Every stage resumes: corpora skip finished images, arms continue
-from their newest checkpoint, finished evaluations are read back from disk.
+first of ``verify_candidates`` source generations the scorer accepts: the source's pixels with
+its rejected generations replaced by a later try or left out. Every stage resumes: corpora
+skip finished images, arms continue from their newest checkpoint, finished evaluations are
+read back from disk.
 """
 
 from __future__ import annotations
@@ -268,7 +269,10 @@ def _markdown(report: dict) -> str:
         "# L2P toy reproduction", "",
         f"Machine: {report['machine']}. Each arm: {report['steps']} steps at batch {plan['batch_size']} "
         f"({report['steps_from']}). Corpus: {plan['corpus_prompts']} ShapesWorld training prompts, "
-        f"one image each. Evaluation: {plan['eval_prompts']} held-out prompts, {plan['eval_steps']} "
+        "one image each" + (
+            f" (verified: {report['verification']['kept']} prompts kept an image the scorer accepts, of "
+            f"{report['verification']['candidates']} tries each)" if report.get("verification") else "")
+        + f". Evaluation: {plan['eval_prompts']} held-out prompts, {plan['eval_steps']} "
         f"sampling steps, guidance {plan['guidance']}, the same sampling seeds for every model. "
         f"Training seeds per arm: {', '.join(map(str, plan['train_seeds']))} (an arm's score is their "
         "mean). Intervals are 95% percentile bootstrap over prompts"
@@ -317,12 +321,13 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
     corpora = {kind: out / f"corpus-{kind}" for kind in CORPORA}
     needed = {ARMS_BY_NAME[a].data for a in plan.arms} | {"synthetic"}  # synthetic: step calibration
     generation = dict(size=size, steps=plan.corpus_steps, guidance=plan.guidance, seed=plan.seed, device=device)
+    verification = None
     write_synthetic_corpus(source_dir, corpus_records, corpora["synthetic"], **generation)
     if "verified" in needed:
-        kept = write_verified_corpus(source_dir, corpus_records, corpora["verified"],
-                                     candidates=plan.verify_candidates, **generation)
-        log(f"      verified corpus: {kept['kept']} of {kept['prompts']} prompts kept an image the "
-            f"scorer accepts (of {plan.verify_candidates} tries each)")
+        verification = write_verified_corpus(source_dir, corpus_records, corpora["verified"],
+                                             candidates=plan.verify_candidates, **generation)
+        log(f"      verified corpus: {verification['kept']} of {verification['prompts']} prompts kept an "
+            f"image the scorer accepts (of {plan.verify_candidates} tries each)")
     if "real" in needed:
         write_real_corpus(corpus_records, corpora["real"], size)
 
@@ -396,6 +401,8 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
         "machine": (torch.cuda.get_device_name() if torch.cuda.is_available()
                     else f"{cpu_name()}, {torch.get_num_threads()} torch threads"),
         "source": source, "arms": arms, "comparisons": comparisons,
+        "verification": ({k: v for k, v in verification.items() if k != "verdicts"}
+                         if verification else None),
         "pixel_over_source": {n: (a["eval"]["overall"] / source["overall"] if source["overall"] else None)
                               for n, a in arms.items()},
     }
