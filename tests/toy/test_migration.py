@@ -54,6 +54,19 @@ def test_toy_migration_end_to_end_and_resume(tmp_path, monkeypatch):
     # A second call resumes: nothing is rendered or trained again.
     again = run_toy_migration(plan, log=lambda _: None)
     assert again["train_steps"] == 3 and calls == [6, 6, 1, 1]
+
+    # Resuming the folder with another corpus is refused, not mixed; trainer overrides may change.
+    from dataclasses import replace
+
+    longer = run_toy_migration(replace(plan, train_overrides=[*plan.train_overrides, "train.max_steps=4"]),
+                               log=lambda _: None)
+    assert longer["train_steps"] == 4
+
+    with pytest.raises(ValueError, match="other settings \\(corpus\\)"):
+        run_toy_migration(replace(plan, corpus="synthetic"), log=lambda _: None)
+    (run / "plan.json").unlink()
+    with pytest.raises(ValueError, match="earlier version"):
+        run_toy_migration(plan, log=lambda _: None)
     assert again["pixel"]["overall"] == report["pixel"]["overall"]
 
 

@@ -17,6 +17,7 @@ newest checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -112,6 +113,32 @@ def _report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_CORPUS_SETTINGS = ("source", "corpus_prompts", "images_per_prompt", "corpus", "verify_candidates",
+                    "corpus_steps", "guidance", "seed")
+
+
+def _check_same_plan(out: Path, plan: MigrationPlan) -> None:
+    """A rerun resumes the run in ``out``; refuse to resume one whose corpus was made with other
+    settings (the model trained on it would not be the one this plan describes). Trainer
+    overrides and scoring settings may change between runs (``--set train.max_steps=...``
+    continues a finished run)."""
+    record = out / "plan.json"
+    current = {k: v for k, v in asdict(plan).items() if k in _CORPUS_SETTINGS}
+    if record.exists():
+        before = json.loads(record.read_text())
+        changed = sorted(k for k in current if before.get(k) != current[k])
+        if changed:
+            raise ValueError(f"{out} holds a toy migration made with other settings ({', '.join(changed)}); "
+                             "delete it or choose another output folder")
+        return
+    if (out / "train").exists():
+        raise ValueError(f"{out} holds a toy migration from an earlier version of l2p (no plan.json); "
+                         "delete it or choose another output folder")
+    tmp = record.with_name(f".{record.name}.tmp")
+    tmp.write_text(json.dumps(current, indent=1))
+    os.replace(tmp, record)
+
+
 def run_toy_migration(plan: MigrationPlan | None = None,
                       log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the whole migration; returns the report dictionary."""
@@ -125,6 +152,7 @@ def run_toy_migration(plan: MigrationPlan | None = None,
     started = time.time()
     out = Path(plan.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _check_same_plan(out, plan)
     source_dir = resolve_source(plan.source)
     size = _image_size(source_dir)
 
