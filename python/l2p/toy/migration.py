@@ -41,8 +41,8 @@ class MigrationPlan:
     # "verified": per prompt the first of ``verify_candidates`` source generations the scorer
     # accepts (l2p.toy.corpus); "synthetic": every generation, as the paper trains. This toy
     # source gets about half of its training prompts wrong; measured (l2p/toy/RESULTS.md, 1500
-    # steps, two training seeds, 240 held-out prompts): 0.188 on the verified corpus against
-    # 0.121 on all generations, paired +0.067 (+0.025 to +0.106).
+    # steps, three training seeds, 240 held-out prompts): 0.196 on the verified corpus against
+    # 0.125 on all generations, paired +0.071 (+0.035 to +0.106).
     corpus: str = "verified"
     verify_candidates: int = 4
     corpus_steps: int = 10
