@@ -58,10 +58,11 @@ def test_verified_corpus_keeps_the_first_accepted_try(tiny_source, tmp_path, mon
     rows = list(csv.DictReader(open(out / "metadata.csv")))
     kept = {int(r["prompt_index"]): int(r["image_index"]) for r in rows}
     assert kept == {0: 1, 2: 0, 3: 0, 4: 0, 5: 0}
+    pool = tmp_path / "corpus-verified-candidates"
     for r in rows:  # each kept image is the candidate it names, with its prompt's text
         assert r["text"] == records[int(r["prompt_index"])].prompt
-        assert (out / r["file_name"]).read_bytes() == (tmp_path / "corpus-verified-candidates" / r["file_name"]).read_bytes()
-    assert len(list((tmp_path / "corpus-verified-candidates").rglob("*.png"))) == 9
+        assert (out / r["file_name"]).read_bytes() == (pool / r["file_name"]).read_bytes()
+    assert len(list(pool.rglob("*.png"))) == 9
     assert json.loads((out / "verification.json").read_text())["kept"] == 5
 
     # Rerun: read back from disk, nothing scored again.

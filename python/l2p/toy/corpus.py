@@ -41,17 +41,18 @@ def write_prompt_file(records: list[PromptRecord], path: Path) -> Path:
 
 def write_synthetic_corpus(source_dir: Path, records: list[PromptRecord], out: Path, *, size: int,
                            steps: int, guidance: float, seed: int, images_per_prompt: int = 1,
-                           device: str | None = None) -> Path:
-    """The source's generations for ``records``, ``images_per_prompt`` each (image i of prompt
-    p seeded by ``derive_seed(seed, p, i)``, so the first image of a prompt is the same in
-    every corpus rendered with this seed)."""
+                           device: str | None = None, prompt_indices=None) -> Path:
+    """The source's generations for ``records`` (or only those at ``prompt_indices``),
+    ``images_per_prompt`` each (image i of prompt p seeded by ``derive_seed(seed, p, i)``, so
+    the first image of a prompt is the same in every corpus rendered with this seed)."""
     from l2p.data.generate import GenerationConfig, generate_images
 
     out.mkdir(parents=True, exist_ok=True)
     prompts = write_prompt_file(records, out.parent / f"{out.name}-prompts.txt")
     generate_images(GenerationConfig(
         source=str(source_dir), prompts=str(prompts), out=str(out), images_per_prompt=images_per_prompt,
-        steps=steps, guidance=guidance, height=size, width=size, seed=seed, batch_size=32, device=device))
+        steps=steps, guidance=guidance, height=size, width=size, seed=seed, batch_size=32, device=device),
+        prompt_indices=prompt_indices)
     return out
 
 
@@ -67,7 +68,7 @@ def write_verified_corpus(source_dir: Path, records: list[PromptRecord], out: Pa
     an image, overall and per category, and each prompt's verdicts (1 accepted, 0 rejected,
     -1 not tried), so the selection's bias (hard categories keep fewer prompts) is on record
     next to the corpus."""
-    from l2p.data.generate import GenerationConfig, generate_images, image_name, rebuild_metadata
+    from l2p.data.generate import image_name, rebuild_metadata
     from l2p.toy.scorer import score_images
 
     if candidates < 1:
@@ -81,17 +82,13 @@ def write_verified_corpus(source_dir: Path, records: list[PromptRecord], out: Pa
         raise ValueError(f"{out} holds a verified corpus of other prompts or another number of tries; "
                          "use a new folder")
     pool = out.parent / f"{out.name}-candidates"
-    pool.mkdir(parents=True, exist_ok=True)
-    prompts = write_prompt_file(records, out.parent / f"{out.name}-prompts.txt")
     verdicts = np.full((len(records), candidates), -1, dtype=np.int64)
     for attempt in range(candidates):
         todo = [p for p in range(len(records)) if not (verdicts[p] == 1).any()]
         if not todo:
             break
-        generate_images(GenerationConfig(
-            source=str(source_dir), prompts=str(prompts), out=str(pool), images_per_prompt=attempt + 1,
-            steps=steps, guidance=guidance, height=size, width=size, seed=seed, batch_size=32,
-            device=device), prompt_indices=todo)
+        write_synthetic_corpus(source_dir, records, pool, size=size, steps=steps, guidance=guidance, seed=seed,
+                               images_per_prompt=attempt + 1, device=device, prompt_indices=todo)
         images = np.stack([np.asarray(Image.open(pool / image_name(p, attempt)).convert("RGB")) for p in todo])
         results, _ = score_images(images, [records[p].scene for p in todo])
         verdicts[todo, attempt] = [int(r.correct) for r in results]
@@ -115,7 +112,8 @@ def write_verified_corpus(source_dir: Path, records: list[PromptRecord], out: Pa
     categories = np.array([r.category for r in records])
     kept = (verdicts == 1).any(axis=1)
     verification = {
-        "candidates": candidates, "prompts": len(records), "prompts_sha256": prompts_sha256, "kept": int(kept.sum()), "images": rows,
+        "candidates": candidates, "prompts": len(records), "prompts_sha256": prompts_sha256,
+        "kept": int(kept.sum()), "images": rows,
         "generated": int((verdicts >= 0).sum()),
         "kept_fraction": float(kept.mean()),
         "first_try_accepted": float((verdicts[:, 0] == 1).mean()),
@@ -126,6 +124,11 @@ def write_verified_corpus(source_dir: Path, records: list[PromptRecord], out: Pa
     tmp.write_text(json.dumps(verification, indent=1))
     os.replace(tmp, record_path)
     return verification
+
+
+def verification_summary(verification: dict | None) -> dict | None:
+    """A verified corpus's record without the per-prompt verdicts, for reports."""
+    return {k: v for k, v in verification.items() if k != "verdicts"} if verification else None
 
 
 def write_real_corpus(records: list[PromptRecord], out: Path, size: int) -> Path:

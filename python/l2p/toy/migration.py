@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from l2p.toy.corpus import write_synthetic_corpus, write_verified_corpus
+from l2p.toy.corpus import verification_summary, write_synthetic_corpus, write_verified_corpus
 from l2p.toy.scoring import images_for_prompts, score_generated
 from l2p.toy.prompts import make_records
 
@@ -199,8 +199,7 @@ def run_toy_migration(plan: MigrationPlan | None = None,
         "source_dir": str(source_dir),
         "corpus": plan.corpus,
         "corpus_images": corpus_images,
-        "verification": ({k: v for k, v in verification.items() if k != "verdicts"}
-                         if verification else None),
+        "verification": verification_summary(verification),
         "train_steps": result.step,
         "eval_prompts": plan.eval_prompts,
         "eval_steps": plan.eval_steps,

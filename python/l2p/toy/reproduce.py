@@ -45,7 +45,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from l2p.toy.corpus import CORPORA, write_real_corpus, write_synthetic_corpus, write_verified_corpus
+from l2p.toy.corpus import (CORPORA, verification_summary, write_real_corpus, write_synthetic_corpus,
+                             write_verified_corpus)
 from l2p.toy.prompts import make_records
 from l2p.toy.scoring import paired_difference, score_generated, score_over_seeds
 from l2p.toy.source import cpu_name
@@ -319,9 +320,10 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
     log(f"[1/4] corpora: {plan.corpus_prompts} training prompts, source generations and ground truth")
     corpus_records = make_records(plan.corpus_prompts, plan.seed, split="train")
     corpora = {kind: out / f"corpus-{kind}" for kind in CORPORA}
-    needed = {ARMS_BY_NAME[a].data for a in plan.arms} | {"synthetic"}  # synthetic: step calibration
+    needed = {ARMS_BY_NAME[a].data for a in plan.arms}
     generation = dict(size=size, steps=plan.corpus_steps, guidance=plan.guidance, seed=plan.seed, device=device)
     verification = None
+    # Always: the step calibration trains on it too.
     write_synthetic_corpus(source_dir, corpus_records, corpora["synthetic"], **generation)
     if "verified" in needed:
         verification = write_verified_corpus(source_dir, corpus_records, corpora["verified"],
@@ -401,8 +403,7 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
         "machine": (torch.cuda.get_device_name() if torch.cuda.is_available()
                     else f"{cpu_name()}, {torch.get_num_threads()} torch threads"),
         "source": source, "arms": arms, "comparisons": comparisons,
-        "verification": ({k: v for k, v in verification.items() if k != "verdicts"}
-                         if verification else None),
+        "verification": verification_summary(verification),
         "pixel_over_source": {n: (a["eval"]["overall"] / source["overall"] if source["overall"] else None)
                               for n, a in arms.items()},
     }
