@@ -193,21 +193,32 @@ def run_kernel(P, DP=128):
         cols_first = LANES % 8 + (LANES // 16) * 8; cols_first_col = ((LANES // 8) % 2) * 8
         W = {}
         for warp in range(kWarps):
-            w = dict(kw0=32 * (warp // 2), qw0=32 * (warp % 2), dw0=kKvDims * (warp % 2),
+            w = dict(kw0=32 * (warp // 2), qw0=32 * (warp % 2), qo0=32 - 32 * (warp % 2),
+                     dw0=kKvDims * (warp % 2),
                      q30=32 * (warp // 4), d30=kQDims * (warp % 4))
             w["dk"] = np.zeros((2, kKvDims // 8, 32, 4)); w["dv"] = np.zeros((2, kKvDims // 8, 32, 4))
-            kw0, qw0, dw0, q30, d30 = (w[x] for x in ("kw0", "qw0", "dw0", "q30", "d30"))
+            kw0, qw0, qo0, dw0, q30, d30 = (w[x] for x in ("kw0", "qw0", "qo0", "dw0", "q30", "d30"))
             w["k_lane"] = oK + S2 * ((kw0 + rows_first) * LD + rows_first_col)
             w["v_lane"] = oV + S2 * ((kw0 + rows_first) * LD + rows_first_col)
             w["q_lane"] = oQ + S2 * ((qw0 + cols_first) * LD + cols_first_col)
             w["do_lane"] = odO + S2 * ((qw0 + cols_first) * LD + cols_first_col)
-            w["pa_lane"] = oP + S2 * ((kw0 + rows_first) * LDS + rows_first_col)
-            w["dsa_lane"] = odS + S2 * ((kw0 + rows_first) * LDS + rows_first_col)
+            w["pa_lane"] = oP + S2 * ((kw0 + rows_first) * LDS + rows_first_col + qo0)
+            w["dsa_lane"] = odS + S2 * ((kw0 + rows_first) * LDS + rows_first_col + qo0)
             w["qt_lane"] = oQ + S2 * (rows_first * LD + rows_first_col + dw0)
             w["dot_lane"] = odO + S2 * (rows_first * LD + rows_first_col + dw0)
             w["dsq_lane"] = odS + S2 * (cols_first * LDS + cols_first_col + q30)
             w["kt_lane"] = oK + S2 * (rows_first * LD + rows_first_col + d30)
             W[warp] = w
+
+        def kv_step(w, warp, pa, da, qt_rows, dot_rows):
+            for dj in range(0, kKvDims // 8, 2):
+                ob = ldmatrix_x4(sm, dot_rows + dj * 8 * S2, warp, True)
+                qb = ldmatrix_x4(sm, qt_rows + dj * 8 * S2, warp, True)
+                for mi in range(2):
+                    w["dv"][mi, dj] = mma16816(w["dv"][mi, dj], pa[mi], ob[0], ob[1])
+                    w["dv"][mi, dj + 1] = mma16816(w["dv"][mi, dj + 1], pa[mi], ob[2], ob[3])
+                    w["dk"][mi, dj] = mma16816(w["dk"][mi, dj], da[mi], qb[0], qb[1])
+                    w["dk"][mi, dj + 1] = mma16816(w["dk"][mi, dj + 1], da[mi], qb[2], qb[3])
 
         gi, m0 = 0, 0
         for it in range(tiles):
@@ -258,15 +269,29 @@ def run_kernel(P, DP=128):
                                 prob = np.where(key_ok, exp2_ftz(s - lse2[:, e & 1]), 0.0)
                             st[mi, j, :, e] = prob
                             dpt[mi, j, :, e] = prob * (dpt[mi, j, :, e] - delta2[:, e & 1])
+                # A fragments of the warp's own two k16 steps: register i of (kq, mi) is tile
+                # j = 2 kq + i // 2, elements 2 (i % 2), 2 (i % 2) + 1
+                pa = [[[None] * 4 for _ in range(2)] for _ in range(2)]
+                da = [[[None] * 4 for _ in range(2)] for _ in range(2)]
+                for kq in range(2):
+                    for mi in range(2):
+                        for i in range(4):
+                            j, r = 2 * kq + i // 2, i % 2
+                            pa[kq][mi][i] = st[mi, j][:, [2 * r, 2 * r + 1]]
+                            da[kq][mi][i] = dpt[mi, j][:, [2 * r, 2 * r + 1]]
                 for mi in range(2):
                     for j in range(4):
                         for r in range(2):
                             at = (kw0 + 16 * mi + G + 8 * r) * LDS + qw0 + 8 * j + 2 * TT
                             check_store_banks(oP + S2 * at)
                             slots = np.stack([oP // 2 + at, oP // 2 + at + 1], 1)
-                            sm.write16(slots, st[mi, j][:, [2 * r, 2 * r + 1]], warp)
+                            sm.write16(slots, pa[j // 2][mi][2 * (j % 2) + r], warp)
                             slots = np.stack([odS // 2 + at, odS // 2 + at + 1], 1)
-                            sm.write16(slots, dpt[mi, j][:, [2 * r, 2 * r + 1]], warp)
+                            sm.write16(slots, da[j // 2][mi][2 * (j % 2) + r], warp)
+                qt_buf = w["qt_lane"] + buf * kBufferBytes; dot_buf = w["dot_lane"] + buf * kBufferBytes
+                for kq in range(2):   # own queries, A from registers, before barrier B
+                    kv_step(w, warp, pa[kq], da[kq], qt_buf + (qw0 + 16 * kq) * kRowBytes,
+                            dot_buf + (qw0 + 16 * kq) * kRowBytes)
             for tid in range(BM):
                 store_row_stats(oLse + 4 * (buf ^ 1) * BM, oDelta + 4 * (buf ^ 1) * BM, tid,
                                 next_stats[tid], tid // 32)
@@ -299,21 +324,15 @@ def run_kernel(P, DP=128):
                                 addr = dq_off + qi[l] * Dh + d[l]
                                 assert addr % 4 == 0 and d[l] + 3 < Dh
                                 gq[addr:addr + 4] += s4[l] * scale
-            # phase 2
+            # phase 2 over the other warp's queries, P^T and dS^T from shared memory
             for warp in range(kWarps):
-                w = W[warp]
+                w = W[warp]; qo0 = w["qo0"]
                 qt_buf = w["qt_lane"] + buf * kBufferBytes; dot_buf = w["dot_lane"] + buf * kBufferBytes
-                for kq in range(BM // 16):
+                for kq in range(2):
                     pa = [ldmatrix_x4(sm, w["pa_lane"] + mi * 16 * kSRowBytes + kq * 16 * S2, warp) for mi in range(2)]
                     da = [ldmatrix_x4(sm, w["dsa_lane"] + mi * 16 * kSRowBytes + kq * 16 * S2, warp) for mi in range(2)]
-                    for dj in range(0, kKvDims // 8, 2):
-                        ob = ldmatrix_x4(sm, dot_buf + kq * 16 * kRowBytes + dj * 8 * S2, warp, True)
-                        qb = ldmatrix_x4(sm, qt_buf + kq * 16 * kRowBytes + dj * 8 * S2, warp, True)
-                        for mi in range(2):
-                            w["dv"][mi, dj] = mma16816(w["dv"][mi, dj], pa[mi], ob[0], ob[1])
-                            w["dv"][mi, dj + 1] = mma16816(w["dv"][mi, dj + 1], pa[mi], ob[2], ob[3])
-                            w["dk"][mi, dj] = mma16816(w["dk"][mi, dj], da[mi], qb[0], qb[1])
-                            w["dk"][mi, dj + 1] = mma16816(w["dk"][mi, dj + 1], da[mi], qb[2], qb[3])
+                    kv_step(w, warp, pa, da, qt_buf + (qo0 + 16 * kq) * kRowBytes,
+                            dot_buf + (qo0 + 16 * kq) * kRowBytes)
             gi, m0 = next_gi, next_m0
         # final stores
         for warp in range(kWarps):

@@ -383,11 +383,13 @@ __global__ void __launch_bounds__(BwdMmaTile<DP>::kThreads)
 //      32 (w % 2) .. + 32 (two m16 tiles x four n8 tiles), written to shared memory (16-bit);
 //   2. dV += P^T dO and dK += dS^T Q over the tile's 64 queries: the same 32 keys x head-dim
 //      columns 64 (w % 2) .. + 64, in registers (64 + 64 floats per thread) until the end;
+//      the warp's own 32 queries right after step 1, P^T and dS^T still in registers, those
+//      of the other warp of its key pair (w ^ 1) from shared memory after the barrier;
 //   3. dQ = dS K over the 128 keys: queries 32 (w / 4) .. + 32 x columns 32 (w % 4) .. + 32,
 //      added into the fp32 dQ buffer as above.
 // Against 16 keys per warp, each K / V / Q / dO / P^T / dS^T fragment read from shared memory
-// feeds two to four MMAs instead of one to two: per warp and 64-row tile 320 MMAs and 144
-// ldmatrix.x4 (0.45 per MMA; the kernel above: 0.65) plus 32 32-bit stores of P^T / dS^T,
+// feeds two to four MMAs instead of one to two: per warp and 64-row tile 320 MMAs and 136
+// ldmatrix.x4 (0.425 per MMA; the kernel above: 0.65) plus 32 32-bit stores of P^T / dS^T,
 // and two barriers per 64 rows instead of per 32. Needs 173 KB of shared memory (H100 /
 // H200: 227 KB); where a device has less, the kernel above runs instead.
 template <int DP>
@@ -412,7 +414,8 @@ __global__ void __launch_bounds__(BwdStagedTile<DP>::kThreads)
   constexpr int kDepth = DP / 16;      // k16 steps over the head dim (S^T, dP^T)
   constexpr int kKvDims = DP / 2;      // dK, dV columns per warp
   constexpr int kQDims = DP / 4;       // dQ columns per warp
-  static_assert(DP == 128, "the warp partition below is written for 8 warps at DP = 128");
+  static_assert(DP == 128 && kKeys == 128 && BM == 64,
+                "the warp partition below is written for 8 warps, 128 keys, 64 rows, DP = 128");
   static_assert(BM <= kThreads, "one thread reads each row's lse and delta");
   constexpr uint32_t kRowBytes = LD * sizeof(T), kSRowBytes = LDS * sizeof(T);
   constexpr uint32_t kBufferBytes = BM * kRowBytes;  // one Q or dO buffer
@@ -462,6 +465,7 @@ __global__ void __launch_bounds__(BwdStagedTile<DP>::kThreads)
   // by the key test.
   const int kw0 = 32 * (warp / 2);
   const int qw0 = 32 * (warp % 2);       // phase 1 queries (tile rows)
+  const int qo0 = 32 - qw0;              // the other warp of the key pair: its queries
   const int dw0 = kKvDims * (warp % 2);  // phase 2 dK / dV columns
   const int q30 = 32 * (warp / 4);       // phase 3 queries (tile rows)
   const int d30 = kQDims * (warp % 4);   // phase 3 dQ columns
@@ -479,8 +483,10 @@ __global__ void __launch_bounds__(BwdStagedTile<DP>::kThreads)
   // cols_first), for leading dimensions LD (K, V, Q, dO) and LDS (P^T, dS^T):
   //   phase 1: K, V as A (m = key, k = dim): rows_first; Q, dO as B (k = dim, n = query,
   //     B = Q[query][dim]): cols_first gives b0, b1 of query n8 tile n, then of n + 1;
-  //   phase 2: P^T, dS^T as A (m = key, k = query): rows_first; dO, Q as B (k = query,
-  //     n = dim, stored k-major), .trans: rows_first gives b0, b1 of dim tile n, then n + 1;
+  //   phase 2: P^T, dS^T as A (m = key, k = query): rows_first, only for the queries qo0 ..
+  //     of the other warp of the key pair (this warp's own are still in registers); dO, Q as
+  //     B (k = query, n = dim, stored k-major), .trans: rows_first gives b0, b1 of dim tile
+  //     n, then of n + 1;
   //   phase 3: dS^T as A (m = query, k = key, A = dS^T[key][query]), .trans: cols_first;
   //     K as B (k = key, n = dim), .trans: rows_first.
   const int rows_first = lane % 8 + ((lane / 8) % 2) * 8, rows_first_col = (lane / 16) * 8;
@@ -489,16 +495,38 @@ __global__ void __launch_bounds__(BwdStagedTile<DP>::kThreads)
   const uint32_t v_lane = smem_addr(sV + (kw0 + rows_first) * LD + rows_first_col);
   const uint32_t q_lane = smem_addr(sQ + (qw0 + cols_first) * LD + cols_first_col);
   const uint32_t do_lane = smem_addr(sdO + (qw0 + cols_first) * LD + cols_first_col);
-  const uint32_t pa_lane = smem_addr(sP + (kw0 + rows_first) * LDS + rows_first_col);
-  const uint32_t dsa_lane = smem_addr(sdS + (kw0 + rows_first) * LDS + rows_first_col);
+  const uint32_t pa_lane = smem_addr(sP + (kw0 + rows_first) * LDS + rows_first_col + qo0);
+  const uint32_t dsa_lane = smem_addr(sdS + (kw0 + rows_first) * LDS + rows_first_col + qo0);
   const uint32_t qt_lane = smem_addr(sQ + rows_first * LD + rows_first_col + dw0);
   const uint32_t dot_lane = smem_addr(sdO + rows_first * LD + rows_first_col + dw0);
   const uint32_t dsq_lane = smem_addr(sdS + cols_first * LDS + cols_first_col + q30);
   const uint32_t kt_lane = smem_addr(sK + rows_first * LD + rows_first_col + d30);
 
+  // One k16 step of phase 2: dV += P^T dO and dK += dS^T Q for this warp's 32 keys x kKvDims
+  // columns over 16 query rows; pa, da: the A fragments of P^T and dS^T (two key m16 tiles),
+  // qt_rows, dot_rows: the lane's ldmatrix address of those rows in the Q / dO buffer.
+  auto kv_step = [&](const uint32_t (&pa)[2][4], const uint32_t (&da)[2][4], uint32_t qt_rows,
+                     uint32_t dot_rows) {
+#pragma unroll
+    for (int dj = 0; dj < kKvDims / 8; dj += 2) {
+      uint32_t ob[4], qb[4];
+      ldmatrix_x4_trans(ob, dot_rows + dj * 8 * sizeof(T));
+      ldmatrix_x4_trans(qb, qt_rows + dj * 8 * sizeof(T));
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        mma16816<T>(dv[mi][dj], pa[mi], ob[0], ob[1]);
+        mma16816<T>(dv[mi][dj + 1], pa[mi], ob[2], ob[3]);
+        mma16816<T>(dk[mi][dj], da[mi], qb[0], qb[1]);
+        mma16816<T>(dk[mi][dj + 1], da[mi], qb[2], qb[3]);
+      }
+    }
+  };
+
   int64_t gi = 0, m0 = 0;  // this tile: query head head0 + gi, rows [m0, m0 + BM)
   for (int64_t it = 0; it < tiles; ++it) {
     const int buf = static_cast<int>(it & 1);
+    const uint32_t qt_buf = qt_lane + buf * kBufferBytes;
+    const uint32_t dot_buf = dot_lane + buf * kBufferBytes;
     // Barrier A: this tile's Q / dO are in, and every warp is done with the previous tile
     // (its phase 2 read the other Q / dO buffer, phases 2 and 3 read P^T and dS^T).
     cp_async_wait<0>();
@@ -579,7 +607,26 @@ __global__ void __launch_bounds__(BwdStagedTile<DP>::kThreads)
           }
         }
       }
-      // P^T and dS^T to shared memory (their readers of the previous tile passed barrier A).
+      // P^T and dS^T in 16 bits, as the A fragments of phase 2's two k16 steps over this
+      // warp's queries: register i of (step kq, key tile mi) holds tile j = 2 kq + i / 2,
+      // elements 2 (i % 2) and 2 (i % 2) + 1 (keys g + 8 (i % 2), queries 2t, 2t + 1 of that
+      // n8 tile), the layout a0..a3 of mma_sm80.cuh.
+      uint32_t pa[2][2][4], da[2][2][4];  // [k16 step][key m16 tile][register]
+#pragma unroll
+      for (int kq = 0; kq < 2; ++kq) {
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int j = 2 * kq + i / 2, r = i % 2;
+            pa[kq][mi][i] = pack2<T>(st[mi][j][2 * r], st[mi][j][2 * r + 1]);
+            da[kq][mi][i] = pack2<T>(dpt[mi][j][2 * r], dpt[mi][j][2 * r + 1]);
+          }
+        }
+      }
+      // To shared memory for the other warp of the pair and for dQ (their readers of the
+      // previous tile passed barrier A): tile j, rows r of key tile mi is register
+      // 2 (j % 2) + r of step j / 2.
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
@@ -587,12 +634,16 @@ __global__ void __launch_bounds__(BwdStagedTile<DP>::kThreads)
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int at = (kw0 + 16 * mi + g + 8 * r) * LDS + qw0 + 8 * j + 2 * t;
-            *reinterpret_cast<uint32_t*>(sP + at) =
-                pack2<T>(st[mi][j][2 * r], st[mi][j][2 * r + 1]);
-            *reinterpret_cast<uint32_t*>(sdS + at) =
-                pack2<T>(dpt[mi][j][2 * r], dpt[mi][j][2 * r + 1]);
+            *reinterpret_cast<uint32_t*>(sP + at) = pa[j / 2][mi][2 * (j % 2) + r];
+            *reinterpret_cast<uint32_t*>(sdS + at) = da[j / 2][mi][2 * (j % 2) + r];
           }
         }
+      }
+      // Phase 2 over this warp's own queries, from registers, before the barrier.
+#pragma unroll
+      for (int kq = 0; kq < 2; ++kq) {
+        kv_step(pa[kq], da[kq], qt_buf + (qw0 + 16 * kq) * kRowBytes,
+                dot_buf + (qw0 + 16 * kq) * kRowBytes);
       }
     }
     // The next tile's lse and delta into the other buffer (last read by the previous tile's
@@ -656,32 +707,16 @@ __global__ void __launch_bounds__(BwdStagedTile<DP>::kThreads)
       }
     }
 
-    // Phase 2: dV += P^T dO and dK += dS^T Q, k16 steps over the tile's queries.
-    {
-      const uint32_t qt_buf = qt_lane + buf * kBufferBytes;
-      const uint32_t dot_buf = dot_lane + buf * kBufferBytes;
+    // Phase 2 over the other warp's queries qo0 .. qo0 + 31, P^T and dS^T from shared memory.
 #pragma unroll
-      for (int kq = 0; kq < BM / 16; ++kq) {
-        uint32_t pa[2][4], da[2][4];
+    for (int kq = 0; kq < 2; ++kq) {
+      uint32_t pa[2][4], da[2][4];
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
-          ldmatrix_x4(pa[mi], pa_lane + mi * 16 * kSRowBytes + kq * 16 * sizeof(T));
-          ldmatrix_x4(da[mi], dsa_lane + mi * 16 * kSRowBytes + kq * 16 * sizeof(T));
-        }
-#pragma unroll
-        for (int dj = 0; dj < kKvDims / 8; dj += 2) {
-          uint32_t ob[4], qb[4];
-          ldmatrix_x4_trans(ob, dot_buf + kq * 16 * kRowBytes + dj * 8 * sizeof(T));
-          ldmatrix_x4_trans(qb, qt_buf + kq * 16 * kRowBytes + dj * 8 * sizeof(T));
-#pragma unroll
-          for (int mi = 0; mi < 2; ++mi) {
-            mma16816<T>(dv[mi][dj], pa[mi], ob[0], ob[1]);
-            mma16816<T>(dv[mi][dj + 1], pa[mi], ob[2], ob[3]);
-            mma16816<T>(dk[mi][dj], da[mi], qb[0], qb[1]);
-            mma16816<T>(dk[mi][dj + 1], da[mi], qb[2], qb[3]);
-          }
-        }
+      for (int mi = 0; mi < 2; ++mi) {
+        ldmatrix_x4(pa[mi], pa_lane + mi * 16 * kSRowBytes + kq * 16 * sizeof(T));
+        ldmatrix_x4(da[mi], dsa_lane + mi * 16 * kSRowBytes + kq * 16 * sizeof(T));
       }
+      kv_step(pa, da, qt_buf + (qo0 + 16 * kq) * kRowBytes, dot_buf + (qo0 + 16 * kq) * kRowBytes);
     }
     gi = next_gi;
     m0 = next_m0;
