@@ -162,6 +162,7 @@ ATTN_CASES = [
     (1, 2, 1, 70, 50, 256, 256, "per_head"),
     (2, 2, 2, 17, 200, 64, 32, None),
     (1, 2, 1, 50, 60, 24, 48, "key_padding"),
+    (1, 4, 2, 70, 140, 128, 72, "per_head"),  # DP = 128 backward: Dv != Dh, two key blocks
 ]
 
 
