@@ -50,6 +50,8 @@
 //     a[0] = A(16w + g, 2t..2t+1)  a[1] = A(16w + g + 8, 2t..)  a[2] = A(16w + g, 2t+8..)
 //     a[3] = A(16w + g + 8, 2t+8..)   (low half = lower column)
 // so the S registers of n8 tiles 2s and 2s + 1 packed pairwise are the A registers of k16 step s.
+// bench/gpu/attention_wgmma_emulation.py models all of the above (smem bytes, swizzle,
+// descriptors, register layouts, softmax) in numpy against a float64 reference; keep it in step.
 #include <cmath>
 #include <cstdint>
 

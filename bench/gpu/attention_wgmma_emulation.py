@@ -1,0 +1,388 @@
+"""Numpy emulation of csrc/attention/cuda/attention_fwd_wgmma.cu, thread by thread where the
+index math lives, checked against a dense float64 attention. Runs on a CPU (a few minutes):
+    python bench/gpu/attention_wgmma_emulation.py              # every case, bf16 and f16
+    python bench/gpu/attention_wgmma_emulation.py --mutations  # shows that layout bugs fail
+It checks the kernel's index math against the PTX ISA's description of the hardware as read
+by the kernel's author; a GPU run (tests/ops/test_cuda_ops.py with L2P_ATTENTION_WGMMA=1) is
+what validates that reading. Keep it in step with the kernel when either changes.
+
+"Kernel side" (mirrors the .cu line for line): the swizzled cp.async tile loads, the descriptor
+values the kernel builds, the per-thread softmax on accumulator registers (quad shuffles
+explicit), the P packing, the O rescale, the epilogue.
+"Hardware side" (written from the PTX ISA, independently of the kernel): shared memory as a byte
+array, descriptor decoding, what a K-major / N-major 128B-swizzled operand read returns, the
+wgmma m64nNk16 accumulator and register-A layouts, fp32 accumulation, bf16/f16 rounding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+
+import numpy as np
+
+# ---------------------------------------------------------------- constants of the kernel
+kGroups, kGroupRows, kKeys = 2, 64, 128
+kRows, kThreads = kGroups * kGroupRows, 128 * kGroups
+kSwizzleRow, kSwizzleAtom = 128, 1024
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
+
+
+def round16(x, dtype):
+    """Round float32 values to bf16 / f16 (nearest even), returned as float64."""
+    x = np.asarray(x, dtype=np.float32)
+    if dtype == "f16":
+        return x.astype(np.float16).astype(np.float64)
+    bits = x.view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+# ---------------------------------------------------------------- hardware: shared memory
+class Smem:
+    """Shared memory of one block as 16-bit cells at even byte addresses; NaN = never written."""
+
+    def __init__(self, window_bytes):
+        self.cells = np.full(window_bytes // 2, np.nan)
+
+    def write16(self, addr, values):  # one 16-byte cp.async
+        assert addr % 16 == 0, hex(addr)
+        self.cells[addr // 2: addr // 2 + 8] = values
+
+    def read(self, addrs):
+        addrs = np.asarray(addrs)
+        assert (addrs % 2 == 0).all()
+        vals = self.cells[addrs // 2]
+        assert not np.isnan(vals).any(), "operand read of never-written shared memory"
+        return vals
+
+
+def swizzle128(addr):
+    """128B swizzle on the absolute shared address: bits [4:6] ^= bits [7:9]."""
+    return addr ^ (((addr >> 7) & 7) << 4)
+
+
+def decode_descriptor(desc):
+    start = (desc & 0x3FFF) << 4
+    lbo = ((desc >> 16) & 0x3FFF) << 4
+    sbo = ((desc >> 32) & 0x3FFF) << 4
+    base_offset = (desc >> 49) & 7
+    mode = desc >> 62
+    assert mode == 1 and base_offset == 0, (mode, base_offset)
+    assert desc & ~((0x3FFF) | (0x3FFF << 16) | (0x3FFF << 32) | (7 << 49) | (3 << 62)) == 0
+    return start, lbo, sbo
+
+
+def operand_kmajor(smem, desc, rows):
+    """(rows x 16) operand, K-major, 128B swizzle: element (r, k) at
+    start + (r // 8) * SBO + (r % 8) * 128 + 2 k (k < 16 stays inside one 128-byte row, so the
+    leading byte offset is not used), then swizzled."""
+    start, _lbo, sbo = decode_descriptor(desc)
+    r = np.arange(rows)[:, None]
+    k = np.arange(16)[None, :]
+    addr = start + (r // 8) * sbo + (r % 8) * 128 + 2 * k
+    return smem.read(swizzle128(addr))
+
+
+def operand_nmajor(smem, desc, n_extent):
+    """(16 x N) B operand, N-major, 128B swizzle: element (k, n) at
+    start + (n // 64) * LBO + (k // 8) * SBO + (k % 8) * 128 + 2 (n % 64), then swizzled."""
+    start, lbo, sbo = decode_descriptor(desc)
+    k = np.arange(16)[:, None]
+    n = np.arange(n_extent)[None, :]
+    addr = start + (n // 64) * lbo + (k // 8) * sbo + (k % 8) * 128 + 2 * (n % 64)
+    return smem.read(swizzle128(addr))
+
+
+def acc_coords(n_extent):
+    """wgmma m64nNk16 f32 accumulator: thread tid (0..127 of the warpgroup), register i ->
+    (row, col) = (16 w + g + 8 ((i % 4) // 2), 8 (i // 4) + 2 t + i % 2)."""
+    tid = np.arange(128)[:, None]
+    i = np.arange(n_extent // 2)[None, :]
+    w, lane = tid // 32, tid % 32
+    g, t = lane // 4, lane % 4
+    return 16 * w + g + 8 * ((i % 4) // 2), 8 * (i // 4) + 2 * t + i % 2
+
+
+def acc_to_regs(D):
+    rows, cols = acc_coords(D.shape[1])
+    return D[rows, cols]
+
+
+def regs_to_acc(regs, n_extent):
+    rows, cols = acc_coords(n_extent)
+    D = np.full((64, n_extent), np.nan)
+    seen = np.zeros((64, n_extent), dtype=int)
+    np.add.at(seen, (rows, cols), 1)
+    assert (seen == 1).all(), "accumulator layout is not a bijection"
+    D[rows, cols] = regs
+    return D
+
+
+def regA_to_matrix(pa):
+    """Register-A fragment (4 x 32-bit = 8 halves per thread) -> the 64 x 16 A matrix:
+    a0,a1 (16w+g, 2t..) a2,a3 (16w+g+8, 2t..) a4,a5 (16w+g, 2t+8..) a6,a7 (16w+g+8, 2t+8..);
+    pa[tid][reg] = (low half, high half) = (lower column, higher column)."""
+    A = np.full((64, 16), np.nan)
+    for tid in range(128):
+        w, lane = tid // 32, tid % 32
+        g, t = lane // 4, lane % 4
+        for reg, (dr, dc) in enumerate([(0, 0), (8, 0), (0, 8), (8, 8)]):
+            lo, hi = pa[tid][reg]
+            A[16 * w + g + dr, 2 * t + dc] = lo
+            A[16 * w + g + dr, 2 * t + dc + 1] = hi
+    assert not np.isnan(A).any()
+    return A
+
+
+def wgmma(D, A, B, accumulate):
+    """D (64 x N, f32) = A B (+ D): products of 16-bit values are exact in f32; the sum is f32."""
+    prod = (A.astype(np.float32) @ B.astype(np.float32)).astype(np.float32)
+    return (D.astype(np.float32) + prod) if accumulate else prod
+
+
+def shfl_xor(x, mask):
+    """x: (128 threads,) of a warpgroup; __shfl_xor_sync within each warp."""
+    tid = np.arange(128)
+    return x[(tid // 32) * 32 + ((tid % 32) ^ mask)]
+
+
+def exp2_ftz(x):
+    y = np.exp2(np.asarray(x, dtype=np.float32)).astype(np.float32)
+    return np.where(np.abs(y) < np.float32(2.0 ** -126), np.float32(0), y)
+
+
+# ---------------------------------------------------------------- kernel side
+def tile_bytes(DP):
+    return kRows * DP * 2, kKeys * DP * 2
+
+
+def smem_size(DP):
+    q_bytes, kv_bytes = tile_bytes(DP)
+    return q_bytes + 4 * kv_bytes + kSwizzleAtom
+
+
+def load_tile_swizzled(smem, dst, src, row0, rows_valid, cols, ROWS, DP):
+    """Mirrors load_tile_swizzled: every (row, 16-byte chunk) a thread copies."""
+    kChunks = DP // 8
+    for idx in range(ROWS * kChunks):  # the threads' strided loop, all iterations
+        r, c = divmod(idx, kChunks)
+        valid = row0 + r < rows_valid and 8 * c < cols
+        offset = (c // 8) * (ROWS * kSwizzleRow) + r * kSwizzleRow + (((c % 8) ^ (r % 8)) * 16)
+        values = src[row0 + r, 8 * c: 8 * c + 8] if valid else np.zeros(8)
+        smem.write16(dst + offset, values)
+
+
+def smem_descriptor(address, leading_bytes, stride_bytes):
+    return ((address & 0x3FFFF) >> 4) | ((leading_bytes >> 4) << 16) | ((stride_bytes >> 4) << 32) | (1 << 62)
+
+
+def run_block(q, k, v, out, lse, bx, bh, P, DP, dtype, raw_base):
+    q_bytes, kv_bytes = tile_bytes(DP)
+    window = raw_base + smem_size(DP)
+    smem = Smem(window + 64)
+    base = (raw_base + kSwizzleAtom - 1) & ~(kSwizzleAtom - 1)
+    assert base + q_bytes + 4 * kv_bytes <= raw_base + smem_size(DP)
+    sQ, sK = base, base + q_bytes
+    sV = sK + 2 * kv_bytes
+    b, h = divmod(bh, P["q_heads"])
+    kvh = b * P["kv_heads"] + h // P["group"]
+    m0 = bx * kRows
+    qm, km, vm = q[bh], k[kvh], v[kvh]  # (len, dim) row-major matrices
+    q_len, kv_len, head_dim, value_dim = P["q_len"], P["kv_len"], P["head_dim"], P["value_dim"]
+    tiles = (kv_len + kKeys - 1) // kKeys
+
+    load_tile_swizzled(smem, sQ, qm, m0, q_len, head_dim, kRows, DP)
+    load_tile_swizzled(smem, sK, km, 0, kv_len, head_dim, kKeys, DP)
+    load_tile_swizzled(smem, sV, vm, 0, kv_len, value_dim, kKeys, DP)
+
+    kmajor = smem_descriptor(0, 16, kSwizzleAtom)
+    nmajor = smem_descriptor(0, kKeys * kSwizzleRow, kSwizzleAtom)
+    k_start, v_start = sK >> 4, sV >> 4
+    kQBlock, kKVBlock = (kRows * kSwizzleRow) >> 4, (kKeys * kSwizzleRow) >> 4
+    kBuffer = kv_bytes >> 4
+    ks = np.float32(P["scale_log2"])
+    kDepth, kSteps, kOutRegs, kScoreRegs = DP // 16, kKeys // 16, DP // 2, kKeys // 2
+
+    state = []  # per warpgroup: each thread's O registers, row maxima and sum shares
+    for group in range(kGroups):
+        state.append(dict(o=np.zeros((128, kOutRegs), np.float32),
+                          m=np.full((128, 2), -np.inf, np.float32),
+                          l=np.zeros((128, 2), np.float32)))
+
+    for it in range(tiles):
+        buf = it & 1
+        if it + 1 < tiles:  # prefetch into the other buffer (lands at once here)
+            nxt = (it + 1) * kKeys
+            load_tile_swizzled(smem, sK + (buf ^ 1) * kv_bytes, km, nxt, kv_len, head_dim, kKeys, DP)
+            load_tile_swizzled(smem, sV + (buf ^ 1) * kv_bytes, vm, nxt, kv_len, value_dim, kKeys, DP)
+        for group in range(kGroups):
+            st = state[group]
+            q_start = (sQ + group * kGroupRows * kSwizzleRow) >> 4
+            # S = Q K^T
+            S = np.zeros((64, kKeys), np.float32)
+            for kk in range(kDepth):
+                within = (kk % 4) * 2
+                qd = kmajor | (q_start + (kk // 4) * kQBlock + within)
+                kd = kmajor | (k_start + buf * kBuffer + (kk // 4) * kKVBlock + within)
+                A = operand_kmajor(smem, qd, 64)
+                Bt = operand_kmajor(smem, kd, kKeys)  # (N x 16): B(k, n) = Bt[n, k]
+                S = wgmma(S, A, Bt.T, kk > 0)
+            s = acc_to_regs(S).astype(np.float32)  # (128 threads, 64 registers)
+
+            n0 = it * kKeys
+            valid = min(kv_len - n0, kKeys)
+            t = (np.arange(128) % 32) % 4
+            i = np.arange(kScoreRegs)
+            col = 8 * (i[None, :] // 4) + 2 * t[:, None] + (i[None, :] % 2)
+            if valid < kKeys:
+                s = np.where(col >= valid, np.float32(-np.inf), s)
+            row_of = (i // 2) % 2
+            tile_max = np.stack([s[:, row_of == r].max(axis=1) for r in range(2)], axis=1)
+            alpha = np.zeros((128, 2), np.float32)
+            neg_m = np.zeros((128, 2), np.float32)
+            for r in range(2):
+                tm = tile_max[:, r]
+                tm = np.maximum(tm, shfl_xor(tm, 1))
+                tm = np.maximum(tm, shfl_xor(tm, 2))
+                m_new = np.maximum(st["m"][:, r], tm)
+                m_use = np.where(m_new == -np.inf, np.float32(0), m_new)
+                with np.errstate(invalid="ignore"):
+                    alpha[:, r] = exp2_ftz((st["m"][:, r] - m_use) * ks)
+                neg_m[:, r] = -m_use * ks
+                st["m"][:, r] = m_new
+                st["l"][:, r] *= alpha[:, r]
+            s = exp2_ftz(np.float32(s) * ks + neg_m[:, row_of])  # fmaf: one rounding, close enough
+            for r in range(2):
+                st["l"][:, r] += s[:, row_of == r].sum(axis=1, dtype=np.float32)
+            st["o"] *= alpha[:, (np.arange(kOutRegs) // 2) % 2]
+
+            sr = round16(s, dtype)
+            O = regs_to_acc(st["o"], DP)
+            for kk in range(kSteps):
+                pa = [[(sr[tid, 8 * kk + 2 * j], sr[tid, 8 * kk + 2 * j + 1]) for j in range(4)]
+                      for tid in range(128)]
+                A = regA_to_matrix(pa)
+                vd = nmajor | (v_start + buf * kBuffer + kk * ((16 * kSwizzleRow) >> 4))
+                B = operand_nmajor(smem, vd, DP)
+                O = wgmma(O, A, B, True)
+            st["o"] = acc_to_regs(O).astype(np.float32)
+
+    for group in range(kGroups):
+        st = state[group]
+        for tid in range(128):
+            w, lane = tid // 32, tid % 32
+            g, t = lane // 4, lane % 4
+            row0 = m0 + group * kGroupRows + w * 16 + g
+            for r in range(2):
+                quad = (tid // 4) * 4 + np.arange(4)
+                s_sum = np.float32(st["l"][quad, r].sum(dtype=np.float32))
+                i = row0 + 8 * r
+                if i >= q_len:
+                    continue
+                inv = 1.0 / s_sum if s_sum > 0 else 0.0
+                for j in range(kOutRegs // 4):
+                    col = 8 * j + 2 * t
+                    if col < value_dim:
+                        out[bh, i, col] = round16(st["o"][tid, 4 * j + 2 * r] * inv, dtype)
+                        out[bh, i, col + 1] = round16(st["o"][tid, 4 * j + 2 * r + 1] * inv, dtype)
+                if t == 0:
+                    lse[bh, i] = (st["m"][tid, r] * ks + math.log2(s_sum)) * LN2 if s_sum > 0 else -np.inf
+
+
+def padded_head_dim(dh, dv):
+    d = max(dh, dv)
+    return 64 if d <= 64 else 128 if d <= 128 else 256 if d <= 256 else 0
+
+
+def emulate(batch, hq, hk, nq, nk, dh, dv, dtype, raw_base, seed):
+    rng = np.random.default_rng(seed)
+    DP = padded_head_dim(dh, dv)
+    assert DP in (64, 128) and dh % 8 == 0 and dv % 8 == 0
+    q = round16(rng.standard_normal((batch * hq, nq, dh)) * 1.5, dtype)
+    k = round16(rng.standard_normal((batch * hk, nk, dh)) * 1.5, dtype)
+    v = round16(rng.standard_normal((batch * hk, nk, dv)), dtype)
+    scale = 1.0 / math.sqrt(dh)
+    P = dict(q_heads=hq, kv_heads=hk, group=hq // hk, q_len=nq, kv_len=nk, head_dim=dh,
+             value_dim=dv, scale_log2=np.float32(scale) * np.float32(LOG2E))
+    out = np.full((batch * hq, nq, dv), np.nan)
+    lse = np.full((batch * hq, nq), np.nan)
+    for bh in range(batch * hq):
+        for bx in range((nq + kRows - 1) // kRows):
+            run_block(q, k, v, out, lse, bx, bh, P, DP, dtype, raw_base)
+    # dense float64 reference
+    kv_index = [(bh // hq) * hk + (bh % hq) // (hq // hk) for bh in range(batch * hq)]
+    scores = np.einsum("bid,bjd->bij", q, k[kv_index]) * scale
+    ref_lse = np.log(np.exp(scores - scores.max(-1, keepdims=True)).sum(-1)) + scores.max(-1)
+    ref = np.einsum("bij,bjd->bid", np.exp(scores - ref_lse[..., None]), v[kv_index])
+    assert not np.isnan(out).any() and not np.isnan(lse).any(), "unwritten outputs"
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    lse_err = np.abs(lse - ref_lse).max() / np.abs(ref_lse).max()
+    return err, lse_err
+
+
+CASES = [
+    # batch, hq, hk, nq, nk, dh, dv
+    (1, 2, 1, 300, 333, 128, 128),   # ragged q and kv, GQA 2:1, 3 key tiles
+    (2, 4, 2, 129, 257, 120, 112),   # Dh != Dv padded to 128, 2 q blocks, 3 key tiles
+    (1, 3, 3, 64, 128, 64, 64),      # DP 64, one whole key tile, a half-empty q block
+    (1, 2, 2, 200, 70, 64, 40),      # DP 64, Dv < Dh, a single ragged key tile
+    (1, 1, 1, 1, 1, 8, 8),           # one query, one key
+    (1, 4, 1, 130, 640, 96, 128),    # GQA 4:1, 5 whole key tiles, Dh < Dv
+]
+
+def mutation_checks():
+    """Each deliberate layout bug must make the emulated forward fail."""
+    global smem_descriptor, load_tile_swizzled, regA_to_matrix, swizzle128
+    case = (1, 2, 1, 150, 200, 128, 128)
+    good = (smem_descriptor, load_tile_swizzled, regA_to_matrix, swizzle128)
+
+    def swapped_v_offsets(address, leading, stride):
+        if leading == kKeys * kSwizzleRow:
+            leading, stride = stride, leading
+        return good[0](address, leading, stride)
+
+    def unswizzled_loads(smem, dst, src, row0, rows_valid, cols, ROWS, DP):
+        for idx in range(ROWS * (DP // 8)):
+            r, c = divmod(idx, DP // 8)
+            valid = row0 + r < rows_valid and 8 * c < cols
+            offset = (c // 8) * (ROWS * kSwizzleRow) + r * kSwizzleRow + (c % 8) * 16
+            smem.write16(dst + offset, src[row0 + r, 8 * c: 8 * c + 8] if valid else np.zeros(8))
+
+    mutations = {
+        "V leading / stride byte offsets swapped": ("smem_descriptor", swapped_v_offsets),
+        "tiles stored unswizzled": ("load_tile_swizzled", unswizzled_loads),
+        "P registers 1 and 2 swapped": (
+            "regA_to_matrix", lambda pa: good[2]([[p[0], p[2], p[1], p[3]] for p in pa])),
+        "hardware reads without the swizzle": ("swizzle128", lambda addr: addr),
+    }
+    caught = True
+    for name, (attr, bad) in mutations.items():
+        globals()[attr] = bad
+        try:
+            err, lse_err = emulate(*case, "bf16", 0x400, seed=1)
+            failed = err > 1e-2 or lse_err > 1e-5
+            print(f"{name}: out err {err:.2e}, lse err {lse_err:.2e}: {'caught' if failed else 'NOT caught'}")
+        except AssertionError as e:
+            failed = True
+            print(f"{name}: caught by an assertion ({e})")
+        caught &= failed
+        smem_descriptor, load_tile_swizzled, regA_to_matrix, swizzle128 = good
+    return caught
+
+
+if __name__ == "__main__":
+    if "--mutations" in sys.argv:
+        sys.exit(0 if mutation_checks() else 1)
+    worst = {}
+    for (case, dtype, raw_base) in itertools.product(CASES, ["bf16", "f16"], [0x400, 0x410]):
+        err, lse_err = emulate(*case, dtype, raw_base, seed=sum(case) + len(dtype))
+        tol = 1e-2 if dtype == "bf16" else 2e-3
+        ok = err <= tol and lse_err <= 1e-5
+        print(f"{case} {dtype} smem base {raw_base:#x}: out err {err:.2e} lse err {lse_err:.2e}"
+              f" {'ok' if ok else 'FAIL'}")
+        worst[dtype] = max(worst.get(dtype, 0), err)
+        if not ok:
+            sys.exit(1)
+    print("worst relative out error:", worst)
