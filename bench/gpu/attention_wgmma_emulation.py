@@ -11,7 +11,9 @@ values the kernel builds, the per-thread softmax on accumulator registers (quad 
 explicit), the P packing, the O rescale, the epilogue.
 "Hardware side" (written from the PTX ISA, independently of the kernel): shared memory as a byte
 array, descriptor decoding, what a K-major / N-major 128B-swizzled operand read returns, the
-wgmma m64nNk16 accumulator and register-A layouts, fp32 accumulation, bf16/f16 rounding.
+wgmma m64nNk16 accumulator and register-A layouts, fp32 accumulation, bf16/f16 rounding, and
+the ordering of cp.async groups, wgmma groups, proxy fences and barriers (Schedule: which tile
+each buffer holds, whether it is visible when a wgmma reads it, no copy overlapping a read).
 """
 
 from __future__ import annotations
@@ -153,7 +155,77 @@ def exp2_ftz(x):
     return np.where(np.abs(y) < np.float32(2.0 ** -126), np.float32(0), y)
 
 
+
+# ---------------------------------------------------------------- hardware: async ordering
+class Schedule:
+    """cp.async groups, wgmma groups, waits and block barriers of one block, both warpgroups
+    running the same program (so one program order stands for all threads). Phases are the
+    stretches between barriers; a thread may be anywhere within the current phase. A copy
+    occupies its slot from its issue phase to the phase of the cp.async.wait_group that
+    completes it; a wgmma read from its issue phase to the phase of its wgmma.wait_group.
+    Checks: a wgmma reads the tile it expects, written by copies that every thread completed
+    and fenced before an earlier barrier; no copy overlaps (in phases) a read of its slot."""
+
+    def __init__(self):
+        self.phase = 0
+        self.cp_groups, self.cp_open = [], []
+        self.wg_groups, self.wg_open = [], []
+        self.slots = {}  # slot -> (tag, copy record)
+        self.copies, self.reads = [], []
+        self.fenced_phase = -1  # last phase in which every thread fenced its completed copies
+
+    def copy(self, slot, tag):
+        rec = dict(slot=slot, tag=tag, issue=self.phase, done=None)
+        self.cp_open.append(rec)
+        self.copies.append(rec)
+        self.slots[slot] = (tag, rec)
+
+    def cp_commit(self):
+        self.cp_groups.append(self.cp_open)
+        self.cp_open = []
+
+    def cp_wait(self, n):
+        for grp in self.cp_groups[:len(self.cp_groups) - n]:
+            for rec in grp:
+                if rec["done"] is None:
+                    rec["done"] = self.phase
+        self.cp_groups = self.cp_groups[len(self.cp_groups) - n:] if n else []
+
+    def fence_proxy_async(self):
+        self.fenced_phase = self.phase
+
+    def barrier(self):
+        self.phase += 1
+
+    def read(self, slot, tag):
+        have, rec = self.slots[slot]
+        assert have == tag, f"wgmma reads {slot} expecting {tag}, holds {have}"
+        assert rec["done"] is not None and rec["done"] < self.phase, f"{tag}: copy not complete before a barrier"
+        assert self.fenced_phase >= rec["done"], f"{tag}: no proxy fence after its copy completed"
+        r = dict(slot=slot, tag=tag, issue=self.phase, done=None)
+        self.wg_open.append(r)
+        self.reads.append(r)
+
+    def wg_commit(self):
+        self.wg_groups.append(self.wg_open)
+        self.wg_open = []
+
+    def wg_wait(self, n):
+        for grp in self.wg_groups[:len(self.wg_groups) - n]:
+            for r in grp:
+                r["done"] = self.phase
+        self.wg_groups = self.wg_groups[len(self.wg_groups) - n:] if n else []
+
+    def check_races(self):
+        assert all(r["done"] is not None for r in self.reads), "wgmma never waited for"
+        for c in self.copies:
+            for r in self.reads:
+                if c["slot"] == r["slot"] and c["tag"] != r["tag"]:
+                    overlap = max(c["issue"], r["issue"]) <= min(c["done"], r["done"])
+                    assert not overlap, f"copy of {c['tag']} overlaps the read of {r['tag']} in {c['slot']}"
+
 # ---------------------------------------------------------------- kernel side
+MUTATE = {}  # deliberate schedule bugs, set by mutation_checks only
 def tile_bytes(DP):
     return kRows * DP * 2, kKeys * DP * 2
 
@@ -193,9 +265,17 @@ def run_block(q, k, v, out, lse, bx, bh, P, DP, dtype, raw_base):
     q_len, kv_len, head_dim, value_dim = P["q_len"], P["kv_len"], P["head_dim"], P["value_dim"]
     tiles = (kv_len + kKeys - 1) // kKeys
 
-    load_tile_swizzled(smem, sQ, qm, m0, q_len, head_dim, kRows, DP)
-    load_tile_swizzled(smem, sK, km, 0, kv_len, head_dim, kKeys, DP)
-    load_tile_swizzled(smem, sV, vm, 0, kv_len, value_dim, kKeys, DP)
+    sched = Schedule()
+
+    def load(dst, src, row0, rows_valid, cols, rows, slot, tag):
+        load_tile_swizzled(smem, dst, src, row0, rows_valid, cols, rows, DP)
+        sched.copy(slot, tag)
+
+    load(sQ, qm, m0, q_len, head_dim, kRows, "Q", "Q")
+    load(sK, km, 0, kv_len, head_dim, kKeys, "K0", "K_0")
+    sched.cp_commit()
+    load(sV, vm, 0, kv_len, value_dim, kKeys, "V0", "V_0")
+    sched.cp_commit()
 
     kmajor = smem_descriptor(0, 16, kSwizzleAtom)
     nmajor = smem_descriptor(0, kKeys * kSwizzleRow, kSwizzleAtom)
@@ -205,33 +285,54 @@ def run_block(q, k, v, out, lse, bx, bh, P, DP, dtype, raw_base):
     ks = np.float32(P["scale_log2"])
     kDepth, kSteps, kOutRegs, kScoreRegs = DP // 16, kKeys // 16, DP // 2, kKeys // 2
 
-    state = []  # per warpgroup: each thread's O registers, row maxima and sum shares
+    state = []  # per warpgroup: each thread's O registers, P registers, row maxima, sum shares
     for group in range(kGroups):
-        state.append(dict(o=np.zeros((128, kOutRegs), np.float32),
+        state.append(dict(o=np.zeros((128, kOutRegs), np.float32), pa=None,
                           m=np.full((128, 2), -np.inf, np.float32),
                           l=np.zeros((128, 2), np.float32)))
 
-    for it in range(tiles):
-        buf = it & 1
-        if it + 1 < tiles:  # prefetch into the other buffer (lands at once here)
-            nxt = (it + 1) * kKeys
-            load_tile_swizzled(smem, sK + (buf ^ 1) * kv_bytes, km, nxt, kv_len, head_dim, kKeys, DP)
-            load_tile_swizzled(smem, sV + (buf ^ 1) * kv_bytes, vm, nxt, kv_len, value_dim, kKeys, DP)
-        for group in range(kGroups):
+    def issue_pv(st, j):
+        """O += P_j V_j: P from the thread's pa registers, V_j from buffer j & 1."""
+        O = regs_to_acc(st["o"], DP)
+        for kk in range(kSteps):
+            A = regA_to_matrix([[st["pa"][tid][kk][r] for r in range(4)] for tid in range(128)])
+            vd = nmajor | (v_start + (j & 1) * kBuffer + kk * ((16 * kSwizzleRow) >> 4))
+            sched.read(f"V{j & 1}", f"V_{j}")
+            O = wgmma(O, A, operand_nmajor(smem, vd, DP), True)
+        st["o"] = acc_to_regs(O).astype(np.float32)
+
+    for j in range(tiles):
+        buf = j & 1
+        sched.cp_wait(MUTATE.get("cp_wait", 1))
+        sched.fence_proxy_async()
+        sched.barrier()
+        if j + 1 < tiles:
+            load(sK + (buf ^ 1) * kv_bytes, km, (j + 1) * kKeys, kv_len, head_dim, kKeys,
+                 f"K{buf ^ 1}", f"K_{j + 1}")
+        sched.cp_commit()
+        for group in range(kGroups):  # the warpgroups between the two barriers, in any order
             st = state[group]
             q_start = (sQ + group * kGroupRows * kSwizzleRow) >> 4
-            # S = Q K^T
             S = np.zeros((64, kKeys), np.float32)
             for kk in range(kDepth):
                 within = (kk % 4) * 2
                 qd = kmajor | (q_start + (kk // 4) * kQBlock + within)
                 kd = kmajor | (k_start + buf * kBuffer + (kk // 4) * kKVBlock + within)
+                sched.read("Q", "Q")
+                sched.read(f"K{buf}", f"K_{j}")
                 A = operand_kmajor(smem, qd, 64)
                 Bt = operand_kmajor(smem, kd, kKeys)  # (N x 16): B(k, n) = Bt[n, k]
                 S = wgmma(S, A, Bt.T, kk > 0)
+            sched.wg_commit()
             s = acc_to_regs(S).astype(np.float32)  # (128 threads, 64 registers)
+            if j > 0:
+                issue_pv(st, j - 1)
+                sched.wg_commit()
+                sched.wg_wait(1)
+            else:
+                sched.wg_wait(0)
 
-            n0 = it * kKeys
+            n0 = j * kKeys
             valid = min(kv_len - n0, kKeys)
             t = (np.arange(128) % 32) % 4
             i = np.arange(kScoreRegs)
@@ -256,18 +357,29 @@ def run_block(q, k, v, out, lse, bx, bh, P, DP, dtype, raw_base):
             s = exp2_ftz(np.float32(s) * ks + neg_m[:, row_of])  # fmaf: one rounding, close enough
             for r in range(2):
                 st["l"][:, r] += s[:, row_of == r].sum(axis=1, dtype=np.float32)
-            st["o"] *= alpha[:, (np.arange(kOutRegs) // 2) % 2]
 
+            sched.wg_wait(0)  # P_j-1 V_j-1 done: rescale O, then P_j replaces pa
+            st["o"] *= alpha[:, (np.arange(kOutRegs) // 2) % 2]
             sr = round16(s, dtype)
-            O = regs_to_acc(st["o"], DP)
-            for kk in range(kSteps):
-                pa = [[(sr[tid, 8 * kk + 2 * j], sr[tid, 8 * kk + 2 * j + 1]) for j in range(4)]
-                      for tid in range(128)]
-                A = regA_to_matrix(pa)
-                vd = nmajor | (v_start + buf * kBuffer + kk * ((16 * kSwizzleRow) >> 4))
-                B = operand_nmajor(smem, vd, DP)
-                O = wgmma(O, A, B, True)
-            st["o"] = acc_to_regs(O).astype(np.float32)
+            st["pa"] = [[[(sr[tid, 8 * kk + 2 * r], sr[tid, 8 * kk + 2 * r + 1]) for r in range(4)]
+                         for kk in range(kSteps)] for tid in range(128)]
+        if not MUTATE.get("v_prefetch_before_barrier"):
+            sched.barrier()
+        if j + 1 < tiles:
+            load(sV + (buf ^ 1) * kv_bytes, vm, (j + 1) * kKeys, kv_len, value_dim, kKeys,
+                 f"V{buf ^ 1}", f"V_{j + 1}")
+        if MUTATE.get("v_prefetch_before_barrier"):
+            sched.barrier()
+        sched.cp_commit()
+
+    sched.cp_wait(0)
+    sched.fence_proxy_async()
+    sched.barrier()
+    for group in range(kGroups):
+        issue_pv(state[group], tiles - 1)
+        sched.wg_commit()
+        sched.wg_wait(0)
+    sched.check_races()
 
     for group in range(kGroups):
         st = state[group]
@@ -335,7 +447,7 @@ CASES = [
 def mutation_checks():
     """Each deliberate layout bug must make the emulated forward fail."""
     global smem_descriptor, load_tile_swizzled, regA_to_matrix, swizzle128
-    case = (1, 2, 1, 150, 200, 128, 128)
+    case = (1, 2, 1, 150, 333, 128, 128)  # 3 key tiles: every buffer is reused
     good = (smem_descriptor, load_tile_swizzled, regA_to_matrix, swizzle128)
 
     def swapped_v_offsets(address, leading, stride):
@@ -358,6 +470,16 @@ def mutation_checks():
         "hardware reads without the swizzle": ("swizzle128", lambda addr: addr),
     }
     caught = True
+    for name, change in {"cp.async.wait_group 2 instead of 1": {"cp_wait": 2},
+                         "V prefetch before the second barrier": {"v_prefetch_before_barrier": True}}.items():
+        MUTATE.update(change)
+        try:
+            emulate(*case, "bf16", 0x400, seed=1)
+            print(f"{name}: NOT caught")
+            caught = False
+        except AssertionError as e:
+            print(f"{name}: caught by an assertion ({e})")
+        MUTATE.clear()
     for name, (attr, bad) in mutations.items():
         globals()[attr] = bad
         try:

@@ -14,11 +14,14 @@
 //   O += P V    wgmma m64nDPk16 with A = P re-packed in registers (the accumulator layout of
 //               S, packed to 16 bits, is the register-A layout) and B = V from shared memory
 //               read N-major (imm-trans-b = 1), kKeys / 16 steps.
-// K and V tiles are double-buffered with cp.async issued by all 256 threads; the wgmma of a
-// tile are waited for (wait_group 0) before the block barrier that lets the next prefetch
-// overwrite their buffer. No warp specialization, no overlap of one warpgroup's softmax with
-// its own wgmma: the two warpgroups' softmax and products interleave only as the scheduler
-// lets them between barriers.
+// The products of a warpgroup are software-pipelined by one tile: iteration j issues S_j and
+// then O += P_j-1 V_j-1, waits for S_j only (wait_group 1), runs the softmax of S_j while
+// P_j-1 V_j-1 is still on the tensor cores, and waits for that only to rescale O and to reuse
+// P's registers. K and V tiles are double-buffered in separate cp.async groups issued by all
+// 256 threads: K_j+1 is fetched right after the barrier that starts iteration j (its buffer
+// held K_j-1), V_j+1 after the barrier that ends it (its buffer held V_j-1, read until then).
+// No warp specialization: both warpgroups pass the same two barriers per tile, so one
+// warpgroup's softmax overlaps the other's products only as far as the scheduler lets them.
 //
 // Shared-memory layout (the same for Q, K and V): a (ROWS x DP) 16-bit tile is stored as DP / 64
 // column blocks, each (ROWS x 64) with 128-byte rows, in the 128-byte swizzle: the 16-byte
@@ -140,8 +143,9 @@ __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.a
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ void wgmma_wait_all() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 // Makes this thread's generic-proxy shared-memory writes (cp.async) visible to the async proxy
 // (wgmma operand reads); precedes the barrier after the copies land.
@@ -255,8 +259,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
   const T* v = p.v + kvh * p.kv_len * p.value_dim;
   const int64_t tiles = (p.kv_len + kKeys - 1) / kKeys;
 
+  // cp.async groups, two per key tile, committed even when empty so that the counts stay
+  // uniform: {Q, K_0}, {V_0}, then per iteration j {K_j+1} and {V_j+1}.
   load_tile_swizzled<T, kRows, DP>(sQ, q, m0, p.q_len, p.head_dim);
   load_tile_swizzled<T, kKeys, DP>(sK, k, 0, p.kv_len, p.head_dim);
+  cp_async_commit();
   load_tile_swizzled<T, kKeys, DP>(sV, v, 0, p.kv_len, p.value_dim);
   cp_async_commit();
 
@@ -278,22 +285,36 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
   float s[kScoreRegs];
 #pragma unroll
   for (int i = 0; i < kScoreRegs; ++i) s[i] = 0.0f;
+  uint32_t pa[kSteps][4];  // P of the previous tile as the A registers of its kSteps k16 steps
   const float ks = p.scale_log2;  // raw scores -> log2 units
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // row max (raw units), sum share
 
-  for (int64_t it = 0; it < tiles; ++it) {
-    const int buf = static_cast<int>(it & 1);
-    if (it + 1 < tiles) {  // prefetch the next tile into the other buffer
-      const int64_t next = (it + 1) * kKeys;
-      load_tile_swizzled<T, kKeys, DP>(sK + (buf ^ 1) * Tile::kKVBytes, k, next, p.kv_len, p.head_dim);
-      load_tile_swizzled<T, kKeys, DP>(sV + (buf ^ 1) * Tile::kKVBytes, v, next, p.kv_len, p.value_dim);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
+  // O += P V with P of tile j from pa and V_j from buffer j & 1: step kk reads keys
+  // 16kk..16kk+15, 2048 bytes further each.
+  auto issue_pv = [&](int64_t j) {
+#pragma unroll
+    for (int kk = 0; kk < kSteps; ++kk) {
+      const uint64_t vd = nmajor | (v_start + (j & 1) * kBuffer + kk * (16 * kSwizzleRow >> 4));
+      wgmma_rs_nmajor<T, DP>(o, pa[kk], vd);
     }
+    wgmma_commit();
+  };
+
+  // Iteration j: S_j = Q K_j^T and O += P_j-1 V_j-1 go to the tensor cores back to back; the
+  // softmax of S_j runs while P_j-1 V_j-1 is still in flight, and only the rescale of O waits
+  // for it. Buffers: K_j+1 overwrites K_j-1 (last read by S_j-1, complete before the barrier
+  // that ended iteration j-1), V_j+1 overwrites V_j-1 (read by P_j-1 V_j-1, complete before
+  // this iteration's second barrier).
+  for (int64_t j = 0; j < tiles; ++j) {
+    const int buf = static_cast<int>(j & 1);
+    cp_async_wait<1>();  // all but {V_j}: K_j and V_j-1 have landed
     fence_proxy_async();
     __syncthreads();
+    if (j + 1 < tiles) {
+      load_tile_swizzled<T, kKeys, DP>(sK + (buf ^ 1) * Tile::kKVBytes, k, (j + 1) * kKeys,
+                                       p.kv_len, p.head_dim);
+    }
+    cp_async_commit();
 
     // S = Q K^T over DP / 16 steps; step kk reads column block kk / 4 at byte 32 (kk % 4).
     wgmma_fence();
@@ -305,12 +326,17 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
       wgmma_ss_n128<T>(s, qd, kd, kk > 0);
     }
     wgmma_commit();
-    wgmma_wait_all();
+    if (j > 0) {
+      issue_pv(j - 1);
+      wgmma_wait<1>();  // S_j done; P_j-1 V_j-1 may still run
+    } else {
+      wgmma_wait<0>();
+    }
     pin(s);
 
     // Keys past the end (last tile of a ragged sequence) drop out; then the online softmax on
     // raw scores (scale > 0, checked by the launcher): exp2(s k - m k).
-    const int64_t n0 = it * kKeys;
+    const int64_t n0 = j * kKeys;
     const int valid = p.kv_len - n0 < kKeys ? static_cast<int>(p.kv_len - n0) : kKeys;
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -337,12 +363,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
       s[i] = exp2_ftz(fmaf(s[i], ks, neg_m[(i / 2) % 2]));
       l[(i / 2) % 2] += s[i];
     }
+
+    // P_j-1 V_j-1 done: O moves to this tile's maximum, and P_j takes over pa (n8 tiles 2kk,
+    // keys 16kk + 2t.., and 2kk + 1, keys 16kk + 8 + 2t..; rows g and g + 8).
+    wgmma_wait<0>();
+    pin(o);
+#pragma unroll
+    for (int kk = 0; kk < kSteps; ++kk) pin(pa[kk]);
 #pragma unroll
     for (int i = 0; i < kOutRegs; ++i) o[i] *= alpha[(i / 2) % 2];
-
-    // P as the A registers of the kSteps k16 steps: n8 tiles 2kk (keys 16kk + 2t..) and
-    // 2kk + 1 (keys 16kk + 8 + 2t..), rows g and g + 8.
-    uint32_t pa[kSteps][4];
 #pragma unroll
     for (int kk = 0; kk < kSteps; ++kk) {
       pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
@@ -351,21 +380,21 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
       pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
     }
 
-    // O += P V: step kk reads keys 16kk..16kk+15 of V, 2048 bytes further each.
-    pin(o);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kSteps; ++kk) {
-      const uint64_t vd = nmajor | (v_start + buf * kBuffer + kk * (16 * kSwizzleRow >> 4));
-      wgmma_rs_nmajor<T, DP>(o, pa[kk], vd);
+    __syncthreads();  // both warpgroups are done with K_j and V_j-1
+    if (j + 1 < tiles) {
+      load_tile_swizzled<T, kKeys, DP>(sV + (buf ^ 1) * Tile::kKVBytes, v, (j + 1) * kKeys,
+                                       p.kv_len, p.value_dim);
     }
-    wgmma_commit();
-    wgmma_wait_all();
-    pin(o);
-#pragma unroll
-    for (int kk = 0; kk < kSteps; ++kk) pin(pa[kk]);
-    __syncthreads();  // this buffer is refilled by the prefetch of the next iteration
+    cp_async_commit();
   }
+  // The last tile's O += P V.
+  cp_async_wait<0>();
+  fence_proxy_async();
+  __syncthreads();
+  wgmma_fence();
+  issue_pv(tiles - 1);
+  wgmma_wait<0>();
+  pin(o);
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
