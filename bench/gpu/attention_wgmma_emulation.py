@@ -232,7 +232,7 @@ def tile_bytes(DP):
 
 def smem_size(DP):
     q_bytes, kv_bytes = tile_bytes(DP)
-    return q_bytes + 4 * kv_bytes + kSwizzleAtom
+    return q_bytes + 5 * kv_bytes + kSwizzleAtom  # Q, K x 2, V x 3, alignment slack
 
 
 def load_tile_swizzled(smem, dst, src, row0, rows_valid, cols, ROWS, DP):
@@ -255,7 +255,7 @@ def run_block(q, k, v, out, lse, bx, bh, P, DP, dtype, raw_base):
     window = raw_base + smem_size(DP)
     smem = Smem(window + 64)
     base = (raw_base + kSwizzleAtom - 1) & ~(kSwizzleAtom - 1)
-    assert base + q_bytes + 4 * kv_bytes <= raw_base + smem_size(DP)
+    assert base + q_bytes + 5 * kv_bytes <= raw_base + smem_size(DP)
     sQ, sK = base, base + q_bytes
     sV = sK + 2 * kv_bytes
     b, h = divmod(bh, P["q_heads"])
@@ -273,7 +273,6 @@ def run_block(q, k, v, out, lse, bx, bh, P, DP, dtype, raw_base):
 
     load(sQ, qm, m0, q_len, head_dim, kRows, "Q", "Q")
     load(sK, km, 0, kv_len, head_dim, kKeys, "K0", "K_0")
-    sched.cp_commit()
     load(sV, vm, 0, kv_len, value_dim, kKeys, "V0", "V_0")
     sched.cp_commit()
 
@@ -292,25 +291,29 @@ def run_block(q, k, v, out, lse, bx, bh, P, DP, dtype, raw_base):
                           l=np.zeros((128, 2), np.float32)))
 
     def issue_pv(st, j):
-        """O += P_j V_j: P from the thread's pa registers, V_j from buffer j & 1."""
+        """O += P_j V_j: P from the thread's pa registers, V_j from buffer j % 3."""
         O = regs_to_acc(st["o"], DP)
         for kk in range(kSteps):
             A = regA_to_matrix([[st["pa"][tid][kk][r] for r in range(4)] for tid in range(128)])
-            vd = nmajor | (v_start + (j & 1) * kBuffer + kk * ((16 * kSwizzleRow) >> 4))
-            sched.read(f"V{j & 1}", f"V_{j}")
+            v_buf = j % MUTATE.get("v_buffers", 3)
+            vd = nmajor | (v_start + v_buf * kBuffer + kk * ((16 * kSwizzleRow) >> 4))
+            sched.read(f"V{v_buf}", f"V_{j}")
             O = wgmma(O, A, operand_nmajor(smem, vd, DP), True)
         st["o"] = acc_to_regs(O).astype(np.float32)
 
     for j in range(tiles):
         buf = j & 1
-        sched.cp_wait(MUTATE.get("cp_wait", 1))
+        sched.cp_wait(MUTATE.get("cp_wait", 0))
         sched.fence_proxy_async()
         sched.barrier()
         if j + 1 < tiles:
             load(sK + (buf ^ 1) * kv_bytes, km, (j + 1) * kKeys, kv_len, head_dim, kKeys,
                  f"K{buf ^ 1}", f"K_{j + 1}")
-        sched.cp_commit()
-        for group in range(kGroups):  # the warpgroups between the two barriers, in any order
+            v_next = (j + 1) % MUTATE.get("v_buffers", 3)
+            load(sV + v_next * kv_bytes, vm, (j + 1) * kKeys, kv_len, value_dim, kKeys,
+                 f"V{v_next}", f"V_{j + 1}")
+            sched.cp_commit()
+        for group in range(kGroups):  # the warpgroups until the next barrier, in any order
             st = state[group]
             q_start = (sQ + group * kGroupRows * kSwizzleRow) >> 4
             S = np.zeros((64, kKeys), np.float32)
@@ -363,19 +366,8 @@ def run_block(q, k, v, out, lse, bx, bh, P, DP, dtype, raw_base):
             sr = round16(s, dtype)
             st["pa"] = [[[(sr[tid, 8 * kk + 2 * r], sr[tid, 8 * kk + 2 * r + 1]) for r in range(4)]
                          for kk in range(kSteps)] for tid in range(128)]
-        if not MUTATE.get("v_prefetch_before_barrier"):
-            sched.barrier()
-        if j + 1 < tiles:
-            load(sV + (buf ^ 1) * kv_bytes, vm, (j + 1) * kKeys, kv_len, value_dim, kKeys,
-                 f"V{buf ^ 1}", f"V_{j + 1}")
-        if MUTATE.get("v_prefetch_before_barrier"):
-            sched.barrier()
-        sched.cp_commit()
 
-    sched.cp_wait(0)
-    sched.fence_proxy_async()
-    sched.barrier()
-    for group in range(kGroups):
+    for group in range(kGroups):  # the last tile's P V
         issue_pv(state[group], tiles - 1)
         sched.wg_commit()
         sched.wg_wait(0)
@@ -470,8 +462,8 @@ def mutation_checks():
         "hardware reads without the swizzle": ("swizzle128", lambda addr: addr),
     }
     caught = True
-    for name, change in {"cp.async.wait_group 2 instead of 1": {"cp_wait": 2},
-                         "V prefetch before the second barrier": {"v_prefetch_before_barrier": True}}.items():
+    for name, change in {"cp.async.wait_group 1 instead of 0": {"cp_wait": 1},
+                         "two V buffers instead of three": {"v_buffers": 2}}.items():
         MUTATE.update(change)
         try:
             emulate(*case, "bf16", 0x400, seed=1)

@@ -17,11 +17,10 @@
 // The products of a warpgroup are software-pipelined by one tile: iteration j issues S_j and
 // then O += P_j-1 V_j-1, waits for S_j only (wait_group 1), runs the softmax of S_j while
 // P_j-1 V_j-1 is still on the tensor cores, and waits for that only to rescale O and to reuse
-// P's registers. K and V tiles are double-buffered in separate cp.async groups issued by all
-// 256 threads: K_j+1 is fetched right after the barrier that starts iteration j (its buffer
-// held K_j-1), V_j+1 after the barrier that ends it (its buffer held V_j-1, read until then).
-// No warp specialization: both warpgroups pass the same two barriers per tile, so one
-// warpgroup's softmax overlaps the other's products only as far as the scheduler lets them.
+// P's registers. K tiles are double-buffered and V tiles triple-buffered (V_j-1 is still read
+// while V_j waits and V_j+1 loads), with cp.async issued by all 256 threads right after the one
+// block barrier per tile. No warp specialization: both warpgroups pass that barrier every tile,
+// so one warpgroup's softmax overlaps the other's products only within a tile.
 //
 // Shared-memory layout (the same for Q, K and V): a (ROWS x DP) 16-bit tile is stored as DP / 64
 // column blocks, each (ROWS x 64) with 128-byte rows, in the 128-byte swizzle: the 16-byte
@@ -84,8 +83,9 @@ template <int DP>
 struct WgmmaTile {
   static constexpr uint32_t kQBytes = kRows * DP * 2;
   static constexpr uint32_t kKVBytes = kKeys * DP * 2;
-  // Q, then K and V two buffers each, plus slack to round the base up to 1024 bytes.
-  static constexpr size_t kSmem = kQBytes + 4 * size_t(kKVBytes) + kSwizzleAtom;
+  // Q, K in two buffers, V in three, plus slack to round the base up to 1024 bytes
+  // (DP 128: 193 KiB of the 227 KiB a block may have).
+  static constexpr size_t kSmem = kQBytes + 5 * size_t(kKVBytes) + kSwizzleAtom;
 };
 
 template <typename T>
@@ -244,8 +244,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
   const uint32_t raw = smem_addr(smem_raw);
   unsigned char* smem = smem_raw + (((raw + kSwizzleAtom - 1) & ~(kSwizzleAtom - 1)) - raw);
   unsigned char* sQ = smem;
-  unsigned char* sK = sQ + Tile::kQBytes;      // buffer i at sK + i * kKVBytes
-  unsigned char* sV = sK + 2 * Tile::kKVBytes;  // likewise
+  unsigned char* sK = sQ + Tile::kQBytes;      // buffer i (0, 1) at sK + i * kKVBytes
+  unsigned char* sV = sK + 2 * Tile::kKVBytes;  // buffer i (0, 1, 2) at sV + i * kKVBytes
 
   const int group = threadIdx.x / 128;  // warpgroup: query rows 64 * group .. + 63 of the block
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
@@ -259,11 +259,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
   const T* v = p.v + kvh * p.kv_len * p.value_dim;
   const int64_t tiles = (p.kv_len + kKeys - 1) / kKeys;
 
-  // cp.async groups, two per key tile, committed even when empty so that the counts stay
-  // uniform: {Q, K_0}, {V_0}, then per iteration j {K_j+1} and {V_j+1}.
+  // cp.async groups: {Q, K_0, V_0}, then one per iteration j: {K_j+1, V_j+1}.
   load_tile_swizzled<T, kRows, DP>(sQ, q, m0, p.q_len, p.head_dim);
   load_tile_swizzled<T, kKeys, DP>(sK, k, 0, p.kv_len, p.head_dim);
-  cp_async_commit();
   load_tile_swizzled<T, kKeys, DP>(sV, v, 0, p.kv_len, p.value_dim);
   cp_async_commit();
 
@@ -289,12 +287,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
   const float ks = p.scale_log2;  // raw scores -> log2 units
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // row max (raw units), sum share
 
-  // O += P V with P of tile j from pa and V_j from buffer j & 1: step kk reads keys
-  // 16kk..16kk+15, 2048 bytes further each.
-  auto issue_pv = [&](int64_t j) {
+  // O += P V with P from pa and V from buffer v_buf: step kk reads keys 16kk..16kk+15, 2048
+  // bytes further each.
+  auto issue_pv = [&](int v_buf) {
 #pragma unroll
     for (int kk = 0; kk < kSteps; ++kk) {
-      const uint64_t vd = nmajor | (v_start + (j & 1) * kBuffer + kk * (16 * kSwizzleRow >> 4));
+      const uint64_t vd = nmajor | (v_start + v_buf * kBuffer + kk * (16 * kSwizzleRow >> 4));
       wgmma_rs_nmajor<T, DP>(o, pa[kk], vd);
     }
     wgmma_commit();
@@ -302,19 +300,23 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
 
   // Iteration j: S_j = Q K_j^T and O += P_j-1 V_j-1 go to the tensor cores back to back; the
   // softmax of S_j runs while P_j-1 V_j-1 is still in flight, and only the rescale of O waits
-  // for it. Buffers: K_j+1 overwrites K_j-1 (last read by S_j-1, complete before the barrier
-  // that ended iteration j-1), V_j+1 overwrites V_j-1 (read by P_j-1 V_j-1, complete before
-  // this iteration's second barrier).
+  // for it. One barrier per tile: after it, K_j+1 overwrites K_j-1 (last read by S_j-1) and
+  // V_j+1 overwrites V_j-2 (last read by P_j-2 V_j-2), both waited for in iteration j-1,
+  // while P_j-1 V_j-1 may still read V_j-1 from the third buffer.
+  int v_buf = 0;  // j % 3
   for (int64_t j = 0; j < tiles; ++j) {
     const int buf = static_cast<int>(j & 1);
-    cp_async_wait<1>();  // all but {V_j}: K_j and V_j-1 have landed
+    const int v_prev = v_buf == 0 ? 2 : v_buf - 1, v_next = v_buf == 2 ? 0 : v_buf + 1;
+    cp_async_wait<0>();  // K_j and V_j have landed
     fence_proxy_async();
     __syncthreads();
     if (j + 1 < tiles) {
       load_tile_swizzled<T, kKeys, DP>(sK + (buf ^ 1) * Tile::kKVBytes, k, (j + 1) * kKeys,
                                        p.kv_len, p.head_dim);
+      load_tile_swizzled<T, kKeys, DP>(sV + v_next * Tile::kKVBytes, v, (j + 1) * kKeys,
+                                       p.kv_len, p.value_dim);
+      cp_async_commit();
     }
-    cp_async_commit();
 
     // S = Q K^T over DP / 16 steps; step kk reads column block kk / 4 at byte 32 (kk % 4).
     wgmma_fence();
@@ -327,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
     }
     wgmma_commit();
     if (j > 0) {
-      issue_pv(j - 1);
+      issue_pv(v_prev);
       wgmma_wait<1>();  // S_j done; P_j-1 V_j-1 may still run
     } else {
       wgmma_wait<0>();
@@ -380,19 +382,11 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
       pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
     }
 
-    __syncthreads();  // both warpgroups are done with K_j and V_j-1
-    if (j + 1 < tiles) {
-      load_tile_swizzled<T, kKeys, DP>(sV + (buf ^ 1) * Tile::kKVBytes, v, (j + 1) * kKeys,
-                                       p.kv_len, p.value_dim);
-    }
-    cp_async_commit();
+    v_buf = v_next;
   }
-  // The last tile's O += P V.
-  cp_async_wait<0>();
-  fence_proxy_async();
-  __syncthreads();
+  // The last tile's O += P V (its V landed and was fenced before the last barrier).
   wgmma_fence();
-  issue_pv(tiles - 1);
+  issue_pv(v_buf == 0 ? 2 : v_buf - 1);
   wgmma_wait<0>();
   pin(o);
 
