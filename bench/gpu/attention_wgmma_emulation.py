@@ -306,13 +306,6 @@ def run_block(q, k, v, out, lse, bx, bh, P, DP, dtype, raw_base):
         sched.cp_wait(MUTATE.get("cp_wait", 0))
         sched.fence_proxy_async()
         sched.barrier()
-        if j + 1 < tiles:
-            load(sK + (buf ^ 1) * kv_bytes, km, (j + 1) * kKeys, kv_len, head_dim, kKeys,
-                 f"K{buf ^ 1}", f"K_{j + 1}")
-            v_next = (j + 1) % MUTATE.get("v_buffers", 3)
-            load(sV + v_next * kv_bytes, vm, (j + 1) * kKeys, kv_len, value_dim, kKeys,
-                 f"V{v_next}", f"V_{j + 1}")
-            sched.cp_commit()
         for group in range(kGroups):  # the warpgroups until the next barrier, in any order
             st = state[group]
             q_start = (sQ + group * kGroupRows * kSwizzleRow) >> 4
@@ -331,6 +324,14 @@ def run_block(q, k, v, out, lse, bx, bh, P, DP, dtype, raw_base):
             if j > 0:
                 issue_pv(st, j - 1)
                 sched.wg_commit()
+            if group == 0 and j + 1 < tiles:  # the next tile's copies (every thread takes part)
+                load(sK + (buf ^ 1) * kv_bytes, km, (j + 1) * kKeys, kv_len, head_dim, kKeys,
+                     f"K{buf ^ 1}", f"K_{j + 1}")
+                v_next = (j + 1) % MUTATE.get("v_buffers", 3)
+                load(sV + v_next * kv_bytes, vm, (j + 1) * kKeys, kv_len, value_dim, kKeys,
+                     f"V{v_next}", f"V_{j + 1}")
+                sched.cp_commit()
+            if j > 0:
                 sched.wg_wait(1)
             else:
                 sched.wg_wait(0)

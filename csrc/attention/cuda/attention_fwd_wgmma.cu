@@ -302,7 +302,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
   // softmax of S_j runs while P_j-1 V_j-1 is still in flight, and only the rescale of O waits
   // for it. One barrier per tile: after it, K_j+1 overwrites K_j-1 (last read by S_j-1) and
   // V_j+1 overwrites V_j-2 (last read by P_j-2 V_j-2), both waited for in iteration j-1,
-  // while P_j-1 V_j-1 may still read V_j-1 from the third buffer.
+  // while P_j-1 V_j-1 may still read V_j-1 from the third buffer. The copies are issued after
+  // the products, which need nothing from them.
   int v_buf = 0;  // j % 3
   for (int64_t j = 0; j < tiles; ++j) {
     const int buf = static_cast<int>(j & 1);
@@ -310,13 +311,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
     cp_async_wait<0>();  // K_j and V_j have landed
     fence_proxy_async();
     __syncthreads();
-    if (j + 1 < tiles) {
-      load_tile_swizzled<T, kKeys, DP>(sK + (buf ^ 1) * Tile::kKVBytes, k, (j + 1) * kKeys,
-                                       p.kv_len, p.head_dim);
-      load_tile_swizzled<T, kKeys, DP>(sV + v_next * Tile::kKVBytes, v, (j + 1) * kKeys,
-                                       p.kv_len, p.value_dim);
-      cp_async_commit();
-    }
 
     // S = Q K^T over DP / 16 steps; step kk reads column block kk / 4 at byte 32 (kk % 4).
     wgmma_fence();
@@ -328,8 +322,16 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
       wgmma_ss_n128<T>(s, qd, kd, kk > 0);
     }
     wgmma_commit();
+    if (j > 0) issue_pv(v_prev);
+    // The next tile's copies, issued while the products run.
+    if (j + 1 < tiles) {
+      load_tile_swizzled<T, kKeys, DP>(sK + (buf ^ 1) * Tile::kKVBytes, k, (j + 1) * kKeys,
+                                       p.kv_len, p.head_dim);
+      load_tile_swizzled<T, kKeys, DP>(sV + v_next * Tile::kKVBytes, v, (j + 1) * kKeys,
+                                       p.kv_len, p.value_dim);
+      cp_async_commit();
+    }
     if (j > 0) {
-      issue_pv(v_prev);
       wgmma_wait<1>();  // S_j done; P_j-1 V_j-1 may still run
     } else {
       wgmma_wait<0>();
