@@ -18,9 +18,10 @@
 // then O += P_j-1 V_j-1, waits for S_j only (wait_group 1), runs the softmax of S_j while
 // P_j-1 V_j-1 is still on the tensor cores, and waits for that only to rescale O and to reuse
 // P's registers. K tiles are double-buffered and V tiles triple-buffered (V_j-1 is still read
-// while V_j waits and V_j+1 loads), with cp.async issued by all 256 threads right after the one
-// block barrier per tile. No warp specialization: both warpgroups pass that barrier every tile,
-// so one warpgroup's softmax overlaps the other's products only within a tile.
+// while V_j waits and V_j+1 loads), with cp.async issued by all 256 threads once a tile's
+// products are on their way; one block barrier per tile. No warp specialization: both
+// warpgroups pass that barrier every tile, so one warpgroup's softmax overlaps the other's
+// products only within a tile.
 //
 // Shared-memory layout (the same for Q, K and V): a (ROWS x DP) 16-bit tile is stored as DP / 64
 // column blocks, each (ROWS x 64) with 128-byte rows, in the 128-byte swizzle: the 16-byte
@@ -53,7 +54,8 @@
 //     a[3] = A(16w + g + 8, 2t+8..)   (low half = lower column)
 // so the S registers of n8 tiles 2s and 2s + 1 packed pairwise are the A registers of k16 step s.
 // bench/gpu/attention_wgmma_emulation.py models all of the above (smem bytes, swizzle,
-// descriptors, register layouts, softmax) in numpy against a float64 reference; keep it in step.
+// descriptors, register layouts, softmax, the order of copies, products, waits and barriers)
+// in numpy against a float64 reference; keep it in step.
 #include <cmath>
 #include <cstdint>
 
