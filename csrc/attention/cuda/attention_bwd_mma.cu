@@ -1,5 +1,5 @@
-// Attention backward on tensor cores with mma.sync, flash-attention-2 style: a block of 4
-// warps owns 16 keys per warp of one (batch, key/value head) and walks every
+// Attention backward on tensor cores with mma.sync, flash-attention-2 style: a block of
+// warps (BwdMmaTile) owns 16 keys per warp of one (batch, key/value head) and walks every
 // query tile of every query head of the group. Per tile a warp computes, in registers,
 // S^T = K Q^T and dP^T = V dO^T for its keys, P^T = exp(S^T - lse) (from the forward's
 // logsumexp) and dS^T = P^T (dP^T - delta), delta = rowsum(dO * O) precomputed; then
@@ -15,6 +15,9 @@
 // the end is one select per element; the mask read is compiled in only when there is one.
 // Needs head dims that are multiples of 8 and 16-byte aligned tensors; head dims are
 // zero-padded to DP = 64 or 128. Fragment layouts: mma_sm80.cuh.
+// At DP = 128, where the device has 173 KB of shared memory per block, the staged kernel
+// further down runs instead: 32 keys per warp, P^T and dS^T in shared memory, dK / dV split
+// by head dim among warps (fewer shared-memory reads per MMA; see its comment).
 #include <cmath>
 #include <cstdint>
 
@@ -372,12 +375,383 @@ __global__ void __launch_bounds__(BwdMmaTile<DP>::kThreads)
   }
 }
 
-template <typename T, int DP>
-cudaError_t launch(const AttentionBackwardArgs& args, cudaStream_t stream) {
-  using Tile = BwdMmaTile<DP>;
+// Backward at DP = 128 with the block's work split three ways, P^T and dS^T staged in shared
+// memory (the flash-attention-2 partition, in our own code). A block owns 128 keys of one
+// (batch, key/value head) and walks the group's query tiles of 64 rows, as the kernel above;
+// its 8 warps w = 0..7 take, per tile:
+//   1. S^T = K Q^T and dP^T = V dO^T, then P^T and dS^T: keys 32 (w / 2) .. + 32 x queries
+//      32 (w % 2) .. + 32 (two m16 tiles x four n8 tiles), written to shared memory (16-bit);
+//   2. dV += P^T dO and dK += dS^T Q over the tile's 64 queries: the same 32 keys x head-dim
+//      columns 64 (w % 2) .. + 64, in registers (64 + 64 floats per thread) until the end;
+//      the warp's own 32 queries right after step 1, P^T and dS^T still in registers, those
+//      of the other warp of its key pair (w ^ 1) from shared memory after the barrier;
+//   3. dQ = dS K over the 128 keys: queries 32 (w / 4) .. + 32 x columns 32 (w % 4) .. + 32,
+//      added into the fp32 dQ buffer as above.
+// Against 16 keys per warp, each K / V / Q / dO / P^T / dS^T fragment read from shared memory
+// feeds two to four MMAs instead of one to two: per warp and 64-row tile 320 MMAs and 136
+// ldmatrix.x4 (0.425 per MMA; the kernel above: 0.65) plus 32 32-bit stores of P^T / dS^T,
+// and two barriers per 64 rows instead of per 32. Needs 173 KB of shared memory (H100 /
+// H200: 227 KB); where a device has less, the kernel above runs instead.
+template <int DP>
+struct BwdStagedTile {
+  static constexpr int kWarps = 8, kThreads = 32 * kWarps;
+  static constexpr int kKeys = 128, kBM = 64;
+  static constexpr int kLd = DP + 8;    // +16 bytes per row: conflict-free ldmatrix rows
+  static constexpr int kLdS = kBM + 8;  // likewise for P^T, dS^T (and their 32-bit stores)
+  // K, V (kKeys rows); Q, dO (kBM rows, two buffers each); P^T, dS^T (kKeys x kBM), all
+  // 16-bit; lse and delta (kBM floats, two buffers each).
+  static constexpr size_t kSmem =
+      2 * (size_t(kLd) * (2 * kKeys + 4 * kBM) + 2 * size_t(kKeys) * kLdS) +
+      4 * 4 * size_t(kBM);
+};
+
+template <typename T, int DP, bool kHasMask>
+__global__ void __launch_bounds__(BwdStagedTile<DP>::kThreads)
+    attention_bwd_mma_staged_kernel(const BwdMmaParams<T> p) {
+  using Tile = BwdStagedTile<DP>;
+  constexpr int kThreads = Tile::kThreads, kKeys = Tile::kKeys;
+  constexpr int BM = Tile::kBM, LD = Tile::kLd, LDS = Tile::kLdS;
+  constexpr int kDepth = DP / 16;      // k16 steps over the head dim (S^T, dP^T)
+  constexpr int kKvDims = DP / 2;      // dK, dV columns per warp
+  constexpr int kQDims = DP / 4;       // dQ columns per warp
+  static_assert(DP == 128 && kKeys == 128 && BM == 64,
+                "the warp partition below is written for 8 warps, 128 keys, 64 rows, DP = 128");
+  static_assert(BM <= kThreads, "one thread reads each row's lse and delta");
+  constexpr uint32_t kRowBytes = LD * sizeof(T), kSRowBytes = LDS * sizeof(T);
+  constexpr uint32_t kBufferBytes = BM * kRowBytes;  // one Q or dO buffer
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + kKeys * LD;
+  T* sQ = sV + kKeys * LD;     // buffer i at sQ + i * BM * LD
+  T* sdO = sQ + 2 * BM * LD;   // likewise
+  T* sP = sdO + 2 * BM * LD;   // P^T: rows are keys, columns queries
+  T* sdS = sP + kKeys * LDS;   // dS^T, likewise
+  float* sLse = reinterpret_cast<float*>(sdS + kKeys * LDS);  // buffer i at sLse + i * BM
+  float* sDelta = sLse + 2 * BM;                              // likewise
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t bkv = p.bkv_offset + blockIdx.y;
+  const int64_t b = bkv / p.kv_heads, hk = bkv - b * p.kv_heads;
+  const int64_t n0 = int64_t(blockIdx.x) * kKeys;
+  const int64_t head0 = b * p.q_heads + hk * p.group;
+  const int64_t q_tiles = (p.q_len + BM - 1) / BM;
+  const int64_t tiles = p.group * q_tiles;
+  const int keys_here = static_cast<int>(p.kv_len - n0 < kKeys ? p.kv_len - n0 : kKeys);
+
+  auto load_query_tile = [&](int64_t gi, int64_t m0, int buf) {
+    const int64_t bh = head0 + gi;
+    load_tile_async<T, BM, DP, kThreads>(sQ + buf * BM * LD, p.q + bh * p.q_len * p.head_dim,
+                                         m0, p.q_len, p.head_dim);
+    load_tile_async<T, BM, DP, kThreads>(sdO + buf * BM * LD,
+                                         p.grad_out + bh * p.q_len * p.value_dim, m0, p.q_len,
+                                         p.value_dim);
+  };
+  load_tile_async<T, kKeys, DP, kThreads>(sK, p.k + bkv * p.kv_len * p.head_dim, n0, p.kv_len,
+                                          p.head_dim);
+  load_tile_async<T, kKeys, DP, kThreads>(sV, p.v + bkv * p.kv_len * p.value_dim, n0,
+                                          p.kv_len, p.value_dim);
+  load_query_tile(0, 0, 0);
+  cp_async_commit();
+  if (threadIdx.x < BM) {
+    store_row_stats(sLse, sDelta, threadIdx.x,
+                    read_row_stats(p.lse + head0 * p.q_len, p.delta + head0 * p.q_len,
+                                   threadIdx.x, p.q_len));
+  }
+
+  // Phase 1 and 2 keys of this warp: kw0 .. kw0 + 31 of the block; this thread's are
+  // kw0 + 16 mi + g + 8 r (mi, r = 0, 1), the rows of its accumulator elements. A key past
+  // the end has a zero K row, so S = 0 there and P would be exp(-lse), not 0: it is dropped
+  // by the key test.
+  const int kw0 = 32 * (warp / 2);
+  const int qw0 = 32 * (warp % 2);       // phase 1 queries (tile rows)
+  const int qo0 = 32 - qw0;              // the other warp of the key pair: its queries
+  const int dw0 = kKvDims * (warp % 2);  // phase 2 dK / dV columns
+  const int q30 = 32 * (warp / 4);       // phase 3 queries (tile rows)
+  const int d30 = kQDims * (warp % 4);   // phase 3 dQ columns
+  float dk[2][kKvDims / 8][4], dv[2][kKvDims / 8][4];  // [key m16 tile][dim n8 tile]
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int dj = 0; dj < kKvDims / 8; ++dj) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[mi][dj][e] = dv[mi][dj][e] = 0.0f;
+    }
+  }
+
+  // ldmatrix row addresses, the two lane patterns of the kernel above (rows_first,
+  // cols_first), for leading dimensions LD (K, V, Q, dO) and LDS (P^T, dS^T):
+  //   phase 1: K, V as A (m = key, k = dim): rows_first; Q, dO as B (k = dim, n = query,
+  //     B = Q[query][dim]): cols_first gives b0, b1 of query n8 tile n, then of n + 1;
+  //   phase 2: P^T, dS^T as A (m = key, k = query): rows_first, only for the queries qo0 ..
+  //     of the other warp of the key pair (this warp's own are still in registers); dO, Q as
+  //     B (k = query, n = dim, stored k-major), .trans: rows_first gives b0, b1 of dim tile
+  //     n, then of n + 1;
+  //   phase 3: dS^T as A (m = query, k = key, A = dS^T[key][query]), .trans: cols_first;
+  //     K as B (k = key, n = dim), .trans: rows_first.
+  const int rows_first = lane % 8 + ((lane / 8) % 2) * 8, rows_first_col = (lane / 16) * 8;
+  const int cols_first = lane % 8 + (lane / 16) * 8, cols_first_col = ((lane / 8) % 2) * 8;
+  const uint32_t k_lane = smem_addr(sK + (kw0 + rows_first) * LD + rows_first_col);
+  const uint32_t v_lane = smem_addr(sV + (kw0 + rows_first) * LD + rows_first_col);
+  const uint32_t q_lane = smem_addr(sQ + (qw0 + cols_first) * LD + cols_first_col);
+  const uint32_t do_lane = smem_addr(sdO + (qw0 + cols_first) * LD + cols_first_col);
+  const uint32_t pa_lane = smem_addr(sP + (kw0 + rows_first) * LDS + rows_first_col + qo0);
+  const uint32_t dsa_lane = smem_addr(sdS + (kw0 + rows_first) * LDS + rows_first_col + qo0);
+  const uint32_t qt_lane = smem_addr(sQ + rows_first * LD + rows_first_col + dw0);
+  const uint32_t dot_lane = smem_addr(sdO + rows_first * LD + rows_first_col + dw0);
+  const uint32_t dsq_lane = smem_addr(sdS + cols_first * LDS + cols_first_col + q30);
+  const uint32_t kt_lane = smem_addr(sK + rows_first * LD + rows_first_col + d30);
+
+  // One k16 step of phase 2: dV += P^T dO and dK += dS^T Q for this warp's 32 keys x kKvDims
+  // columns over 16 query rows; pa, da: the A fragments of P^T and dS^T (two key m16 tiles),
+  // qt_rows, dot_rows: the lane's ldmatrix address of those rows in the Q / dO buffer.
+  auto kv_step = [&](const uint32_t (&pa)[2][4], const uint32_t (&da)[2][4], uint32_t qt_rows,
+                     uint32_t dot_rows) {
+#pragma unroll
+    for (int dj = 0; dj < kKvDims / 8; dj += 2) {
+      uint32_t ob[4], qb[4];
+      ldmatrix_x4_trans(ob, dot_rows + dj * 8 * sizeof(T));
+      ldmatrix_x4_trans(qb, qt_rows + dj * 8 * sizeof(T));
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        mma16816<T>(dv[mi][dj], pa[mi], ob[0], ob[1]);
+        mma16816<T>(dv[mi][dj + 1], pa[mi], ob[2], ob[3]);
+        mma16816<T>(dk[mi][dj], da[mi], qb[0], qb[1]);
+        mma16816<T>(dk[mi][dj + 1], da[mi], qb[2], qb[3]);
+      }
+    }
+  };
+
+  int64_t gi = 0, m0 = 0;  // this tile: query head head0 + gi, rows [m0, m0 + BM)
+  for (int64_t it = 0; it < tiles; ++it) {
+    const int buf = static_cast<int>(it & 1);
+    const uint32_t qt_buf = qt_lane + buf * kBufferBytes;
+    const uint32_t dot_buf = dot_lane + buf * kBufferBytes;
+    // Barrier A: this tile's Q / dO are in, and every warp is done with the previous tile
+    // (its phase 2 read the other Q / dO buffer, phases 2 and 3 read P^T and dS^T).
+    cp_async_wait<0>();
+    __syncthreads();
+    int64_t next_gi = gi, next_m0 = m0 + BM;
+    if (next_m0 >= p.q_len) next_gi += 1, next_m0 = 0;
+    RowStats next_stats{-INFINITY, 0.0f};
+    if (it + 1 < tiles) {
+      load_query_tile(next_gi, next_m0, buf ^ 1);
+      cp_async_commit();
+      if (threadIdx.x < BM) {
+        next_stats = read_row_stats(p.lse + (head0 + next_gi) * p.q_len,
+                                    p.delta + (head0 + next_gi) * p.q_len,
+                                    next_m0 + threadIdx.x, p.q_len);
+      }
+    }
+
+    // Phase 1: S^T and dP^T, 32 keys x 32 queries; [key m16 tile][query n8 tile].
+    {
+      float st[2][4][4], dpt[2][4][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) st[mi][j][e] = dpt[mi][j][e] = 0.0f;
+        }
+      }
+      const uint32_t q_buf = q_lane + buf * kBufferBytes;
+      const uint32_t do_buf = do_lane + buf * kBufferBytes;
+#pragma unroll
+      for (int kk = 0; kk < kDepth; ++kk) {
+        uint32_t ka[2][4], va[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          ldmatrix_x4(ka[mi], k_lane + mi * 16 * kRowBytes + kk * 16 * sizeof(T));
+          ldmatrix_x4(va[mi], v_lane + mi * 16 * kRowBytes + kk * 16 * sizeof(T));
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j += 2) {
+          uint32_t qb[4], ob[4];
+          ldmatrix_x4(qb, q_buf + j * 8 * kRowBytes + kk * 16 * sizeof(T));
+          ldmatrix_x4(ob, do_buf + j * 8 * kRowBytes + kk * 16 * sizeof(T));
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+            mma16816<T>(st[mi][j], ka[mi], qb[0], qb[1]);
+            mma16816<T>(st[mi][j + 1], ka[mi], qb[2], qb[3]);
+            mma16816<T>(dpt[mi][j], va[mi], ob[0], ob[1]);
+            mma16816<T>(dpt[mi][j + 1], va[mi], ob[2], ob[3]);
+          }
+        }
+      }
+
+      // P^T and dS^T. Element e of tile (mi, j): key kw0 + 16 mi + g + 8 (e / 2), query
+      // qw0 + 8 j + 2 t + (e % 2) of the tile, whose lse and delta sit side by side.
+      const float* mask = kHasMask ? p.mask.row(b, head0 - b * p.q_heads + gi, 0) : nullptr;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int i = qw0 + 8 * j + 2 * t;
+        const float2 lse2 = *reinterpret_cast<const float2*>(sLse + buf * BM + i);
+        const float2 delta2 = *reinterpret_cast<const float2*>(sDelta + buf * BM + i);
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = kw0 + 16 * mi + g + 8 * (e / 2);
+            const bool key_ok = key < keys_here;
+            float s = st[mi][j][e] * p.scale_log2;
+            if constexpr (kHasMask) {  // mask[b, h, qi, kj] = mask[qi * s2 + kj * s3]
+              const int64_t qi = m0 + i + (e & 1);
+              if (key_ok && qi < p.q_len) {
+                s += mask[qi * p.mask.s2 + (n0 + key) * p.mask.s3] * kLog2e;
+              }
+            }
+            const float prob = key_ok ? exp2_ftz(s - ((e & 1) ? lse2.y : lse2.x)) : 0.0f;
+            st[mi][j][e] = prob;
+            dpt[mi][j][e] = prob * (dpt[mi][j][e] - ((e & 1) ? delta2.y : delta2.x));
+          }
+        }
+      }
+      // P^T and dS^T in 16 bits, as the A fragments of phase 2's two k16 steps over this
+      // warp's queries: register i of (step kq, key tile mi) holds tile j = 2 kq + i / 2,
+      // elements 2 (i % 2) and 2 (i % 2) + 1 (keys g + 8 (i % 2), queries 2t, 2t + 1 of that
+      // n8 tile), the layout a0..a3 of mma_sm80.cuh.
+      uint32_t pa[2][2][4], da[2][2][4];  // [k16 step][key m16 tile][register]
+#pragma unroll
+      for (int kq = 0; kq < 2; ++kq) {
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int j = 2 * kq + i / 2, r = i % 2;
+            pa[kq][mi][i] = pack2<T>(st[mi][j][2 * r], st[mi][j][2 * r + 1]);
+            da[kq][mi][i] = pack2<T>(dpt[mi][j][2 * r], dpt[mi][j][2 * r + 1]);
+          }
+        }
+      }
+      // To shared memory for the other warp of the pair and for dQ (their readers of the
+      // previous tile passed barrier A): tile j, rows r of key tile mi is register
+      // 2 (j % 2) + r of step j / 2.
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int at = (kw0 + 16 * mi + g + 8 * r) * LDS + qw0 + 8 * j + 2 * t;
+            *reinterpret_cast<uint32_t*>(sP + at) = pa[j / 2][mi][2 * (j % 2) + r];
+            *reinterpret_cast<uint32_t*>(sdS + at) = da[j / 2][mi][2 * (j % 2) + r];
+          }
+        }
+      }
+      // Phase 2 over this warp's own queries, from registers, before the barrier.
+#pragma unroll
+      for (int kq = 0; kq < 2; ++kq) {
+        kv_step(pa[kq], da[kq], qt_buf + (qw0 + 16 * kq) * kRowBytes,
+                dot_buf + (qw0 + 16 * kq) * kRowBytes);
+      }
+    }
+    // The next tile's lse and delta into the other buffer (last read by the previous tile's
+    // phase 1).
+    if (threadIdx.x < BM) {
+      store_row_stats(sLse + (buf ^ 1) * BM, sDelta + (buf ^ 1) * BM, threadIdx.x, next_stats);
+    }
+    __syncthreads();  // barrier B: P^T and dS^T of the whole tile are in shared memory
+
+    // Phase 3 first, so that its atomics drain while phase 2 computes: dQ (BM x DP) = dS K,
+    // this warp rows q30 .. + 31, columns d30 .. + kQDims - 1.
+    {
+      float dqa[2][kQDims / 8][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < kQDims / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dqa[mt][nt][e] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
+        uint32_t kb[kQDims / 16][4];
+#pragma unroll
+        for (int nt = 0; nt < kQDims / 8; nt += 2) {
+          ldmatrix_x4_trans(kb[nt / 2], kt_lane + kk * 16 * kRowBytes + nt * 8 * sizeof(T));
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          uint32_t a[4];
+          ldmatrix_x4_trans(a, dsq_lane + kk * 16 * kSRowBytes + mt * 16 * sizeof(T));
+#pragma unroll
+          for (int nt = 0; nt < kQDims / 8; nt += 2) {
+            mma16816<T>(dqa[mt][nt], a, kb[nt / 2][0], kb[nt / 2][1]);
+            mma16816<T>(dqa[mt][nt + 1], a, kb[nt / 2][2], kb[nt / 2][3]);
+          }
+        }
+      }
+      // One 16-byte atomic per lane and n8 tile, as in the kernel above.
+      const bool odd = t & 1;
+      float* dq = p.grad_q_accum + (head0 + gi) * p.q_len * p.head_dim;
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        const int64_t qi = m0 + q30 + mt * 16 + g + (odd ? 8 : 0);
+#pragma unroll
+        for (int nt = 0; nt < kQDims / 8; ++nt) {
+          const float* c = dqa[mt][nt];
+          const float send0 = odd ? c[0] : c[2], send1 = odd ? c[1] : c[3];
+          const float got0 = __shfl_xor_sync(0xffffffffu, send0, 1);
+          const float got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
+          const float4 sum = odd ? make_float4(got0, got1, c[2], c[3])
+                                 : make_float4(c[0], c[1], got0, got1);
+          const int d = d30 + nt * 8 + 4 * (t / 2);
+          if (qi < p.q_len && d < p.head_dim) {
+            atomic_add4(dq + qi * p.head_dim + d,
+                        make_float4(sum.x * p.scale, sum.y * p.scale, sum.z * p.scale,
+                                    sum.w * p.scale));
+          }
+        }
+      }
+    }
+
+    // Phase 2 over the other warp's queries qo0 .. qo0 + 31, P^T and dS^T from shared memory.
+#pragma unroll
+    for (int kq = 0; kq < 2; ++kq) {
+      uint32_t pa[2][4], da[2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        ldmatrix_x4(pa[mi], pa_lane + mi * 16 * kSRowBytes + kq * 16 * sizeof(T));
+        ldmatrix_x4(da[mi], dsa_lane + mi * 16 * kSRowBytes + kq * 16 * sizeof(T));
+      }
+      kv_step(pa, da, qt_buf + (qo0 + 16 * kq) * kRowBytes, dot_buf + (qo0 + 16 * kq) * kRowBytes);
+    }
+    gi = next_gi;
+    m0 = next_m0;
+  }
+
+  T* grad_k = p.grad_k + bkv * p.kv_len * p.head_dim;
+  T* grad_v = p.grad_v + bkv * p.kv_len * p.value_dim;
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = kw0 + 16 * mi + g + 8 * r;
+      if (key >= keys_here) continue;
+#pragma unroll
+      for (int dj = 0; dj < kKvDims / 8; ++dj) {
+        const int d = dw0 + dj * 8 + 2 * t;
+        if (d < p.head_dim) {
+          *reinterpret_cast<uint32_t*>(grad_k + (n0 + key) * p.head_dim + d) =
+              pack2<T>(dk[mi][dj][2 * r] * p.scale, dk[mi][dj][2 * r + 1] * p.scale);
+        }
+        if (d < p.value_dim) {
+          *reinterpret_cast<uint32_t*>(grad_v + (n0 + key) * p.value_dim + d) =
+              pack2<T>(dv[mi][dj][2 * r], dv[mi][dj][2 * r + 1]);
+        }
+      }
+    }
+  }
+}
+
+// Launches kernel, an instantiation for the block shape Tile, over (key tiles, batch x
+// key/value heads), the second grid dimension in chunks of at most 65535.
+template <typename Tile, typename T>
+cudaError_t launch(void (*kernel)(BwdMmaParams<T>), const AttentionBackwardArgs& args,
+                   cudaStream_t stream) {
   const AttentionShape& s = args.shape;
-  auto kernel = s.mask != nullptr ? attention_bwd_mma_kernel<T, DP, true>
-                                  : attention_bwd_mma_kernel<T, DP, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(Tile::kSmem));
   if (err != cudaSuccess) return err;
@@ -414,11 +788,27 @@ cudaError_t launch(const AttentionBackwardArgs& args, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+// DP = 128 runs the staged kernel where the device has its shared memory, else (and at
+// DP = 64, where splitting dK / dV by head dim saves little: 0.55 ldmatrix per MMA against
+// 0.58) the kernel with 16 keys per warp.
 template <typename T>
 cudaError_t launch_for_dim(const AttentionBackwardArgs& args, cudaStream_t stream) {
+  const bool masked = args.shape.mask != nullptr;
   switch (attn::padded_head_dim(args.shape.head_dim, args.shape.value_dim)) {
-    case 64: return launch<T, 64>(args, stream);
-    case 128: return launch<T, 128>(args, stream);
+    case 64:
+      return launch<BwdMmaTile<64>, T>(masked ? attention_bwd_mma_kernel<T, 64, true>
+                                              : attention_bwd_mma_kernel<T, 64, false>,
+                                       args, stream);
+    case 128:
+      if (BwdStagedTile<128>::kSmem <= static_cast<size_t>(attn::max_shared_per_block())) {
+        return launch<BwdStagedTile<128>, T>(masked
+                                                 ? attention_bwd_mma_staged_kernel<T, 128, true>
+                                                 : attention_bwd_mma_staged_kernel<T, 128, false>,
+                                             args, stream);
+      }
+      return launch<BwdMmaTile<128>, T>(masked ? attention_bwd_mma_kernel<T, 128, true>
+                                               : attention_bwd_mma_kernel<T, 128, false>,
+                                        args, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -48,6 +48,12 @@ struct AttentionBackwardArgs {
 bool attention_forward_mma_supported(const AttentionForwardArgs& args);
 cudaError_t attention_forward_mma(const AttentionForwardArgs& args, cudaStream_t stream);
 
+// Hopper forward (wgmma.mma_async, sm_90a): bfloat16 / float16 without a mask, padded head
+// dim 64 or 128, the same conditions as the mma.sync forward otherwise; compute capability 9.0
+// and a build that includes sm_90a. Not yet validated on a GPU (off unless L2P_ATTENTION_WGMMA=1).
+bool attention_forward_wgmma_supported(const AttentionForwardArgs& args);
+cudaError_t attention_forward_wgmma(const AttentionForwardArgs& args, cudaStream_t stream);
+
 // Register-resident tensor-core backward (mma.sync), same conditions. Both tensor-core
 // backward kernels add dQ into grad_q_accum.
 bool attention_backward_mma_supported(const AttentionBackwardArgs& args);

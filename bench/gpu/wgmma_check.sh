@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# GPU checks of the Hopper wgmma attention forward (csrc/attention/cuda/attention_fwd_wgmma.cu),
+# which runs only with L2P_ATTENTION_WGMMA=1 until these pass. Repo root, H100 or H200:
+#   OUT=/some/dir bash bench/gpu/wgmma_check.sh
+# 1. builds l2p for sm_90a only (the kernel's target; about half the time of the default build);
+# 2. the wgmma test alone (the profiler must see the kernel; it must match the float64
+#    reference and the mma.sync kernel), then every CUDA attention test with the switch on;
+# 3. compute-sanitizer memcheck, racecheck and synccheck on bench/gpu/wgmma_smoke.py;
+# 4. the attention forward benchmark with the switch off, then on (same machine, same run).
+# Every step has a timeout; the log is $OUT/wgmma_check.log, the benchmarks
+# $OUT/bench_wgmma0.md (switch off) and bench_wgmma1.md (on).
+set -u
+OUT=${OUT:-/tmp/l2p-wgmma-check}
+mkdir -p "$OUT"
+LOG=$OUT/wgmma_check.log
+step() {  # step TIMEOUT_S COMMAND...: runs it into the log, prints and returns its exit status
+  local limit=$1 rc; shift
+  echo "== $* (at most ${limit}s)" | tee -a "$LOG"
+  timeout "$limit" "$@" >> "$LOG" 2>&1; rc=$?
+  echo "== exit $rc" | tee -a "$LOG"
+  return $rc
+}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$LOG"
+# The distribution's g++ (as in device_run.sh: the image's default links libstdc++ statically).
+[ -x /usr/bin/g++ ] && export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+step 300 env L2P_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
+  python3 setup.py build_ext --inplace || exit 1
+export PYTHONPATH=python L2P_ATTENTION_WGMMA=1
+step 120 python3 -m pytest -x -q -p no:cacheprovider tests/ops/test_cuda_ops.py -k wgmma
+step 240 python3 -m pytest -q -rfE -p no:cacheprovider -n 8 tests/ops/test_cuda_ops.py \
+  tests/ops/test_attention.py tests/sample/test_attention_routing.py
+for tool in memcheck racecheck synccheck; do
+  step 180 compute-sanitizer --tool "$tool" --error-exitcode 99 python3 bench/gpu/wgmma_smoke.py
+done
+for switch in 0 1; do  # 0: the mma.sync forward; 1: the wgmma forward
+  echo "== attention forward benchmark, L2P_ATTENTION_WGMMA=$switch" | tee -a "$LOG"
+  L2P_ATTENTION_WGMMA=$switch timeout 150 python3 bench/cuda_report.py --quick \
+    --only "attention forward" > "$OUT/bench_wgmma$switch.md" 2>&1
+  echo "== exit $?" | tee -a "$LOG"
+  tee -a "$LOG" < "$OUT/bench_wgmma$switch.md"
+done
+grep -E "^== |passed|failed|ERROR SUMMARY" "$LOG"
