@@ -3,8 +3,8 @@ index math lives, checked against a dense float64 attention. Runs on a CPU (a fe
     python bench/gpu/attention_wgmma_emulation.py              # every case, bf16 and f16
     python bench/gpu/attention_wgmma_emulation.py --mutations  # shows that layout bugs fail
 It checks the kernel's index math against the PTX ISA's description of the hardware as read
-by the kernel's author; a GPU run (tests/ops/test_cuda_ops.py with L2P_ATTENTION_WGMMA=1) is
-what validates that reading. Keep it in step with the kernel when either changes.
+by the kernel's author; a GPU run (tests/ops/test_cuda_ops.py on an H100 / H200) is what
+validates that reading. Keep it in step with the kernel when either changes.
 
 "Kernel side" (mirrors the .cu line for line): the swizzled cp.async tile loads, the descriptor
 values the kernel builds, the per-thread softmax on accumulator registers (quad shuffles
@@ -301,6 +301,8 @@ def run_block(q, k, v, out, lse, bx, bh, P, DP, dtype, raw_base):
             O = wgmma(O, A, operand_nmajor(smem, vd, DP), True)
         st["o"] = acc_to_regs(O).astype(np.float32)
 
+    # The kernel peels j = 0 out of its loop (so that ptxas sees the same waits on every path);
+    # the order of copies, products, waits and barriers is the one written here with `if j > 0`.
     for j in range(tiles):
         buf = j & 1
         sched.cp_wait(MUTATE.get("cp_wait", 0))

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU checks of the Hopper wgmma attention forward (csrc/attention/cuda/attention_fwd_wgmma.cu),
-# which runs only with L2P_ATTENTION_WGMMA=1 until these pass. Repo root, H100 or H200:
+# the default attention forward on compute capability 9.0 (L2P_ATTENTION_WGMMA=0 turns it off).
+# Repo root, H100 or H200:
 #   OUT=/some/dir bash bench/gpu/wgmma_check.sh
 # 1. builds l2p for sm_90a only (the kernel's target; about half the time of the default build);
 # 2. the wgmma test alone (the profiler must see the kernel; it must match the float64
-#    reference and the mma.sync kernel), then every CUDA attention test with the switch on;
+#    reference and the mma.sync kernel), then every CUDA attention test with it on;
 # 3. compute-sanitizer memcheck, racecheck and synccheck on bench/gpu/wgmma_smoke.py;
 # 4. the attention forward benchmark with the switch off, then on (same machine, same run).
 # Every step has a timeout; the log is $OUT/wgmma_check.log, the benchmarks

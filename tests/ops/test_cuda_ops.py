@@ -245,10 +245,10 @@ def test_attention_forward_backward_match_reference(case, dtype):
         assert (dq[dead] == 0).all()
 
 
-# The Hopper wgmma forward (attention_fwd_wgmma.cu), off unless L2P_ATTENTION_WGMMA=1 until
-# this passes on a GPU: switched on, unmasked 16-bit cases with padded head dims 64 / 128 must
-# run attention_fwd_wgmma_kernel (the profiler names it) and match the reference, and the
-# mma.sync kernel (switched off) to the same tolerance.
+# The Hopper wgmma forward (attention_fwd_wgmma.cu), the default on compute capability 9.0:
+# unmasked 16-bit cases with padded head dims 64 / 128 must run attention_fwd_wgmma_kernel (the
+# profiler names it) and match the reference, and, with L2P_ATTENTION_WGMMA=0, the mma.sync
+# kernel must run instead and agree with it to the same tolerance.
 # (B, Hq, Hk, Nq, Nk, Dh, Dv): ragged 128-row query blocks and 128-key tiles, GQA, Dv != Dh.
 WGMMA_CASES = [
     (1, 2, 1, 300, 333, 128, 128),
@@ -271,18 +271,22 @@ def test_attention_wgmma_forward_matches_reference(case, dtype, monkeypatch):
     B, Hq, Hk, Nq, Nk, Dh, Dv = case
     q, k, v, _ = _attn_inputs((B, Hq, Hk, Nq, Nk, Dh, Dv, None), dtype)
     scale = 1.0 / math.sqrt(Dh)
-    monkeypatch.setenv("L2P_ATTENTION_WGMMA", "1")
-    activities = [torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        out, lse = torch.ops.l2p.attention_forward(q, k, v, None, scale)
-        torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events()]
+    monkeypatch.delenv("L2P_ATTENTION_WGMMA", raising=False)
+
+    def forward_and_kernels():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            result = torch.ops.l2p.attention_forward(q, k, v, None, scale)
+            torch.cuda.synchronize()
+        return result, [e.name for e in prof.events()]
+
+    (out, lse), kernels = forward_and_kernels()
     assert any("attention_fwd_wgmma_kernel" in name for name in kernels), kernels
     ref_out, ref_lse = attention_reference(q.double(), k.double(), v.double(), None, scale)
     assert_rel(out, ref_out, ATTN_TOL[dtype], "out")
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=0)
-    monkeypatch.delenv("L2P_ATTENTION_WGMMA")
-    out_mma, lse_mma = torch.ops.l2p.attention_forward(q, k, v, None, scale)
+    monkeypatch.setenv("L2P_ATTENTION_WGMMA", "0")
+    (out_mma, lse_mma), kernels = forward_and_kernels()
+    assert not any("attention_fwd_wgmma_kernel" in name for name in kernels), kernels
     assert_rel(out, out_mma, ATTN_TOL[dtype], "out against the mma.sync kernel")
     torch.testing.assert_close(lse, lse_mma, atol=1e-3, rtol=0)
 

@@ -4,8 +4,8 @@
 // rows, otherwise (head dim 256, or not a multiple of 8) on the WMMA kernels
 // (attention_fwd_tc.cu, attention_bwd_tc.cu); each when the device has the shared memory for
 // it. float32 / float64 (and anything the tensor-core paths decline) run on the CUDA-core
-// kernels (attention_simple.cu). On Hopper, L2P_ATTENTION_WGMMA=1 puts the wgmma forward
-// (attention_fwd_wgmma.cu; unmasked, padded head dim 64 / 128) ahead of them.
+// kernels (attention_simple.cu). On Hopper the wgmma forward (attention_fwd_wgmma.cu; unmasked,
+// padded head dim 64 / 128) goes ahead of them; L2P_ATTENTION_WGMMA=0 turns it off.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,13 +27,13 @@ namespace {
 constexpr bool kUseRegisterForward = true;
 constexpr bool kUseRegisterBackward = true;
 
-// The Hopper wgmma forward (attention_fwd_wgmma.cu) is tried first on sm_90 only with
-// L2P_ATTENTION_WGMMA=1: it has not been validated on a GPU yet, and the default flips once the
-// GPU tests pass with it on. Read on every call (one getenv beside a kernel launch) so that a
-// test can switch it within one process.
+// The Hopper wgmma forward (attention_fwd_wgmma.cu) is tried first on sm_90 (H200: about 1.3x
+// the mma.sync forward at N = 4096 / 16384, bench/RESULTS.md). L2P_ATTENTION_WGMMA=0
+// turns it off, to compare against or to rule it out. Read on every call (one getenv beside a
+// kernel launch) so that a test can switch it within one process.
 bool wgmma_forward_enabled() {
   const char* value = std::getenv("L2P_ATTENTION_WGMMA");
-  return value != nullptr && std::strcmp(value, "1") == 0;
+  return value == nullptr || std::strcmp(value, "0") != 0;
 }
 
 AttentionDType dtype_of(const at::Tensor& t) {

@@ -1,8 +1,8 @@
 // Attention forward on Hopper's warpgroup tensor cores (wgmma.mma_async, sm_90a): the same
 // meaning and outputs as attention_fwd_mma.cu (out, and lse in natural-log units) for
 // bfloat16 / float16, padded head dims DP = 64 or 128, no mask, grouped-query heads, ragged
-// query and key lengths. UNVALIDATED ON A GPU: attention_cuda.cpp tries it only when
-// L2P_ATTENTION_WGMMA=1.
+// query and key lengths. attention_cuda.cpp tries it first on compute capability 9.0
+// (L2P_ATTENTION_WGMMA=0 turns it off); tests/ops/test_cuda_ops.py checks it there.
 //
 // A block of two warpgroups (256 threads) owns 128 query rows of one (batch, head); each
 // warpgroup owns 64 of them and runs the whole online softmax for its rows on its own, the
@@ -107,7 +107,15 @@ template <typename T, int ROWS, int DP>
 __device__ __forceinline__ void load_tile_swizzled(unsigned char* dst, const T* src, int64_t row0,
                                                    int64_t rows_valid, int cols) {
   constexpr int kChunks = DP / 8;
-  for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += kThreads) {
+  static_assert(ROWS * kChunks % kThreads == 0, "every thread copies the same number of chunks");
+  // A trip count the same for every thread (not idx < ROWS * kChunks from threadIdx.x): these
+  // copies are issued while wgmmas are in flight, and a loop ptxas cannot prove warpgroup-
+  // uniform makes it serialize them (warning C7520). Fully unrolled: on an H200 the kernel ran
+  // at 344-358 / 395-399 TFLOP/s (N = 4096 / 16384) this way and at 262-281 / 306-309 with the
+  // loop kept rolled (`unroll 1`), although unrolling costs 16 bytes of spill at DP = 128.
+#pragma unroll
+  for (int it = 0; it < ROWS * kChunks / kThreads; ++it) {
+    const int idx = it * kThreads + static_cast<int>(threadIdx.x);
     const int r = idx / kChunks;
     const int c = idx - r * kChunks;
     const bool valid = row0 + r < rows_valid && 8 * c < cols;
@@ -290,8 +298,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // row max (raw units), sum share
 
   // O += P V with P from pa and V from buffer v_buf: step kk reads keys 16kk..16kk+15, 2048
-  // bytes further each.
+  // bytes further each. Its own fence: pa and o were last written by plain instructions.
   auto issue_pv = [&](int v_buf) {
+    wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kSteps; ++kk) {
       const uint64_t vd = nmajor | (v_start + v_buf * kBuffer + kk * (16 * kSwizzleRow >> 4));
@@ -299,22 +308,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
     }
     wgmma_commit();
   };
-
-  // Iteration j: S_j = Q K_j^T and O += P_j-1 V_j-1 go to the tensor cores back to back; the
-  // softmax of S_j runs while P_j-1 V_j-1 is still in flight, and only the rescale of O waits
-  // for it. One barrier per tile: after it, K_j+1 overwrites K_j-1 (last read by S_j-1) and
-  // V_j+1 overwrites V_j-2 (last read by P_j-2 V_j-2), both waited for in iteration j-1,
-  // while P_j-1 V_j-1 may still read V_j-1 from the third buffer. The copies are issued after
-  // the products, which need nothing from them.
-  int v_buf = 0;  // j % 3
-  for (int64_t j = 0; j < tiles; ++j) {
-    const int buf = static_cast<int>(j & 1);
-    const int v_prev = v_buf == 0 ? 2 : v_buf - 1, v_next = v_buf == 2 ? 0 : v_buf + 1;
-    cp_async_wait<0>();  // K_j and V_j have landed
-    fence_proxy_async();
-    __syncthreads();
-
-    // S = Q K^T over DP / 16 steps; step kk reads column block kk / 4 at byte 32 (kk % 4).
+  // S = Q K^T from K buffer buf over DP / 16 steps; step kk reads column block kk / 4 at byte
+  // 32 (kk % 4).
+  auto issue_s = [&](int buf) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kDepth; ++kk) {
@@ -324,24 +320,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
       wgmma_ss_n128<T>(s, qd, kd, kk > 0);
     }
     wgmma_commit();
-    if (j > 0) issue_pv(v_prev);
-    // The next tile's copies, issued while the products run.
-    if (j + 1 < tiles) {
-      load_tile_swizzled<T, kKeys, DP>(sK + (buf ^ 1) * Tile::kKVBytes, k, (j + 1) * kKeys,
-                                       p.kv_len, p.head_dim);
-      load_tile_swizzled<T, kKeys, DP>(sV + v_next * Tile::kKVBytes, v, (j + 1) * kKeys,
-                                       p.kv_len, p.value_dim);
-      cp_async_commit();
-    }
-    if (j > 0) {
-      wgmma_wait<1>();  // S_j done; P_j-1 V_j-1 may still run
-    } else {
-      wgmma_wait<0>();
-    }
-    pin(s);
-
-    // Keys past the end (last tile of a ragged sequence) drop out; then the online softmax on
-    // raw scores (scale > 0, checked by the launcher): exp2(s k - m k).
+  };
+  // Tile j's K and V into buffers buf and v_next (their own cp.async group).
+  auto load_kv = [&](int64_t j, int buf, int v_next) {
+    load_tile_swizzled<T, kKeys, DP>(sK + buf * Tile::kKVBytes, k, j * kKeys, p.kv_len, p.head_dim);
+    load_tile_swizzled<T, kKeys, DP>(sV + v_next * Tile::kKVBytes, v, j * kKeys, p.kv_len,
+                                     p.value_dim);
+    cp_async_commit();
+  };
+  // The online softmax of tile j's scores s (finished): keys past the end (last tile of a
+  // ragged sequence) drop out, then exp2(s k - m k) on raw scores (scale > 0, checked by the
+  // launcher). Returns in alpha the factor that moves O and l to the new row maximum.
+  auto softmax = [&](int64_t j, float (&alpha)[2]) {
     const int64_t n0 = j * kKeys;
     const int valid = p.kv_len - n0 < kKeys ? static_cast<int>(p.kv_len - n0) : kKeys;
     float tile_max[2] = {-INFINITY, -INFINITY};
@@ -351,7 +341,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
       if (valid < kKeys && col >= valid) s[i] = -INFINITY;
       tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], s[i]);
     }
-    float alpha[2], neg_m[2];
+    float neg_m[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
@@ -369,15 +359,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
       s[i] = exp2_ftz(fmaf(s[i], ks, neg_m[(i / 2) % 2]));
       l[(i / 2) % 2] += s[i];
     }
-
-    // P_j-1 V_j-1 done: O moves to this tile's maximum, and P_j takes over pa (n8 tiles 2kk,
-    // keys 16kk + 2t.., and 2kk + 1, keys 16kk + 8 + 2t..; rows g and g + 8).
-    wgmma_wait<0>();
-    pin(o);
-#pragma unroll
-    for (int kk = 0; kk < kSteps; ++kk) pin(pa[kk]);
-#pragma unroll
-    for (int i = 0; i < kOutRegs; ++i) o[i] *= alpha[(i / 2) % 2];
+  };
+  // P_j takes over pa (n8 tiles 2kk, keys 16kk + 2t.., and 2kk + 1, keys 16kk + 8 + 2t..;
+  // rows g and g + 8).
+  auto pack_p = [&]() {
 #pragma unroll
     for (int kk = 0; kk < kSteps; ++kk) {
       pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
@@ -385,11 +370,53 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
       pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
       pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
     }
+  };
 
+  // Tile 0, peeled from the loop so that inside it every iteration issues both products and
+  // the same waits: with `if (j > 0)` around O += P V and the wait count, ptxas cannot tell
+  // that S_j is finished after wait_group 1 on every path and serializes every wgmma
+  // (warning C7514). Tile 0 has no P V to overlap, and O is still zero (no rescale).
+  float alpha[2];
+  cp_async_wait<0>();
+  fence_proxy_async();
+  __syncthreads();
+  issue_s(0);
+  if (tiles > 1) load_kv(1, 1, 1);
+  wgmma_wait<0>();
+  pin(s);
+  softmax(0, alpha);
+  pack_p();
+
+  // Iteration j: S_j = Q K_j^T and O += P_j-1 V_j-1 go to the tensor cores back to back; the
+  // softmax of S_j runs while P_j-1 V_j-1 is still in flight, and only the rescale of O waits
+  // for it. One barrier per tile: after it, K_j+1 overwrites K_j-1 (last read by S_j-1) and
+  // V_j+1 overwrites V_j-2 (last read by P_j-2 V_j-2), both waited for in iteration j-1,
+  // while P_j-1 V_j-1 may still read V_j-1 from the third buffer. The copies are issued after
+  // the products, which need nothing from them.
+  int v_buf = 1;  // j % 3
+  for (int64_t j = 1; j < tiles; ++j) {
+    const int buf = static_cast<int>(j & 1);
+    const int v_prev = v_buf == 0 ? 2 : v_buf - 1, v_next = v_buf == 2 ? 0 : v_buf + 1;
+    cp_async_wait<0>();  // K_j and V_j have landed
+    fence_proxy_async();
+    __syncthreads();
+    issue_s(buf);
+    issue_pv(v_prev);
+    if (j + 1 < tiles) load_kv(j + 1, buf ^ 1, v_next);
+    wgmma_wait<1>();  // S_j done; P_j-1 V_j-1 may still run
+    pin(s);
+    softmax(j, alpha);
+    // P_j-1 V_j-1 done: O moves to this tile's maximum, and P_j takes over pa.
+    wgmma_wait<0>();
+    pin(o);
+#pragma unroll
+    for (int kk = 0; kk < kSteps; ++kk) pin(pa[kk]);
+#pragma unroll
+    for (int i = 0; i < kOutRegs; ++i) o[i] *= alpha[(i / 2) % 2];
+    pack_p();
     v_buf = v_next;
   }
   // The last tile's O += P V (its V landed and was fenced before the last barrier).
-  wgmma_fence();
   issue_pv(v_buf == 0 ? 2 : v_buf - 1);
   wgmma_wait<0>();
   pin(o);

@@ -50,7 +50,7 @@ cudaError_t attention_forward_mma(const AttentionForwardArgs& args, cudaStream_t
 
 // Hopper forward (wgmma.mma_async, sm_90a): bfloat16 / float16 without a mask, padded head
 // dim 64 or 128, the same conditions as the mma.sync forward otherwise; compute capability 9.0
-// and a build that includes sm_90a. Not yet validated on a GPU (off unless L2P_ATTENTION_WGMMA=1).
+// and a build that includes sm_90a. Used first where supported (L2P_ATTENTION_WGMMA=0: off).
 bool attention_forward_wgmma_supported(const AttentionForwardArgs& args);
 cudaError_t attention_forward_wgmma(const AttentionForwardArgs& args, cudaStream_t stream);
 
