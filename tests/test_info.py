@@ -26,9 +26,11 @@ def test_info_text_and_json(capsys, monkeypatch, tmp_path):
     assert set(info["auto"]) == {"patch_embed", "unpatchify", "attention"}
     assert main(["info"]) == 0
     assert "held-out score 0.500 (95% CI 0.400-0.600), trained 10 min on a CPU" in capsys.readouterr().out
-    # A source trained further (--init-from) reports the time of all its runs.
+    # A source trained further (--init-from) reports the time of all its runs and their machines.
+    first = {"device": "a CPU", "seconds": 900}
+    second = {"device": "a CPU", "seconds": 300, "continued_from": first}
     (shipped / "training_record.json").write_text(json.dumps(
-        {"device": "a CPU", "seconds": 600, "total_seconds": 1800,
+        {"device": "a GPU", "seconds": 600, "total_seconds": 1800, "continued_from": second,
          "eval": {"heldout": {"overall": 0.5, "ci95": [0.4, 0.6]}}}))
     assert main(["info"]) == 0
-    assert "trained 30 min on a CPU" in capsys.readouterr().out
+    assert "trained 30 min in 3 runs on a CPU, a GPU" in capsys.readouterr().out

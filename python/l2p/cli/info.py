@@ -49,8 +49,14 @@ def _toy_source() -> dict:
         return {"shipped": False}
     record = json.loads(record_file.read_text())
     heldout = (record.get("eval") or {}).get("heldout") or {}
+    # A source trained further (--init-from) nests the record of the run it continued, and
+    # records the time of all its runs.
+    runs, run = [], record
+    while run:
+        runs.append(run)
+        run = run.get("continued_from")
     return {"shipped": True, "path": str(SHIPPED_SOURCE_DIR), "device": record.get("device"),
-            # A source trained further (--init-from) records the time of all its runs.
+            "runs": len(runs), "devices": list(dict.fromkeys(r.get("device") for r in reversed(runs))),
             "seconds": record.get("total_seconds", record.get("seconds")), "heldout_score": heldout.get("overall"),
             "heldout_ci95": heldout.get("ci95")}
 
@@ -75,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if toy["shipped"]:
         score = (f"held-out score {toy['heldout_score']:.3f} (95% CI {toy['heldout_ci95'][0]:.3f}-"
                  f"{toy['heldout_ci95'][1]:.3f})" if toy["heldout_score"] is not None else "not scored")
-        print(f"toy source: shipped, {score}, trained {toy['seconds'] / 60:.0f} min on {toy['device']}")
+        where = (f"on {toy['device']}" if toy["runs"] == 1
+                 else f"in {toy['runs']} runs on {', '.join(map(str, toy['devices']))}")
+        print(f"toy source: shipped, {score}, trained {toy['seconds'] / 60:.0f} min {where}")
     else:
         print("toy source: not shipped (l2p-train with no arguments needs it; see `l2p toy train-source`)")
     print('backend="auto" picks:')
