@@ -777,15 +777,10 @@ cudaError_t launch(void (*kernel)(BwdMmaParams<T>), const AttentionBackwardArgs&
   p.scale_log2 = static_cast<float>(s.scale) * kLog2e;
   const int64_t k_tiles = (s.kv_len + Tile::kKeys - 1) / Tile::kKeys;
   const int64_t heads = s.batch * s.kv_heads;
-  for (int64_t first = 0; first < heads; first += 65535) {
+  return attn::launch_head_slices(heads, [&](int64_t first, unsigned count) {
     p.bkv_offset = first;
-    const dim3 grid(static_cast<unsigned>(k_tiles),
-                    static_cast<unsigned>(heads - first < 65535 ? heads - first : 65535));
-    kernel<<<grid, Tile::kThreads, Tile::kSmem, stream>>>(p);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+    kernel<<<dim3(static_cast<unsigned>(k_tiles), count), Tile::kThreads, Tile::kSmem, stream>>>(p);
+  });
 }
 
 // DP = 128 runs the staged kernel where the device has its shared memory, else (and at

@@ -225,15 +225,10 @@ cudaError_t launch_bwd(const AttentionBackwardArgs& args, cudaStream_t stream) {
   p.vec_v = s.value_dim % 8 == 0 && attn::aligned16(args.v) && attn::aligned16(args.grad_out);
   const int64_t k_tiles = (s.kv_len + BN - 1) / BN;
   const int64_t heads = s.batch * s.kv_heads;
-  for (int64_t first = 0; first < heads; first += 65535) {
+  return attn::launch_head_slices(heads, [&](int64_t first, unsigned count) {
     p.bkv_offset = first;
-    const dim3 grid(static_cast<unsigned>(k_tiles),
-                    static_cast<unsigned>(heads - first < 65535 ? heads - first : 65535));
-    kernel<<<grid, kThreads, Tile::kSmem, stream>>>(p);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+    kernel<<<dim3(static_cast<unsigned>(k_tiles), count), kThreads, Tile::kSmem, stream>>>(p);
+  });
 }
 
 using Big128 = BwdTile<128, 64, 64>;

@@ -99,6 +99,20 @@ __host__ inline int max_shared_per_block() {
   return bytes;
 }
 
+// Launches a kernel over `heads` (batch, head) pairs in slices, gridDim.y being at most 65535:
+// launch_slice(first, count) sets the slice's offset in the kernel's parameters and launches it
+// with count as gridDim.y. Returns the first launch error.
+template <typename LaunchSlice>
+__host__ inline cudaError_t launch_head_slices(int64_t heads, LaunchSlice&& launch_slice) {
+  constexpr int64_t kMaxGridY = 65535;
+  for (int64_t first = 0; first < heads; first += kMaxGridY) {
+    launch_slice(first, static_cast<unsigned>(heads - first < kMaxGridY ? heads - first : kMaxGridY));
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 // Head dim padded to a tensor-core tile width: 64, 128 or 256 (0 beyond 256).
 __host__ inline int padded_head_dim(int64_t head_dim, int64_t value_dim) {
   const int64_t d = head_dim > value_dim ? head_dim : value_dim;

@@ -205,16 +205,10 @@ cudaError_t launch_fwd(const AttentionForwardArgs& args, cudaStream_t stream) {
   p.vec_v = s.value_dim % 8 == 0 && attn::aligned16(args.v);
   const int64_t q_tiles = (s.q_len + Tile::kRows - 1) / Tile::kRows;
   const int64_t heads = s.batch * s.q_heads;
-  // gridDim.y is at most 65535: launch (batch, head) pairs in slices.
-  for (int64_t first = 0; first < heads; first += 65535) {
+  return attn::launch_head_slices(heads, [&](int64_t first, unsigned count) {
     p.bh_offset = first;
-    const dim3 grid(static_cast<unsigned>(q_tiles),
-                    static_cast<unsigned>(heads - first < 65535 ? heads - first : 65535));
-    kernel<<<grid, Tile::kThreads, Tile::kSmem, stream>>>(p);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+    kernel<<<dim3(static_cast<unsigned>(q_tiles), count), Tile::kThreads, Tile::kSmem, stream>>>(p);
+  });
 }
 
 template <typename T>

@@ -469,15 +469,10 @@ cudaError_t launch(const AttentionForwardArgs& args, cudaStream_t stream) {
   p.scale_log2 = static_cast<float>(s.scale) * kLog2e;
   const int64_t q_tiles = (s.q_len + kRows - 1) / kRows;
   const int64_t heads = s.batch * s.q_heads;
-  for (int64_t first = 0; first < heads; first += 65535) {
+  return attn::launch_head_slices(heads, [&](int64_t first, unsigned count) {
     p.bh_offset = first;
-    const dim3 grid(static_cast<unsigned>(q_tiles),
-                    static_cast<unsigned>(heads - first < 65535 ? heads - first : 65535));
-    kernel<<<grid, kThreads, Tile::kSmem, stream>>>(p);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+    kernel<<<dim3(static_cast<unsigned>(q_tiles), count), kThreads, Tile::kSmem, stream>>>(p);
+  });
 }
 
 template <typename T>

@@ -263,15 +263,10 @@ cudaError_t launch_rows(void (*kernel)(const SimpleParams<T>), SimpleParams<T> p
   if (rows <= 0 || heads <= 0) return cudaSuccess;
   const int64_t row_blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
   if (row_blocks >= (int64_t{1} << 31)) return cudaErrorInvalidConfiguration;
-  for (int64_t first = 0; first < heads; first += 65535) {
+  return attn::launch_head_slices(heads, [&](int64_t first, unsigned count) {
     p.head_offset = first;
-    const dim3 grid(static_cast<unsigned>(row_blocks),
-                    static_cast<unsigned>(heads - first < 65535 ? heads - first : 65535));
-    kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+    kernel<<<dim3(static_cast<unsigned>(row_blocks), count), kWarpsPerBlock * 32, 0, stream>>>(p);
+  });
 }
 
 template <typename T>
