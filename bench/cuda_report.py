@@ -11,7 +11,9 @@ cached. bench/test_bench_cuda.py runs the same cases under pytest-benchmark.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import statistics
 from dataclasses import dataclass
 from typing import Callable
@@ -25,6 +27,7 @@ from l2p.ops.reference import patch_embed_reference, unpatchify_reference
 DTYPE = torch.bfloat16
 HEADS, HEAD_DIM = 24, 128
 SDPA_BACKENDS = ("flash", "cudnn", "efficient")
+SDPA_DEFAULT = "sdpa, torch's choice"
 # Forward + backward costs 3.5 forward passes (2.5 for the backward's five products).
 FWD_BWD_FACTOR = 3.5
 
@@ -56,6 +59,8 @@ def _sdpa_backend(name: str):
 def attention_call(impl: str, q, k, v) -> Callable[[], torch.Tensor]:
     if impl == "l2p":
         return lambda: ops.attention(q, k, v, backend="cuda")
+    if impl == SDPA_DEFAULT:  # what backend="torch" (and "auto" on CUDA) runs
+        return lambda: F.scaled_dot_product_attention(q, k, v)
     from torch.nn.attention import sdpa_kernel
 
     backend = _sdpa_backend(impl)
@@ -67,11 +72,29 @@ def attention_call(impl: str, q, k, v) -> Callable[[], torch.Tensor]:
     return run
 
 
+@contextlib.contextmanager
+def env(name: str, value: str):
+    """The l2p kernels read their switches on every call, so this changes the next calls."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
 def attention_cases(n: int, backward: bool, rounds: int = 20) -> list[Case]:
     flops = 4.0 * HEADS * n * n * HEAD_DIM * (FWD_BWD_FACTOR if backward else 1.0)
     table = "attention forward+backward" if backward else "attention forward"
+    impls = ["l2p", SDPA_DEFAULT, *SDPA_BACKENDS]
+    if backward and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+        # The same forward with the mma.sync backward instead of the Hopper wgmma one.
+        impls.insert(1, "l2p, mma.sync backward")
     cases = []
-    for impl in ("l2p", *SDPA_BACKENDS):
+    for impl in impls:
 
         def make(_copy: int, impl=impl):
             q, k, v = (
@@ -79,10 +102,15 @@ def attention_cases(n: int, backward: bool, rounds: int = 20) -> list[Case]:
                             requires_grad=backward)
                 for _ in range(3)
             )
-            call = attention_call(impl, q, k, v)
+            call = attention_call("l2p" if impl.startswith("l2p") else impl, q, k, v)
             if not backward:
                 return call
             grad = torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE)
+            if impl == "l2p, mma.sync backward":
+                def run():
+                    with env("L2P_ATTENTION_WGMMA_BACKWARD", "0"):
+                        return torch.autograd.grad(call(), (q, k, v), grad)
+                return run
             return lambda: torch.autograd.grad(call(), (q, k, v), grad)
 
         cases.append(Case(table, f"B=1 H={HEADS} N={n} Dh={HEAD_DIM}", impl, flops,

@@ -291,6 +291,61 @@ def test_attention_wgmma_forward_matches_reference(case, dtype, monkeypatch):
     torch.testing.assert_close(lse, lse_mma, atol=1e-3, rtol=0)
 
 
+# The Hopper wgmma backward (attention_bwd_wgmma.cu), the default on compute capability 9.0 for
+# unmasked 16-bit cases with padded head dim 128: it must run attention_bwd_wgmma_kernel (the
+# profiler names it) and match the float64 gradients, and with L2P_ATTENTION_WGMMA_BACKWARD=0 the
+# mma.sync backward must run instead and agree with it. Cases: ragged 64-row query tiles and
+# 128-key blocks, GQA (several query heads per key block), Dh != Dv, one query and one key.
+WGMMA_BACKWARD_CASES = [
+    (1, 2, 1, 300, 333, 128, 128),
+    (2, 4, 2, 129, 257, 120, 112),
+    (1, 4, 1, 130, 640, 96, 128),
+    (1, 1, 1, 1, 1, 72, 72),
+    (1, 2, 2, 64, 128, 128, 104),
+    (1, 24, 24, 1024, 1024, 128, 128),
+]
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+    reason="the wgmma backward needs compute capability 9.0",
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", WGMMA_BACKWARD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_attention_wgmma_backward_matches_reference(case, dtype, monkeypatch):
+    B, Hq, Hk, Nq, Nk, Dh, Dv = case
+    q, k, v, _ = _attn_inputs((B, Hq, Hk, Nq, Nk, Dh, Dv, None), dtype)
+    scale = 1.0 / math.sqrt(Dh)
+    monkeypatch.delenv("L2P_ATTENTION_WGMMA", raising=False)
+    monkeypatch.delenv("L2P_ATTENTION_WGMMA_BACKWARD", raising=False)
+    out, lse = torch.ops.l2p.attention_forward(q, k, v, None, scale)
+    grad_out = torch.randn_like(out)
+
+    def backward_and_kernels():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            grads = torch.ops.l2p.attention_backward(grad_out, q, k, v, out, lse, None, scale)
+            torch.cuda.synchronize()
+        return grads, [e.name for e in prof.events()]
+
+    def check(got, want, what):
+        if want.abs().max() == 0:  # one key: dS = P (dP - delta) = 0 exactly, so dq = dk = 0
+            assert got.abs().max() <= 1e-4, f"{what}: {got.abs().max():.2e} where 0 is exact"
+        else:
+            assert_rel(got, want, GRAD_TOL[dtype], what)
+
+    grads, kernels = backward_and_kernels()
+    assert any("attention_bwd_wgmma_kernel" in name for name in kernels), kernels
+    want = _reference_grads(q, k, v, None, scale, grad_out)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, want):
+        assert got.dtype == dtype
+        check(got, ref, name)
+    monkeypatch.setenv("L2P_ATTENTION_WGMMA_BACKWARD", "0")
+    grads_mma, kernels = backward_and_kernels()
+    assert not any("attention_bwd_wgmma_kernel" in name for name in kernels), kernels
+    for name, got, other, ref in zip(("dq", "dk", "dv"), grads, grads_mma, want):
+        check(got, ref if ref.abs().max() == 0 else other, f"{name} against the mma.sync backward")
+
+
 def test_attention_front_bool_mask_and_transposed_layout():
     B, N, H, D = 2, 90, 4, 64
     q, k, v = (

@@ -27,6 +27,7 @@
 namespace l2p::cuda {
 namespace {
 
+using attn::atomic_add4;
 using attn::exp2_ftz;
 using attn::kLog2e;
 using namespace attn::mma;
@@ -62,19 +63,6 @@ struct BwdMmaParams {
   int head_dim, value_dim;
   float scale, scale_log2;
 };
-
-// Adds four consecutive floats (16-byte aligned) into global memory: one vector atomic where
-// the hardware has it (sm_90), four scalar ones before.
-__device__ __forceinline__ void atomic_add4(float* dst, float4 x) {
-#if __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float4*>(dst), x);
-#else
-  atomicAdd(dst, x.x);
-  atomicAdd(dst + 1, x.y);
-  atomicAdd(dst + 2, x.z);
-  atomicAdd(dst + 3, x.w);
-#endif
-}
 
 // Statistics of one query row as stored: lse and delta; a row past the end reads as one that
 // attends to nothing (lse = -inf). Loaded into registers early, converted only when stored, so

@@ -38,6 +38,19 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   return y;
 }
 
+// Adds four consecutive floats (16-byte aligned) into global memory: one vector atomic where
+// the hardware has it (sm_90), four scalar ones before.
+__device__ __forceinline__ void atomic_add4(float* dst, float4 x) {
+#if __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(dst), x);
+#else
+  atomicAdd(dst, x.x);
+  atomicAdd(dst + 1, x.y);
+  atomicAdd(dst + 2, x.z);
+  atomicAdd(dst + 3, x.w);
+#endif
+}
+
 // Additive mask value for (b, h, i, j), or 0 without a mask.
 struct MaskView {
   const float* ptr;

@@ -4,8 +4,10 @@
 // rows, otherwise (head dim 256, or not a multiple of 8) on the WMMA kernels
 // (attention_fwd_tc.cu, attention_bwd_tc.cu); each when the device has the shared memory for
 // it. float32 / float64 (and anything the tensor-core paths decline) run on the CUDA-core
-// kernels (attention_simple.cu). On Hopper the wgmma forward (attention_fwd_wgmma.cu; unmasked,
-// padded head dim 64 / 128) goes ahead of them; L2P_ATTENTION_WGMMA=0 turns it off.
+// kernels (attention_simple.cu). On Hopper the wgmma kernels go ahead of them: the forward
+// (attention_fwd_wgmma.cu; unmasked, padded head dim 64 / 128) and the backward
+// (attention_bwd_wgmma.cu; unmasked, padded head dim 128). L2P_ATTENTION_WGMMA=0 turns both
+// off, L2P_ATTENTION_WGMMA_BACKWARD=0 the backward only.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,13 +29,18 @@ namespace {
 constexpr bool kUseRegisterForward = true;
 constexpr bool kUseRegisterBackward = true;
 
-// The Hopper wgmma forward (attention_fwd_wgmma.cu) is tried first on sm_90 (H200: about 1.3x
-// the mma.sync forward at N = 4096 / 16384, bench/RESULTS.md). L2P_ATTENTION_WGMMA=0
-// turns it off, to compare against or to rule it out. Read on every call (one getenv beside a
-// kernel launch) so that a test can switch it within one process.
-bool wgmma_forward_enabled() {
-  const char* value = std::getenv("L2P_ATTENTION_WGMMA");
-  return value == nullptr || std::strcmp(value, "0") != 0;
+// The Hopper wgmma kernels are tried first on sm_90 (the forward: H200 about 1.3x the mma.sync
+// forward at N = 4096 / 16384, bench/RESULTS.md). L2P_ATTENTION_WGMMA=0 turns both off,
+// L2P_ATTENTION_WGMMA_BACKWARD=0 the backward only, to compare against or to rule them out.
+// Read on every call (one getenv beside a kernel launch) so that a test can switch them within
+// one process.
+bool switched_off(const char* variable) {
+  const char* value = std::getenv(variable);
+  return value != nullptr && std::strcmp(value, "0") == 0;
+}
+bool wgmma_forward_enabled() { return !switched_off("L2P_ATTENTION_WGMMA"); }
+bool wgmma_backward_enabled() {
+  return wgmma_forward_enabled() && !switched_off("L2P_ATTENTION_WGMMA_BACKWARD");
 }
 
 AttentionDType dtype_of(const at::Tensor& t) {
@@ -197,13 +204,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   args.grad_v = grad_v.data_ptr();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(attention_backward_delta(args, stream));
-  const bool mma = kUseRegisterBackward && attention_backward_mma_supported(args);
-  if (mma || attention_backward_tc_supported(shape)) {
-    // Both tensor-core kernels add dQ into an fp32 buffer with atomics.
+  const bool hopper = wgmma_backward_enabled() && attention_backward_wgmma_supported(args);
+  const bool mma = !hopper && kUseRegisterBackward && attention_backward_mma_supported(args);
+  if (hopper || mma || attention_backward_tc_supported(shape)) {
+    // The tensor-core kernels add dQ into an fp32 buffer with atomics.
     at::Tensor grad_q_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
     args.grad_q_accum = grad_q_accum.data_ptr<float>();
-    const cudaError_t err =
-        mma ? attention_backward_mma(args, stream) : attention_backward_tc(args, stream);
+    const cudaError_t err = hopper ? attention_backward_wgmma(args, stream)
+                            : mma  ? attention_backward_mma(args, stream)
+                                   : attention_backward_tc(args, stream);
     C10_CUDA_CHECK(err);
     grad_q.copy_(grad_q_accum);
   } else {
