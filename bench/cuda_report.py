@@ -86,8 +86,9 @@ def env(name: str, value: str):
             os.environ[name] = before
 
 
-def attention_cases(n: int, backward: bool, rounds: int = 20) -> list[Case]:
-    flops = 4.0 * HEADS * n * n * HEAD_DIM * (FWD_BWD_FACTOR if backward else 1.0)
+def attention_cases(n: int, backward: bool, rounds: int = 20,
+                    head_dim: int = HEAD_DIM) -> list[Case]:
+    flops = 4.0 * HEADS * n * n * head_dim * (FWD_BWD_FACTOR if backward else 1.0)
     table = "attention forward+backward" if backward else "attention forward"
     impls = ["l2p", SDPA_DEFAULT, *SDPA_BACKENDS]
     if backward and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
@@ -98,14 +99,14 @@ def attention_cases(n: int, backward: bool, rounds: int = 20) -> list[Case]:
 
         def make(_copy: int, impl=impl):
             q, k, v = (
-                torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE,
+                torch.randn(1, HEADS, n, head_dim, device="cuda", dtype=DTYPE,
                             requires_grad=backward)
                 for _ in range(3)
             )
             call = attention_call("l2p" if impl.startswith("l2p") else impl, q, k, v)
             if not backward:
                 return call
-            grad = torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE)
+            grad = torch.randn(1, HEADS, n, head_dim, device="cuda", dtype=DTYPE)
             if impl == "l2p, mma.sync backward":
                 def run():
                     with env("L2P_ATTENTION_WGMMA_BACKWARD", "0"):
@@ -113,8 +114,8 @@ def attention_cases(n: int, backward: bool, rounds: int = 20) -> list[Case]:
                 return run
             return lambda: torch.autograd.grad(call(), (q, k, v), grad)
 
-        cases.append(Case(table, f"B=1 H={HEADS} N={n} Dh={HEAD_DIM}", impl, flops,
-                          3 * n * HEADS * HEAD_DIM * 2, make, rounds, baseline=impl == "flash"))
+        cases.append(Case(table, f"B=1 H={HEADS} N={n} Dh={head_dim}", impl, flops,
+                          3 * n * HEADS * head_dim * 2, make, rounds, baseline=impl == "flash"))
     return cases
 
 
@@ -196,6 +197,7 @@ def all_cases(quick: bool = False) -> list[Case]:
     if not quick:
         cases += attention_cases(65536, backward=False, rounds=1)
     cases += attention_cases(4096, backward=True)
+    cases += attention_cases(4096, backward=True, head_dim=64)  # SD3's head dim
     if not quick:
         cases += attention_cases(16384, backward=True, rounds=5)
     for p in (16, 32, 64):

@@ -28,7 +28,6 @@ import attention_wgmma_emulation as hw  # noqa: E402  (the hardware side)
 kGroups, kGroupKeys, kBM = 2, 64, 64
 kKeys, kThreads = kGroups * kGroupKeys, 128 * kGroups
 kSwizzleRow, kSwizzleAtom = hw.kSwizzleRow, hw.kSwizzleAtom
-DP = 128
 LOG2E = hw.LOG2E
 MUTATE = {}  # deliberate bugs, set by mutation_checks only
 
@@ -81,23 +80,23 @@ class BwdSchedule(hw.Schedule):
         self.slots[slot] = (tag, rec)
 
 
-def smem_size():
+def smem_size(DP):
     kv, qb, ds, stat = kKeys * DP * 2, kBM * DP * 2, kKeys * kBM * 2, 2 * kBM * 4
     return 2 * kv + 4 * qb + ds + 2 * stat + kSwizzleAtom
 
 
-def run_block(x, out, bx, bkv, P, dtype, raw_base):
+def run_block(x, out, bx, bkv, P, DP, dtype, raw_base):
     """One block: keys bx * 128 .. of key/value head bkv. x: inputs; out: dq_acc, dk, dv."""
     q, k, v, do, lse, delta = x["q"], x["k"], x["v"], x["do"], x["lse"], x["delta"]
     kv_bytes, q_bytes, ds_bytes = kKeys * DP * 2, kBM * DP * 2, kKeys * kBM * 2
-    smem = hw.Smem(raw_base + smem_size() + 64)
+    smem = hw.Smem(raw_base + smem_size(DP) + 64)
     base = (raw_base + kSwizzleAtom - 1) & ~(kSwizzleAtom - 1)
     sK = base
     sV = sK + kv_bytes
     sQ = sV + kv_bytes
     sdO = sQ + 2 * q_bytes
     sdS = sdO + 2 * q_bytes
-    assert sdS + ds_bytes + 2 * 2 * kBM * 4 <= raw_base + smem_size()
+    assert sdS + ds_bytes + 2 * 2 * kBM * 4 <= raw_base + smem_size(DP)
     stats = np.full((2, 2 * kBM), np.nan)  # the lse / delta buffers (not read by wgmma)
     q_len, kv_len, head_dim, value_dim = P["q_len"], P["kv_len"], P["head_dim"], P["value_dim"]
     b, kvh = divmod(bkv, P["kv_heads"])
@@ -222,14 +221,18 @@ def run_block(x, out, bx, bkv, P, dtype, raw_base):
         sched.fence_proxy_async()
         if not MUTATE.get("no_second_barrier"):
             sched.barrier()
+        split_keys = DP == 64  # dQ: DP 64 splits the keys between the warpgroups, DP 128 the columns
+        dq_steps = kKeys // 16 // (kGroups if split_keys else 1)
         for group in range(kGroups):  # phase 2: dQ
             sched.cur = group
-            DQ = np.zeros((kBM, DP // kGroups), np.float32)
-            for s in range(kKeys // 16):
-                sched.read(f"dS{s // 4}", f"dS_{i}")
+            step0 = group * dq_steps if split_keys else 0
+            dq_block = 0 if split_keys else group * kKVBlock
+            DQ = np.zeros((kBM, 64), np.float32)
+            for s in range(dq_steps):
+                sched.read(f"dS{(step0 + s) // 4}", f"dS_{i}")
                 sched.read("K", "K")
-                A = operand_mmajor(smem, mmajor_ds | (ds_start + s * kK16Rows))
-                B = hw.operand_nmajor(smem, nmajor_k | (k_start + group * kKVBlock + s * kK16Rows), DP // kGroups)
+                A = operand_mmajor(smem, mmajor_ds | (ds_start + (step0 + s) * kK16Rows))
+                B = hw.operand_nmajor(smem, nmajor_k | (k_start + dq_block + (step0 + s) * kK16Rows), 64)
                 DQ = hw.wgmma(DQ, A, B, s > 0)
             sched.wg_commit()
             sched.wg_wait(0)
@@ -237,13 +240,13 @@ def run_block(x, out, bx, bkv, P, dtype, raw_base):
             odd = (t & 1).astype(bool)
             qi = m0 + w * 16 + g + np.where(odd, 8, 0)
             partner = (tid // 32) * 32 + (lane ^ 1)
-            for j in range(DP // kGroups // 8):
+            for j in range(64 // 8):
                 c = dq[:, 4 * j: 4 * j + 4]
                 send = np.where(odd[:, None], c[:, 0:2], c[:, 2:4])
                 got = send[partner]
                 quad = np.where(odd[:, None], np.concatenate([got, c[:, 2:4]], 1),
                                 np.concatenate([c[:, 0:2], got], 1))
-                d = group * (DP // kGroups) + 8 * j + 4 * (t // 2)
+                d = (0 if split_keys else 64 * group) + 8 * j + 4 * (t // 2)
                 for th in range(128):
                     if qi[th] < q_len and d[th] < head_dim:
                         out["dq"][head, qi[th], d[th]: d[th] + 4] += quad[th] * np.float32(P["scale"])
@@ -260,7 +263,8 @@ def run_block(x, out, bx, bkv, P, dtype, raw_base):
 
 def emulate(batch, hq, hk, nq, nk, dh, dv, dtype, raw_base, seed):
     rng = np.random.default_rng(seed)
-    assert hw.padded_head_dim(dh, dv) == DP and dh % 8 == 0 and dv % 8 == 0
+    DP = hw.padded_head_dim(dh, dv)
+    assert DP in (64, 128) and dh % 8 == 0 and dv % 8 == 0
     q = hw.round16(rng.standard_normal((batch * hq, nq, dh)) * 1.5, dtype)
     k = hw.round16(rng.standard_normal((batch * hk, nk, dh)) * 1.5, dtype)
     v = hw.round16(rng.standard_normal((batch * hk, nk, dv)), dtype)
@@ -280,7 +284,7 @@ def emulate(batch, hq, hk, nq, nk, dh, dv, dtype, raw_base, seed):
                dv=np.full((batch * hk, nk, dv), np.nan))
     for bkv in range(batch * hk):
         for bx in range((nk + kKeys - 1) // kKeys):
-            run_block(x, out, bx, bkv, P, dtype, raw_base)
+            run_block(x, out, bx, bkv, P, DP, dtype, raw_base)
     assert not np.isnan(out["dk"]).any() and not np.isnan(out["dv"]).any(), "unwritten outputs"
     # dense float64 reference (from the same 16-bit out)
     dP = np.einsum("bid,bjd->bij", do, vx)
@@ -306,6 +310,8 @@ CASES = [
     (2, 2, 2, 129, 257, 120, 112),   # Dh != Dv padded to 128, ragged
     (1, 4, 1, 70, 128, 96, 128),     # GQA 4:1, Dh < Dv, one whole key block
     (1, 1, 1, 1, 1, 72, 72),         # one query, one key
+    (1, 2, 1, 150, 333, 64, 64),     # DP 64: dQ split by keys; GQA, ragged
+    (1, 2, 2, 200, 70, 64, 40),      # DP 64, Dv < Dh, a single ragged key block
 ]
 
 

@@ -292,10 +292,11 @@ def test_attention_wgmma_forward_matches_reference(case, dtype, monkeypatch):
 
 
 # The Hopper wgmma backward (attention_bwd_wgmma.cu), the default on compute capability 9.0 for
-# unmasked 16-bit cases with padded head dim 128: it must run attention_bwd_wgmma_kernel (the
-# profiler names it) and match the float64 gradients, and with L2P_ATTENTION_WGMMA_BACKWARD=0 the
-# mma.sync backward must run instead and agree with it. Cases: ragged 64-row query tiles and
-# 128-key blocks, GQA (several query heads per key block), Dh != Dv, one query and one key.
+# unmasked 16-bit cases with padded head dims 64 / 128: it must run attention_bwd_wgmma_kernel
+# (the profiler names it) and match the float64 gradients, and with
+# L2P_ATTENTION_WGMMA_BACKWARD=0 the mma.sync backward must run instead and agree with it.
+# Cases: ragged 64-row query tiles and 128-key blocks, GQA (several query heads per key block),
+# Dh != Dv, one query and one key; DP 128 (dQ split by columns) and DP 64 (split by keys).
 WGMMA_BACKWARD_CASES = [
     (1, 2, 1, 300, 333, 128, 128),
     (2, 4, 2, 129, 257, 120, 112),
@@ -303,6 +304,10 @@ WGMMA_BACKWARD_CASES = [
     (1, 1, 1, 1, 1, 72, 72),
     (1, 2, 2, 64, 128, 128, 104),
     (1, 24, 24, 1024, 1024, 128, 128),
+    (1, 2, 1, 300, 333, 64, 64),
+    (1, 2, 2, 200, 70, 64, 40),
+    (1, 1, 1, 1, 1, 8, 8),
+    (1, 24, 24, 1024, 1024, 64, 64),
 ]
 
 

@@ -1,7 +1,7 @@
 // Attention backward on Hopper's warpgroup tensor cores (wgmma.mma_async, sm_90a): the same
 // meaning and outputs as attention_bwd_mma.cu (dK, dV written; dQ added into the fp32
-// grad_q_accum) for bfloat16 / float16, padded head dim DP = 128, no mask, grouped-query heads,
-// ragged query and key lengths. attention_cuda.cpp tries it first on compute capability 9.0
+// grad_q_accum) for bfloat16 / float16, padded head dims DP = 64 and 128, no mask, grouped-query
+// heads, ragged query and key lengths. attention_cuda.cpp tries it first on compute capability 9.0
 // (L2P_ATTENTION_WGMMA=0 turns it off, with the wgmma forward); tests/ops/test_cuda_ops.py
 // checks it there.
 //
@@ -16,10 +16,13 @@
 //                    the register-A layout), B = dO read N-major, 4 steps over the queries;
 //   dK  += dS^T Q    the same with dS^T and Q;
 // and dS^T goes to shared memory (keys x queries, 16-bit), where after a block barrier the
-// block forms dQ = dS K over all 128 keys: A = dS read M-major (imm-trans-a = 1) and B = K read
-// N-major, each warpgroup 64 of the DP columns (m64n64k16, 8 steps), added into grad_q_accum
-// with one 16-byte atomic per lane and n8 tile. dK and dV stay in registers (64 + 64 floats per
-// thread) until the last tile and are written once, so grouped-query heads need no atomics.
+// block forms dQ = dS K: A = dS read M-major (imm-trans-a = 1) and B = K read N-major, always
+// m64n64k16 (N = 64 is one 128-byte swizzle atom of an MN-major operand). At DP = 128 each
+// warpgroup takes 64 of the columns over all 128 keys (8 steps); at DP = 64 each takes all 64
+// columns over its own 64 keys (4 steps), and both add their part. Either way dQ is added into
+// grad_q_accum with one 16-byte atomic per lane and n8 tile, 2048 per block and query tile.
+// dK and dV stay in registers (DP / 2 + DP / 2 floats per thread) until the last tile and are
+// written once, so grouped-query heads need no atomics.
 // Order within a tile: S^T and dP^T are issued as two groups and the exponentials start when
 // S^T is done (wait_group 1) while dP^T is still running; dV, dK and dQ go to the tensor cores
 // back to back. The next tile's Q and dO (double-buffered) load with cp.async from the start of
@@ -60,7 +63,7 @@ struct BwdWgmmaTile {
   static constexpr uint32_t kDsBytes = kKeys * kBM * 2;  // dS^T
   static constexpr uint32_t kStatBytes = 2 * kBM * 4;    // one buffer of lse and delta rows
   // K, V; Q and dO in two buffers each; dS^T; lse / delta in two buffers; slack to round the
-  // base up to 1024 bytes (DP 128: 146 KiB).
+  // base up to 1024 bytes (DP 128: 146 KiB, DP 64: 82 KiB).
   static constexpr size_t kSmem =
       2 * size_t(kKVBytes) + 4 * size_t(kQBytes) + kDsBytes + 2 * kStatBytes + kSwizzleAtom;
 };
@@ -80,14 +83,17 @@ struct BwdWgmmaParams {
 template <typename T, int DP>
 __global__ void __launch_bounds__(kThreads, 1) attention_bwd_wgmma_kernel(const BwdWgmmaParams<T> p) {
 #ifdef L2P_WGMMA_DEVICE
-  static_assert(DP == 128, "dQ splits DP into two m64n64 halves, one per warpgroup");
+  static_assert(DP == 64 || DP == 128, "DP is 64 or 128");
   using Tile = BwdWgmmaTile<DP>;
   constexpr int kDepth = DP / 16;       // k16 steps over the head dim (S^T, dP^T)
   constexpr int kQSteps = kBM / 16;     // k16 steps over a tile's queries (dV, dK)
-  constexpr int kKeySteps = kKeys / 16;  // k16 steps over the block's keys (dQ)
   constexpr int kScoreRegs = kBM / 2;   // S^T, dP^T: 64 keys x kBM queries
   constexpr int kKVRegs = DP / 2;       // dK, dV: 64 keys x DP
-  constexpr int kQRegs = DP / 2 / kGroups;  // dQ: kBM queries x DP / 2 columns
+  // dQ: kBM queries x 64 columns per warpgroup, over kDqSteps k16 steps of keys from key step
+  // dq_step0, columns from DP-column block dq_block.
+  constexpr bool kDqSplitsKeys = DP == 64;
+  constexpr int kQRegs = 64 / 2;
+  constexpr int kDqSteps = kDqSplitsKeys ? kKeys / 16 / kGroups : kKeys / 16;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   unsigned char* smem = smem_raw + (((raw + kSwizzleAtom - 1) & ~(kSwizzleAtom - 1)) - raw);
@@ -257,15 +263,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_wgmma_kernel(const 
     wgmma::fence_proxy_async();
     __syncthreads();  // dS^T of all 128 keys is in shared memory
 
-    // dQ (kBM x DP / 2: columns 64 group ..) = dS K: A = dS read M-major from dS^T (k16 step s
-    // = keys 16 s ..), B = K's column block `group` read N-major.
+    // dQ (kBM x 64) = dS K: A = dS read M-major from dS^T (k16 step s = keys 16 s ..), B = K
+    // read N-major. DP = 128: columns 64 group .. (K's column block `group`) over all keys;
+    // DP = 64: all columns over this warpgroup's keys.
+    const int dq_step0 = kDqSplitsKeys ? group * kDqSteps : 0;
+    const uint32_t dq_block = kDqSplitsKeys ? 0 : group * kKVBlock;
     float dq[kQRegs];
     wgmma::fence();
 #pragma unroll
-    for (int s = 0; s < kKeySteps; ++s) {
-      wgmma::mma_ss<T, DP / kGroups, 1, 1>(
-          dq, mmajor_ds | (ds_start + s * kK16Rows),
-          nmajor_k | (k_start + group * kKVBlock + s * kK16Rows), s > 0);
+    for (int s = 0; s < kDqSteps; ++s) {
+      wgmma::mma_ss<T, 64, 1, 1>(dq, mmajor_ds | (ds_start + (dq_step0 + s) * kK16Rows),
+                                 nmajor_k | (k_start + dq_block + (dq_step0 + s) * kK16Rows),
+                                 s > 0);
     }
     wgmma::commit();
     wgmma::wait<0>();
@@ -291,7 +300,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_wgmma_kernel(const 
       const float got0 = __shfl_xor_sync(0xffffffffu, send0, 1);
       const float got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
       const float4 sum = odd ? make_float4(got0, got1, c[2], c[3]) : make_float4(c[0], c[1], got0, got1);
-      const int d = group * (DP / kGroups) + 8 * j + 4 * (t / 2);
+      const int d = (kDqSplitsKeys ? 0 : 64 * group) + 8 * j + 4 * (t / 2);
       if (qi < p.q_len && d < p.head_dim) {
         atomic_add4(dq_rows + qi * p.head_dim + d, make_float4(sum.x * p.scale, sum.y * p.scale,
                                                                sum.z * p.scale, sum.w * p.scale));
@@ -356,26 +365,38 @@ cudaError_t launch(const AttentionBackwardArgs& args, cudaStream_t stream) {
   });
 }
 
+template <typename T>
+cudaError_t launch_for_dim(const AttentionBackwardArgs& args, cudaStream_t stream) {
+  switch (attn::padded_head_dim(args.shape.head_dim, args.shape.value_dim)) {
+    case 64: return launch<T, 64>(args, stream);
+    case 128: return launch<T, 128>(args, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
 
 bool attention_backward_wgmma_supported(const AttentionBackwardArgs& args) {
   const AttentionShape& s = args.shape;
   if (s.dtype != AttentionDType::kBFloat16 && s.dtype != AttentionDType::kFloat16) return false;
   if (s.mask != nullptr) return false;  // masked attention stays on the mma.sync kernel
-  if (attn::padded_head_dim(s.head_dim, s.value_dim) != 128) return false;
+  const int dp = attn::padded_head_dim(s.head_dim, s.value_dim);
+  if (dp != 64 && dp != 128) return false;
   if (s.head_dim % 8 != 0 || s.value_dim % 8 != 0) return false;
   if (s.q_len == 0 || s.kv_len == 0) return false;
   const void* tensors[] = {args.q, args.k, args.v, args.grad_out, args.grad_k, args.grad_v};
   for (const void* ptr : tensors) {
     if (!attn::aligned16(ptr)) return false;
   }
-  return (s.kv_len + kKeys - 1) / kKeys < (int64_t{1} << 31) &&
-         wgmma::device_runs_wgmma(BwdWgmmaTile<128>::kSmem);
+  const size_t smem = dp == 64 ? BwdWgmmaTile<64>::kSmem : BwdWgmmaTile<128>::kSmem;
+  return (s.kv_len + kKeys - 1) / kKeys < (int64_t{1} << 31) && wgmma::device_runs_wgmma(smem);
 }
 
 cudaError_t attention_backward_wgmma(const AttentionBackwardArgs& args, cudaStream_t stream) {
-  if (args.shape.dtype == AttentionDType::kBFloat16) return launch<__nv_bfloat16, 128>(args, stream);
-  if (args.shape.dtype == AttentionDType::kFloat16) return launch<__half, 128>(args, stream);
+  if (args.shape.dtype == AttentionDType::kBFloat16) {
+    return launch_for_dim<__nv_bfloat16>(args, stream);
+  }
+  if (args.shape.dtype == AttentionDType::kFloat16) return launch_for_dim<__half>(args, stream);
   return cudaErrorInvalidValue;
 }
 
