@@ -55,7 +55,7 @@ bool attention_forward_wgmma_supported(const AttentionForwardArgs& args);
 cudaError_t attention_forward_wgmma(const AttentionForwardArgs& args, cudaStream_t stream);
 
 // Hopper backward (wgmma.mma_async, sm_90a): bfloat16 / float16 without a mask, padded head dim
-// 128, 16-byte aligned tensors; compute capability 9.0 and a build that includes sm_90a. Adds dQ
+// 64 or 128, 16-byte aligned tensors; compute capability 9.0 and a build that includes sm_90a. Adds dQ
 // into grad_q_accum like the mma.sync backward. Used first where supported (off with
 // L2P_ATTENTION_WGMMA=0 or L2P_ATTENTION_WGMMA_BACKWARD=0).
 bool attention_backward_wgmma_supported(const AttentionBackwardArgs& args);

@@ -26,9 +26,10 @@ AUTO_RULES: dict[tuple[str, str], frozenset[torch.dtype]] = {
     ("attention", "cpu"): frozenset({torch.float32, torch.float16}),
     # Measured on an H200 in bf16 (fp16 runs the same kernels): patch_embed 0.54 ms against
     # Conv2d's 17 ms at 4096^2, p=16; unpatchify 0.51 ms against Linear+permute's 0.57 ms.
-    # Attention on CUDA stays with torch: on an H200 its flash backend was 1.1-1.16x faster than
-    # ours in the forward and 1.3x in forward+backward, cuDNN 2.0-2.3x / 2.3-2.5x
-    # (bench/RESULTS.md).
+    # Attention on CUDA stays with torch: on an H200 with torch 2.11, SDPA left to choose runs at
+    # cuDNN's speed (forward 589-614 TFLOP/s, forward+backward 548-570 at Dh=128), 1.4-1.9x ours
+    # (forward 330-411, forward+backward 342-388), although ours beats its flash backend
+    # (1.0-1.2x forward, 1.20-1.24x forward+backward; bench/RESULTS.md).
     ("patch_embed", "cuda"): frozenset({torch.bfloat16, torch.float16}),
     ("unpatchify", "cuda"): frozenset({torch.bfloat16, torch.float16}),
 }
