@@ -158,26 +158,23 @@ def run_block(x, out, bx, bkv, P, DP, dtype, raw_base):
         for group in range(kGroups):  # phase 1: both warpgroups, in any order
             sched.cur = group
             my_keys = group * ((kGroupKeys * kSwizzleRow) >> 4)
-            ST = np.zeros((64, kBM), np.float32)
-            DPT = np.zeros((64, kBM), np.float32)
-            for kk in range(DP // 16):
-                col = (kk // 4) * kKVBlock + (kk % 4) * 2
-                qcol = (kk // 4) * kQBlock + (kk % 4) * 2 + MUTATE.get("buf", buf) * kQBuffer
-                sched.read("K", "K")
-                sched.read(f"Q{buf}", f"Q_{i}")
-                A = hw.operand_kmajor(smem, kmajor | (k_start + my_keys + col), 64)
-                Bt = hw.operand_kmajor(smem, kmajor | (q_start + qcol), kBM)
-                ST = hw.wgmma(ST, A, Bt.T, kk > 0)
-            sched.wg_commit()
-            for kk in range(DP // 16):
-                col = (kk // 4) * kKVBlock + (kk % 4) * 2
-                qcol = (kk // 4) * kQBlock + (kk % 4) * 2 + MUTATE.get("buf", buf) * kQBuffer
-                sched.read("V", "V")
-                sched.read(f"dO{buf}", f"dO_{i}")
-                A = hw.operand_kmajor(smem, kmajor | (v_start + my_keys + col), 64)
-                Bt = hw.operand_kmajor(smem, kmajor | (do_start + qcol), kBM)
-                DPT = hw.wgmma(DPT, A, Bt.T, kk > 0)
-            sched.wg_commit()
+
+            def scores(kv_start, kv_slot, q_side_start, q_side_slot):
+                """(64 keys x kBM) = (K or V rows) (Q or dO)^T, both K-major, one group."""
+                acc = np.zeros((64, kBM), np.float32)
+                for kk in range(DP // 16):
+                    col = (kk // 4) * kKVBlock + (kk % 4) * 2
+                    qcol = (kk // 4) * kQBlock + (kk % 4) * 2 + MUTATE.get("buf", buf) * kQBuffer
+                    sched.read(kv_slot, kv_slot)
+                    sched.read(f"{q_side_slot}{buf}", f"{q_side_slot}_{i}")
+                    A = hw.operand_kmajor(smem, kmajor | (kv_start + my_keys + col), 64)
+                    Bt = hw.operand_kmajor(smem, kmajor | (q_side_start + qcol), kBM)
+                    acc = hw.wgmma(acc, A, Bt.T, kk > 0)
+                sched.wg_commit()
+                return acc
+
+            ST = scores(k_start, "K", q_start, "Q")
+            DPT = scores(v_start, "V", do_start, "dO")
             if group == 0 and i + 1 < tiles:  # every thread takes part in the copies
                 load_q_tile(i + 1, buf ^ 1)
             if group == 0:

@@ -261,6 +261,14 @@ WGMMA_CASES = [
 ]
 
 
+def _with_kernel_names(call):
+    """call()'s result and the names of the CUDA kernels it ran (the profiler's events)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        result = call()
+        torch.cuda.synchronize()
+    return result, [e.name for e in prof.events()]
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
     reason="the wgmma forward needs compute capability 9.0",
@@ -274,10 +282,7 @@ def test_attention_wgmma_forward_matches_reference(case, dtype, monkeypatch):
     monkeypatch.delenv("L2P_ATTENTION_WGMMA", raising=False)
 
     def forward_and_kernels():
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            result = torch.ops.l2p.attention_forward(q, k, v, None, scale)
-            torch.cuda.synchronize()
-        return result, [e.name for e in prof.events()]
+        return _with_kernel_names(lambda: torch.ops.l2p.attention_forward(q, k, v, None, scale))
 
     (out, lse), kernels = forward_and_kernels()
     assert any("attention_fwd_wgmma_kernel" in name for name in kernels), kernels
@@ -327,10 +332,8 @@ def test_attention_wgmma_backward_matches_reference(case, dtype, monkeypatch):
     grad_out = torch.randn_like(out)
 
     def backward_and_kernels():
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            grads = torch.ops.l2p.attention_backward(grad_out, q, k, v, out, lse, None, scale)
-            torch.cuda.synchronize()
-        return grads, [e.name for e in prof.events()]
+        return _with_kernel_names(
+            lambda: torch.ops.l2p.attention_backward(grad_out, q, k, v, out, lse, None, scale))
 
     def check(got, want, what):
         if want.abs().max() == 0:  # one key: dS = P (dP - delta) = 0 exactly, so dq = dk = 0
