@@ -53,6 +53,7 @@ def _ids(cases):
 ATTN_FWD = [c for n in (4096, 16384) for c in cuda_report.attention_cases(n, backward=False)]
 ATTN_FWD_LONG = cuda_report.attention_cases(65536, backward=False, rounds=1)
 ATTN_FWD_BWD = [c for n in (4096, 16384) for c in cuda_report.attention_cases(n, backward=True)]
+ATTN_FWD_BWD += cuda_report.attention_cases(4096, backward=True, head_dim=64)
 PATCH = [c for p in (16, 32, 64) for c in cuda_report.patch_embed_cases(patch=p)]
 UNPATCH = cuda_report.unpatchify_cases()
 
