@@ -1,9 +1,9 @@
 // Attention backward on Hopper's warpgroup tensor cores (wgmma.mma_async, sm_90a): the same
 // meaning and outputs as attention_bwd_mma.cu (dK, dV written; dQ added into the fp32
 // grad_q_accum) for bfloat16 / float16, padded head dims DP = 64 and 128, no mask, grouped-query
-// heads, ragged query and key lengths. attention_cuda.cpp tries it first on compute capability 9.0
-// (L2P_ATTENTION_WGMMA=0 turns it off, with the wgmma forward); tests/ops/test_cuda_ops.py
-// checks it there.
+// heads, ragged query and key lengths. attention_cuda.cpp tries it first on compute capability
+// 9.0 (L2P_ATTENTION_WGMMA_BACKWARD=0 turns it off, L2P_ATTENTION_WGMMA=0 both wgmma kernels);
+// tests/ops/test_cuda_ops.py checks it there.
 //
 // A block of two warpgroups (256 threads) owns kKeys = 128 keys of one (batch, key/value head),
 // 64 per warpgroup, and walks the 64-row query tiles of every query head of its group. Per tile,
@@ -81,7 +81,8 @@ struct BwdWgmmaParams {
 };
 
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads, 1) attention_bwd_wgmma_kernel(const BwdWgmmaParams<T> p) {
+__global__ void __launch_bounds__(kThreads, 1)
+    attention_bwd_wgmma_kernel(const BwdWgmmaParams<T> p) {
 #ifdef L2P_WGMMA_DEVICE
   static_assert(DP == 64 || DP == 128, "DP is 64 or 128");
   using Tile = BwdWgmmaTile<DP>;
@@ -299,7 +300,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_bwd_wgmma_kernel(const 
       const float send0 = odd ? c[0] : c[2], send1 = odd ? c[1] : c[3];
       const float got0 = __shfl_xor_sync(0xffffffffu, send0, 1);
       const float got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
-      const float4 sum = odd ? make_float4(got0, got1, c[2], c[3]) : make_float4(c[0], c[1], got0, got1);
+      const float4 sum =
+          odd ? make_float4(got0, got1, c[2], c[3]) : make_float4(c[0], c[1], got0, got1);
       const int d = (kDqSplitsKeys ? 0 : 64 * group) + 8 * j + 4 * (t / 2);
       if (qi < p.q_len && d < p.head_dim) {
         atomic_add4(dq_rows + qi * p.head_dim + d, make_float4(sum.x * p.scale, sum.y * p.scale,
