@@ -34,3 +34,33 @@ def test_info_text_and_json(capsys, monkeypatch, tmp_path):
          "eval": {"heldout": {"overall": 0.5, "ci95": [0.4, 0.6]}}}))
     assert main(["info"]) == 0
     assert "trained 30 min in 3 runs on a CPU, a GPU" in capsys.readouterr().out
+
+
+def test_info_names_the_cuda_attention_kernels(capsys, monkeypatch):
+    """On an H100 / H200 with an sm_90a build, the Hopper kernels and their switches; elsewhere
+    the mma.sync / WMMA ones. (The GPU is simulated: what is checked is the wording of the
+    choice attention_cuda.cpp makes.)"""
+    import torch
+
+    from l2p.cli import info as info_cmd
+    from l2p.cli import main
+    from l2p.ops import _extension
+
+    build = {"cuda": True, "cuda_archs": "8.0;9.0a", "cpu_gemm": "blas", "torch_version": "x"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(_extension, "build_info", lambda: dict(build))
+    monkeypatch.delenv("L2P_ATTENTION_WGMMA", raising=False)
+    monkeypatch.delenv("L2P_ATTENTION_WGMMA_BACKWARD", raising=False)
+    assert main(["info"]) == 0
+    assert ('attention with backend="cuda" on this GPU: Hopper wgmma forward and backward for '
+            "unmasked bf16 / fp16") in capsys.readouterr().out
+    monkeypatch.setenv("L2P_ATTENTION_WGMMA_BACKWARD", "0")
+    assert "backward is off: L2P_ATTENTION_WGMMA_BACKWARD=0" in info_cmd._cuda_attention(build)
+    monkeypatch.setenv("L2P_ATTENTION_WGMMA", "0")
+    assert "wgmma kernels are off: L2P_ATTENTION_WGMMA=0" in info_cmd._cuda_attention(build)
+    monkeypatch.delenv("L2P_ATTENTION_WGMMA")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # an A100
+    assert info_cmd._cuda_attention(build).startswith("mma.sync / WMMA")
+    assert info_cmd._cuda_attention({**build, "cuda": False}).startswith("none")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 
 import torch
@@ -36,8 +37,27 @@ def collect() -> dict:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+        info["cuda_attention"] = _cuda_attention(info["extension"])
     info["toy_source"] = _toy_source()
     return info
+
+
+def _cuda_attention(ext: dict) -> str:
+    """Which of l2p's attention kernels backend="cuda" runs on this GPU (the choice
+    csrc/attention/cuda/attention_cuda.cpp makes, in words)."""
+    if not ext.get("cuda"):
+        return "none (built without CUDA kernels)"
+    general = "mma.sync / WMMA tensor-core kernels for bf16 / fp16, CUDA-core ones otherwise"
+    if torch.cuda.get_device_capability() != (9, 0) or "9.0a" not in (ext.get("cuda_archs") or ""):
+        return general
+    forward = os.environ.get("L2P_ATTENTION_WGMMA") != "0"
+    backward = forward and os.environ.get("L2P_ATTENTION_WGMMA_BACKWARD") != "0"
+    if not forward:
+        return general + " (the Hopper wgmma kernels are off: L2P_ATTENTION_WGMMA=0)"
+    hopper = "Hopper wgmma forward" + (" and backward" if backward else "")
+    note = "" if backward else " (the wgmma backward is off: L2P_ATTENTION_WGMMA_BACKWARD=0)"
+    return (f"{hopper} for unmasked bf16 / fp16 with head dims up to 128; {general} "
+            f"otherwise{note}")
 
 
 def _toy_source() -> dict:
@@ -77,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
               f"CUDA kernels {'yes' if ext['cuda'] else 'no'} (archs: {archs}), "
               f"built against torch {ext['torch_version']}")
     print(f"CPU threads: {info['cpu_threads']}" + (f"; GPU: {info['gpu']}" if "gpu" in info else ""))
+    if "cuda_attention" in info:
+        print(f'attention with backend="cuda" on this GPU: {info["cuda_attention"]}')
     toy = info["toy_source"]
     if toy["shipped"]:
         score = (f"held-out score {toy['heldout_score']:.3f} (95% CI {toy['heldout_ci95'][0]:.3f}-"
