@@ -194,6 +194,7 @@ def all_cases(quick: bool = False) -> list[Case]:
     cases = []
     for n in (4096, 16384):
         cases += attention_cases(n, backward=False)
+    cases += attention_cases(4096, backward=False, head_dim=64)  # SD3's head dim
     if not quick:
         cases += attention_cases(65536, backward=False, rounds=1)
     cases += attention_cases(4096, backward=True)

@@ -51,6 +51,7 @@ def _ids(cases):
 
 
 ATTN_FWD = [c for n in (4096, 16384) for c in cuda_report.attention_cases(n, backward=False)]
+ATTN_FWD += cuda_report.attention_cases(4096, backward=False, head_dim=64)
 ATTN_FWD_LONG = cuda_report.attention_cases(65536, backward=False, rounds=1)
 ATTN_FWD_BWD = [c for n in (4096, 16384) for c in cuda_report.attention_cases(n, backward=True)]
 ATTN_FWD_BWD += cuda_report.attention_cases(4096, backward=True, head_dim=64)
