@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# GPU checks of the Hopper wgmma attention forward (csrc/attention/cuda/attention_fwd_wgmma.cu),
-# the default attention forward on compute capability 9.0 (L2P_ATTENTION_WGMMA=0 turns it off).
+# GPU checks of the Hopper wgmma attention kernels (csrc/attention/cuda/attention_fwd_wgmma.cu,
+# attention_bwd_wgmma.cu), the default attention forward and backward on compute capability 9.0
+# (L2P_ATTENTION_WGMMA=0 turns both off, L2P_ATTENTION_WGMMA_BACKWARD=0 the backward).
 # Repo root, H100 or H200:
 #   OUT=/some/dir bash bench/gpu/wgmma_check.sh
-# 1. builds l2p for sm_90a only (the kernel's target; about half the time of the default build);
-# 2. the wgmma test alone (the profiler must see the kernel; it must match the float64
-#    reference and the mma.sync kernel), then every CUDA attention test with it on;
+# 1. builds l2p for sm_90a only (the kernels' target; about half the time of the default build);
+# 2. the wgmma tests alone (the profiler must see each kernel; they must match the float64
+#    reference and the mma.sync kernels), then every CUDA attention test with them on;
 # 3. compute-sanitizer memcheck, racecheck and synccheck on bench/gpu/wgmma_smoke.py;
-# 4. the attention forward benchmark with the switch off, then on (same machine, same run).
+# 4. the attention benchmarks with the switch off, then on (same machine, same run; the
+#    forward+backward tables also carry a row with the mma.sync backward).
 # Every step has a timeout; the log is $OUT/wgmma_check.log, the benchmarks
 # $OUT/bench_wgmma0.md (switch off) and bench_wgmma1.md (on).
 set -u
@@ -33,10 +35,10 @@ step 240 python3 -m pytest -q -rfE -p no:cacheprovider -n 8 tests/ops/test_cuda_
 for tool in memcheck racecheck synccheck; do
   step 180 compute-sanitizer --tool "$tool" --error-exitcode 99 python3 bench/gpu/wgmma_smoke.py
 done
-for switch in 0 1; do  # 0: the mma.sync forward; 1: the wgmma forward
-  echo "== attention forward benchmark, L2P_ATTENTION_WGMMA=$switch" | tee -a "$LOG"
+for switch in 0 1; do  # 0: the mma.sync kernels; 1: the wgmma ones
+  echo "== attention benchmarks, L2P_ATTENTION_WGMMA=$switch" | tee -a "$LOG"
   L2P_ATTENTION_WGMMA=$switch timeout 150 python3 bench/cuda_report.py --quick \
-    --only "attention forward" > "$OUT/bench_wgmma$switch.md" 2>&1
+    --only "attention" > "$OUT/bench_wgmma$switch.md" 2>&1
   echo "== exit $?" | tee -a "$LOG"
   tee -a "$LOG" < "$OUT/bench_wgmma$switch.md"
 done
