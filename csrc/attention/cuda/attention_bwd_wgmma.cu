@@ -142,11 +142,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
 
   // cp.async groups: {K, V, Q_0, dO_0, stats_0}, then one per tile i: {stats_i+1, Q_i+1, dO_i+1}.
-  const int64_t keys_valid = p.kv_len;
   wgmma::load_tile_swizzled<T, kKeys, DP, kThreads>(sK, p.k + bkv * p.kv_len * p.head_dim, n0,
-                                                    keys_valid, p.head_dim);
+                                                    p.kv_len, p.head_dim);
   wgmma::load_tile_swizzled<T, kKeys, DP, kThreads>(sV, p.v + bkv * p.kv_len * p.value_dim, n0,
-                                                    keys_valid, p.value_dim);
+                                                    p.kv_len, p.value_dim);
   load_q_tile(0, 0);
   load_stats(0, 0);
   cp_async_commit();
