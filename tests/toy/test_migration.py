@@ -271,3 +271,15 @@ def test_reproduce_trains_the_verified_arm_on_the_accepted_generations(tmp_path,
     assert report["verification"]["kept"] == 6
     assert "(verified: 6 prompts kept an image the scorer accepts, of 2 tries each)" in (out / "report.md").read_text()
     assert main(["toy", "reproduce", "--out", str(out), "--verify-candidates", "0"]) == 2
+
+
+def test_reproduce_score_curve_checkpoints_end_at_the_last_step(tmp_path):
+    """curve_points checkpoints per arm, the last one the final step (4000 steps, 3 points:
+    1334, 2668, 4000), so no curve point is scored twice."""
+    from l2p.toy import reproduce
+
+    plan = reproduce.ReproducePlan(curve_points=3)
+    cfg = reproduce._arm_config(plan, reproduce.ARMS_BY_NAME["l2p"], tmp_path / "source",
+                                tmp_path / "corpus", 64, 4000, tmp_path / "out")
+    assert cfg.checkpoint.every == 1334 and 3 * cfg.checkpoint.every >= cfg.train.max_steps
+    assert cfg.checkpoint.keep_last == plan.curve_points + 1

@@ -150,7 +150,9 @@ def _arm_config(plan: ReproducePlan, arm: Arm, source_dir: Path, corpus: Path, s
                 out: Path, extra: list[str] = (), train_seed: int = 0):
     from l2p.train.config import DEFAULT_CONFIG_DIR, load_config
 
-    every = max(1, steps // plan.curve_points)
+    # Rounded up, so that the last periodic checkpoint is the final one (4000 steps, 3 points:
+    # 1334, 2668, 4000; rounded down gave 1333, 2666, 3999 and the final 4000, one point twice).
+    every = max(1, -(-steps // plan.curve_points))
     return load_config(DEFAULT_CONFIG_DIR / "toy.yaml", [
         f"model.source={source_dir}", f"model.init={arm.init}", f"model.trainable={arm.trainable}",
         f"model.init_seed={train_seed}", f"data.path={corpus}", f"data.resolution={size}",
