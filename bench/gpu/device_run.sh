@@ -11,7 +11,7 @@
 # are skipped and say so. Results land in $OUT as few files (the device tool brings back at
 # most 8): run.log, cuda_report.md, logs.tgz (build, tests, memcheck, toy, sampling, peak
 # memory logs and JSON) and the toy source as a tarball split into 15 MB parts.
-# Usage (repo root): OUT=/some/dir [DEADLINE_S=540] [TOY_BUDGET_S=220] [TOY_ARGS="..."] \
+# Usage (repo root): OUT=/some/dir [DEADLINE_S=540] [TOY=0] [TOY_BUDGET_S=220] [TOY_ARGS="..."] \
 #   [BENCH=0] [SAMPLING=0] [PEAK=0] bash bench/gpu/device_run.sh
 # TOY_ARGS="--init-from python/l2p/toy/weights/shapes-pixart --dit-batch 256" continues the
 # shipped source (same architecture, its autoencoder kept) instead of training a new one.
@@ -42,6 +42,8 @@ fi
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } \
   | tee -a "$OUT/run.log"
 
+TOY_PID=
+if [ "${TOY:-1}" = 1 ]; then
 log "toy source: training in the background (budget ${TOY_BUDGET_S}s)"
 rm -rf /tmp/toy-pkg && cp -r python /tmp/toy-pkg
 ( PYTHONPATH="/tmp/toy-pkg:${PYTHONPATH:-}" python3 -c "import argparse, sys
@@ -51,6 +53,7 @@ args = parser.parse_args(sys.argv[1:]); sys.exit(args.func(args))" \
     toy train-source --out /tmp/toy-source --device cuda --time-budget-s "$TOY_BUDGET_S" \
     --eval-prompts 600 ${TOY_ARGS:-} > "$LOGS/toy.log" 2>&1; echo "exit $?" >> "$LOGS/toy.log" ) &
 TOY_PID=$!
+fi
 export PYTHONPATH="$PWD/python:${PYTHONPATH:-}"
 
 # The image's default C++ compiler (/opt/gcc/bin/g++) links libstdc++ statically, which makes the
@@ -79,9 +82,11 @@ else
 fi
 pack_logs
 
-log "waiting for the toy source"
-wait "$TOY_PID"
-grep -E "step .*/|overall|exit|written" "$LOGS/toy.log" | tail -8 | tee -a "$OUT/run.log"
+if [ -n "$TOY_PID" ]; then
+  log "waiting for the toy source"
+  wait "$TOY_PID"
+  grep -E "step .*/|overall|exit|written" "$LOGS/toy.log" | tail -8 | tee -a "$OUT/run.log"
+fi
 if [ -f /tmp/toy-source/model_index.json ]; then
   tar -C /tmp -czf /tmp/toy-source.tgz toy-source && split -b 15M /tmp/toy-source.tgz "$OUT/toy-source.tgz.part-"
 fi
