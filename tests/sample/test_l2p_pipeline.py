@@ -164,6 +164,34 @@ def test_head_tiling_keeps_the_image(pipelines):
     torch.testing.assert_close(tiled, full, rtol=0, atol=1e-5)
 
 
+def test_scheduler_config_with_shift(pipelines):
+    """What a model trained at a fixed shift samples with: the shift in the config, dynamic
+    shifting off; the timesteps are those of with_shift's (scheduler, mu) route."""
+    from l2p.sample.schedule import recipe_for, scheduler_config_with_shift, set_timesteps, with_shift
+
+    sd3 = pipelines["sd3"].scheduler  # static shift 3
+    config = scheduler_config_with_shift(dict(sd3.config), 5.0)
+    assert config["shift"] == 5.0 and sd3.config["shift"] == 3.0
+    recipe = recipe_for("SD3Transformer2DModel")
+    torch.testing.assert_close(
+        set_timesteps(type(sd3).from_config(config), recipe, 6, 48, "cpu"),
+        set_timesteps(with_shift(sd3, 5.0)[0], recipe, 6, 48, "cpu"))
+
+    flux = pipelines["flux"].scheduler  # dynamic shifting
+    config = scheduler_config_with_shift(dict(flux.config), 4.5)
+    assert config["shift"] == 4.5 and config["use_dynamic_shifting"] is False
+    recipe = recipe_for("FluxTransformer2DModel")
+    sched, mu = with_shift(flux, 4.5)
+    torch.testing.assert_close(
+        set_timesteps(type(flux).from_config(config), recipe, 6, 64, "cpu"),
+        set_timesteps(sched, recipe, 6, 64, "cpu", mu=mu).clone())
+
+    with pytest.raises(ValueError, match="no flow time shift"):
+        scheduler_config_with_shift({"_class_name": "DDPMScheduler", "beta_start": 1e-4}, 3.0)
+    with pytest.raises(ValueError, match="positive number"):
+        scheduler_config_with_shift(dict(sd3.config), -1.0)
+
+
 def test_shift_override(pipelines):
     from l2p.sample.schedule import recipe_for, set_timesteps, with_shift
 

@@ -104,6 +104,18 @@ def test_toy_style_source_pixart_with_flow_dpm_solver(tmp_path):
     result = trainer.run()
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert (tmp_path / "run" / "samples" / "final.png").is_file()
+    exported = json.loads((result.final_dir / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert exported["flow_shift"] == 2.0  # the source's
+
+    # A model trained at another shift samples at it: the trainer's grids and the export.
+    shifted = Trainer(make_config(tmp_path / "toy", data, tmp_path / "run3", data__resolution=64,
+                                  train__max_steps=1, model__head_channels="[8,8,16]", objective__shift=3.0,
+                                  sample__prompts="[two red circles]", sample__steps=2))
+    assert shifted.objective.shift == 3.0 and shifted.scheduler_config["flow_shift"] == 3.0
+    result = shifted.run()
+    exported = json.loads((result.final_dir / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert exported == shifted.scheduler_config
+    assert json.loads((tmp_path / "toy" / "scheduler" / "scheduler_config.json").read_text())["flow_shift"] == 2.0
 
 
 def test_random_init_is_the_same_architecture_trained_from_scratch(sources, images, tmp_path):

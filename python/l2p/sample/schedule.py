@@ -47,21 +47,45 @@ def dynamic_mu(image_seq_len: int, config, max_shift_default: float = 1.15) -> f
                            config.get("max_shift", max_shift_default))
 
 
+def _check_shift(shift) -> float:
+    if isinstance(shift, bool) or not (isinstance(shift, (int, float)) and shift > 0 and math.isfinite(shift)):
+        raise ValueError(f"shift must be a positive number, got {shift!r}")
+    return float(shift)
+
+
+def _shift_key(config, class_name: str) -> str:
+    """The config field that holds a flow scheduler's static time shift."""
+    for key in ("shift", "flow_shift"):
+        if key in config:
+            return key
+    raise ValueError(
+        f"{class_name} has no flow time shift; a shift needs a flow-matching scheduler "
+        f"(FlowMatchEulerDiscreteScheduler, or DPM-Solver/UniPC with flow_shift)"
+    )
+
+
 def with_shift(scheduler, shift: float):
     """A copy of ``scheduler`` whose flow time shift is ``shift`` (s' = k s / (1 + (k-1) s)).
     Returns (scheduler, mu) where mu is set for dynamically shifted schedulers (k = exp(mu))."""
-    if not (isinstance(shift, (int, float)) and shift > 0 and math.isfinite(shift)):
-        raise ValueError(f"shift must be a positive number, got {shift!r}")
+    shift = _check_shift(shift)
     config = scheduler.config
     if config.get("use_dynamic_shifting", False):
         return scheduler, math.log(shift)
-    for key in ("shift", "flow_shift"):
-        if key in config:
-            return type(scheduler).from_config({**config, key: float(shift)}), None
-    raise ValueError(
-        f"{type(scheduler).__name__} has no flow time shift; shift= needs a flow-matching "
-        f"scheduler (FlowMatchEulerDiscreteScheduler, or DPM-Solver/UniPC with flow_shift)"
-    )
+    key = _shift_key(config, type(scheduler).__name__)
+    return type(scheduler).from_config({**config, key: shift}), None
+
+
+def scheduler_config_with_shift(config: dict, shift: float) -> dict:
+    """A flow scheduler's config (scheduler_config.json, with ``_class_name``) set to sample
+    at the fixed time shift ``shift``: what a model trained at that shift
+    (``objective.shift``) must sample with. Dynamic shifting is turned off, since a shift
+    fixed in training does not follow the token count."""
+    shift = _check_shift(shift)
+    key = _shift_key(config, config.get("_class_name", "this scheduler"))
+    shifted = {**config, key: shift}
+    if "use_dynamic_shifting" in config:
+        shifted["use_dynamic_shifting"] = False
+    return shifted
 
 
 def set_timesteps(scheduler, recipe: Recipe, num_steps: int, tokens: int, device,

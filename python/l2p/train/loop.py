@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from l2p.sample.schedule import scheduler_config_with_shift
 from l2p.train import checkpoint as ckpt
 from l2p.train import conditioning as condmod
 from l2p.train.align import SourceAlignment
@@ -196,6 +197,13 @@ class Trainer:
             if cfg.ema.enabled else None
         self.objective = Objective.from_scheduler_config(self.source.scheduler_config, cfg.objective,
                                                          sign=float(model.output_sign))
+        # What the sample grids and the exported pipeline sample with: the source's scheduler,
+        # at the trained time shift where objective.shift overrides the source's (a model
+        # trained at one shift and sampled at another spends its steps at the wrong noise).
+        self.scheduler_config = self.source.scheduler_config
+        if cfg.objective.shift is not None and self.objective.kind == "flow":
+            self.scheduler_config = scheduler_config_with_shift(self.source.scheduler_config,
+                                                                cfg.objective.shift)
 
         # -- data and text conditioning --------------------------------------------------
         self.dataset = open_dataset(cfg.data.path, cfg.data.resolution, cfg.train.seed,
@@ -602,6 +610,10 @@ class Trainer:
         shutil.rmtree(pipeline, ignore_errors=True)
         convert_folder(self.source.path, pipeline, patch_size=self.cfg.model.patch_size,
                        head=self._head_config(), seed=self.cfg.model.init_seed)
+        if self.scheduler_config is not self.source.scheduler_config:
+            tmp = pipeline / "scheduler" / ".scheduler_config.json.tmp"
+            tmp.write_text(json.dumps(self.scheduler_config, indent=2, sort_keys=True) + "\n")
+            tmp.replace(pipeline / "scheduler" / "scheduler_config.json")
         if self.fsdp:
             metadata = {"format": DELTA_FORMAT, "config": _config_json(self.model)}
             atomic_save_file({k: v.contiguous() for k, v in raw.items()}, final / "delta-raw.safetensors", metadata)
@@ -640,7 +652,7 @@ class Trainer:
             with ctx, self._autocast():
                 for seed in s.seeds:
                     images.append(sample_images(
-                        self.model, cond, self.empty, scheduler_config=self.source.scheduler_config,
+                        self.model, cond, self.empty, scheduler_config=self.scheduler_config,
                         steps=s.steps, guidance=s.guidance, seed=seed, height=res, width=res,
                         flow_guidance=self.cfg.objective.guidance))
         finally:
