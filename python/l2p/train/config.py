@@ -74,7 +74,8 @@ class ObjectiveConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     # Time shift k in s' = k s / (1 + (k-1) s). None = the source scheduler's (static shift or
-    # dynamic shift from the image sequence length).
+    # dynamic shift from the image sequence length). A value also goes into the exported
+    # pipeline's scheduler config (dynamic shifting off), so the model samples at it.
     shift: float | None = None
     # Guidance value fed to guidance-distilled sources (FLUX-dev's guidance embedding; 3.5 as
     # in the diffusers FLUX training examples). Ignored by sources without one.
