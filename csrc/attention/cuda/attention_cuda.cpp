@@ -15,12 +15,11 @@
 #include <torch/library.h>
 
 #include <array>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <tuple>
 
 #include "attention/cuda/attention_kernels.h"
+#include "common/cuda/switches.h"
 
 namespace l2p::cuda {
 namespace {
@@ -32,13 +31,7 @@ constexpr bool kUseRegisterBackward = true;
 // The Hopper wgmma kernels are tried first on sm_90 (H200, bench/RESULTS.md: the forward about
 // 1.3x the mma.sync forward at N = 4096 / 16384; forward+backward 1.36-1.41x with the wgmma
 // backward at head dim 128, 1.06x at 64). L2P_ATTENTION_WGMMA=0 turns both off,
-// L2P_ATTENTION_WGMMA_BACKWARD=0 the backward only, to compare against or to rule them out.
-// Read on every call (one getenv beside a kernel launch) so that a test can switch them within
-// one process.
-bool switched_off(const char* variable) {
-  const char* value = std::getenv(variable);
-  return value != nullptr && std::strcmp(value, "0") == 0;
-}
+// L2P_ATTENTION_WGMMA_BACKWARD=0 the backward only (common/cuda/switches.h).
 bool wgmma_forward_enabled() { return !switched_off("L2P_ATTENTION_WGMMA"); }
 bool wgmma_backward_enabled() {
   return wgmma_forward_enabled() && !switched_off("L2P_ATTENTION_WGMMA_BACKWARD");

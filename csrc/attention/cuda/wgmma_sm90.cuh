@@ -47,6 +47,7 @@
 
 #include "attention/cuda/attention_common.cuh"
 #include "attention/cuda/mma_sm80.cuh"
+#include "common/cuda/sm90.h"
 
 // The wgmma bodies exist only in the sm_90a pass (wgmma needs the "a" target); the sm_80 pass
 // keeps empty kernels that the launchers never start (their "supported" checks require
@@ -86,35 +87,10 @@ __device__ __forceinline__ void load_tile_swizzled(unsigned char* dst, const T* 
   }
 }
 
-// The wgmma kernels exist only in an sm_90a cubin. A build whose architecture list lacks
-// 9.0a (CMake passes it as L2P_CUDA_ARCHS) would run the empty sm_80 / sm_90 kernel on a
-// Hopper GPU, so such a build declines every shape.
-__host__ constexpr bool built_for_sm90a() {
-#ifdef L2P_CUDA_ARCHS
-  constexpr const char* archs = L2P_CUDA_ARCHS;
-  for (int i = 0; archs[i] != '\0' && archs[i + 1] != '\0' && archs[i + 2] != '\0'; ++i) {
-    if (archs[i] == '9' && archs[i + 1] == '.' && archs[i + 2] == '0' && archs[i + 3] == 'a') {
-      return true;
-    }
-  }
-  return false;
-#else
-  return true;  // compiled by hand with -gencode arch=compute_90a,code=sm_90a
-#endif
-}
-
 // True on a compute capability 9.0 device (the current one) with at least smem_bytes of
 // shared memory per block, in a build that includes sm_90a.
 __host__ inline bool device_runs_wgmma(size_t smem_bytes) {
-  if (!built_for_sm90a()) return false;
-  int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess ||
-      major != 9 || minor != 0) {
-    return false;
-  }
-  return smem_bytes <= static_cast<size_t>(max_shared_per_block());
+  return current_device_runs_sm90a() && smem_bytes <= static_cast<size_t>(max_shared_per_block());
 }
 
 #ifdef L2P_WGMMA_DEVICE
