@@ -7,6 +7,8 @@ The one build switch is the environment variable ``L2P_CUDA``:
   ``0``               CPU-only build.
 ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0a") picks the GPU architectures; default sm_80 and sm_90a.
 ``L2P_BUILD_TYPE`` picks the CMake build type (default Release).
+CUDA builds take the CUTLASS headers of the ``nvidia-cutlass`` wheel (a build requirement) for
+the Hopper fused unpatchify; without them that one kernel is left out.
 
 Install with ``pip install --no-build-isolation .`` so the extension is compiled against the
 torch that is already installed, not a fresh download.
@@ -29,6 +31,19 @@ def _cuda_compiler() -> str | None:
     if cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists():
         return str(Path(cuda_home) / "bin" / "nvcc")
     return shutil.which("nvcc")
+
+
+def _cutlass_include() -> str | None:
+    """The CUTLASS / CuTe headers shipped in the nvidia-cutlass wheel (package cutlass_library),
+    found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        include = Path(location) / "source" / "include"
+        if (include / "cutlass" / "cutlass.h").exists():
+            return str(include)
+    return None
 
 
 def _want_cuda() -> bool:
@@ -89,6 +104,7 @@ class CMakeBuild(build_ext):
             args.append(f"-DCMAKE_CUDA_COMPILER={_cuda_compiler()}")
             arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
             args.append(f"-DL2P_CUDA_ARCHS={arch_list}")
+            args.append(f"-DL2P_CUTLASS_INCLUDE={_cutlass_include() or ''}")
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         print(f"l2p: building {'CPU+CUDA' if with_cuda else 'CPU-only'} extension in {build_dir}")
         subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)

@@ -175,6 +175,17 @@ def unpatchify_cases(size: int = 4096, patch: int = 16, dim: int = 3072) -> list
         return lambda: ops.unpatchify(t, w, b, patch_size=patch, height=size, width=size,
                                       backend="cuda")
 
+    def l2p_switched(value: str):  # "1": the Hopper fused GEMM; "0": cuBLAS GEMM + fold
+        def make(_copy):
+            t, w, b = inputs()
+
+            def run():
+                with env("L2P_UNPATCHIFY_FUSED", value):
+                    return ops.unpatchify(t, w, b, patch_size=patch, height=size, width=size,
+                                          backend="cuda")
+            return run
+        return make
+
     def linear(_copy):
         t, w, b = inputs()
         return lambda: unpatchify_reference(t, w, b, patch, size, size)
@@ -186,7 +197,9 @@ def unpatchify_cases(size: int = 4096, patch: int = 16, dim: int = 3072) -> list
     nbytes = tokens * dim * 2
     return [
         Case("unpatchify", shape, name, flops, nbytes, make, baseline=name == "linear+permute")
-        for name, make in (("l2p", l2p), ("linear+permute", linear), ("matmul only", matmul))
+        for name, make in (("l2p", l2p), ("l2p, fused GEMM", l2p_switched("1")),
+                           ("l2p, cuBLAS + fold", l2p_switched("0")),
+                           ("linear+permute", linear), ("matmul only", matmul))
     ]
 
 

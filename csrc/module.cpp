@@ -16,9 +16,15 @@ PYBIND11_MODULE(_C, m) {
 #ifdef L2P_WITH_CUDA
     info["cuda"] = true;
     info["cuda_archs"] = std::string(L2P_CUDA_ARCHS);
+#ifdef L2P_WITH_CUTLASS
+    info["cutlass"] = true;
+#else
+    info["cutlass"] = false;
+#endif
 #else
     info["cuda"] = false;
     info["cuda_archs"] = std::string();
+    info["cutlass"] = false;
 #endif
     info["cpu_gemm"] = std::string(l2p::cpu::gemm_backend_name());
     info["torch_version"] = std::string(L2P_TORCH_VERSION);

@@ -64,3 +64,31 @@ def test_info_names_the_cuda_attention_kernels(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # an A100
     assert info_cmd._cuda_attention(build).startswith("mma.sync / WMMA")
     assert info_cmd._cuda_attention({**build, "cuda": False}).startswith("none")
+
+
+def test_info_names_the_cuda_unpatchify_kernel(capsys, monkeypatch):
+    """The Hopper fused GEMM on an sm_90a build with the CUTLASS headers when switched on
+    (off by default for now); the cuBLAS + fold path elsewhere (a simulated GPU, as above)."""
+    import torch
+
+    from l2p.cli import info as info_cmd
+    from l2p.cli import main
+    from l2p.ops import _extension
+
+    build = {"cuda": True, "cuda_archs": "8.0;9.0a", "cutlass": True, "cpu_gemm": "blas",
+             "torch_version": "x"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(_extension, "build_info", lambda: dict(build))
+    monkeypatch.setenv("L2P_UNPATCHIFY_FUSED", "1")
+    assert main(["info"]) == 0
+    assert 'unpatchify with backend="cuda" on this GPU: Hopper fused GEMM' in capsys.readouterr().out
+    monkeypatch.delenv("L2P_UNPATCHIFY_FUSED")  # off by default until a GPU pass validates it
+    assert "fused GEMM is off; L2P_UNPATCHIFY_FUSED=1" in info_cmd._cuda_unpatchify(build)
+    monkeypatch.setenv("L2P_UNPATCHIFY_FUSED", "1")
+    assert "without the CUTLASS headers" in info_cmd._cuda_unpatchify({**build, "cutlass": False})
+    assert info_cmd._cuda_unpatchify({**build, "cuda_archs": "8.0;9.0"}).startswith("cuBLAS")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # an A100
+    assert info_cmd._cuda_unpatchify(build).startswith("cuBLAS")
+    assert info_cmd._cuda_unpatchify({**build, "cuda": False}).startswith("none")

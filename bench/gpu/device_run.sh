@@ -4,12 +4,13 @@
 #      so the in-place build cannot change what it imports) while
 #   2. l2p is built with its CUDA kernels in place, the op tests run on CPU and CUDA, and a
 #      compute-sanitizer memcheck smoke run checks every kernel;
-#   3. once the GPU is quiet again: the CUDA op benchmarks (l2p and torch in the same run),
+#   3. once the GPU is quiet again: the CUDA op benchmarks (l2p and torch in the same run; the
+#      unpatchify ways also interleaved round by round),
 #      the pixel vs latent sampling benchmark up to 16K (issue 7) and, if time is left, the
 #      trainer's peak memory on an SD3-Medium-sized source (issue 6).
 # Each step gets what is left of DEADLINE_S (seconds from the start); steps that no longer fit
 # are skipped and say so. Results land in $OUT as few files (the device tool brings back at
-# most 8): run.log, cuda_report.md, logs.tgz (build, tests, memcheck, toy, sampling, peak
+# most 8): run.log, cuda_report.md, unpatchify_ab.md, logs.tgz (build, tests, memcheck, toy, sampling, peak
 # memory logs and JSON) and the toy source as a tarball split into 15 MB parts.
 # Usage (repo root): OUT=/some/dir [DEADLINE_S=540] [TOY=0] [TOY_BUDGET_S=220] [TOY_ARGS="..."] \
 #   [BENCH=0] [SAMPLING=0] [PEAK=0] bash bench/gpu/device_run.sh
@@ -34,7 +35,9 @@ within() {
 }
 pack_logs() { tar -C "$LOGS" -czf "$OUT/logs.tgz" . 2>/dev/null; }
 
-if ls .whl/*.whl >/dev/null 2>&1; then   # packages the GPU image lacks (diffusers)
+# .whl/ (ignored by git; pass it in the device tool's carry) holds the wheels the GPU image
+# lacks: `pip download --no-deps diffusers==0.42.1 importlib_metadata zipp nvidia-cutlass==4.2.0.0`.
+if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
@@ -96,6 +99,9 @@ if [ "${BENCH:-1}" = 1 ] && python3 -c "import l2p._C" 2>/dev/null; then
   log "CUDA op benchmarks"
   within 150 0 python3 bench/cuda_report.py --quick > "$OUT/cuda_report.md" 2>&1
   log "bench exit $?"; cat "$OUT/cuda_report.md"
+  log "unpatchify, interleaved: fused GEMM / cuBLAS + fold / Linear + permute / GEMM alone"
+  within 60 0 python3 bench/gpu/unpatchify_ab.py > "$OUT/unpatchify_ab.md" 2>&1
+  log "unpatchify A/B exit $?"; cat "$OUT/unpatchify_ab.md"
 fi
 if [ "${SAMPLING:-1}" = 1 ]; then
   log "sampling benchmark (pixel vs latent path, 1K-16K), the sizes of the issue's goals first"

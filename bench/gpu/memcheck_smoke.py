@@ -1,5 +1,7 @@
 """Small CUDA calls of every l2p op, for compute-sanitizer memcheck (bench/gpu/device_run.sh)."""
 
+import os
+
 import torch
 
 import l2p.ops
@@ -22,7 +24,16 @@ for dtype in (torch.bfloat16, torch.float32):
     y = l2p.ops.patch_embed(x, w, patch_size=16, backend="cuda")
     y.float().sum().backward()
     wt = torch.randn(3 * 256, 24, device=dev, dtype=dtype, requires_grad=True)
-    img = l2p.ops.unpatchify(y.detach().requires_grad_(), wt, patch_size=16, height=48, width=32, backend="cuda")
+    bt = torch.randn(3 * 256, device=dev, dtype=dtype, requires_grad=True)
+    img = l2p.ops.unpatchify(y.detach().requires_grad_(), wt, bt, patch_size=16, height=48, width=32, backend="cuda")
     img.float().sum().backward()
+    # The Hopper fused unpatchify (switched on here) with a tile short in both M and N
+    # (3*8*8 = 192 features); elsewhere it declines and the general path runs.
+    os.environ["L2P_UNPATCHIFY_FUSED"] = "1"
+    tokens = torch.randn(3, 5 * 9, 24, device=dev, dtype=dtype)
+    l2p.ops.unpatchify(tokens, torch.randn(192, 24, device=dev, dtype=dtype), torch.randn(192, device=dev, dtype=dtype),
+                       patch_size=8, height=40, width=72, backend="cuda")
+    l2p.ops.unpatchify(y.detach(), wt, bt, patch_size=16, height=48, width=32, backend="cuda")
+    del os.environ["L2P_UNPATCHIFY_FUSED"]
 torch.cuda.synchronize()
 print("memcheck smoke: all ops ran")

@@ -39,6 +39,14 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: s
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
+def _with_kernel_names(call):
+    """call()'s result and the names of the CUDA kernels it ran (the profiler's events)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        result = call()
+        torch.cuda.synchronize()
+    return result, [e.name for e in prof.events()]
+
+
 # ---------------------------------------------------------------------------------------------
 # patch_embed / unpatchify / patch_weight_grad
 
@@ -102,6 +110,79 @@ def test_patch_weight_grad_matches_reference(case, dtype):
     want = torch.einsum("bnd,bkn->dk", g.double(), patches).reshape(D, C, p, p)
     assert got.dtype == dtype
     assert_rel(got, want, PATCH_TOL[dtype] * 2)
+
+
+# The Hopper fused unpatchify (unpatchify_gemm_sm90.cu; L2P_UNPATCHIFY_FUSED=1, off by default
+# until a GPU pass validates it) for 16-bit tokens with a power-of-two patch and D a multiple of
+# 8: it must run (the profiler names its epilogue), write every pixel, match the float64
+# reference, and agree pixel by pixel with the cuBLAS + fold path (L2P_UNPATCHIFY_FUSED=0).
+# (B, C, H, W, p, D): one 128-token tile row spanning several patch rows; a batch whose images
+# split tiles (M residue); features short of a 256-wide tile (N residue: 3*8*8 = 192, 2*2*2);
+# p = 32 / 64; a weight and bias larger than one tile in N (4*16*16 = 1024); SD3-like width.
+FUSED_CASES = [
+    (1, 3, 256, 256, 16, 64),
+    (2, 3, 96, 160, 16, 40),
+    (3, 3, 40, 72, 8, 24),
+    (3, 2, 288, 288, 2, 8),
+    (1, 3, 512, 512, 32, 128),
+    (2, 3, 256, 512, 64, 64),
+    (1, 4, 128, 192, 16, 48),
+    (1, 3, 1024, 1024, 16, 1536),
+]
+
+
+def _fused_unpatchify_built() -> bool:
+    info = _extension.build_info()
+    return bool(info.get("cutlass")) and "9.0a" in (info.get("cuda_archs") or "")
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+    reason="the fused unpatchify needs compute capability 9.0",
+)
+@pytest.mark.skipif(not _fused_unpatchify_built(), reason="built without CUTLASS or sm_90a")
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_unpatchify_hopper_fused_gemm(case, dtype, with_bias, monkeypatch):
+    B, C, H, W, p, D = case
+    n = (H // p) * (W // p)
+    tokens = torch.randn(B, n, D, device=CUDA, dtype=dtype)
+    w = (torch.randn(C * p * p, D, device=CUDA) / math.sqrt(D)).to(dtype)
+    b = torch.randn(C * p * p, device=CUDA, dtype=dtype) if with_bias else None
+
+    def unpatchify_and_kernels():
+        # The caching allocator hands the freed NaN block to the op's output: a pixel the
+        # kernel does not write stays NaN and fails the finiteness check.
+        torch.full((B, C, H, W), float("nan"), device=CUDA, dtype=dtype)
+        return _with_kernel_names(lambda: torch.ops.l2p.unpatchify(tokens, w, b, p, H, W))
+
+    monkeypatch.setenv("L2P_UNPATCHIFY_FUSED", "1")
+    fused, kernels = unpatchify_and_kernels()
+    assert any("ImageEpilogue" in name for name in kernels), kernels
+    want = unpatchify_reference(tokens.double(), w.double(), _d(b), p, H, W)
+    assert_rel(fused, want, PATCH_TOL[dtype])
+    monkeypatch.setenv("L2P_UNPATCHIFY_FUSED", "0")
+    general, kernels = unpatchify_and_kernels()
+    assert not any("ImageEpilogue" in name for name in kernels), kernels
+    # Both accumulate in float32 and round once; they differ by the summation order only.
+    torch.testing.assert_close(fused, general, rtol=1.6e-2 if dtype == torch.bfloat16 else 2e-3,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-3)
+
+
+def test_unpatchify_hopper_fused_gemm_declines_what_it_cannot_take(monkeypatch):
+    """Shapes outside the fused kernel (patch not a power of two, D not a multiple of 8,
+    float32) still come out right, on the general path."""
+    monkeypatch.setenv("L2P_UNPATCHIFY_FUSED", "1")
+    for B, C, H, W, p, D, dtype in [(1, 3, 30, 45, 3, 16, torch.bfloat16),
+                                     (1, 3, 32, 32, 8, 20, torch.float16),
+                                     (1, 3, 64, 64, 16, 64, torch.float32)]:
+        tokens = torch.randn(B, (H // p) * (W // p), D, device=CUDA, dtype=dtype)
+        w = (torch.randn(C * p * p, D, device=CUDA) / math.sqrt(D)).to(dtype)
+        got, kernels = _with_kernel_names(lambda: torch.ops.l2p.unpatchify(tokens, w, None, p, H, W))
+        assert not any("ImageEpilogue" in name for name in kernels), (p, D, dtype)
+        assert_rel(got, unpatchify_reference(tokens.double(), w.double(), None, p, H, W),
+                   PATCH_TOL[dtype])
 
 
 def test_patch_ops_take_non_contiguous_inputs():
@@ -259,14 +340,6 @@ WGMMA_CASES = [
     (1, 4, 1, 130, 640, 96, 128),
     (1, 24, 24, 1024, 1024, 128, 128),
 ]
-
-
-def _with_kernel_names(call):
-    """call()'s result and the names of the CUDA kernels it ran (the profiler's events)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        result = call()
-        torch.cuda.synchronize()
-    return result, [e.name for e in prof.events()]
 
 
 @pytest.mark.skipif(

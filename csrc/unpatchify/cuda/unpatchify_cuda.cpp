@@ -1,15 +1,66 @@
-// Un-patchify on the GPU: each chunk of tokens is projected by cuBLAS on the current stream
-// (bias folded into the GEMM) into a bounded scratch matrix, which one kernel folds into the
-// image (common/cuda/patch_copy.cu). The (B, N, C*p*p) projection is never materialised.
+// Un-patchify on the GPU. On Hopper, bfloat16 / float16 with a power-of-two patch can run as one
+// CUTLASS GEMM whose epilogue writes the image (unpatchify_gemm_sm90.cu; L2P_UNPATCHIFY_FUSED=1).
+// Otherwise each chunk of tokens is projected by cuBLAS on the current stream (bias folded into
+// the GEMM) into a bounded scratch matrix, which one kernel folds into the image
+// (common/cuda/patch_copy.cu). Either way the (B, N, C*p*p) projection is never materialised.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
+
 #include "common/cuda/patch_chunks.h"
+#include "common/cuda/switches.h"
 #include "common/patch_checks.h"
+#ifdef L2P_WITH_CUTLASS
+#include "unpatchify/cuda/unpatchify_gemm_sm90.h"
+#endif
 
 namespace l2p::cuda {
 namespace {
+
+// Off until a GPU pass has run its tests and timed it against the cuBLAS + fold path: it is
+// compiled (and checked by CI's nvcc pass) but has not yet run on a GPU. L2P_UNPATCHIFY_FUSED=1
+// turns it on, =0 off.
+constexpr bool kFusedUnpatchifyByDefault = false;
+
+// The fused Hopper kernel, where it takes the problem; false leaves `image` to the general path.
+bool try_fused_unpatchify(const at::Tensor& tokens, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias, int64_t patch_size,
+                          at::Tensor& image) {
+#ifdef L2P_WITH_CUTLASS
+  const auto dtype = tokens.scalar_type();
+  if ((dtype != at::kBFloat16 && dtype != at::kHalf) ||
+      !switched("L2P_UNPATCHIFY_FUSED", kFusedUnpatchifyByDefault)) {
+    return false;
+  }
+  const at::Tensor w = weight.contiguous();
+  const std::optional<at::Tensor> b =
+      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const FusedUnpatchify problem{tokens.const_data_ptr(),
+                                w.const_data_ptr(),
+                                b.has_value() ? b->const_data_ptr() : nullptr,
+                                image.data_ptr(),
+                                image.size(0),
+                                image.size(1),
+                                image.size(2),
+                                image.size(3),
+                                patch_size,
+                                tokens.size(2),
+                                dtype == at::kHalf};
+  if (!fused_unpatchify_supported(problem)) return false;
+  const size_t workspace_bytes = fused_unpatchify_workspace_bytes(problem);
+  const at::Tensor workspace =
+      at::empty({static_cast<int64_t>(workspace_bytes)}, tokens.options().dtype(at::kByte));
+  C10_CUDA_CHECK(fused_unpatchify(problem, workspace_bytes > 0 ? workspace.data_ptr() : nullptr,
+                                  c10::cuda::getCurrentCUDAStream().stream()));
+  return true;
+#else
+  return false;
+#endif
+}
 
 at::Tensor unpatchify_cuda(const at::Tensor& tokens_in, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, int64_t patch_size,
@@ -22,6 +73,7 @@ at::Tensor unpatchify_cuda(const at::Tensor& tokens_in, const at::Tensor& weight
   const int64_t B = tokens.size(0), D = tokens.size(2), total = B * N;
   at::Tensor image = at::empty({B, C, height, width}, tokens.options());
   if (image.numel() == 0) return image;
+  if (try_fused_unpatchify(tokens, weight, bias, p, image)) return image;
   const at::Tensor token_rows = tokens.view({total, D});
   const at::Tensor weight_t = weight.t();  // (D, K): cuBLAS reads the Linear weight transposed
   const int64_t T = chunk_tokens(total, K);

@@ -38,8 +38,30 @@ def collect() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda_attention"] = _cuda_attention(info["extension"])
+        info["cuda_unpatchify"] = _cuda_unpatchify(info["extension"])
     info["toy_source"] = _toy_source()
     return info
+
+
+def _runs_sm90a(ext: dict) -> bool:
+    return torch.cuda.get_device_capability() == (9, 0) and "9.0a" in (ext.get("cuda_archs") or "")
+
+
+def _cuda_unpatchify(ext: dict) -> str:
+    """Which unpatchify kernel backend="cuda" runs on this GPU (the choice
+    csrc/unpatchify/cuda/unpatchify_cuda.cpp makes, in words)."""
+    if not ext.get("cuda"):
+        return "none (built without CUDA kernels)"
+    general = "cuBLAS GEMM per chunk of tokens, then a fold into the image"
+    if not _runs_sm90a(ext):
+        return general
+    if not ext.get("cutlass"):
+        return general + " (built without the CUTLASS headers: no Hopper fused GEMM)"
+    # Off by default until a GPU pass validates it (kFusedUnpatchifyByDefault in unpatchify_cuda.cpp).
+    if os.environ.get("L2P_UNPATCHIFY_FUSED") != "1":
+        return general + " (the Hopper fused GEMM is off; L2P_UNPATCHIFY_FUSED=1 turns it on)"
+    return ("Hopper fused GEMM writing the image (CUTLASS mainloop) for bf16 / fp16 with a "
+            f"power-of-two patch and D a multiple of 8; {general} otherwise")
 
 
 def _cuda_attention(ext: dict) -> str:
@@ -48,7 +70,7 @@ def _cuda_attention(ext: dict) -> str:
     if not ext.get("cuda"):
         return "none (built without CUDA kernels)"
     general = "mma.sync / WMMA tensor-core kernels for bf16 / fp16, CUDA-core ones otherwise"
-    if torch.cuda.get_device_capability() != (9, 0) or "9.0a" not in (ext.get("cuda_archs") or ""):
+    if not _runs_sm90a(ext):
         return general
     forward = os.environ.get("L2P_ATTENTION_WGMMA") != "0"
     backward = forward and os.environ.get("L2P_ATTENTION_WGMMA_BACKWARD") != "0"
@@ -99,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"CPU threads: {info['cpu_threads']}" + (f"; GPU: {info['gpu']}" if "gpu" in info else ""))
     if "cuda_attention" in info:
         print(f'attention with backend="cuda" on this GPU: {info["cuda_attention"]}')
+        print(f'unpatchify with backend="cuda" on this GPU: {info["cuda_unpatchify"]}')
     toy = info["toy_source"]
     if toy["shipped"]:
         score = (f"held-out score {toy['heldout_score']:.3f} (95% CI {toy['heldout_ci95'][0]:.3f}-"

@@ -51,9 +51,10 @@ def has_cuda_kernels() -> bool:
 
 
 def build_info() -> dict[str, Any]:
-    """How the extension was built: ``cuda``, ``cuda_archs``, ``cpu_gemm``, ``torch_version``."""
+    """How the extension was built: ``cuda``, ``cuda_archs``, ``cutlass`` (the kernels built on
+    CUTLASS are in), ``cpu_gemm``, ``torch_version``."""
     if _EXT is None:
-        return {"cuda": False, "cuda_archs": "", "cpu_gemm": None, "torch_version": None,
+        return {"cuda": False, "cuda_archs": "", "cutlass": False, "cpu_gemm": None, "torch_version": None,
                 "error": _LOAD_ERROR}
     return dict(_EXT.build_info())
 
