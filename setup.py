@@ -7,8 +7,9 @@ The one build switch is the environment variable ``L2P_CUDA``:
   ``0``               CPU-only build.
 ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0a") picks the GPU architectures; default sm_80 and sm_90a.
 ``L2P_BUILD_TYPE`` picks the CMake build type (default Release).
-CUDA builds take the CUTLASS headers of the ``nvidia-cutlass`` wheel (a build requirement) for
-the Hopper fused unpatchify; without them that one kernel is left out.
+CUDA builds take the CUTLASS headers (``python cmake/cutlass_headers.py fetch`` puts those of the
+pinned nvidia-cutlass wheel in build/cutlass) for the Hopper fused unpatchify; without them that
+one kernel is left out.
 
 Install with ``pip install --no-build-isolation .`` so the extension is compiled against the
 torch that is already installed, not a fresh download.
@@ -34,16 +35,14 @@ def _cuda_compiler() -> str | None:
 
 
 def _cutlass_include() -> str | None:
-    """The CUTLASS / CuTe headers shipped in the nvidia-cutlass wheel (package cutlass_library),
-    found without importing it."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("cutlass_library")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        include = Path(location) / "source" / "include"
-        if (include / "cutlass" / "cutlass.h").exists():
-            return str(include)
-    return None
+    """The CUTLASS / CuTe headers (cmake/cutlass_headers.py says where it looks)."""
+    sys.path.insert(0, str(ROOT / "cmake"))
+    try:
+        import cutlass_headers
+    finally:
+        sys.path.pop(0)
+    found = cutlass_headers.find()
+    return str(found) if found else None
 
 
 def _want_cuda() -> bool:

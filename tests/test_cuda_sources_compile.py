@@ -4,16 +4,20 @@ catches a broken kernel on a CPU machine. Skipped where nvcc is not on the PATH.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "cmake"))
+import cutlass_headers  # noqa: E402  (the build's own lookup of the CUTLASS headers)
+
+sys.path.pop(0)
 SOURCES = sorted(ROOT.glob("csrc/*/cuda/*.cu"))
 NVCC = shutil.which("nvcc")
 ARCH_FLAGS = [
@@ -26,16 +30,6 @@ TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](ATen|c10|torch)/', re.MULTIL
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on the PATH")
 
 
-def _cutlass_include() -> Path | None:
-    """The CUTLASS headers of the nvidia-cutlass wheel, where the build finds them (setup.py)."""
-    spec = importlib.util.find_spec("cutlass_library")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        include = Path(location) / "source" / "include"
-        if (include / "cutlass" / "cutlass.h").exists():
-            return include
-    return None
-
-
 def _uses_cutlass(source: Path) -> bool:
     return source.name.endswith("_sm90.cu")  # CMakeLists.txt's L2P_CUTLASS_SOURCES
 
@@ -43,9 +37,9 @@ def _uses_cutlass(source: Path) -> bool:
 def _compile(source: Path, out_dir: Path) -> tuple[int, str]:
     extra: list[str] = []
     if _uses_cutlass(source):
-        include = _cutlass_include()
+        include = cutlass_headers.find()
         if include is None:
-            return 1, "no CUTLASS headers: pip install --no-deps nvidia-cutlass==4.2.0.0"
+            return 1, "no CUTLASS headers: run `python cmake/cutlass_headers.py fetch` (make install does)"
         # As CMake compiles it in a Release build.
         extra = [f"-I{include}", "--expt-relaxed-constexpr", "-DNDEBUG"]
     cmd = [
