@@ -12,208 +12,30 @@
 // a patch row are written, so the image goes to memory once, as the scratch matrix did.
 #include "unpatchify/cuda/unpatchify_gemm_sm90.h"
 
-#include <cute/tensor.hpp>
 #include <cutlass/bfloat16.h>
-#include <cutlass/cutlass.h>
-#include <cutlass/epilogue/collective/detail.hpp>
-#include <cutlass/gemm/collective/collective_builder.hpp>
-#include <cutlass/gemm/device/gemm_universal_adapter.h>
-#include <cutlass/gemm/dispatch_policy.hpp>
-#include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/half.h>
 #include <cutlass/kernel_hardware_info.h>
-#include <cutlass/numeric_conversion.h>
 
 #include "common/cuda/sm90.h"
+#include "unpatchify/cuda/unpatchify_gemm_sm90.cuh"
 
 namespace l2p::cuda {
 namespace {
 
-using namespace cute;
-
-// Where token m and feature n land in the image; every quantity is an element offset.
-// Token and feature indices fit 32 bits (checked by the launcher), so the divisions are 32-bit:
-// a 64-bit one is a called subroutine, and a call anywhere in the kernel makes ptxas serialize
-// the mainloop's wgmmas (warning C7510).
-struct ImageGeometry {
-  uint32_t tokens_per_image;  // (H / p) * (W / p)
-  uint32_t patch_cols;        // W / p
-  int64_t image_stride;      // C * H * W
-  int64_t plane;             // H * W
-  int64_t width;             // W
-  int32_t log2_patch;
-};
-
-// A collective epilogue in the shape CUTLASS's DefaultEpilogue has (operator() over the
-// accumulators of one output tile), wrapped below in Sm90TmaWarpSpecializedAdapter so the
-// warp-specialized kernels take it. It needs no shared memory.
+using unpatchify_sm90::ImageEpilogue;
+using unpatchify_sm90::ImageGeometry;
 template <class Element>
-class ImageEpilogue {
- public:
-  using EpilogueSchedule = cutlass::gemm::EpilogueDefault;
-  using DispatchPolicy = EpilogueSchedule;
-  using ElementOutput = Element;
-  using ElementAccumulator = float;
-  using ElementCompute = float;
-  // The kernel names C and D types and strides; no C is read and D is the image, addressed
-  // through ImageGeometry rather than a stride.
-  using ElementC = Element;
-  using ElementD = Element;
-  using StrideC = Stride<int64_t, _1, int64_t>;
-  using StrideD = Stride<int64_t, _1, int64_t>;
-  using GmemTiledCopyC = void;
-  using GmemTiledCopyD = void;
-  using ThreadEpilogueOp = void;  // the adapter names one; the work is in operator() below
-
-  struct SharedStorage {};
-  using TensorStorage = SharedStorage;
-
-  struct Arguments {
-    const Element* bias = nullptr;  // (N,) or nullptr
-    Element* image = nullptr;
-    ImageGeometry geometry{};
-  };
-  using Params = Arguments;
-
-  template <class ProblemShape>
-  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args,
-                                                  void*) {
-    return args;
-  }
-  template <class ProblemShape>
-  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
-    return 0;
-  }
-  template <class ProblemShape>
-  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*,
-                                              cudaStream_t,
-                                              cutlass::CudaHostAdapter* = nullptr) {
-    return cutlass::Status::kSuccess;
-  }
-  template <class ProblemShape>
-  static bool can_implement(ProblemShape const&, Arguments const& args) {
-    return args.image != nullptr;
-  }
-
-  CUTLASS_HOST_DEVICE
-  ImageEpilogue(Params const& params, SharedStorage const& = SharedStorage()) : params_(params) {}
-
-  CUTLASS_DEVICE bool is_source_needed() { return false; }
-
-  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine,
-            class FrgLayout, class TiledMma, class ResidueMNK>
-  CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_mnk,
-                                 BlockCoordMNKL blk_coord_mnkl,
-                                 cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
-                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
-    static_assert(is_static<BlockShapeMNK>::value, "the tile shape must be static");
-    const int64_t M = get<0>(problem_shape_mnkl);
-    const int64_t N = get<1>(problem_shape_mnkl);
-    const int64_t m0 = int64_t(get<0>(blk_coord_mnkl)) * size<0>(blk_shape_mnk);
-    const int64_t n0 = int64_t(get<1>(blk_coord_mnkl)) * size<1>(blk_shape_mnk);
-
-    // The (row, column) inside the tile of every accumulator this thread holds.
-    Tensor tile_coords = make_identity_tensor(take<0, 2>(blk_shape_mnk));
-    Tensor thread_coords = tiled_mma.get_thread_slice(thread_idx).partition_C(tile_coords);
-    CUTE_STATIC_ASSERT_V(size(thread_coords) == size(accumulators));
-    static_assert(decltype(size(accumulators))::value % 2 == 0, "accumulators come in pairs");
-
-    const ImageGeometry& g = params_.geometry;
-    cutlass::NumericArrayConverter<Element, float, 2> to_output;
-
-    int64_t cached_m = -1, token_offset = 0;
-    CUTLASS_PRAGMA_UNROLL
-    for (int v = 0; v < size(accumulators); v += 2) {
-      const auto first = thread_coords(v);
-      const auto second = thread_coords(v + 1);
-      const int64_t m = m0 + get<0>(first);
-      const int64_t n = n0 + get<1>(first);
-      // An even n and the next column of the same row: one 4-byte-aligned word (p is even, so
-      // n and n + 1 are neighbours in one patch row, and every pixel offset of n is even).
-      const bool pair = (n & 1) == 0 && get<0>(second) == get<0>(first) &&
-                        get<1>(second) == get<1>(first) + 1;
-      if (!pair) {  // not produced by the sm_90 MMA layouts; kept so another layout stays correct
-        store_one(m, n, M, N, accumulators(v));
-        store_one(m0 + get<0>(second), n0 + get<1>(second), M, N, accumulators(v + 1));
-        continue;
-      }
-      if (m >= M || n >= N) continue;  // N is even, so n + 1 < N as well
-      if (m != cached_m) {  // a thread holds few distinct tokens: divide once per token
-        cached_m = m;
-        token_offset = token_to_pixel(static_cast<uint32_t>(m), g);
-      }
-      cutlass::Array<float, 2> values;
-      values[0] = accumulators(v);
-      values[1] = accumulators(v + 1);
-      if (params_.bias != nullptr) {
-        values[0] += float(params_.bias[n]);
-        values[1] += float(params_.bias[n + 1]);
-      }
-      const cutlass::Array<Element, 2> packed = to_output(values);
-      *reinterpret_cast<uint32_t*>(params_.image + token_offset + feature_to_pixel(n, g)) =
-          reinterpret_cast<const uint32_t&>(packed);
-    }
-  }
-
- private:
-  // Offset of the first pixel of token m's patch: (b, 0, row * p, col * p).
-  CUTLASS_DEVICE static int64_t token_to_pixel(uint32_t m, const ImageGeometry& g) {
-    const uint32_t b = m / g.tokens_per_image;
-    const uint32_t r = m - b * g.tokens_per_image;
-    const uint32_t row = r / g.patch_cols;
-    const uint32_t col = r - row * g.patch_cols;
-    return b * g.image_stride + ((int64_t{row} * g.width + col) << g.log2_patch);
-  }
-
-  // Offset of feature n = c*p*p + i*p + j inside its token's patch: (0, c, i, j).
-  CUTLASS_DEVICE static int64_t feature_to_pixel(int64_t n, const ImageGeometry& g) {
-    const int64_t patch_mask = (int64_t{1} << g.log2_patch) - 1;
-    return (n >> (2 * g.log2_patch)) * g.plane + ((n >> g.log2_patch) & patch_mask) * g.width +
-           (n & patch_mask);
-  }
-
-  CUTLASS_DEVICE void store_one(int64_t m, int64_t n, int64_t M, int64_t N, float value) const {
-    if (m >= M || n >= N) return;
-    if (params_.bias != nullptr) value += float(params_.bias[n]);
-    params_.image[token_to_pixel(static_cast<uint32_t>(m), params_.geometry) +
-                  feature_to_pixel(n, params_.geometry)] = Element(value);
-  }
-
-  Params params_;
-};
-
-// 128 x 256 tiles (two consumer warpgroups of 64 rows each), 64-wide K steps, clusters of two
-// tiles along M sharing each weight tile by TMA multicast; the mainloop's stage count fills
-// the shared memory the (empty) epilogue leaves.
-template <class Element>
-struct FusedUnpatchifyGemm {
-  using TileShape = Shape<_128, _256, _64>;
-  using ClusterShape = Shape<_2, _1, _1>;
-  using Epilogue =
-      cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<ImageEpilogue<Element>>;
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      Element, cutlass::layout::RowMajor, 8,     // tokens (M, K), K contiguous
-      Element, cutlass::layout::ColumnMajor, 8,  // weight as (K, N), K contiguous
-      float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<
-          static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-};
+using FusedGemm = typename unpatchify_sm90::Gemm<Element>::Device;
 
 template <class Element>
-typename FusedUnpatchifyGemm<Element>::Gemm::Arguments make_arguments(const FusedUnpatchify& p) {
-  using Gemm = typename FusedUnpatchifyGemm<Element>::Gemm;
+typename FusedGemm<Element>::Arguments make_arguments(const FusedUnpatchify& p) {
+  using Gemm = FusedGemm<Element>;
   using StrideA = typename Gemm::GemmKernel::StrideA;
   using StrideB = typename Gemm::GemmKernel::StrideB;
   const int64_t tokens_per_image = (p.height / p.patch) * (p.width / p.patch);
   const int M = static_cast<int>(p.batch * tokens_per_image);
   const int N = static_cast<int>(p.channels * p.patch * p.patch);
   const int K = static_cast<int>(p.dim);
-  int log2_patch = 0;
-  while ((int64_t(1) << log2_patch) < p.patch) ++log2_patch;
 
   static int sm_count[64] = {};  // per device, queried once
   int device = 0;
@@ -232,15 +54,12 @@ typename FusedUnpatchifyGemm<Element>::Gemm::Arguments make_arguments(const Fuse
   typename ImageEpilogue<Element>::Arguments epilogue;
   epilogue.bias = static_cast<const Element*>(p.bias);
   epilogue.image = static_cast<Element*>(p.image);
-  epilogue.geometry = ImageGeometry{static_cast<uint32_t>(tokens_per_image),
-                                    static_cast<uint32_t>(p.width / p.patch),
-                                    p.channels * p.height * p.width, p.height * p.width, p.width,
-                                    log2_patch};
+  epilogue.geometry = ImageGeometry::of(p.channels, p.height, p.width, p.patch);
   return typename Gemm::Arguments{
       cutlass::gemm::GemmUniversalMode::kGemm,
       {M, N, K, 1},
-      {static_cast<const Element*>(p.tokens), StrideA{int64_t{K}, _1{}, int64_t{M} * K},
-       static_cast<const Element*>(p.weight), StrideB{int64_t{K}, _1{}, int64_t{N} * K}},
+      {static_cast<const Element*>(p.tokens), StrideA{int64_t{K}, cute::_1{}, int64_t{M} * K},
+       static_cast<const Element*>(p.weight), StrideB{int64_t{K}, cute::_1{}, int64_t{N} * K}},
       epilogue,
       hw_info};
 }
@@ -260,14 +79,12 @@ bool shape_supported(const FusedUnpatchify& p) {
 
 template <class Element>
 bool implementable(const FusedUnpatchify& p) {
-  using Gemm = typename FusedUnpatchifyGemm<Element>::Gemm;
-  return Gemm::can_implement(make_arguments<Element>(p)) == cutlass::Status::kSuccess;
+  return FusedGemm<Element>::can_implement(make_arguments<Element>(p)) == cutlass::Status::kSuccess;
 }
 
 template <class Element>
 cudaError_t run(const FusedUnpatchify& p, void* workspace, cudaStream_t stream) {
-  using Gemm = typename FusedUnpatchifyGemm<Element>::Gemm;
-  Gemm gemm;
+  FusedGemm<Element> gemm;
   const auto args = make_arguments<Element>(p);
   if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) {
     return cudaErrorNotSupported;
@@ -290,9 +107,8 @@ bool fused_unpatchify_supported(const FusedUnpatchify& problem) {
 size_t fused_unpatchify_workspace_bytes(const FusedUnpatchify& problem) {
   if (!shape_supported(problem)) return 0;
   return problem.half
-             ? FusedUnpatchifyGemm<cutlass::half_t>::Gemm::get_workspace_size(
-                   make_arguments<cutlass::half_t>(problem))
-             : FusedUnpatchifyGemm<cutlass::bfloat16_t>::Gemm::get_workspace_size(
+             ? FusedGemm<cutlass::half_t>::get_workspace_size(make_arguments<cutlass::half_t>(problem))
+             : FusedGemm<cutlass::bfloat16_t>::get_workspace_size(
                    make_arguments<cutlass::bfloat16_t>(problem));
 }
 
