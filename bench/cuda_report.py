@@ -175,12 +175,13 @@ def unpatchify_cases(size: int = 4096, patch: int = 16, dim: int = 3072) -> list
         return lambda: ops.unpatchify(t, w, b, patch_size=patch, height=size, width=size,
                                       backend="cuda")
 
-    def l2p_switched(value: str):  # "1": the Hopper fused GEMM; "0": cuBLAS GEMM + fold
+    def l2p_switched(schedule: str | None):  # the Hopper fused GEMM; None: cuBLAS GEMM + fold
         def make(_copy):
             t, w, b = inputs()
 
             def run():
-                with env("L2P_UNPATCHIFY_FUSED", value):
+                with env("L2P_UNPATCHIFY_FUSED", "1" if schedule else "0"), \
+                        env("L2P_UNPATCHIFY_FUSED_SCHEDULE", schedule or "cooperative"):
                     return ops.unpatchify(t, w, b, patch_size=patch, height=size, width=size,
                                           backend="cuda")
             return run
@@ -197,8 +198,10 @@ def unpatchify_cases(size: int = 4096, patch: int = 16, dim: int = 3072) -> list
     nbytes = tokens * dim * 2
     return [
         Case("unpatchify", shape, name, flops, nbytes, make, baseline=name == "linear+permute")
-        for name, make in (("l2p", l2p), ("l2p, fused GEMM", l2p_switched("1")),
-                           ("l2p, cuBLAS + fold", l2p_switched("0")),
+        for name, make in (("l2p", l2p),
+                           ("l2p, fused GEMM (cooperative)", l2p_switched("cooperative")),
+                           ("l2p, fused GEMM (pingpong)", l2p_switched("pingpong")),
+                           ("l2p, cuBLAS + fold", l2p_switched(None)),
                            ("linear+permute", linear), ("matmul only", matmul))
     ]
 

@@ -30,10 +30,12 @@ for dtype in (torch.bfloat16, torch.float32):
     # The Hopper fused unpatchify (switched on here) with a tile short in both M and N
     # (3*8*8 = 192 features); elsewhere it declines and the general path runs.
     os.environ["L2P_UNPATCHIFY_FUSED"] = "1"
-    tokens = torch.randn(3, 5 * 9, 24, device=dev, dtype=dtype)
-    l2p.ops.unpatchify(tokens, torch.randn(192, 24, device=dev, dtype=dtype), torch.randn(192, device=dev, dtype=dtype),
-                       patch_size=8, height=40, width=72, backend="cuda")
-    l2p.ops.unpatchify(y.detach(), wt, bt, patch_size=16, height=48, width=32, backend="cuda")
-    del os.environ["L2P_UNPATCHIFY_FUSED"]
+    for schedule in ("cooperative", "pingpong"):
+        os.environ["L2P_UNPATCHIFY_FUSED_SCHEDULE"] = schedule
+        tokens = torch.randn(3, 5 * 9, 24, device=dev, dtype=dtype)
+        l2p.ops.unpatchify(tokens, torch.randn(192, 24, device=dev, dtype=dtype), torch.randn(192, device=dev, dtype=dtype),
+                           patch_size=8, height=40, width=72, backend="cuda")
+        l2p.ops.unpatchify(y.detach(), wt, bt, patch_size=16, height=48, width=32, backend="cuda")
+    del os.environ["L2P_UNPATCHIFY_FUSED"], os.environ["L2P_UNPATCHIFY_FUSED_SCHEDULE"]
 torch.cuda.synchronize()
 print("memcheck smoke: all ops ran")

@@ -1,5 +1,6 @@
-"""Interleaved GPU timings of unpatchify: the Hopper fused GEMM against the cuBLAS + fold path
-it replaces, torch's Linear + permute and the GEMM alone, for bench/RESULTS.md.
+"""Interleaved GPU timings of unpatchify: the Hopper fused GEMM (both mainloop schedules)
+against the cuBLAS + fold path it replaces, torch's Linear + permute and the GEMM alone, for
+bench/RESULTS.md.
 
 Every round times each way once, in turn (CUDA events around one call), so clock and
 thermal drift hit all ways alike; the table gives the median and best of the rounds and each
@@ -21,9 +22,10 @@ import l2p.ops as ops
 from l2p.ops.reference import unpatchify_reference
 
 
-def _fused_switch(on: bool) -> None:
-    """The kernel reads L2P_UNPATCHIFY_FUSED on every call."""
-    os.environ["L2P_UNPATCHIFY_FUSED"] = "1" if on else "0"
+def _fused_switch(schedule: str | None) -> None:
+    """The kernel reads its switches on every call; None: the cuBLAS + fold path."""
+    os.environ["L2P_UNPATCHIFY_FUSED"] = "1" if schedule else "0"
+    os.environ["L2P_UNPATCHIFY_FUSED_SCHEDULE"] = schedule or "cooperative"
 
 
 def ways(size: int, patch: int, dim: int, dtype: torch.dtype):
@@ -33,16 +35,17 @@ def ways(size: int, patch: int, dim: int, dtype: torch.dtype):
     w = (torch.randn(features, dim, device="cuda") / math.sqrt(dim)).to(dtype)
     b = torch.randn(features, device="cuda", dtype=dtype)
 
-    def l2p(fused: bool):
+    def l2p(schedule: str | None):
         def call():
-            _fused_switch(fused)
+            _fused_switch(schedule)
             return ops.unpatchify(t, w, b, patch_size=patch, height=size, width=size,
                                   backend="cuda")
         return call
 
     return {
-        "l2p (fused GEMM)": l2p(True),
-        "l2p, cuBLAS + fold": l2p(False),
+        "l2p, fused GEMM (cooperative)": l2p("cooperative"),
+        "l2p, fused GEMM (pingpong)": l2p("pingpong"),
+        "l2p, cuBLAS + fold": l2p(None),
         "linear+permute": lambda: unpatchify_reference(t, w, b, patch, size, size),
         "matmul only": lambda: torch.addmm(b, t[0], w.t()),
     }, 2.0 * tokens * features * dim
@@ -71,9 +74,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for size in (int(s) for s in args.sizes.split(",")):
         calls, flops = ways(size, args.patch, args.dim, torch.bfloat16)
-        fused_out = calls["l2p (fused GEMM)"]()
         general_out = calls["l2p, cuBLAS + fold"]()
-        torch.testing.assert_close(fused_out, general_out, rtol=1.6e-2, atol=1e-2)
+        for schedule in ("cooperative", "pingpong"):
+            fused_out = calls[f"l2p, fused GEMM ({schedule})"]()
+            torch.testing.assert_close(fused_out, general_out, rtol=1.6e-2, atol=1e-2)
         for call in calls.values():  # warm-up
             for _ in range(3):
                 call()
@@ -89,6 +93,7 @@ def main() -> None:
             print(f"| {shape} | {name} | {median:.3f} | {min(ts):.3f} | "
                   f"{flops / median / 1e9:.0f} | {ratio:.2f}x |", flush=True)
         os.environ.pop("L2P_UNPATCHIFY_FUSED", None)
+        os.environ.pop("L2P_UNPATCHIFY_FUSED_SCHEDULE", None)
         del calls
         torch.cuda.empty_cache()
 

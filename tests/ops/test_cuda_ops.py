@@ -141,10 +141,11 @@ def _fused_unpatchify_built() -> bool:
     reason="the fused unpatchify needs compute capability 9.0",
 )
 @pytest.mark.skipif(not _fused_unpatchify_built(), reason="built without CUTLASS or sm_90a")
+@pytest.mark.parametrize("schedule", ["cooperative", "pingpong"])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_unpatchify_hopper_fused_gemm(case, dtype, with_bias, monkeypatch):
+def test_unpatchify_hopper_fused_gemm(case, dtype, with_bias, schedule, monkeypatch):
     B, C, H, W, p, D = case
     n = (H // p) * (W // p)
     tokens = torch.randn(B, n, D, device=CUDA, dtype=dtype)
@@ -158,8 +159,10 @@ def test_unpatchify_hopper_fused_gemm(case, dtype, with_bias, monkeypatch):
         return _with_kernel_names(lambda: torch.ops.l2p.unpatchify(tokens, w, b, p, H, W))
 
     monkeypatch.setenv("L2P_UNPATCHIFY_FUSED", "1")
+    monkeypatch.setenv("L2P_UNPATCHIFY_FUSED_SCHEDULE", schedule)
     fused, kernels = unpatchify_and_kernels()
-    assert any("ImageEpilogue" in name for name in kernels), kernels
+    assert any("ImageEpilogue" in name and
+               ("Pingpong" in name) == (schedule == "pingpong") for name in kernels), kernels
     want = unpatchify_reference(tokens.double(), w.double(), _d(b), p, H, W)
     assert_rel(fused, want, PATCH_TOL[dtype])
     monkeypatch.setenv("L2P_UNPATCHIFY_FUSED", "0")

@@ -50,9 +50,10 @@ def checker(tmp_path_factory) -> Path:
     return exe
 
 
+@pytest.mark.parametrize("schedule", ["cooperative", "pingpong"])
 @pytest.mark.parametrize("element", ["float", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_epilogue_writes_every_pixel_once_with_its_value(checker, element, case):
-    done = subprocess.run([str(checker), element, *map(str, case)], capture_output=True,
-                          text=True, timeout=300)
+def test_epilogue_writes_every_pixel_once_with_its_value(checker, element, schedule, case):
+    done = subprocess.run([str(checker), element, schedule, *map(str, case)],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout + done.stderr

@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 
 #include "common/cuda/patch_chunks.h"
@@ -25,6 +27,17 @@ namespace {
 // compiled (and checked by CI's nvcc pass) but has not yet run on a GPU. L2P_UNPATCHIFY_FUSED=1
 // turns it on, =0 off.
 constexpr bool kFusedUnpatchifyByDefault = false;
+
+#ifdef L2P_WITH_CUTLASS
+// L2P_UNPATCHIFY_FUSED_SCHEDULE=pingpong picks the other mainloop schedule (default
+// cooperative), so that a GPU pass can time both (bench/gpu/unpatchify_ab.py).
+FusedUnpatchifySchedule fused_schedule() {
+  const char* value = std::getenv("L2P_UNPATCHIFY_FUSED_SCHEDULE");
+  return value != nullptr && std::strcmp(value, "pingpong") == 0
+             ? FusedUnpatchifySchedule::kPingpong
+             : FusedUnpatchifySchedule::kCooperative;
+}
+#endif
 
 // The fused Hopper kernel, where it takes the problem; false leaves `image` to the general path.
 bool try_fused_unpatchify(const at::Tensor& tokens, const at::Tensor& weight,
@@ -49,7 +62,8 @@ bool try_fused_unpatchify(const at::Tensor& tokens, const at::Tensor& weight,
                                 image.size(3),
                                 patch_size,
                                 tokens.size(2),
-                                dtype == at::kHalf};
+                                dtype == at::kHalf,
+                                fused_schedule()};
   if (!fused_unpatchify_supported(problem)) return false;
   const size_t workspace_bytes = fused_unpatchify_workspace_bytes(problem);
   const at::Tensor workspace =

@@ -24,12 +24,12 @@ namespace {
 
 using unpatchify_sm90::ImageEpilogue;
 using unpatchify_sm90::ImageGeometry;
-template <class Element>
-using FusedGemm = typename unpatchify_sm90::Gemm<Element>::Device;
+template <class Element, class Config>
+using FusedGemm = typename unpatchify_sm90::Gemm<Element, Config>::Device;
 
-template <class Element>
-typename FusedGemm<Element>::Arguments make_arguments(const FusedUnpatchify& p) {
-  using Gemm = FusedGemm<Element>;
+template <class Element, class Config>
+typename FusedGemm<Element, Config>::Arguments make_arguments(const FusedUnpatchify& p) {
+  using Gemm = FusedGemm<Element, Config>;
   using StrideA = typename Gemm::GemmKernel::StrideA;
   using StrideB = typename Gemm::GemmKernel::StrideB;
   const int64_t tokens_per_image = (p.height / p.patch) * (p.width / p.patch);
@@ -77,46 +77,64 @@ bool shape_supported(const FusedUnpatchify& p) {
          (p.bias == nullptr || reinterpret_cast<uintptr_t>(p.bias) % 2 == 0);
 }
 
-template <class Element>
-bool implementable(const FusedUnpatchify& p) {
-  return FusedGemm<Element>::can_implement(make_arguments<Element>(p)) == cutlass::Status::kSuccess;
-}
+// The three host calls for one dtype and schedule.
+template <class Element, class Config>
+struct Launch {
+  static bool implementable(const FusedUnpatchify& p) {
+    return FusedGemm<Element, Config>::can_implement(make_arguments<Element, Config>(p)) ==
+           cutlass::Status::kSuccess;
+  }
 
-template <class Element>
-cudaError_t run(const FusedUnpatchify& p, void* workspace, cudaStream_t stream) {
-  FusedGemm<Element> gemm;
-  const auto args = make_arguments<Element>(p);
-  if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) {
-    return cudaErrorNotSupported;
+  static size_t workspace_bytes(const FusedUnpatchify& p) {
+    return FusedGemm<Element, Config>::get_workspace_size(make_arguments<Element, Config>(p));
   }
-  if (gemm.run(stream) != cutlass::Status::kSuccess) {
-    const cudaError_t error = cudaGetLastError();
-    return error != cudaSuccess ? error : cudaErrorLaunchFailure;
+
+  static cudaError_t run(const FusedUnpatchify& p, void* workspace, cudaStream_t stream) {
+    FusedGemm<Element, Config> gemm;
+    const auto args = make_arguments<Element, Config>(p);
+    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) {
+      return cudaErrorNotSupported;
+    }
+    if (gemm.run(stream) != cutlass::Status::kSuccess) {
+      const cudaError_t error = cudaGetLastError();
+      return error != cudaSuccess ? error : cudaErrorLaunchFailure;
+    }
+    return cudaGetLastError();
   }
-  return cudaGetLastError();
+};
+
+// fn(Launch<Element, Config>{}) for the problem's dtype and schedule.
+template <class Fn>
+auto dispatch(const FusedUnpatchify& p, Fn&& fn) {
+  using unpatchify_sm90::Cooperative;
+  using unpatchify_sm90::Pingpong;
+  const bool pingpong = p.schedule == FusedUnpatchifySchedule::kPingpong;
+  if (p.half) {
+    return pingpong ? fn(Launch<cutlass::half_t, Pingpong>{})
+                    : fn(Launch<cutlass::half_t, Cooperative>{});
+  }
+  return pingpong ? fn(Launch<cutlass::bfloat16_t, Pingpong>{})
+                  : fn(Launch<cutlass::bfloat16_t, Cooperative>{});
 }
 
 }  // namespace
 
 bool fused_unpatchify_supported(const FusedUnpatchify& problem) {
   if (!shape_supported(problem) || !current_device_runs_sm90a()) return false;
-  return problem.half ? implementable<cutlass::half_t>(problem)
-                      : implementable<cutlass::bfloat16_t>(problem);
+  return dispatch(problem, [&](auto launch) { return decltype(launch)::implementable(problem); });
 }
 
 size_t fused_unpatchify_workspace_bytes(const FusedUnpatchify& problem) {
   if (!shape_supported(problem)) return 0;
-  return problem.half
-             ? FusedGemm<cutlass::half_t>::get_workspace_size(make_arguments<cutlass::half_t>(problem))
-             : FusedGemm<cutlass::bfloat16_t>::get_workspace_size(
-                   make_arguments<cutlass::bfloat16_t>(problem));
+  return dispatch(problem, [&](auto launch) { return decltype(launch)::workspace_bytes(problem); });
 }
 
 cudaError_t fused_unpatchify(const FusedUnpatchify& problem, void* workspace,
                              cudaStream_t stream) {
   if (!fused_unpatchify_supported(problem)) return cudaErrorNotSupported;
-  return problem.half ? run<cutlass::half_t>(problem, workspace, stream)
-                      : run<cutlass::bfloat16_t>(problem, workspace, stream);
+  return dispatch(problem, [&](auto launch) {
+    return decltype(launch)::run(problem, workspace, stream);
+  });
 }
 
 }  // namespace l2p::cuda

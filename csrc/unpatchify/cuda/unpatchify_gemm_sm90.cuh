@@ -180,23 +180,37 @@ class ImageEpilogue {
   Params params_;
 };
 
-// 128 x 256 tiles (two consumer warpgroups of 64 rows each), 64-wide K steps, clusters of two
-// tiles along M sharing each weight tile by TMA multicast; the mainloop's stage count fills
-// the shared memory the (empty) epilogue leaves.
-template <class Element>
-struct Gemm {
+// Two mainloop schedules, to be timed against each other on the GPU (L2P_UNPATCHIFY_FUSED_SCHEDULE):
+// - cooperative: 128 x 256 tiles shared by two consumer warpgroups (64 rows each); a tile's
+//   epilogue runs after its mainloop, while the producer warp already loads the next tile.
+// - pingpong: 128 x 128 tiles, one per consumer warpgroup, the two taking turns, so one
+//   warpgroup's epilogue overlaps the other's mainloop.
+// Both: 64-wide K steps, clusters of two tiles along M sharing each weight tile by TMA
+// multicast; the stage count fills the shared memory the (empty) epilogue leaves.
+struct Cooperative {
   using TileShape = Shape<_128, _256, _64>;
   using ClusterShape = Shape<_2, _1, _1>;
+  using Schedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+};
+struct Pingpong {
+  using TileShape = Shape<_128, _128, _64>;
+  using ClusterShape = Shape<_2, _1, _1>;
+  using Schedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+};
+
+template <class Element, class Config>
+struct Gemm {
+  using TileShape = typename Config::TileShape;
   using Epilogue =
       cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<ImageEpilogue<Element>>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
       Element, cutlass::layout::RowMajor, 8,     // tokens (M, K), K contiguous
       Element, cutlass::layout::ColumnMajor, 8,  // weight as (K, N), K contiguous
-      float, TileShape, ClusterShape,
+      float, TileShape, typename Config::ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<
           static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      typename Config::Schedule>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
   using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };

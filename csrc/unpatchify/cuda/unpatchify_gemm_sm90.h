@@ -9,6 +9,9 @@
 
 namespace l2p::cuda {
 
+// The mainloop schedule (unpatchify_gemm_sm90.cuh): which is faster is for the GPU to say.
+enum class FusedUnpatchifySchedule { kCooperative, kPingpong };
+
 struct FusedUnpatchify {
   const void* tokens;  // (batch * tokens per image, dim), row-major
   const void* weight;  // (channels * patch * patch, dim), row-major (nn.Linear's layout)
@@ -16,6 +19,7 @@ struct FusedUnpatchify {
   void* image;         // (batch, channels, height, width), contiguous
   int64_t batch, channels, height, width, patch, dim;
   bool half;           // float16 (true) or bfloat16 (false)
+  FusedUnpatchifySchedule schedule;
 };
 
 // Whether the fused kernel can take this problem on the current device: a build with sm_90a,

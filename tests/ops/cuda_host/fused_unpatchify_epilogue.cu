@@ -9,7 +9,11 @@
 // epilogue stores as one word. Run for float (every value exact) and bfloat16 (the image must
 // hold the expected values rounded to nearest even, as the epilogue's one rounding gives).
 //
-//   fused_unpatchify_epilogue float|bf16 B C H W p with_bias   (prints "ok" or the first mismatch)
+// Both mainloop schedules (their TiledMmas differ: two warpgroups over a 128 x 256 tile, or one
+// over 128 x 128).
+//
+//   fused_unpatchify_epilogue float|bf16 cooperative|pingpong B C H W p with_bias
+//   (prints "ok" or the first mismatch)
 #include <cutlass/bfloat16.h>
 
 #include <cstdio>
@@ -22,10 +26,10 @@
 using namespace cute;
 namespace fu = l2p::cuda::unpatchify_sm90;
 
-template <class Element>
+template <class Element, class Config>
 int check(int64_t B, int64_t C, int64_t H, int64_t W, int64_t p, bool with_bias) {
   const int64_t T = (H / p) * (W / p), M = B * T, N = C * p * p;
-  using Gemm = fu::Gemm<Element>;
+  using Gemm = fu::Gemm<Element, Config>;
   using TiledMma = typename Gemm::Mainloop::TiledMma;
   using TileShape = typename Gemm::TileShape;
   using Epilogue = fu::ImageEpilogue<Element>;
@@ -102,13 +106,18 @@ int check(int64_t B, int64_t C, int64_t H, int64_t W, int64_t p, bool with_bias)
 }
 
 int main(int argc, char** argv) {
-  if (argc != 8) {
-    std::fprintf(stderr, "usage: %s float|bf16 B C H W p with_bias\n", argv[0]);
+  if (argc != 9) {
+    std::fprintf(stderr, "usage: %s float|bf16 cooperative|pingpong B C H W p with_bias\n", argv[0]);
     return 2;
   }
-  const int64_t B = std::atoll(argv[2]), C = std::atoll(argv[3]), H = std::atoll(argv[4]),
-                W = std::atoll(argv[5]), p = std::atoll(argv[6]);
-  const bool with_bias = std::atoi(argv[7]) != 0;
-  if (std::string(argv[1]) == "bf16") return check<cutlass::bfloat16_t>(B, C, H, W, p, with_bias);
-  return check<float>(B, C, H, W, p, with_bias);
+  const int64_t B = std::atoll(argv[3]), C = std::atoll(argv[4]), H = std::atoll(argv[5]),
+                W = std::atoll(argv[6]), p = std::atoll(argv[7]);
+  const bool with_bias = std::atoi(argv[8]) != 0;
+  const bool bf16 = std::string(argv[1]) == "bf16";
+  if (std::string(argv[2]) == "pingpong") {
+    return bf16 ? check<cutlass::bfloat16_t, fu::Pingpong>(B, C, H, W, p, with_bias)
+                : check<float, fu::Pingpong>(B, C, H, W, p, with_bias);
+  }
+  return bf16 ? check<cutlass::bfloat16_t, fu::Cooperative>(B, C, H, W, p, with_bias)
+              : check<float, fu::Cooperative>(B, C, H, W, p, with_bias);
 }
