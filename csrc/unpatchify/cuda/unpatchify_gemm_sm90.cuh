@@ -96,13 +96,14 @@ class ImageEpilogue {
 
   CUTLASS_HOST_DEVICE bool is_source_needed() { return false; }
 
+  // One thread's share of one output tile. Host-callable too, for the host check of every tile
+  // and thread (header comment).
   template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine,
             class FrgLayout, class TiledMma, class ResidueMNK>
-  // Host-callable too, for the host check of every tile and thread (header comment).
-  CUTLASS_HOST_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_mnk,
-                                 BlockCoordMNKL blk_coord_mnkl,
-                                 cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
-                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+  CUTLASS_HOST_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl,
+                                      BlockShapeMNK blk_shape_mnk, BlockCoordMNKL blk_coord_mnkl,
+                                      cute::Tensor<FrgEngine, FrgLayout> const& accumulators,
+                                      TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
     static_assert(is_static<BlockShapeMNK>::value, "the tile shape must be static");
     const int64_t M = get<0>(problem_shape_mnkl);
     const int64_t N = get<1>(problem_shape_mnkl);

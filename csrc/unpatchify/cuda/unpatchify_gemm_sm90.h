@@ -27,7 +27,7 @@ struct FusedUnpatchify {
 // aligned tokens / weight (what the kernel's TMA loads need).
 bool fused_unpatchify_supported(const FusedUnpatchify& problem);
 
-// Scratch the launch needs (bytes; 0 for the persistent scheduler used here).
+// Scratch bytes the launch needs (CUTLASS's tile scheduler may ask for some; the caller allocates).
 size_t fused_unpatchify_workspace_bytes(const FusedUnpatchify& problem);
 
 // Runs it on `stream`; cudaErrorNotSupported where fused_unpatchify_supported is false.
