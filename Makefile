@@ -14,8 +14,9 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU_PIN)"
 	$(PIP) install --quiet $(BUILD_REQUIREMENTS)
 	@# CUTLASS / CuTe headers (from the pinned nvidia-cutlass wheel, unpacked into build/cutlass)
-	@# for the CUDA build's Hopper GEMM and CI's nvcc compile check.
-	$(PYTHON) cmake/cutlass_headers.py fetch
+	@# for the CUDA build's Hopper GEMM and CI's nvcc compile check. Not fatal: a CPU build does
+	@# not need them (a CUDA build then leaves that one kernel out and says so).
+	$(PYTHON) cmake/cutlass_headers.py fetch || echo "warning: no CUTLASS headers fetched"
 	$(PIP) install --quiet --no-build-isolation ".[test,train]"
 
 # The main job: the complete ShapesWorld toy migration (l2p-train with no arguments).
