@@ -6,6 +6,9 @@
 #include <string>
 
 #include "common/cpu_gemm.h"
+#ifdef L2P_WITH_CUDA
+#include "unpatchify/cuda/fused_default.h"
+#endif
 
 namespace py = pybind11;
 
@@ -18,6 +21,7 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_archs"] = std::string(L2P_CUDA_ARCHS);
 #ifdef L2P_WITH_CUTLASS
     info["cutlass"] = true;
+    info["unpatchify_fused_default"] = l2p::cuda::kFusedUnpatchifyByDefault;
 #else
     info["cutlass"] = false;
 #endif

@@ -75,8 +75,8 @@ def test_info_names_the_cuda_unpatchify_kernel(capsys, monkeypatch):
     from l2p.cli import main
     from l2p.ops import _extension
 
-    build = {"cuda": True, "cuda_archs": "8.0;9.0a", "cutlass": True, "cpu_gemm": "blas",
-             "torch_version": "x"}
+    build = {"cuda": True, "cuda_archs": "8.0;9.0a", "cutlass": True,
+             "unpatchify_fused_default": False, "cpu_gemm": "blas", "torch_version": "x"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
@@ -84,8 +84,12 @@ def test_info_names_the_cuda_unpatchify_kernel(capsys, monkeypatch):
     monkeypatch.setenv("L2P_UNPATCHIFY_FUSED", "1")
     assert main(["info"]) == 0
     assert 'unpatchify with backend="cuda" on this GPU: Hopper fused GEMM' in capsys.readouterr().out
-    monkeypatch.delenv("L2P_UNPATCHIFY_FUSED")  # off by default until a GPU pass validates it
+    monkeypatch.delenv("L2P_UNPATCHIFY_FUSED")  # the build's default: off until validated
     assert "fused GEMM is off; L2P_UNPATCHIFY_FUSED=1" in info_cmd._cuda_unpatchify(build)
+    on_by_default = {**build, "unpatchify_fused_default": True}
+    assert info_cmd._cuda_unpatchify(on_by_default).startswith("Hopper fused GEMM")
+    monkeypatch.setenv("L2P_UNPATCHIFY_FUSED", "0")
+    assert "fused GEMM is off; L2P_UNPATCHIFY_FUSED=0" in info_cmd._cuda_unpatchify(on_by_default)
     monkeypatch.setenv("L2P_UNPATCHIFY_FUSED", "1")
     assert "without the CUTLASS headers" in info_cmd._cuda_unpatchify({**build, "cutlass": False})
     assert info_cmd._cuda_unpatchify({**build, "cuda_archs": "8.0;9.0"}).startswith("cuBLAS")

@@ -16,17 +16,13 @@
 #include "common/cuda/patch_chunks.h"
 #include "common/cuda/switches.h"
 #include "common/patch_checks.h"
+#include "unpatchify/cuda/fused_default.h"
 #ifdef L2P_WITH_CUTLASS
 #include "unpatchify/cuda/unpatchify_gemm_sm90.h"
 #endif
 
 namespace l2p::cuda {
 namespace {
-
-// Off until a GPU pass has run its tests and timed it against the cuBLAS + fold path: it is
-// compiled (and checked by CI's nvcc pass) but has not yet run on a GPU. L2P_UNPATCHIFY_FUSED=1
-// turns it on, =0 off.
-constexpr bool kFusedUnpatchifyByDefault = false;
 
 #ifdef L2P_WITH_CUTLASS
 // L2P_UNPATCHIFY_FUSED_SCHEDULE=pingpong picks the other mainloop schedule (default

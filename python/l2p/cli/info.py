@@ -57,9 +57,11 @@ def _cuda_unpatchify(ext: dict) -> str:
         return general
     if not ext.get("cutlass"):
         return general + " (built without the CUTLASS headers: no Hopper fused GEMM)"
-    # Off by default until a GPU pass validates it (kFusedUnpatchifyByDefault in unpatchify_cuda.cpp).
-    if os.environ.get("L2P_UNPATCHIFY_FUSED") != "1":
-        return general + " (the Hopper fused GEMM is off; L2P_UNPATCHIFY_FUSED=1 turns it on)"
+    switch = os.environ.get("L2P_UNPATCHIFY_FUSED")
+    on = {"1": True, "0": False}.get(switch, bool(ext.get("unpatchify_fused_default")))
+    if not on:  # csrc/unpatchify/cuda/fused_default.h: off until a GPU pass validates it
+        how = "L2P_UNPATCHIFY_FUSED=0" if switch == "0" else "L2P_UNPATCHIFY_FUSED=1 turns it on"
+        return f"{general} (the Hopper fused GEMM is off; {how})"
     return ("Hopper fused GEMM writing the image (CUTLASS mainloop) for bf16 / fp16 with a "
             f"power-of-two patch and D a multiple of 8; {general} otherwise")
 

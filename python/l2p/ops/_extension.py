@@ -52,7 +52,7 @@ def has_cuda_kernels() -> bool:
 
 def build_info() -> dict[str, Any]:
     """How the extension was built: ``cuda``, ``cuda_archs``, ``cutlass`` (the kernels built on
-    CUTLASS are in), ``cpu_gemm``, ``torch_version``."""
+    CUTLASS are in; then also ``unpatchify_fused_default``), ``cpu_gemm``, ``torch_version``."""
     if _EXT is None:
         return {"cuda": False, "cuda_archs": "", "cutlass": False, "cpu_gemm": None, "torch_version": None,
                 "error": _LOAD_ERROR}
