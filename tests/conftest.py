@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# The build's helper scripts (cmake/cutlass_headers.py: where the CUTLASS headers are), which
+# the CUDA compile checks use exactly as setup.py does.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cmake"))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -7,17 +7,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cutlass_headers  # cmake/, on the path through conftest.py
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "cmake"))
-import cutlass_headers  # noqa: E402  (the build's own lookup of the CUTLASS headers)
-
-sys.path.pop(0)
 SOURCES = sorted(ROOT.glob("csrc/*/cuda/*.cu"))
 NVCC = shutil.which("nvcc")
 ARCH_FLAGS = [

@@ -4,14 +4,9 @@ headers is passed over."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "cmake"))
-import cutlass_headers  # noqa: E402
-
-sys.path.pop(0)
+import cutlass_headers  # cmake/, on the path through conftest.py
 
 
 def _fake_include(folder: Path) -> Path:

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+import cutlass_headers  # cmake/, on the path through conftest.py
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "cmake"))
-import cutlass_headers  # noqa: E402
-
-sys.path.pop(0)
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on the PATH")
 

@@ -9,18 +9,19 @@
 
 namespace l2p::cuda {
 
-// True when `variable` is set to "0".
-inline bool switched_off(const char* variable) {
-  const char* value = std::getenv(variable);
-  return value != nullptr && std::strcmp(value, "0") == 0;
+// True when `variable` is set to exactly `value`.
+inline bool env_is(const char* variable, const char* value) {
+  const char* set = std::getenv(variable);
+  return set != nullptr && std::strcmp(set, value) == 0;
 }
+
+// True when `variable` is set to "0".
+inline bool switched_off(const char* variable) { return env_is(variable, "0"); }
 
 // "1" turns the path on, "0" off; unset (or anything else) leaves `by_default`.
 inline bool switched(const char* variable, bool by_default) {
-  const char* value = std::getenv(variable);
-  if (value != nullptr && std::strcmp(value, "1") == 0) return true;
-  if (value != nullptr && std::strcmp(value, "0") == 0) return false;
-  return by_default;
+  if (env_is(variable, "1")) return true;
+  return by_default && !env_is(variable, "0");
 }
 
 }  // namespace l2p::cuda

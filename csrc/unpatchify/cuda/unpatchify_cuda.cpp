@@ -9,8 +9,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 
 #include "common/cuda/patch_chunks.h"
@@ -28,10 +26,8 @@ namespace {
 // L2P_UNPATCHIFY_FUSED_SCHEDULE=pingpong picks the other mainloop schedule (default
 // cooperative), so that a GPU pass can time both (bench/gpu/unpatchify_ab.py).
 FusedUnpatchifySchedule fused_schedule() {
-  const char* value = std::getenv("L2P_UNPATCHIFY_FUSED_SCHEDULE");
-  return value != nullptr && std::strcmp(value, "pingpong") == 0
-             ? FusedUnpatchifySchedule::kPingpong
-             : FusedUnpatchifySchedule::kCooperative;
+  return env_is("L2P_UNPATCHIFY_FUSED_SCHEDULE", "pingpong") ? FusedUnpatchifySchedule::kPingpong
+                                                            : FusedUnpatchifySchedule::kCooperative;
 }
 #endif
 
