@@ -13,7 +13,8 @@
 # most 8): run.log, cuda_report.md, unpatchify_ab.md, logs.tgz (build, tests, memcheck, toy, sampling, peak
 # memory logs and JSON) and the toy source as a tarball split into 15 MB parts.
 # Usage (repo root): OUT=/some/dir [DEADLINE_S=540] [TOY=0] [TOY_BUDGET_S=220] [TOY_ARGS="..."] \
-#   [BENCH=0] [SAMPLING=0] [PEAK=0] bash bench/gpu/device_run.sh
+#   [BENCH=0] [PROFILE=1] [SAMPLING=0] [PEAK=0] bash bench/gpu/device_run.sh
+# PROFILE=1 adds Nsight Compute counters of the unpatchify kernels (bench/gpu/profile_unpatchify.py).
 # TOY_ARGS="--init-from python/l2p/toy/weights/shapes-pixart --dit-batch 256" continues the
 # shipped source (same architecture, its autoencoder kept) instead of training a new one.
 set -u
@@ -102,6 +103,17 @@ if [ "${BENCH:-1}" = 1 ] && python3 -c "import l2p._C" 2>/dev/null; then
   log "unpatchify, interleaved: fused GEMM / cuBLAS + fold / Linear + permute / GEMM alone"
   within 60 0 python3 bench/gpu/unpatchify_ab.py > "$OUT/unpatchify_ab.md" 2>&1
   log "unpatchify A/B exit $?"; cat "$OUT/unpatchify_ab.md"
+fi
+if [ "${PROFILE:-0}" = 1 ] && python3 -c "import l2p._C" 2>/dev/null; then
+  # Per-kernel counters of one unpatchify call per way (Nsight Compute reads them on the lent
+  # machines; --clock-control none leaves the clocks as the timings above saw them).
+  log "unpatchify kernels under ncu: duration, SM throughput, instructions, warp stall reasons"
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  within 120 0 "$NCU" --profile-from-start off --clock-control none --metrics \
+    gpu__time_duration.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,smsp__inst_executed.sum,smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio,smsp__average_warps_issue_stalled_wait_per_issue_active.ratio,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_gmma_per_issue_active.ratio,smsp__average_warps_issue_stalled_sleeping_per_issue_active.ratio \
+    python3 bench/gpu/profile_unpatchify.py > "$OUT/unpatchify_ncu.txt" 2>&1
+  log "ncu exit $?"
+  grep -E "^  [a-zA-Z]|duration|throughput|inst_executed|stalled" "$OUT/unpatchify_ncu.txt" | cut -c1-120
 fi
 if [ "${SAMPLING:-1}" = 1 ]; then
   log "sampling benchmark (pixel vs latent path, 1K-16K), the sizes of the issue's goals first"

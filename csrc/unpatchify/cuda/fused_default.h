@@ -1,7 +1,7 @@
 // Whether unpatchify takes the Hopper fused GEMM (unpatchify_gemm_sm90.cu) when
-// L2P_UNPATCHIFY_FUSED is unset. Off until a GPU pass has run its tests and timed it against
-// the cuBLAS + fold path: it is compiled (and checked by CI's nvcc pass and a host check of its
-// epilogue) but has not yet run on a GPU. Read by the launcher and by build_info, so that
+// L2P_UNPATCHIFY_FUSED is unset. Off: on an H200 it passes its tests but runs at 0.79-0.92x
+// torch's Linear + permute, where the cuBLAS + fold path runs at 1.08-1.10x (bench/RESULTS.md);
+// turn it on here once it beats that path. Read by the launcher and by build_info, so that
 // `l2p info` reports what the build does.
 #pragma once
 

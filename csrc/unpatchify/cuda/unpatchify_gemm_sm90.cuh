@@ -119,38 +119,60 @@ class ImageEpilogue {
     const ImageGeometry& g = params_.geometry;
     cutlass::NumericArrayConverter<Element, float, 2> to_output;
 
+    // The bias is read a block of pairs at a time, all of a block's loads before its stores: as far
+    // as the compiler knows the image may alias the bias, so a load placed between two stores stays
+    // there and waits out its own latency. A block, not the whole tile, so the loaded values fit in
+    // registers beside the accumulators (all 64 pairs of a cooperative tile spilled). On the H200
+    // this took 4% off the kernel (bench/RESULTS.md).
+    constexpr int kPairs = decltype(size(accumulators))::value / 2;
+    constexpr int kBlock = kPairs < 16 ? kPairs : 16;
+    static_assert(kPairs % kBlock == 0, "pairs come in whole blocks");
+    using Pair = cutlass::AlignedArray<Element, 2>;
+
     int64_t cached_m = -1, token_offset = 0;
     CUTLASS_PRAGMA_UNROLL
-    for (int v = 0; v < size(accumulators); v += 2) {
-      const auto first = thread_coords(v);
-      const auto second = thread_coords(v + 1);
-      const int64_t m = m0 + get<0>(first);
-      const int64_t n = n0 + get<1>(first);
-      // An even n and the next column of the same row: one 4-byte-aligned word (p is even, so
-      // n and n + 1 are neighbours in one patch row, and every pixel offset of n is even).
-      const bool pair = (n & 1) == 0 && get<0>(second) == get<0>(first) &&
-                        get<1>(second) == get<1>(first) + 1;
-      if (!pair) {  // not produced by the sm_90 MMA layouts; kept so another layout stays correct
-        store_one(m, n, M, N, accumulators(v));
-        store_one(m0 + get<0>(second), n0 + get<1>(second), M, N, accumulators(v + 1));
-        continue;
+    for (int block = 0; block < kPairs; block += kBlock) {
+      Pair bias_pairs[kBlock];
+      CUTLASS_PRAGMA_UNROLL
+      for (int k = 0; k < kBlock; ++k) {
+        const int64_t n = n0 + get<1>(thread_coords(2 * (block + k)));
+        bias_pairs[k].fill(Element(0.0f));
+        if (params_.bias != nullptr && (n & 1) == 0 && n < N) {  // pairs start on even n (below)
+          bias_pairs[k] = *reinterpret_cast<const Pair*>(params_.bias + n);
+        }
       }
-      if (m >= M || n >= N) continue;  // N is even, so n + 1 < N as well
-      if (m != cached_m) {  // a thread holds few distinct tokens: divide once per token
-        cached_m = m;
-        token_offset = token_to_pixel(static_cast<uint32_t>(m), g);
+      CUTLASS_PRAGMA_UNROLL
+      for (int k = 0; k < kBlock; ++k) {
+        const int v = 2 * (block + k);
+        const auto first = thread_coords(v);
+        const auto second = thread_coords(v + 1);
+        const int64_t m = m0 + get<0>(first);
+        const int64_t n = n0 + get<1>(first);
+        // An even n and the next column of the same row: one 4-byte-aligned word (p is even, so
+        // n and n + 1 are neighbours in one patch row, and every pixel offset of n is even).
+        const bool pair = (n & 1) == 0 && get<0>(second) == get<0>(first) &&
+                          get<1>(second) == get<1>(first) + 1;
+        if (!pair) {  // not produced by the sm_90 MMA layouts; kept so another layout stays correct
+          store_one(m, n, M, N, accumulators(v));
+          store_one(m0 + get<0>(second), n0 + get<1>(second), M, N, accumulators(v + 1));
+          continue;
+        }
+        if (m >= M || n >= N) continue;  // N is even, so n + 1 < N as well
+        // The divisions run when the token changes. In the sm_90 MMA layouts a thread's pairs
+        // alternate between its two rows (r, r + 8), so that is every pair; keeping the last two
+        // tokens' offsets instead cut the kernel's instructions by 27% but timed slower on the
+        // H200 (bench/RESULTS.md), so the simple form stays.
+        if (m != cached_m) {
+          cached_m = m;
+          token_offset = token_to_pixel(static_cast<uint32_t>(m), g);
+        }
+        cutlass::Array<float, 2> values;
+        values[0] = accumulators(v) + float(bias_pairs[k][0]);
+        values[1] = accumulators(v + 1) + float(bias_pairs[k][1]);
+        Pair packed;
+        static_cast<cutlass::Array<Element, 2>&>(packed) = to_output(values);
+        *reinterpret_cast<Pair*>(params_.image + token_offset + feature_to_pixel(n, g)) = packed;
       }
-      cutlass::Array<float, 2> values;
-      values[0] = accumulators(v);
-      values[1] = accumulators(v + 1);
-      if (params_.bias != nullptr) {
-        values[0] += float(params_.bias[n]);
-        values[1] += float(params_.bias[n + 1]);
-      }
-      cutlass::AlignedArray<Element, 2> packed;
-      static_cast<cutlass::Array<Element, 2>&>(packed) = to_output(values);
-      *reinterpret_cast<cutlass::AlignedArray<Element, 2>*>(params_.image + token_offset +
-                                                           feature_to_pixel(n, g)) = packed;
     }
   }
 
@@ -181,7 +203,8 @@ class ImageEpilogue {
   Params params_;
 };
 
-// Two mainloop schedules, to be timed against each other on the GPU (L2P_UNPATCHIFY_FUSED_SCHEDULE):
+// Two mainloop schedules (L2P_UNPATCHIFY_FUSED_SCHEDULE); on the H200 at 4096^2, p = 16, neither
+// reaches the cuBLAS + fold path, and cooperative was the faster of the two in two of three runs:
 // - cooperative: 128 x 256 tiles shared by two consumer warpgroups (64 rows each); a tile's
 //   epilogue runs after its mainloop, while the producer warp already loads the next tile.
 // - pingpong: 128 x 128 tiles, one per consumer warpgroup, the two taking turns, so one

@@ -59,7 +59,7 @@ def _cuda_unpatchify(ext: dict) -> str:
         return general + " (built without the CUTLASS headers: no Hopper fused GEMM)"
     switch = os.environ.get("L2P_UNPATCHIFY_FUSED")
     on = {"1": True, "0": False}.get(switch, bool(ext.get("unpatchify_fused_default")))
-    if not on:  # csrc/unpatchify/cuda/fused_default.h: off until a GPU pass validates it
+    if not on:  # csrc/unpatchify/cuda/fused_default.h: off while slower than cuBLAS + fold
         how = "L2P_UNPATCHIFY_FUSED=0" if switch == "0" else "L2P_UNPATCHIFY_FUSED=1 turns it on"
         return f"{general} (the Hopper fused GEMM is off; {how})"
     return ("Hopper fused GEMM writing the image (CUTLASS mainloop) for bf16 / fp16 with a "
