@@ -56,6 +56,38 @@ def test_cfg_off_and_on(pipelines, name):
     assert (on - off).abs().max() > 1e-4 and (neg - on).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("name", ("pixart", "sd3"))
+def test_guidance_only_up_to_a_noise_level(pipelines, name):
+    """guidance_max_sigma: steps noisier than it run the conditional branch alone (batch 1),
+    the others are guided (batch 2); at or above every step's sigma it is plain guidance, below
+    every one it is the unguided image."""
+    pipe = pipelines[name]
+    batches = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+
+    def run(**kwargs):
+        batches.clear()
+        return _run(pipe, generator=torch.Generator().manual_seed(0), num_inference_steps=4, **kwargs)
+
+    try:
+        guided = run(guidance_scale=5.0)
+        sigmas = [float(s) for s in pipe.scheduler.sigmas[:4]]
+        assert sigmas == sorted(sigmas, reverse=True) and batches == [2, 2, 2, 2]
+        assert torch.equal(run(guidance_scale=5.0, guidance_max_sigma=sigmas[0]), guided)
+        assert batches == [2, 2, 2, 2]
+        late = run(guidance_scale=5.0, guidance_max_sigma=sigmas[2])
+        assert batches == [1, 1, 2, 2] and (late - guided).abs().max() > 1e-4
+        unguided = run(guidance_scale=1.0)
+        assert torch.equal(run(guidance_scale=5.0, guidance_max_sigma=0.0), unguided)
+        assert batches == [1, 1, 1, 1]
+    finally:
+        hook.remove()
+    for bad in (-0.1, "0.5", True):
+        with pytest.raises(ValueError, match="guidance_max_sigma must be a noise level >= 0"):
+            _run(pipe, guidance_max_sigma=bad)
+
+
 def test_flux_guidance_scale_feeds_the_embedding(pipelines):
     pipe = pipelines["flux"]
     seen = []

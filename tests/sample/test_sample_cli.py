@@ -52,3 +52,16 @@ def test_guidance_option_values_are_typed():
     assert _guidance_option("cfg_trunc_ratio=0.25") == ("cfg_trunc_ratio", 0.25)
     with pytest.raises(argparse.ArgumentTypeError, match="NAME=VALUE"):
         _guidance_option("cfg_trunc_ratio")
+
+
+def test_guidance_max_sigma_reaches_the_pipeline(converted, tmp_path, capsys):
+    """Below every step's noise level: no step is guided, the image of --guidance 1."""
+    common = ["sample", "--model", str(converted["pixart"]), "--prompt", "a red circle", "--height", "32",
+              "--width", "24", "--steps", "2", "--seed", "7"]
+    assert main([*common, "--guidance-max-sigma", "0", "--out", str(tmp_path / "a.png")]) == 0
+    assert main([*common, "--guidance", "1", "--out", str(tmp_path / "b.png")]) == 0
+    assert main([*common, "--out", str(tmp_path / "c.png")]) == 0
+    a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "abc")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert main([*common, "--guidance-max-sigma", "-1", "--out", str(tmp_path / "d.png")]) == 2
+    assert "guidance_max_sigma must be a noise level >= 0" in capsys.readouterr().err

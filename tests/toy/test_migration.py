@@ -90,11 +90,23 @@ def test_eval_scores_source_and_pixel_folders(tmp_path, monkeypatch, capsys):
         scores = json.loads(out.read_text())
         assert scores["n"] == 6 and 0.0 <= scores["overall"] <= 1.0 and len(scores["ci95"]) == 2
         assert "overall" in capsys.readouterr().out
+    prompts = ["--prompts", str(tmp_path / "prompts.jsonl"), "--steps", "2"]
+    assert main(["eval", "--model", str(tmp_path / "pixel"), "--out", str(out), "--guidance-max-sigma", "0.5",
+                 *prompts]) == 0
+    assert json.loads(out.read_text())["guidance_max_sigma"] == 0.5
+    # The source under the same interval: conditional-only steps above it, guided ones below.
+    pipe = source.load_toy_source(src)
+    kw, texts = dict(seed=0, steps=3, batch_size=4), ["a red circle", "two blue squares"]
+    guided = source.generate(pipe, texts, guidance=4.5, **kw)
+    assert np.array_equal(source.generate(pipe, texts, guidance=4.5, guidance_max_sigma=1.0, **kw), guided)
+    unguided = source.generate(pipe, texts, guidance=1.0, **kw).astype(int)
+    none_guided = source.generate(pipe, texts, guidance=4.5, guidance_max_sigma=0.0, **kw)
+    assert np.abs(none_guided - unguided).max() <= 1 < np.abs(guided - unguided).max()
     assert main(["eval", "--model", str(tmp_path / "nope"), "--prompts", str(tmp_path / "prompts.jsonl")]) == 2
 
 
 @pytest.mark.slow
-def test_reproduce_runs_every_arm_and_reports_paired_differences(tmp_path, monkeypatch):
+def test_reproduce_runs_every_arm_and_reports_paired_differences(tmp_path, monkeypatch, capsys):
     from l2p.cli import main
 
     src = tmp_path / "toy-source"
@@ -125,6 +137,10 @@ def test_reproduce_runs_every_arm_and_reports_paired_differences(tmp_path, monke
     assert "| scratch | random | all | synthetic |" in md and "beyond noise" in md
     assert "Training seeds per arm: 0, 1" in md and "prompts and training seeds" in md
     assert (out / "curves.png").stat().st_size > 0
+    # Scores keep their sampling settings: a rerun that asks for others does not reuse them.
+    assert json.loads((out / "source-scores.json").read_text())["sampling"]["guidance_max_sigma"] is None
+    assert main([*args, "--guidance-max-sigma", "0.7"]) == 2
+    assert "was scored with sampling" in capsys.readouterr().err
     assert len(list((out / "corpus-real" / "images").glob("*.png"))) == 6
     assert len(list((out / "corpus-synthetic").rglob("*.png"))) == 6  # one image per prompt in both
     # The ground-truth corpus holds the very prompts of the synthetic one.

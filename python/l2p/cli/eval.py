@@ -17,10 +17,11 @@ def run(args: argparse.Namespace) -> int:
     if args.limit:
         records = records[: args.limit]
     images = images_for_prompts(model, [r.prompt for r in records], seed=args.seed, steps=args.steps,
-                             guidance=args.guidance, batch_size=args.batch_size)
+                                guidance=args.guidance, guidance_max_sigma=args.guidance_max_sigma,
+                                batch_size=args.batch_size)
     summary = score_generated(images, records)
     summary.update(model=str(model), prompts=str(args.prompts), seed=args.seed, steps=args.steps,
-                   guidance=args.guidance)
+                   guidance=args.guidance, guidance_max_sigma=args.guidance_max_sigma)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -46,6 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="scores.json", help="where the scores go (JSON)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.5)
+    p.add_argument("--guidance-max-sigma", type=float, default=None,
+                   help="guide only the steps at noise level sigma <= this (default: every step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=0, help="score only the first N records")

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     images = pipe(args.prompt, args.negative_prompt, height=args.height, width=args.width,
                   num_inference_steps=args.steps, guidance_scale=args.guidance,
                   true_cfg_scale=args.true_cfg, num_images_per_prompt=args.num_images,
-                  generator=generator, shift=args.shift, **dict(args.guidance_option)).images
+                  generator=generator, shift=args.shift, guidance_max_sigma=args.guidance_max_sigma,
+                  **dict(args.guidance_option)).images
     paths = _paths(args.out, len(images))
     for image, path in zip(images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +89,9 @@ def register(subparsers) -> None:
     p.add_argument("--shift", type=_shift, default=None,
                    help="flow time shift overriding the source's, or 'recommended' (4.5 at 4K; "
                    "l2p.sample.recommended_shift)")
+    p.add_argument("--guidance-max-sigma", type=float, default=None,
+                   help="guide only the steps at noise level sigma <= this (flow sources: 0..1); the "
+                        "noisier steps follow the conditional prediction alone (default: every step)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--tile-size", type=int, default=None,

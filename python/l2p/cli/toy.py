@@ -83,6 +83,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, corpus_prompts=args.corpus_prompts,
             verify_candidates=args.verify_candidates, eval_prompts=args.eval_prompts,
             curve_points=args.curve_points, curve_prompts=args.curve_prompts, seed=args.seed,
+            guidance_max_sigma=args.guidance_max_sigma,
             train_seeds=_number_list(args.train_seeds, int, "--train-seeds", "0,1,2"), train_overrides=list(args.set),
             **({"arms": args.arms.split(",")} if args.arms else {}),
         ).validate()
@@ -169,6 +170,9 @@ def register(subparsers) -> None:
                    help="source generations tried per prompt for the verified corpus of arm "
                         "l2p-verified (default %(default)s)")
     r.add_argument("--eval-prompts", type=int, default=d.eval_prompts)
+    r.add_argument("--guidance-max-sigma", type=float, default=d.guidance_max_sigma,
+                   help="score with guidance only at noise levels up to this, the source and every arm "
+                        "alike (default: every step)")
     r.add_argument("--curve-points", type=int, default=d.curve_points)
     r.add_argument("--curve-prompts", type=int, default=d.curve_prompts)
     r.add_argument("--seed", type=int, default=d.seed, help="prompts, corpus and sampling seed")

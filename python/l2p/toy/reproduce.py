@@ -111,6 +111,10 @@ class ReproducePlan:
     # Tries per prompt for the verified corpus (arm l2p-verified).
     verify_candidates: int = 4
     guidance: float = 4.5
+    # Scoring only (the corpus is generated with guidance at every step): guidance only at the
+    # steps whose noise level is at most this, for the source and every pixel model alike
+    # (L2PPipeline's guidance_max_sigma); None: every step.
+    guidance_max_sigma: float | None = None
     eval_prompts: int = 600
     eval_steps: int = 10
     # Score-curve points per arm (checkpoints), each scored on ``curve_prompts`` prompts.
@@ -131,6 +135,8 @@ class ReproducePlan:
             raise ValueError(f"steps ({self.steps}) must be at least curve_points ({self.curve_points})")
         if self.steps is None and self.budget_minutes <= 0:
             raise ValueError("give a positive budget_minutes or a step count")
+        if self.guidance_max_sigma is not None and not self.guidance_max_sigma >= 0:
+            raise ValueError(f"guidance_max_sigma must be a noise level >= 0, got {self.guidance_max_sigma}")
         if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
             raise ValueError(f"train_seeds must be distinct and at least one, got {self.train_seeds}")
         if self.verify_candidates < 1:
@@ -200,6 +206,18 @@ def _loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
 # evaluation
 
 
+def _cached_scores(path: Path, sampling: dict, compute: Callable[[], dict]) -> dict:
+    """``_cached`` for scores, which hold the sampling settings they were made with: a rerun
+    with other settings must not pass off the old scores as its own."""
+    scores = _cached(path, lambda: {**compute(), "sampling": sampling})
+    # Folders scored before the settings were recorded used every step's guidance.
+    made_with = scores.get("sampling", {**sampling, "guidance_max_sigma": None})
+    if made_with != sampling:
+        raise ValueError(f"{path} was scored with sampling {made_with}, this run asks for {sampling}: "
+                         f"use a new --out folder or the original settings")
+    return scores
+
+
 def _cached(path: Path, compute: Callable[[], dict]) -> dict:
     if path.exists():
         return json.loads(path.read_text())
@@ -228,7 +246,8 @@ def _score_checkpoints(pipe, run_dir: Path, records, plan: ReproducePlan) -> lis
         missing = pipe.transformer.load_state_dict(load_file(str(weights)), strict=False).unexpected_keys
         if missing:
             raise ValueError(f"{weights} holds tensors the pixel model lacks, e.g. {missing[0]}")
-        images = pixel_images(pipe, prompts, seed=plan.seed, steps=plan.eval_steps, guidance=plan.guidance)
+        images = pixel_images(pipe, prompts, seed=plan.seed, steps=plan.eval_steps, guidance=plan.guidance,
+                              guidance_max_sigma=plan.guidance_max_sigma)
         summary = score_generated(images, records)
         points.append({"step": step, "overall": summary["overall"], "ci95": summary["ci95"]})
     pipe.transformer.load_state_dict(final_state)
@@ -276,7 +295,10 @@ def _markdown(report: dict) -> str:
             f" (verified: {report['verification']['kept']} prompts kept an image the scorer accepts, of "
             f"{report['verification']['candidates']} tries each)" if report.get("verification") else "")
         + f". Evaluation: {plan['eval_prompts']} held-out prompts, {plan['eval_steps']} "
-        f"sampling steps, guidance {plan['guidance']}, the same sampling seeds for every model. "
+        f"sampling steps, guidance {plan['guidance']}"
+        + (f" at noise levels up to {plan['guidance_max_sigma']} (the noisier steps unguided)"
+           if plan.get("guidance_max_sigma") is not None else "")
+        + ", the same sampling seeds for every model. "
         f"Training seeds per arm: {', '.join(map(str, plan['train_seeds']))} (an arm's score is their "
         "mean). Intervals are 95% percentile bootstrap over prompts"
         + (" and training seeds." if len(plan["train_seeds"]) > 1 else "."), "",
@@ -350,7 +372,8 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
     curve_records = eval_records[:plan.curve_prompts]
     eval_prompts = [r.prompt for r in eval_records]
     categories = [r.category for r in eval_records]
-    sampling = dict(seed=plan.seed, steps=plan.eval_steps, guidance=plan.guidance)
+    sampling = dict(seed=plan.seed, steps=plan.eval_steps, guidance=plan.guidance,
+                    guidance_max_sigma=plan.guidance_max_sigma)
     arms = {}
     for name in plan.arms:
         arm = ARMS_BY_NAME[name]
@@ -374,7 +397,7 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
                 curve = _score_checkpoints(pipe, run_dir, curve_records, plan) if with_curve else []
                 return {"eval": summary, "score_curve": curve}
 
-            scores = _cached(run_dir / "scores.json", evaluate_run)
+            scores = _cached_scores(run_dir / "scores.json", sampling, evaluate_run)
             runs.append({"train_seed": train_seed, "steps": result.step, "seconds": seconds, **scores,
                          "loss_curve": _loss_curve(run_dir)})
             log(f"      {name} (training seed {train_seed}): {scores['eval']['overall']:.3f} "
@@ -391,7 +414,7 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
                       "score_curve": runs[0]["score_curve"], "loss_curve": runs[0]["loss_curve"]}
 
     log("[3/4] scoring the source on the same prompts")
-    source = _cached(out / "source-scores.json", lambda: score_generated(
+    source = _cached_scores(out / "source-scores.json", sampling, lambda: score_generated(
         images_for_prompts(source_dir, eval_prompts, **sampling), eval_records))
 
     log("[4/4] report")

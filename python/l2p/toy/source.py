@@ -584,15 +584,37 @@ def load_toy_source(path: str | Path | None = None, device: str | torch.device =
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], *, seed: int = 0, steps: int = 20, guidance: float = 4.5,
-             batch_size: int = 64) -> np.ndarray:
-    """Images for ``prompts`` as uint8 (n, H, W, 3); image i uses generator seed ``seed + i``."""
+             guidance_max_sigma: float | None = None, batch_size: int = 64) -> np.ndarray:
+    """Images for ``prompts`` as uint8 (n, H, W, 3); image i uses generator seed ``seed + i``.
+
+    ``guidance_max_sigma``: guidance only at the steps whose noise level (the scheduler's sigma)
+    is at most this, as L2PPipeline's option of that name, so that a source and its pixel model
+    can be compared under the same sampler. The diffusers pipeline guides every step, so at the
+    noisier steps the conditional prediction stands in for the unconditional one: its
+    uncond + w (cond - uncond) is then cond."""
     size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    hook = None
+    if guidance_max_sigma is not None:
+        scheduler = pipe.scheduler
+
+        def conditional_only_when_noisier(module, args, kwargs, output):
+            sigma = float(scheduler.sigmas[scheduler.step_index or 0])
+            if sigma <= guidance_max_sigma or guidance <= 1:
+                return None
+            _, cond = output[0].chunk(2)
+            return (torch.cat([cond, cond]), *output[1:])
+
+        hook = pipe.transformer.register_forward_hook(conditional_only_when_noisier, with_kwargs=True)
     out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        gens = [torch.Generator(pipe.device).manual_seed(seed + start + i) for i in range(len(chunk))]
-        result = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                      generator=gens, output_type="np", use_resolution_binning=False,
-                      max_sequence_length=pipe.tokenizer.model_max_length, clean_caption=False)
-        out.append(np.clip(np.round(result.images * 255), 0, 255).astype(np.uint8))
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            gens = [torch.Generator(pipe.device).manual_seed(seed + start + i) for i in range(len(chunk))]
+            result = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                          generator=gens, output_type="np", use_resolution_binning=False,
+                          max_sequence_length=pipe.tokenizer.model_max_length, clean_caption=False)
+            out.append(np.clip(np.round(result.images * 255), 0, 255).astype(np.uint8))
+    finally:
+        if hook is not None:
+            hook.remove()
     return np.concatenate(out)
