@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from _dist_worker import run_rank
 from _trainkit import make_config, overrides
+from l2p.train.align import coupled_source_noise, low_frequency_basis
 from l2p.train.config import ConfigError, load_config
 from l2p.train.loop import Trainer, train
 
@@ -41,6 +42,8 @@ def test_config_checks_name_the_fix(sources, images, tmp_path):
         load_config(None, ["align.weight=-0.5"])
     with pytest.raises(ConfigError, match="align.block must be a block index >= 0"):
         load_config(None, ["align.block=-1"])
+    with pytest.raises(ConfigError, match="align.noise must be 'independent' or 'coupled', got 'shared'"):
+        load_config(None, ["align.noise=shared"])
     with pytest.raises(ConfigError, match="did you mean 'align.weight'"):
         load_config(None, ["align.wieght=1"])
     cfg = load_config(None, ["align.weight=0.5", "align.block=3"])
@@ -78,6 +81,47 @@ def test_weight_zero_is_the_loss_as_before(sources, images, tmp_path):
         total, parts = on._loss_and_parts(*aligned)
     assert torch.equal(parts["objective_loss"], loss)
     assert torch.equal(total, loss + 0.25 * parts["align"])
+
+
+def test_coupled_source_noise_is_standard_normal_and_a_function_of_the_pixel_noise(sources, images, tmp_path):
+    """align.noise=coupled: the latent noise is the pixel noise's coefficients on orthonormal
+    low-frequency block patterns, so it is still standard normal and independent (what the
+    source was trained on), and the trainer draws nothing else differently."""
+    for channels, factor, count in [(3, 2, 12), (3, 4, 16), (3, 8, 16)]:
+        basis = low_frequency_basis(channels, factor, count).reshape(count, -1)
+        torch.testing.assert_close(basis @ basis.T, torch.eye(count, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"a \(3, 2, 2\) block has 12 orthonormal patterns, not 13"):
+        low_frequency_basis(3, 2, 13)
+    with pytest.raises(ValueError, match="pixel noise of 6x8 does not split into 4x4 blocks"):
+        coupled_source_noise(torch.randn(3, 6, 8), 4, 4)
+    # The first three channels: each colour channel's block mean, times the block's side.
+    x = torch.randn(3, 8, 12)
+    torch.testing.assert_close(coupled_source_noise(x, 4, 4)[:3], x.reshape(3, 2, 4, 3, 4).mean((2, 4)) * 4)
+
+    z = coupled_source_noise(torch.randn(3, 1024, 1024, generator=torch.Generator().manual_seed(0)), 16, 4)
+    flat = z.reshape(16, -1)  # 65536 cells per channel
+    assert abs(flat.mean().item()) < 0.01 and abs(flat.std().item() - 1) < 0.01
+    assert (torch.corrcoef(flat) - torch.eye(16)).abs().max() < 0.02  # across channels
+    neighbours = torch.stack([z[:, :, :-1].flatten(), z[:, :, 1:].flatten()])
+    assert torch.corrcoef(neighbours)[0, 1].abs() < 0.01  # across cells
+
+    with pytest.raises(ConfigError, match=r"draws each latent cell's 16 noise channels from the 12 pixel noise "
+                                          r"values of its 2x2 block, too few here: use align.noise=independent"):
+        Trainer(make_config(sources["sd3"], images, tmp_path / "sd3", align__weight=0.5, align__noise="coupled"))
+    extra = dict(align__weight=0.5, align__block=BLOCK["pixart"])
+    independent = Trainer(make_config(sources["pixart"], images, tmp_path / "i", **extra))
+    coupled = Trainer(make_config(sources["pixart"], images, tmp_path / "c", align__noise="coupled", **extra))
+    a, b = _fixed_batch(independent), _fixed_batch(coupled)
+    for x, y in zip(a[:4], b[:4]):  # images, conditioning, times and pixel noise as before
+        pairs = [(x[k], y[k]) for k in x] if isinstance(x, dict) else [(x, y)]
+        assert all(torch.equal(u, v) for u, v in pairs)
+    assert b.source_noise.shape == a.source_noise.shape == (4, 4, 16, 16)  # 32x32 pixels, 4 latent channels
+    assert not torch.equal(a.source_noise, b.source_noise)
+    for noise, source_noise in zip(b.noise, b.source_noise):
+        assert torch.equal(source_noise, coupled_source_noise(noise, 4, 2))
+    with torch.no_grad():
+        total, parts = coupled._loss_and_parts(*b)
+    assert torch.isfinite(total) and 0 < parts["align"] < 2
 
 
 @pytest.mark.parametrize("family", ["pixart", "sd3", "flux"])

@@ -18,6 +18,9 @@ the image tokens and the batch.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -53,6 +56,40 @@ def alignment_term(pixel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """1 - cosine similarity of (B, N, D) hidden states along D, in fp32, averaged over the
     N tokens and the B samples."""
     return 1.0 - torch.nn.functional.cosine_similarity(pixel.float(), source.float(), dim=-1).mean()
+
+
+@functools.lru_cache(maxsize=8)
+def low_frequency_basis(channels: int, factor: int, count: int) -> torch.Tensor:
+    """The first ``count`` patterns of the orthonormal 2-D DCT-II basis of a (channels, factor,
+    factor) block, lowest spatial frequency first (ordered by u + v, u, v, then channel):
+    shape (count, channels, factor, factor), float64."""
+    if not 0 < count <= channels * factor * factor:
+        raise ValueError(f"a ({channels}, {factor}, {factor}) block has {channels * factor * factor} "
+                         f"orthonormal patterns, not {count}")
+    n = torch.arange(factor, dtype=torch.float64)
+    dct = torch.cos(math.pi * (n[None, :] + 0.5) * n[:, None] / factor) * math.sqrt(2 / factor)
+    dct[0] /= math.sqrt(2)
+    order = sorted(itertools.product(range(factor), range(factor), range(channels)),
+                   key=lambda uvc: (uvc[0] + uvc[1], *uvc))
+    basis = torch.zeros(count, channels, factor, factor, dtype=torch.float64)
+    for i, (u, v, c) in enumerate(order[:count]):
+        basis[i, c] = torch.outer(dct[u], dct[v])
+    return basis
+
+
+def coupled_source_noise(pixel_noise: torch.Tensor, latent_channels: int, factor: int) -> torch.Tensor:
+    """The source's latent noise as a function of one sample's pixel noise (align.noise=coupled):
+    (C, H, W) -> (latent_channels, H / factor, W / factor), each latent cell the coefficients of
+    its factor x factor pixel block on the block's ``latent_channels`` lowest-frequency patterns.
+    The patterns are orthonormal, so standard normal pixel noise gives standard normal latent
+    noise, independent across cells and channels, as the source was trained on; and the part of
+    the pixel noise the latent grid can see is the part the source reacts to."""
+    c, h, w = pixel_noise.shape
+    if h % factor or w % factor:
+        raise ValueError(f"pixel noise of {h}x{w} does not split into {factor}x{factor} blocks")
+    basis = low_frequency_basis(c, factor, latent_channels).to(pixel_noise.dtype)
+    blocks = pixel_noise.reshape(c, h // factor, factor, w // factor, factor)
+    return torch.einsum("kcij,cyixj->kyx", basis, blocks).contiguous()
 
 
 class SourceAlignment:
@@ -100,6 +137,18 @@ class SourceAlignment:
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """The shape of one image's latent, the shape of its source noise."""
         return (self.adapter.latent_channels, height // self.latent_factor, width // self.latent_factor)
+
+    def check_coupled_noise(self, pixel_channels: int = 3) -> None:
+        """align.noise=coupled needs as many values per latent cell as the latent has channels."""
+        f, channels = self.latent_factor, self.adapter.latent_channels
+        if channels > pixel_channels * f * f:
+            raise ConfigError(f"align.noise=coupled draws each latent cell's {channels} noise channels from "
+                              f"the {pixel_channels * f * f} pixel noise values of its {f}x{f} block, too few "
+                              f"here: use align.noise=independent")
+
+    def coupled_noise(self, pixel_noise: torch.Tensor) -> torch.Tensor:
+        """One sample's latent noise drawn from its (3, H, W) pixel noise (coupled_source_noise)."""
+        return coupled_source_noise(pixel_noise, self.adapter.latent_channels, self.latent_factor)
 
     @contextlib.contextmanager
     def pixel_block_input(self):

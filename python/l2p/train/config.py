@@ -189,6 +189,12 @@ class AlignConfig:
     # the double-stream blocks, then the single-stream ones). None = the first block with no
     # trainable parameter: N of model.trainable=first_last:N.
     block: int | None = None
+    # The source's latent noise: "independent" (drawn on its own) or "coupled" (the lowest
+    # spatial frequencies of the sample's pixel noise, align.coupled_source_noise). Independent
+    # noise makes the target at high noise the source's reaction to a draw the pixel model
+    # cannot see, so the pixel model can only learn its average; coupled noise lets it see the
+    # draw the source commits to.
+    noise: str = "independent"
 
 
 @dataclass
@@ -258,6 +264,8 @@ class Config:
         if not (math.isfinite(self.align.weight) and self.align.weight >= 0):
             raise ConfigError(f"align.weight must be a number >= 0 (0 turns the alignment term off), "
                               f"got {self.align.weight}")
+        if self.align.noise not in ("independent", "coupled"):
+            raise ConfigError(f"align.noise must be 'independent' or 'coupled', got {self.align.noise!r}")
         if self.align.block is not None and self.align.block < 0:
             raise ConfigError(f"align.block must be a block index >= 0 (or null: the first frozen block), "
                               f"got {self.align.block}")

@@ -254,8 +254,11 @@ class Trainer:
                                   f"set align.block to a block index (0..{len(blocks) - 1}), or "
                                   f"align.weight=0 to turn the alignment term off")
             block = frozen[0]
-        return SourceAlignment(model, source_transformer, self.source.load_vae_encoder(dtype), block,
-                               self.source.vae_scale_factor)
+        align = SourceAlignment(model, source_transformer, self.source.load_vae_encoder(dtype), block,
+                                self.source.vae_scale_factor)
+        if self.cfg.align.noise == "coupled":
+            align.check_coupled_noise()
+        return align
 
     def _head_config(self):
         m = self.cfg.model
@@ -368,7 +371,9 @@ class Trainer:
             times.append(self.objective.sample_time(g, seq_len))
             keep.append(torch.rand((), generator=g).item() >= self.cfg.data.caption_dropout)
             noise.append(torch.randn(x0.shape[1:], generator=g))
-            if self.align is not None:
+            if self.align is not None and self.cfg.align.noise == "coupled":
+                source_noise.append(self.align.coupled_noise(noise[-1]))
+            elif self.align is not None:
                 source_noise.append(torch.randn(self.align.latent_shape(*x0.shape[-2:]), generator=g))
         dtype = torch.float64 if self.objective.kind == "flow" else torch.long
         times = torch.tensor(times, dtype=dtype)
@@ -509,7 +514,7 @@ class Trainer:
                 self._log(f"{self.offloaded_blocks} frozen blocks kept in host memory (FSDP2 CPUOffloadPolicy)")
             if self.align is not None:
                 self._log(f"align: {cfg.align.weight} x (1 - cosine) with the source's hidden states entering "
-                          f"{self.align.block_name}")
+                          f"{self.align.block_name} ({cfg.align.noise} source noise)")
             if cfg.logging.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
