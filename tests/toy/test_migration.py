@@ -47,6 +47,8 @@ def test_toy_migration_end_to_end_and_resume(tmp_path, monkeypatch):
         assert 0.0 <= report[key]["overall"] <= 1.0 and len(report[key]["ci95"]) == 2
     assert json.loads((run / "report.json").read_text())["eval_prompts"] == 6
     assert "| L2P pixel model |" in (run / "report.md").read_text()
+    assert report["guidance_max_sigma"] == 0.7  # both models scored with guidance from sigma 0.7 down
+    assert "guidance 4.5 at noise levels up to 0.7" in (run / "report.md").read_text()
     assert (run / "loss.png").stat().st_size > 0
     assert (run / "train" / "final" / "pipeline" / "model_index.json").exists()
     assert len(list((run / "corpus-verified" / "images").rglob("*.png"))) == 5
