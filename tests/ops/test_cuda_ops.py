@@ -113,8 +113,8 @@ def test_patch_weight_grad_matches_reference(case, dtype):
 
 
 # The Hopper fused unpatchify (unpatchify_gemm_sm90.cu; L2P_UNPATCHIFY_FUSED=1, off by default
-# until a GPU pass validates it) for 16-bit tokens with a power-of-two patch and D a multiple of
-# 8: it must run (the profiler names its epilogue), write every pixel, match the float64
+# while slower than the cuBLAS + fold path) for 16-bit tokens with a power-of-two patch and D a
+# multiple of 8: it must run (the profiler names its epilogue), write every pixel, match the float64
 # reference, and agree pixel by pixel with the cuBLAS + fold path (L2P_UNPATCHIFY_FUSED=0).
 # (B, C, H, W, p, D): one 128-token tile row spanning several patch rows; a batch whose images
 # split tiles (M residue); features short of a 256-wide tile (N residue: 3*8*8 = 192, 2*2*2);

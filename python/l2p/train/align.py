@@ -102,10 +102,11 @@ class SourceAlignment:
         vae: the source's VAE, without its decoder (``Source.load_vae_encoder``).
         block: the compared block's index in ``model.blocks()``.
         vae_scale_factor: the VAE's factor; the pixel patch must keep the source's token grid.
+        noise: the source's latent noise, "independent" or "coupled" (align.noise).
     """
 
     def __init__(self, model: nn.Module, transformer: nn.Module, vae: nn.Module, block: int,
-                 vae_scale_factor: int | None):
+                 vae_scale_factor: int | None, noise: str = "independent"):
         adapter = model.adapter
         names = [name for name, _ in model.blocks()]
         if not 0 <= block < len(names):
@@ -116,6 +117,11 @@ class SourceAlignment:
             raise ConfigError(f"align compares the pixel model's tokens with the source's, one for one, so the "
                               f"pixel patch must keep the source's token grid: set model.patch_size=null "
                               f"({grid_patch} here), not {model.config.patch_size}")
+        latent_factor = model.config.patch_size // adapter.latent_patch
+        if noise == "coupled" and adapter.latent_channels > 3 * latent_factor ** 2:
+            raise ConfigError(f"align.noise=coupled draws each latent cell's {adapter.latent_channels} noise "
+                              f"channels from the {3 * latent_factor ** 2} pixel noise values of its "
+                              f"{latent_factor}x{latent_factor} block, too few here: use align.noise=independent")
         order = [(group, i) for group in adapter.block_groups for i in range(len(transformer.get_submodule(group)))]
         for group, i in order[block:]:
             transformer.get_submodule(group)[i] = _StopHere()
@@ -124,7 +130,8 @@ class SourceAlignment:
         self.block_name = names[block]
         self.pixel_block = model.blocks()[block][1]
         self.patch_size = model.config.patch_size
-        self.latent_factor = model.config.patch_size // adapter.latent_patch
+        self.latent_factor = latent_factor
+        self.noise = noise
         self.transformer = transformer.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
 
@@ -138,17 +145,12 @@ class SourceAlignment:
         """The shape of one image's latent, the shape of its source noise."""
         return (self.adapter.latent_channels, height // self.latent_factor, width // self.latent_factor)
 
-    def check_coupled_noise(self, pixel_channels: int = 3) -> None:
-        """align.noise=coupled needs as many values per latent cell as the latent has channels."""
-        f, channels = self.latent_factor, self.adapter.latent_channels
-        if channels > pixel_channels * f * f:
-            raise ConfigError(f"align.noise=coupled draws each latent cell's {channels} noise channels from "
-                              f"the {pixel_channels * f * f} pixel noise values of its {f}x{f} block, too few "
-                              f"here: use align.noise=independent")
-
-    def coupled_noise(self, pixel_noise: torch.Tensor) -> torch.Tensor:
-        """One sample's latent noise drawn from its (3, H, W) pixel noise (coupled_source_noise)."""
-        return coupled_source_noise(pixel_noise, self.adapter.latent_channels, self.latent_factor)
+    def source_noise(self, pixel_noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One sample's latent noise: drawn from ``generator`` after its (3, H, W) pixel noise,
+        or, coupled, computed from that pixel noise (coupled_source_noise)."""
+        if self.noise == "coupled":
+            return coupled_source_noise(pixel_noise, self.adapter.latent_channels, self.latent_factor)
+        return torch.randn(self.latent_shape(*pixel_noise.shape[-2:]), generator=generator)
 
     @contextlib.contextmanager
     def pixel_block_input(self):

@@ -254,11 +254,8 @@ class Trainer:
                                   f"set align.block to a block index (0..{len(blocks) - 1}), or "
                                   f"align.weight=0 to turn the alignment term off")
             block = frozen[0]
-        align = SourceAlignment(model, source_transformer, self.source.load_vae_encoder(dtype), block,
-                                self.source.vae_scale_factor)
-        if self.cfg.align.noise == "coupled":
-            align.check_coupled_noise()
-        return align
+        return SourceAlignment(model, source_transformer, self.source.load_vae_encoder(dtype), block,
+                               self.source.vae_scale_factor, self.cfg.align.noise)
 
     def _head_config(self):
         m = self.cfg.model
@@ -371,10 +368,8 @@ class Trainer:
             times.append(self.objective.sample_time(g, seq_len))
             keep.append(torch.rand((), generator=g).item() >= self.cfg.data.caption_dropout)
             noise.append(torch.randn(x0.shape[1:], generator=g))
-            if self.align is not None and self.cfg.align.noise == "coupled":
-                source_noise.append(self.align.coupled_noise(noise[-1]))
-            elif self.align is not None:
-                source_noise.append(torch.randn(self.align.latent_shape(*x0.shape[-2:]), generator=g))
+            if self.align is not None:
+                source_noise.append(self.align.source_noise(noise[-1], g))
         dtype = torch.float64 if self.objective.kind == "flow" else torch.long
         times = torch.tensor(times, dtype=dtype)
         cond = condmod.select(self.text(batch["text"]), torch.tensor(keep), self.empty)
