@@ -13,7 +13,14 @@
 # most 8): run.log, cuda_report.md, unpatchify_ab.md, logs.tgz (build, tests, memcheck, toy, sampling, peak
 # memory logs and JSON) and the toy source as a tarball split into 15 MB parts.
 # Usage (repo root): OUT=/some/dir [DEADLINE_S=540] [TOY=0] [TOY_BUDGET_S=220] [TOY_ARGS="..."] \
-#   [BENCH=0] [PROFILE=1] [SAMPLING=0] [PEAK=0] bash bench/gpu/device_run.sh
+#   [REPRODUCE="args|args"] [TESTS="pytest paths"] [MEMCHECK=0] [BENCH=0] [CHUNKS=1] [PROFILE=1] \
+#   [SAMPLING=0] [PEAK=0] bash bench/gpu/device_run.sh
+# REPRODUCE runs `l2p toy reproduce` once per '|'-separated argument list, each in the background
+# from the start (like the toy source) into /tmp/reproduce-<k>; their reports, scores and logs
+# come back in reproduce.tgz and the newest l2p-align pipeline of the last in reproduce-model.tgz.
+# They are stopped REPRODUCE_RESERVE_S (default 90) seconds before the deadline if still running.
+# TESTS narrows the GPU test run to the given pytest paths; CHUNKS=1 times the general patch ops
+# at several chunk sizes (bench/gpu/patch_chunks_ab.py).
 # PROFILE=1 adds Nsight Compute counters of the unpatchify kernels (bench/gpu/profile_unpatchify.py).
 # TOY_ARGS="--init-from python/l2p/toy/weights/shapes-pixart --dit-batch 256" continues the
 # shipped source (same architecture, its autoencoder kept) instead of training a new one.
@@ -58,6 +65,18 @@ args = parser.parse_args(sys.argv[1:]); sys.exit(args.func(args))" \
     --eval-prompts 600 ${TOY_ARGS:-} > "$LOGS/toy.log" 2>&1; echo "exit $?" >> "$LOGS/toy.log" ) &
 TOY_PID=$!
 fi
+REPRODUCE_PIDS=()
+if [ -n "${REPRODUCE:-}" ]; then
+  rm -rf /tmp/reproduce-pkg && cp -r python /tmp/reproduce-pkg
+  IFS='|' read -ra REPRODUCE_RUNS <<< "$REPRODUCE"
+  for k in "${!REPRODUCE_RUNS[@]}"; do
+    log "toy reproduce $k in the background: ${REPRODUCE_RUNS[$k]}"
+    ( PYTHONPATH="/tmp/reproduce-pkg:${PYTHONPATH:-}" python3 -m l2p toy reproduce \
+        --out "/tmp/reproduce-$k" ${REPRODUCE_RUNS[$k]} > "$LOGS/reproduce-$k.log" 2>&1
+      echo "exit $?" >> "$LOGS/reproduce-$k.log" ) &
+    REPRODUCE_PIDS+=($!)
+  done
+fi
 export PYTHONPATH="$PWD/python:${PYTHONPATH:-}"
 
 # The image's default C++ compiler (/opt/gcc/bin/g++) links libstdc++ statically, which makes the
@@ -72,15 +91,17 @@ if [ $ok = 1 ]; then
   log "build ok"
   python3 -m l2p info 2>&1 | tee -a "$OUT/run.log"
   log "op tests (CPU and CUDA, 8 processes)"
-  within 200 120 python3 -m pytest tests/test_extension_build.py tests/ops/test_cuda_ops.py tests/ops/test_patch_ops.py \
-    tests/ops/test_attention.py tests/train/test_cuda.py tests/sample/test_attention_routing.py \
-    -q -rfE -p no:cacheprovider -n 8 > "$LOGS/tests.log" 2>&1
+  within 200 120 python3 -m pytest ${TESTS:-tests/test_extension_build.py tests/ops/test_cuda_ops.py \
+    tests/ops/test_patch_ops.py tests/ops/test_attention.py tests/train/test_cuda.py \
+    tests/sample/test_attention_routing.py} -q -rfE -p no:cacheprovider -n 8 > "$LOGS/tests.log" 2>&1
   log "tests exit $? :: $(tail -1 "$LOGS/tests.log")"
   grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -20 | tee -a "$OUT/run.log"
-  log "compute-sanitizer memcheck smoke run"
-  within 90 120 compute-sanitizer --tool memcheck --error-exitcode 99 \
-    python3 bench/gpu/memcheck_smoke.py > "$LOGS/memcheck.log" 2>&1
-  log "memcheck exit $? :: $(grep -E 'ERROR SUMMARY|smoke' "$LOGS/memcheck.log" | tail -2 | tr '\n' ' ')"
+  if [ "${MEMCHECK:-1}" = 1 ]; then
+    log "compute-sanitizer memcheck smoke run"
+    within 90 120 compute-sanitizer --tool memcheck --error-exitcode 99 \
+      python3 bench/gpu/memcheck_smoke.py > "$LOGS/memcheck.log" 2>&1
+    log "memcheck exit $? :: $(grep -E 'ERROR SUMMARY|smoke' "$LOGS/memcheck.log" | tail -2 | tr '\n' ' ')"
+  fi
 else
   log "BUILD FAILED"; grep -E "error|Error" "$LOGS/build.log" | head -30 | tee -a "$OUT/run.log"
 fi
@@ -90,6 +111,25 @@ if [ -n "$TOY_PID" ]; then
   log "waiting for the toy source"
   wait "$TOY_PID"
   grep -E "step .*/|overall|exit|written" "$LOGS/toy.log" | tail -8 | tee -a "$OUT/run.log"
+fi
+if [ ${#REPRODUCE_PIDS[@]} -gt 0 ]; then
+  # Held to the deadline (less what packing and the benchmarks after it need): a run still going
+  # then is stopped, and what it wrote so far (resumable: rerun with the same --out) comes back.
+  log "waiting for the toy reproductions"
+  any_running() { local pid; for pid in "${REPRODUCE_PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && return 0; done; return 1; }
+  while [ "$(left)" -gt "${REPRODUCE_RESERVE_S:-90}" ] && any_running; do sleep 5; done
+  for k in "${!REPRODUCE_PIDS[@]}"; do
+    if kill -0 "${REPRODUCE_PIDS[$k]}" 2>/dev/null; then
+      log "toy reproduce $k: stopped at the deadline"; pkill -P "${REPRODUCE_PIDS[$k]}"
+    fi
+    wait "${REPRODUCE_PIDS[$k]}"
+    grep -E "^\[|training seed|report|exit|Error" "$LOGS/reproduce-$k.log" | tail -12 | tee -a "$OUT/run.log"
+  done
+  ( cd /tmp && find reproduce-[0-9]* \( -name "*.json" -o -name "*.jsonl" -o -name "*.md" -o -name "*.png" \
+      -o -name "*.yaml" \) -not -path "*/corpus-*" -print0 | tar --null -czf "$OUT/reproduce.tgz" -T - )
+  last=$(( ${#REPRODUCE_PIDS[@]} - 1 ))
+  model=$(ls -d /tmp/reproduce-$last/arms/l2p-align/seed-*/final/pipeline 2>/dev/null | head -1)
+  [ -n "$model" ] && tar -C "$(dirname "$model")" -czf "$OUT/reproduce-model.tgz" pipeline
 fi
 if [ -f /tmp/toy-source/model_index.json ]; then
   tar -C /tmp -czf /tmp/toy-source.tgz toy-source && split -b 15M /tmp/toy-source.tgz "$OUT/toy-source.tgz.part-"
@@ -103,6 +143,11 @@ if [ "${BENCH:-1}" = 1 ] && python3 -c "import l2p._C" 2>/dev/null; then
   log "unpatchify, interleaved: fused GEMM / cuBLAS + fold / Linear + permute / GEMM alone"
   within 60 0 python3 bench/gpu/unpatchify_ab.py > "$OUT/unpatchify_ab.md" 2>&1
   log "unpatchify A/B exit $?"; cat "$OUT/unpatchify_ab.md"
+fi
+if [ "${CHUNKS:-0}" = 1 ] && python3 -c "import l2p._C" 2>/dev/null; then
+  log "patch ops at several chunk sizes, interleaved"
+  within 120 0 python3 bench/gpu/patch_chunks_ab.py > "$OUT/patch_chunks_ab.md" 2>&1
+  log "chunk A/B exit $?"; cat "$OUT/patch_chunks_ab.md"
 fi
 if [ "${PROFILE:-0}" = 1 ] && python3 -c "import l2p._C" 2>/dev/null; then
   # Per-kernel counters of one unpatchify call per way (Nsight Compute reads them on the lent

@@ -188,6 +188,35 @@ def test_unpatchify_hopper_fused_gemm_declines_what_it_cannot_take(monkeypatch):
                    PATCH_TOL[dtype])
 
 
+# L2P_PATCH_CHUNK_TOKENS (the chunk-size knob bench/gpu/patch_chunks_ab.py times) changes how
+# many tokens each GEMM takes, never the result: chunk edges inside patch rows (7), one token per
+# chunk (1) and one chunk for all (a value past the total) against the float64 references.
+@pytest.mark.parametrize("chunk", ["1", "7", "100000"])
+def test_patch_ops_any_chunk_size(chunk, monkeypatch):
+    monkeypatch.setenv("L2P_PATCH_CHUNK_TOKENS", chunk)
+    B, C, H, W, p, D = 3, 2, 24, 40, 4, 12
+    x, w, b = _patch_inputs((B, C, H, W, p, D), torch.float32, True)
+    assert_rel(torch.ops.l2p.patch_embed(x, w, b, p),
+               patch_embed_reference(x.double(), w.double(), b.double(), p), 1e-5, "patch_embed")
+    tokens = torch.randn(B, (H // p) * (W // p), D, device=CUDA)
+    wu = torch.randn(C * p * p, D, device=CUDA) / math.sqrt(D)
+    bu = torch.randn(C * p * p, device=CUDA)
+    assert_rel(torch.ops.l2p.unpatchify(tokens, wu, bu, p, H, W),
+               unpatchify_reference(tokens.double(), wu.double(), bu.double(), p, H, W), 1e-5,
+               "unpatchify")
+    patches = F.unfold(x.double(), p, stride=p)
+    want = torch.einsum("bnd,bkn->dk", tokens.double(), patches).reshape(D, C, p, p)
+    assert_rel(torch.ops.l2p.patch_weight_grad(x, tokens, p), want, 1e-5, "patch_weight_grad")
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many", "12x"])
+def test_patch_chunk_knob_rejects_what_is_not_a_positive_integer(value, monkeypatch):
+    monkeypatch.setenv("L2P_PATCH_CHUNK_TOKENS", value)
+    x = torch.randn(1, 3, 16, 16, device=CUDA)
+    with pytest.raises(RuntimeError, match="L2P_PATCH_CHUNK_TOKENS must be a positive integer"):
+        torch.ops.l2p.patch_embed(x, torch.randn(8, 3, 4, 4, device=CUDA), None, 4)
+
+
 def test_patch_ops_take_non_contiguous_inputs():
     x = torch.randn(2, 16, 16, 3, device=CUDA).permute(0, 3, 1, 2)  # channels-last view
     w = torch.randn(8, 3, 4, 4, device=CUDA)

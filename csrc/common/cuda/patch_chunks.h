@@ -9,17 +9,31 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "common/cuda/patch_copy.h"
 
 namespace l2p::cuda {
 
-// Large enough that each GEMM fills the GPU (a 4096^2 image at p=16 is two chunks), small
-// enough that the patch matrix stays a bounded scratch buffer (at most 2^25 elements).
-constexpr int64_t kMaxChunkTokens = 32768;
-constexpr int64_t kMaxChunkElements = int64_t{1} << 25;
+// Large enough that a 4096^2 image at p=16 is one chunk, small enough that the patch matrix
+// stays a bounded scratch buffer (at most 2^26 elements). The GPU time of the GEMMs and copies is
+// the same for one chunk or two, but each chunk costs a cuBLAS call and a copy launch on the host:
+// on an H200 one chunk of 65536 tokens took 2-4% less time per lone unpatchify call than two of
+// 32768, and 4-6% less per patch_embed call (bench/RESULTS.md, "chunk size").
+constexpr int64_t kMaxChunkTokens = 65536;
+constexpr int64_t kMaxChunkElements = int64_t{1} << 26;
 
+// L2P_PATCH_CHUNK_TOKENS=n (a positive integer) sets the chunk instead, past both bounds: a knob
+// for timing other chunk sizes (bench/gpu/patch_chunks_ab.py), read on every call.
 inline int64_t chunk_tokens(int64_t total_tokens, int64_t features) {
+  if (const char* set = std::getenv("L2P_PATCH_CHUNK_TOKENS")) {
+    char* end = nullptr;
+    const long long tokens = std::strtoll(set, &end, 10);
+    TORCH_CHECK(end != set && *end == '\0' && tokens > 0,
+                "L2P_PATCH_CHUNK_TOKENS must be a positive integer (tokens per chunk), got '", set,
+                "'; unset it for the default chunking");
+    return std::max<int64_t>(1, std::min<int64_t>(total_tokens, tokens));
+  }
   const int64_t by_size = kMaxChunkElements / std::max<int64_t>(features, 1);
   return std::max<int64_t>(1, std::min({total_tokens, kMaxChunkTokens, by_size}));
 }
