@@ -52,6 +52,9 @@ def test_toy_migration_end_to_end_and_resume(tmp_path, monkeypatch):
     assert (run / "loss.png").stat().st_size > 0
     assert (run / "train" / "final" / "pipeline" / "model_index.json").exists()
     assert len(list((run / "corpus-verified" / "images").rglob("*.png"))) == 5
+    # The captions were encoded once into the corpus's embedding cache, which the trainer read.
+    assert (run / "corpus-verified" / "embeddings").is_dir()
+    assert (run / "train" / "samples" / "final.png").is_file()  # its sample prompts are cached too
 
     # A second call resumes: nothing is rendered or trained again.
     again = run_toy_migration(plan, log=lambda _: None)
@@ -70,6 +73,22 @@ def test_toy_migration_end_to_end_and_resume(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="earlier version"):
         run_toy_migration(plan, log=lambda _: None)
     assert again["pixel"]["overall"] == report["pixel"]["overall"]
+
+    # Encoding the captions on every batch instead trains exactly the same model (on the same
+    # corpus, copied without its cache: the patched scorer would accept nothing now).
+    import shutil
+
+    shutil.copytree(run / "corpus-verified", tmp_path / "live" / "corpus-verified",
+                    ignore=shutil.ignore_patterns("embeddings"))
+    live = replace(plan, out_dir=str(tmp_path / "live"),
+                   train_overrides=[*plan.train_overrides, "data.embeddings=null"])
+    run_toy_migration(live, log=lambda _: None)
+    assert not (tmp_path / "live" / "corpus-verified" / "embeddings").exists()
+
+    def losses(folder):
+        lines = (folder / "train" / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)][:3]
+    assert len(losses(run)) == 3 and losses(tmp_path / "live") == losses(run)
 
 
 def test_eval_scores_source_and_pixel_folders(tmp_path, monkeypatch, capsys):
@@ -140,8 +159,8 @@ def test_reproduce_runs_every_arm_and_reports_paired_differences(tmp_path, monke
     assert "Training seeds per arm: 0, 1" in md and "prompts and training seeds" in md
     assert (out / "curves.png").stat().st_size > 0
     # Scores keep their sampling settings: a rerun that asks for others does not reuse them.
-    assert json.loads((out / "source-scores.json").read_text())["sampling"]["guidance_max_sigma"] is None
-    assert main([*args, "--guidance-max-sigma", "0.7"]) == 2
+    assert json.loads((out / "source-scores.json").read_text())["sampling"]["guidance_max_sigma"] == 0.7
+    assert main([*args, "--guidance-max-sigma", "none"]) == 2
     assert "was scored with sampling" in capsys.readouterr().err
     assert len(list((out / "corpus-real" / "images").glob("*.png"))) == 6
     assert len(list((out / "corpus-synthetic").rglob("*.png"))) == 6  # one image per prompt in both
@@ -213,6 +232,17 @@ def test_reproduce_sizes_the_step_count_from_the_budget(tmp_path, monkeypatch):
     assert [c["b"] for c in report["comparisons"]] == ["scratch"]
     with pytest.raises(ValueError, match="unknown arm"):
         reproduce.ReproducePlan(arms=["l2p", "nope"]).validate()
+
+
+def test_reproduce_guidance_interval_flag_takes_a_noise_level_or_none(capsys):
+    from l2p.cli import main
+    from l2p.toy.reproduce import ReproducePlan
+
+    assert ReproducePlan().guidance_max_sigma == 0.7  # as in the default migration
+    with pytest.raises(SystemExit) as exit_info:
+        main(["toy", "reproduce", "--guidance-max-sigma", "high"])
+    assert exit_info.value.code == 2
+    assert "expected a noise level (like 0.7) or 'none', got 'high'" in capsys.readouterr().err
 
 
 def test_the_alignment_arm_is_asked_for_and_sets_the_term(tmp_path):

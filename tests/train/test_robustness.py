@@ -105,6 +105,30 @@ def test_low_memory_trains_from_cached_embeddings(sources, images, tmp_path):
     assert all(torch.isfinite(torch.tensor(result.losses)))
 
 
+def test_sample_grid_from_the_embedding_cache_needs_its_prompts_cached(sources, images, tmp_path, capsys):
+    import shutil
+
+    from l2p.cli import main
+    from l2p.data.embed import EmbeddingCache
+
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    prompt = "a red square beside a disc"
+    assert main(["data", "embed", "--source", str(sources["pixart"]), "--data", str(data),
+                 "--device", "cpu", "--prompt", prompt]) == 0
+    assert prompt in EmbeddingCache(data / "embeddings") and "" in EmbeddingCache(data / "embeddings")
+    trainer = Trainer(make_config(sources["pixart"], data, tmp_path / "run", data__embeddings="auto",
+                                  sample__prompts=f"[{prompt}]", sample__steps=2))
+    assert isinstance(trainer.text, EmbeddingCache) and trainer.sample_grid("cached").is_file()
+
+    # A sample prompt the cache lacks: no grid, and the log says how to add it.
+    trainer.cfg.sample.prompts = ["a prompt nobody cached"]
+    capsys.readouterr()
+    assert trainer.sample_grid("missing") is None
+    log = capsys.readouterr().out
+    assert "no sample grid" in log and "a prompt nobody cached" in log and "--prompt TEXT" in log
+
+
 def test_gradient_accumulation_equals_the_larger_batch(sources, images, tmp_path):
     big = Trainer(make_config(sources["pixart"], images, tmp_path / "a", train__max_steps=2, train__batch_size=4))
     big.run()

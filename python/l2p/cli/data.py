@@ -68,7 +68,7 @@ def run_embed(args: argparse.Namespace) -> int:
     _log_to_stderr()
     summary = build_embedding_cache(args.source, args.data, out=args.out, batch_size=args.batch_size,
                                     shard_size=args.shard_size, caption_column=args.caption_column,
-                                    device=args.device, dtype=args.dtype)
+                                    device=args.device, dtype=args.dtype, extra_captions=args.prompt)
     print(f"{summary['encoded']} captions encoded, {summary['cached_before']} already cached "
           f"({summary['captions']} in all, with the empty caption) -> {summary['out']}")
     return 0
@@ -124,5 +124,8 @@ def register(subparsers) -> None:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--shard-size", type=int, default=1024, help="captions per safetensors shard")
     e.add_argument("--caption-column", default=None, help="metadata.csv column with the captions")
+    e.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="also cache this prompt (repeatable): prompts used beside the captions, "
+                        "such as the trainer's sample.prompts")
     _device_args(e)
     e.set_defaults(func=run_embed)

@@ -64,6 +64,15 @@ def _evaluate_source(folder, device, n: int) -> None:
     record_path.write_text(json.dumps(record, indent=2))
 
 
+def _noise_level_or_none(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a noise level (like 0.7) or 'none', got {text!r}") from None
+
+
 def _number_list(text: str, kind: type, flag: str, example: str) -> list:
     """A comma-separated flag value as numbers of ``kind``; a bad one is a ValueError naming the flag."""
     try:
@@ -170,9 +179,9 @@ def register(subparsers) -> None:
                    help="source generations tried per prompt for the verified corpus of arm "
                         "l2p-verified (default %(default)s)")
     r.add_argument("--eval-prompts", type=int, default=d.eval_prompts)
-    r.add_argument("--guidance-max-sigma", type=float, default=d.guidance_max_sigma,
+    r.add_argument("--guidance-max-sigma", type=_noise_level_or_none, default=d.guidance_max_sigma,
                    help="score with guidance only at noise levels up to this, the source and every arm "
-                        "alike (default: every step)")
+                        "alike; 'none' guides every step (default %(default)s)")
     r.add_argument("--curve-points", type=int, default=d.curve_points)
     r.add_argument("--curve-prompts", type=int, default=d.curve_prompts)
     r.add_argument("--seed", type=int, default=d.seed, help="prompts, corpus and sampling seed")

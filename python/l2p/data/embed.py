@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -98,9 +99,11 @@ def _read_index(folder: Path) -> dict:
 def build_embedding_cache(source: str | os.PathLike, data: str | os.PathLike, *,
                           out: str | os.PathLike | None = None, batch_size: int = 16,
                           shard_size: int = 1024, caption_column: str | None = None,
-                          device: str | None = None, dtype: str = "auto", progress: bool = True) -> dict:
-    """Cache the prompt embeddings of every caption of the dataset folder ``data`` (and "")
-    into ``out`` (default ``data/embeddings``). Returns a summary dict."""
+                          device: str | None = None, dtype: str = "auto", progress: bool = True,
+                          extra_captions: Sequence[str] = ()) -> dict:
+    """Cache the prompt embeddings of every caption of the dataset folder ``data`` (and "",
+    and ``extra_captions``: prompts used beside the data, such as the trainer's sample
+    prompts) into ``out`` (default ``data/embeddings``). Returns a summary dict."""
     from tqdm.auto import tqdm
 
     if batch_size < 1 or shard_size < 1:
@@ -108,7 +111,8 @@ def build_embedding_cache(source: str | os.PathLike, data: str | os.PathLike, *,
     source_path = resolve_source(source)
     source_class = source_transformer_class(source_path)
     out = Path(out) if out is not None else Path(data) / "embeddings"
-    captions = list(dict.fromkeys(["", *(f.caption for f in list_captioned_files(data, caption_column))]))
+    captions = list(dict.fromkeys(["", *(f.caption for f in list_captioned_files(data, caption_column)),
+                                   *extra_captions]))
     index = {"format": CACHE_FORMAT, "source": str(source_path.resolve()), "source_class": source_class,
              "pipeline": None, "names": [], "list_names": [], "shards": [], "captions": {}}
     if (out / INDEX).is_file():
@@ -200,7 +204,8 @@ class EmbeddingCache:
             shard, row = self.index["captions"][caption]
         except KeyError:
             raise KeyError(f"caption {caption[:60]!r} is not in the embedding cache {self.path}; "
-                           "re-run `l2p data embed` after changing the dataset") from None
+                           "re-run `l2p data embed` after changing the dataset, with --prompt TEXT "
+                           "for prompts that are not among its captions (the sample prompts)") from None
         if shard not in self._handles:
             handle = safe_open(str(self.path / self.index["shards"][shard]), framework="pt")
             self._handles[shard] = (handle, set(handle.keys()))

@@ -24,8 +24,10 @@ AUTO_RULES: dict[tuple[str, str], frozenset[torch.dtype]] = {
     # parity with SDPA and forward+backward 1.06x; float16 1.6x / 8x; bfloat16 (SDPA runs
     # bf16 GEMMs) and float64 were slower, so they stay with torch.
     ("attention", "cpu"): frozenset({torch.float32, torch.float16}),
-    # Measured on an H200 in bf16 (fp16 runs the same kernels): patch_embed 0.54 ms against
-    # Conv2d's 17 ms at 4096^2, p=16; unpatchify 0.51 ms against Linear+permute's 0.57 ms.
+    # Measured on an H200 in bf16 (fp16 runs the same kernels), 10 calls back to back as inside
+    # a model: at 4096^2, p=16 patch_embed 0.57 ms against Conv2d's 17 ms and unfold + addmm's
+    # 0.61, unpatchify 0.52 ms against Linear+permute's 0.63; at 2048^2 1.14-1.18x torch. A lone
+    # call at 2048^2 waits on host work and can come out slower than torch's (bench/RESULTS.md).
     # Attention on CUDA stays with torch: on an H200 with torch 2.11, SDPA left to choose runs at
     # cuDNN's speed (forward 589-614 TFLOP/s, forward+backward 548-570 at Dh=128), 1.4-1.9x ours
     # (forward 330-411, forward+backward 342-388), although ours beats its flash backend

@@ -131,6 +131,18 @@ def verification_summary(verification: dict | None) -> dict | None:
     return {k: v for k, v in verification.items() if k != "verdicts"} if verification else None
 
 
+def cache_text_embeddings(source_dir: Path, corpus: Path, extra_prompts=()) -> Path:
+    """Encode every caption of ``corpus``, the empty prompt and ``extra_prompts`` (the trainer's
+    sample prompts) once with the source's frozen text encoder into ``corpus/embeddings``, where
+    the trainer's ``data.embeddings: auto`` finds them. Encoding on every batch instead took 110
+    of the 826 ms of a toy training step on the CPU (batch 16, one thread). Resumes: captions
+    already cached are skipped."""
+    from l2p.data.embed import build_embedding_cache
+
+    build_embedding_cache(source_dir, corpus, progress=False, extra_captions=extra_prompts)
+    return corpus / "embeddings"
+
+
 def write_real_corpus(records: list[PromptRecord], out: Path, size: int) -> Path:
     """Ground-truth renders of ``records``."""
     from l2p.toy.render import render

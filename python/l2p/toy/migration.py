@@ -25,7 +25,8 @@ from typing import Callable
 
 import torch
 
-from l2p.toy.corpus import verification_summary, write_synthetic_corpus, write_verified_corpus
+from l2p.toy.corpus import (cache_text_embeddings, verification_summary, write_synthetic_corpus,
+                            write_verified_corpus)
 from l2p.toy.scoring import images_for_prompts, score_generated
 from l2p.toy.prompts import make_records
 
@@ -188,6 +189,8 @@ def run_toy_migration(plan: MigrationPlan | None = None,
         f"model.source={source_dir}", f"data.path={corpus}", f"data.resolution={size}",
         f"train.output_dir={out / 'train'}", "train.resume=latest", *plan.train_overrides,
     ])
+    if cfg.data.embeddings == "auto":
+        cache_text_embeddings(source_dir, corpus, cfg.sample.prompts)
     result = train(cfg)
 
     log(f"[3/4] scoring source and pixel model on {plan.eval_prompts} held-out prompts")

@@ -45,8 +45,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from l2p.toy.corpus import (CORPORA, verification_summary, write_real_corpus, write_synthetic_corpus,
-                             write_verified_corpus)
+from l2p.toy.corpus import (CORPORA, cache_text_embeddings, verification_summary, write_real_corpus,
+                             write_synthetic_corpus, write_verified_corpus)
 from l2p.toy.prompts import make_records
 from l2p.toy.scoring import paired_difference, score_generated, score_over_seeds
 from l2p.toy.source import cpu_name
@@ -113,8 +113,10 @@ class ReproducePlan:
     guidance: float = 4.5
     # Scoring only (the corpus is generated with guidance at every step): guidance only at the
     # steps whose noise level is at most this, for the source and every pixel model alike
-    # (L2PPipeline's guidance_max_sigma); None: every step.
-    guidance_max_sigma: float | None = None
+    # (L2PPipeline's guidance_max_sigma); None: every step. 0.7, as in the default migration:
+    # guided at every step the pixel models draw nothing for prompts like "a circle"
+    # (l2p/toy/RESULTS.md, "Guidance at the highest noise levels erased single objects").
+    guidance_max_sigma: float | None = 0.7
     eval_prompts: int = 600
     eval_steps: int = 10
     # Score-curve points per arm (checkpoints), each scored on ``curve_prompts`` prompts.
@@ -169,6 +171,16 @@ def _arm_config(plan: ReproducePlan, arm: Arm, source_dir: Path, corpus: Path, s
     ])
 
 
+def _train_arm(cfg, source_dir: Path, corpus: Path):
+    """train(cfg), with the corpus's captions encoded once beforehand where the trainer would
+    otherwise encode them on every batch (data.embeddings: auto)."""
+    from l2p.train.loop import train
+
+    if cfg.data.embeddings == "auto":
+        cache_text_embeddings(source_dir, corpus, cfg.sample.prompts)
+    return train(cfg)
+
+
 def _seconds_per_step(plan: ReproducePlan, source_dir: Path, corpus: Path, size: int, out: Path) -> float:
     """Seconds per optimizer step of the costliest arm of the plan, measured on a short run
     after a warm-up step: scratch (every block trains) or, when it runs, l2p-align (the source's
@@ -181,6 +193,8 @@ def _seconds_per_step(plan: ReproducePlan, source_dir: Path, corpus: Path, size:
         cfg = _arm_config(plan, ARMS_BY_NAME[name], source_dir, corpus, size, 6, out / name,
                           ["train.resume=null", "checkpoint.every=1000000", "logging.tensorboard=false"],
                           train_seed=plan.train_seeds[0])
+        if cfg.data.embeddings == "auto":
+            cache_text_embeddings(source_dir, corpus, cfg.sample.prompts)
         trainer = Trainer(cfg)
         trainer.train_step()
         started = time.perf_counter()
@@ -332,7 +346,6 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
     from l2p.sample.pipeline import L2PPipeline
     from l2p.toy.migration import _image_size
     from l2p.toy.scoring import images_for_prompts
-    from l2p.train.loop import train
 
     plan = (plan or ReproducePlan()).validate()
     out = Path(plan.out_dir)
@@ -381,8 +394,8 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
         for k, train_seed in enumerate(plan.train_seeds):
             run_dir = out / "arms" / name / f"seed-{train_seed}"
             started = time.time()
-            result = train(_arm_config(plan, arm, source_dir, corpora[arm.data], size, steps, run_dir,
-                                       train_seed=train_seed))
+            result = _train_arm(_arm_config(plan, arm, source_dir, corpora[arm.data], size, steps, run_dir,
+                                            train_seed=train_seed), source_dir, corpora[arm.data])
             seconds = _cached(run_dir / "seconds.json", lambda: {"seconds": time.time() - started})["seconds"]
             with_curve = k == 0  # score curves of the first training seed only
             log(f"      {name} (training seed {train_seed}): trained; scoring "
