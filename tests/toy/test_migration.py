@@ -49,6 +49,7 @@ def test_toy_migration_end_to_end_and_resume(tmp_path, monkeypatch):
     assert "| L2P pixel model |" in (run / "report.md").read_text()
     assert report["guidance_max_sigma"] == 0.7  # both models scored with guidance from sigma 0.7 down
     assert "guidance 4.5 at noise levels up to 0.7" in (run / "report.md").read_text()
+    assert report["pixel_shift"] == 3.0 and "the pixel model at flow time shift 3" in (run / "report.md").read_text()
     assert (run / "loss.png").stat().st_size > 0
     assert (run / "train" / "final" / "pipeline" / "model_index.json").exists()
     assert len(list((run / "corpus-verified" / "images").rglob("*.png"))) == 5
@@ -115,6 +116,19 @@ def test_eval_scores_source_and_pixel_folders(tmp_path, monkeypatch, capsys):
     assert main(["eval", "--model", str(tmp_path / "pixel"), "--out", str(out), "--guidance-max-sigma", "0.5",
                  *prompts]) == 0
     assert json.loads(out.read_text())["guidance_max_sigma"] == 0.5
+    assert main(["eval", "--model", str(tmp_path / "pixel"), "--out", str(out), "--shift", "3", *prompts]) == 0
+    assert json.loads(out.read_text())["shift"] == 3.0
+    # A pixel pipeline samples at the shift asked for; at its scheduler's own it is unchanged.
+    from l2p.sample.pipeline import L2PPipeline
+    from l2p.toy.scoring import pixel_images
+
+    pixel = L2PPipeline.from_pretrained(tmp_path / "pixel")
+    own = pixel.scheduler.config["flow_shift"]
+    kw = dict(seed=0, steps=3, batch_size=4)
+    default = pixel_images(pixel, ["a red circle", "two blue squares"], **kw)
+    assert np.array_equal(pixel_images(pixel, ["a red circle", "two blue squares"], shift=own, **kw), default)
+    assert not np.array_equal(pixel_images(pixel, ["a red circle", "two blue squares"], shift=own + 2, **kw),
+                              default)
     # The source under the same interval: conditional-only steps above it, guided ones below.
     pipe = source.load_toy_source(src)
     kw, texts = dict(seed=0, steps=3, batch_size=4), ["a red circle", "two blue squares"]
@@ -157,10 +171,14 @@ def test_reproduce_runs_every_arm_and_reports_paired_differences(tmp_path, monke
     md = (out / "report.md").read_text()
     assert "| scratch | random | all | synthetic |" in md and "beyond noise" in md
     assert "Training seeds per arm: 0, 1" in md and "prompts and training seeds" in md
+    assert "the pixel models at flow time shift 3 (the source at its own)" in md
     assert (out / "curves.png").stat().st_size > 0
     # Scores keep their sampling settings: a rerun that asks for others does not reuse them.
-    assert json.loads((out / "source-scores.json").read_text())["sampling"]["guidance_max_sigma"] == 0.7
+    sampling = json.loads((out / "source-scores.json").read_text())["sampling"]
+    assert sampling["guidance_max_sigma"] == 0.7 and sampling["pixel_shift"] == 3.0
     assert main([*args, "--guidance-max-sigma", "none"]) == 2
+    assert "was scored with sampling" in capsys.readouterr().err
+    assert main([*args, "--pixel-shift", "none"]) == 2
     assert "was scored with sampling" in capsys.readouterr().err
     assert len(list((out / "corpus-real" / "images").glob("*.png"))) == 6
     assert len(list((out / "corpus-synthetic").rglob("*.png"))) == 6  # one image per prompt in both
@@ -243,6 +261,12 @@ def test_reproduce_guidance_interval_flag_takes_a_noise_level_or_none(capsys):
         main(["toy", "reproduce", "--guidance-max-sigma", "high"])
     assert exit_info.value.code == 2
     assert "expected a noise level (like 0.7) or 'none', got 'high'" in capsys.readouterr().err
+    assert ReproducePlan().pixel_shift == 3.0
+    with pytest.raises(SystemExit):
+        main(["toy", "reproduce", "--pixel-shift", "steep"])
+    assert "expected a number (like 3) or 'none', got 'steep'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="pixel_shift must be a flow time shift > 0"):
+        ReproducePlan(pixel_shift=0.0).validate()
 
 
 def test_the_alignment_arm_is_asked_for_and_sets_the_term(tmp_path):

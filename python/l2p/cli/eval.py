@@ -18,10 +18,10 @@ def run(args: argparse.Namespace) -> int:
         records = records[: args.limit]
     images = images_for_prompts(model, [r.prompt for r in records], seed=args.seed, steps=args.steps,
                                 guidance=args.guidance, guidance_max_sigma=args.guidance_max_sigma,
-                                batch_size=args.batch_size)
+                                pixel_shift=args.shift, batch_size=args.batch_size)
     summary = score_generated(images, records)
     summary.update(model=str(model), prompts=str(args.prompts), seed=args.seed, steps=args.steps,
-                   guidance=args.guidance, guidance_max_sigma=args.guidance_max_sigma)
+                   guidance=args.guidance, guidance_max_sigma=args.guidance_max_sigma, shift=args.shift)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -49,6 +49,9 @@ def register(subparsers) -> None:
     p.add_argument("--guidance", type=float, default=4.5)
     p.add_argument("--guidance-max-sigma", type=float, default=None,
                    help="guide only the steps at noise level sigma <= this (default: every step)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="flow time shift a pixel pipeline samples at (default: its scheduler's; a "
+                        "latent source always samples at its own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=0, help="score only the first N records")

@@ -64,13 +64,17 @@ def _evaluate_source(folder, device, n: int) -> None:
     record_path.write_text(json.dumps(record, indent=2))
 
 
-def _noise_level_or_none(text: str) -> float | None:
+def _float_or_none(text: str, what: str = "a number (like 3)") -> float | None:
     if text.strip().lower() == "none":
         return None
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a noise level (like 0.7) or 'none', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {what} or 'none', got {text!r}") from None
+
+
+def _noise_level_or_none(text: str) -> float | None:
+    return _float_or_none(text, "a noise level (like 0.7)")
 
 
 def _number_list(text: str, kind: type, flag: str, example: str) -> list:
@@ -92,7 +96,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, corpus_prompts=args.corpus_prompts,
             verify_candidates=args.verify_candidates, eval_prompts=args.eval_prompts,
             curve_points=args.curve_points, curve_prompts=args.curve_prompts, seed=args.seed,
-            guidance_max_sigma=args.guidance_max_sigma,
+            guidance_max_sigma=args.guidance_max_sigma, pixel_shift=args.pixel_shift,
             train_seeds=_number_list(args.train_seeds, int, "--train-seeds", "0,1,2"), train_overrides=list(args.set),
             **({"arms": args.arms.split(",")} if args.arms else {}),
         ).validate()
@@ -182,6 +186,9 @@ def register(subparsers) -> None:
     r.add_argument("--guidance-max-sigma", type=_noise_level_or_none, default=d.guidance_max_sigma,
                    help="score with guidance only at noise levels up to this, the source and every arm "
                         "alike; 'none' guides every step (default %(default)s)")
+    r.add_argument("--pixel-shift", type=_float_or_none, default=d.pixel_shift,
+                   help="flow time shift the pixel models sample at when scored (the source keeps "
+                        "its own); 'none': their exported scheduler's (default %(default)s)")
     r.add_argument("--curve-points", type=int, default=d.curve_points)
     r.add_argument("--curve-prompts", type=int, default=d.curve_prompts)
     r.add_argument("--seed", type=int, default=d.seed, help="prompts, corpus and sampling seed")

@@ -117,6 +117,9 @@ class ReproducePlan:
     # guided at every step the pixel models draw nothing for prompts like "a circle"
     # (l2p/toy/RESULTS.md, "Guidance at the highest noise levels erased single objects").
     guidance_max_sigma: float | None = 0.7
+    # Scoring only: the flow time shift the pixel models sample at (None: their exported
+    # scheduler's, the source's 1); the latent source keeps its own. See MigrationPlan.pixel_shift.
+    pixel_shift: float | None = 3.0
     eval_prompts: int = 600
     eval_steps: int = 10
     # Score-curve points per arm (checkpoints), each scored on ``curve_prompts`` prompts.
@@ -139,6 +142,8 @@ class ReproducePlan:
             raise ValueError("give a positive budget_minutes or a step count")
         if self.guidance_max_sigma is not None and not self.guidance_max_sigma >= 0:
             raise ValueError(f"guidance_max_sigma must be a noise level >= 0, got {self.guidance_max_sigma}")
+        if self.pixel_shift is not None and not self.pixel_shift > 0:
+            raise ValueError(f"pixel_shift must be a flow time shift > 0, got {self.pixel_shift}")
         if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
             raise ValueError(f"train_seeds must be distinct and at least one, got {self.train_seeds}")
         if self.verify_candidates < 1:
@@ -224,8 +229,9 @@ def _cached_scores(path: Path, sampling: dict, compute: Callable[[], dict]) -> d
     """``_cached`` for scores, which hold the sampling settings they were made with: a rerun
     with other settings must not pass off the old scores as its own."""
     scores = _cached(path, lambda: {**compute(), "sampling": sampling})
-    # Folders scored before the settings were recorded used every step's guidance.
-    made_with = scores.get("sampling", {**sampling, "guidance_max_sigma": None})
+    # Settings that scores made before they were recorded used: every step's guidance, the
+    # pixel pipeline's own shift.
+    made_with = {**sampling, "guidance_max_sigma": None, "pixel_shift": None, **scores.get("sampling", {})}
     if made_with != sampling:
         raise ValueError(f"{path} was scored with sampling {made_with}, this run asks for {sampling}: "
                          f"use a new --out folder or the original settings")
@@ -261,7 +267,7 @@ def _score_checkpoints(pipe, run_dir: Path, records, plan: ReproducePlan) -> lis
         if missing:
             raise ValueError(f"{weights} holds tensors the pixel model lacks, e.g. {missing[0]}")
         images = pixel_images(pipe, prompts, seed=plan.seed, steps=plan.eval_steps, guidance=plan.guidance,
-                              guidance_max_sigma=plan.guidance_max_sigma)
+                              guidance_max_sigma=plan.guidance_max_sigma, shift=plan.pixel_shift)
         summary = score_generated(images, records)
         points.append({"step": step, "overall": summary["overall"], "ci95": summary["ci95"]})
     pipe.transformer.load_state_dict(final_state)
@@ -312,6 +318,8 @@ def _markdown(report: dict) -> str:
         f"sampling steps, guidance {plan['guidance']}"
         + (f" at noise levels up to {plan['guidance_max_sigma']} (the noisier steps unguided)"
            if plan.get("guidance_max_sigma") is not None else "")
+        + (f", the pixel models at flow time shift {plan['pixel_shift']:g} (the source at its own)"
+           if plan.get("pixel_shift") is not None else "")
         + ", the same sampling seeds for every model. "
         f"Training seeds per arm: {', '.join(map(str, plan['train_seeds']))} (an arm's score is their "
         "mean). Intervals are 95% percentile bootstrap over prompts"
@@ -386,7 +394,8 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
     eval_prompts = [r.prompt for r in eval_records]
     categories = [r.category for r in eval_records]
     sampling = dict(seed=plan.seed, steps=plan.eval_steps, guidance=plan.guidance,
-                    guidance_max_sigma=plan.guidance_max_sigma)
+                    guidance_max_sigma=plan.guidance_max_sigma, pixel_shift=plan.pixel_shift)
+    pixel_sampling = {**{k: v for k, v in sampling.items() if k != "pixel_shift"}, "shift": plan.pixel_shift}
     arms = {}
     for name in plan.arms:
         arm = ARMS_BY_NAME[name]
@@ -406,7 +415,7 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
                 from l2p.toy.scoring import pixel_images
 
                 pipe = L2PPipeline.from_pretrained(pipeline_dir)
-                summary = score_generated(pixel_images(pipe, eval_prompts, **sampling), eval_records)
+                summary = score_generated(pixel_images(pipe, eval_prompts, **pixel_sampling), eval_records)
                 curve = _score_checkpoints(pipe, run_dir, curve_records, plan) if with_curve else []
                 return {"eval": summary, "score_curve": curve}
 

@@ -110,11 +110,12 @@ def is_pixel_pipeline(folder: str | Path) -> bool:
 @torch.no_grad()
 def images_for_prompts(folder: str | Path, prompts: list[str], *, seed: int = 0,
                        steps: int = 20, guidance: float = 4.5, guidance_max_sigma: float | None = None,
-                       batch_size: int = 32) -> np.ndarray:
+                       pixel_shift: float | None = None, batch_size: int = 32) -> np.ndarray:
     """Images of a toy model for ``prompts`` as uint8 (n, H, W, 3), image i seeded with
     ``seed + i``: an L2P pixel pipeline through L2PPipeline, a latent source through its own
     diffusers pipeline; ``guidance_max_sigma`` limits guidance to the steps at most that noisy
-    in both."""
+    in both; ``pixel_shift`` is the flow time shift a pixel pipeline samples at (None: its
+    scheduler's), a latent source keeps its own."""
     from l2p.toy.source import generate, load_toy_source
 
     if not is_pixel_pipeline(folder):
@@ -124,20 +125,22 @@ def images_for_prompts(folder: str | Path, prompts: list[str], *, seed: int = 0,
     from l2p.sample.pipeline import L2PPipeline
 
     return pixel_images(L2PPipeline.from_pretrained(folder), prompts, seed=seed, steps=steps,
-                        guidance=guidance, guidance_max_sigma=guidance_max_sigma, batch_size=batch_size)
+                        guidance=guidance, guidance_max_sigma=guidance_max_sigma, shift=pixel_shift,
+                        batch_size=batch_size)
 
 
 @torch.no_grad()
 def pixel_images(pipe, prompts: list[str], *, seed: int = 0, steps: int = 20, guidance: float = 4.5,
-                 guidance_max_sigma: float | None = None, batch_size: int = 32) -> np.ndarray:
+                 guidance_max_sigma: float | None = None, shift: float | None = None,
+                 batch_size: int = 32) -> np.ndarray:
     """Images of a loaded L2PPipeline for ``prompts`` as uint8 (n, H, W, 3), image i seeded
-    with ``seed + i``."""
+    with ``seed + i``, sampled at flow time shift ``shift`` (None: the pipeline's)."""
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                      guidance_max_sigma=guidance_max_sigma, output_type="np").images
+                      guidance_max_sigma=guidance_max_sigma, shift=shift, output_type="np").images
         out.append(np.clip(np.round(np.asarray(images) * 255), 0, 255).astype(np.uint8))
     return np.concatenate(out)
 
