@@ -131,16 +131,17 @@ def verification_summary(verification: dict | None) -> dict | None:
     return {k: v for k, v in verification.items() if k != "verdicts"} if verification else None
 
 
-def cache_text_embeddings(source_dir: Path, corpus: Path, extra_prompts=()) -> Path:
-    """Encode every caption of ``corpus``, the empty prompt and ``extra_prompts`` (the trainer's
-    sample prompts) once with the source's frozen text encoder into ``corpus/embeddings``, where
-    the trainer's ``data.embeddings: auto`` finds them. Encoding on every batch instead took 110
-    of the 826 ms of a toy training step on the CPU (batch 16, one thread). Resumes: captions
-    already cached are skipped."""
+def cache_text_embeddings(cfg, source_dir: Path) -> None:
+    """Where the trainer config ``cfg`` would encode its captions on every batch
+    (``data.embeddings: auto`` and no cache yet), encode every caption of its corpus, the empty
+    prompt and its sample prompts once with the source's frozen text encoder into
+    ``<data.path>/embeddings``, which ``auto`` then finds. Encoding on every batch took 110 of the
+    826 ms of a toy training step on the CPU (batch 16, one thread). Resumes: captions already
+    cached are skipped."""
     from l2p.data.embed import build_embedding_cache
 
-    build_embedding_cache(source_dir, corpus, progress=False, extra_captions=extra_prompts)
-    return corpus / "embeddings"
+    if cfg.data.embeddings == "auto":
+        build_embedding_cache(source_dir, cfg.data.path, progress=False, extra_captions=cfg.sample.prompts)
 
 
 def write_real_corpus(records: list[PromptRecord], out: Path, size: int) -> Path:

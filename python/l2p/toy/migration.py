@@ -198,8 +198,7 @@ def run_toy_migration(plan: MigrationPlan | None = None,
         f"model.source={source_dir}", f"data.path={corpus}", f"data.resolution={size}",
         f"train.output_dir={out / 'train'}", "train.resume=latest", *plan.train_overrides,
     ])
-    if cfg.data.embeddings == "auto":
-        cache_text_embeddings(source_dir, corpus, cfg.sample.prompts)
+    cache_text_embeddings(cfg, source_dir)
     result = train(cfg)
 
     log(f"[3/4] scoring source and pixel model on {plan.eval_prompts} held-out prompts")

@@ -176,16 +176,6 @@ def _arm_config(plan: ReproducePlan, arm: Arm, source_dir: Path, corpus: Path, s
     ])
 
 
-def _train_arm(cfg, source_dir: Path, corpus: Path):
-    """train(cfg), with the corpus's captions encoded once beforehand where the trainer would
-    otherwise encode them on every batch (data.embeddings: auto)."""
-    from l2p.train.loop import train
-
-    if cfg.data.embeddings == "auto":
-        cache_text_embeddings(source_dir, corpus, cfg.sample.prompts)
-    return train(cfg)
-
-
 def _seconds_per_step(plan: ReproducePlan, source_dir: Path, corpus: Path, size: int, out: Path) -> float:
     """Seconds per optimizer step of the costliest arm of the plan, measured on a short run
     after a warm-up step: scratch (every block trains) or, when it runs, l2p-align (the source's
@@ -198,8 +188,7 @@ def _seconds_per_step(plan: ReproducePlan, source_dir: Path, corpus: Path, size:
         cfg = _arm_config(plan, ARMS_BY_NAME[name], source_dir, corpus, size, 6, out / name,
                           ["train.resume=null", "checkpoint.every=1000000", "logging.tensorboard=false"],
                           train_seed=plan.train_seeds[0])
-        if cfg.data.embeddings == "auto":
-            cache_text_embeddings(source_dir, corpus, cfg.sample.prompts)
+        cache_text_embeddings(cfg, source_dir)
         trainer = Trainer(cfg)
         trainer.train_step()
         started = time.perf_counter()
@@ -354,6 +343,7 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
     from l2p.sample.pipeline import L2PPipeline
     from l2p.toy.migration import _image_size
     from l2p.toy.scoring import images_for_prompts
+    from l2p.train.loop import train
 
     plan = (plan or ReproducePlan()).validate()
     out = Path(plan.out_dir)
@@ -403,8 +393,10 @@ def run_reproduce(plan: ReproducePlan | None = None, log: Callable[[str], None] 
         for k, train_seed in enumerate(plan.train_seeds):
             run_dir = out / "arms" / name / f"seed-{train_seed}"
             started = time.time()
-            result = _train_arm(_arm_config(plan, arm, source_dir, corpora[arm.data], size, steps, run_dir,
-                                            train_seed=train_seed), source_dir, corpora[arm.data])
+            cfg = _arm_config(plan, arm, source_dir, corpora[arm.data], size, steps, run_dir,
+                              train_seed=train_seed)
+            cache_text_embeddings(cfg, source_dir)
+            result = train(cfg)
             seconds = _cached(run_dir / "seconds.json", lambda: {"seconds": time.time() - started})["seconds"]
             with_curve = k == 0  # score curves of the first training seed only
             log(f"      {name} (training seed {train_seed}): trained; scoring "
