@@ -50,6 +50,8 @@ def test_toy_migration_end_to_end_and_resume(tmp_path, monkeypatch):
     assert report["guidance_max_sigma"] == 0.7  # both models scored with guidance from sigma 0.7 down
     assert "guidance 4.5 at noise levels up to 0.7" in (run / "report.md").read_text()
     assert report["pixel_shift"] == 3.0 and "the pixel model at flow time shift 3" in (run / "report.md").read_text()
+    assert (f"`l2p sample --model {run / 'train' / 'final' / 'pipeline'} --shift 3 --guidance-max-sigma 0.7 "
+            "--guidance 4.5 --steps 2") in (run / "report.md").read_text()
     assert (run / "loss.png").stat().st_size > 0
     assert (run / "train" / "final" / "pipeline" / "model_index.json").exists()
     assert len(list((run / "corpus-verified" / "images").rglob("*.png"))) == 5

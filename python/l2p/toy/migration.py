@@ -128,7 +128,14 @@ def _report_markdown(report: dict) -> str:
     ratio = report["pixel_over_source"]
     lines += ["", f"Pixel / source overall: {ratio:.2f}" if ratio is not None else
               "Pixel / source overall: undefined (the source scored 0)", "",
-              "![loss](loss.png)", "", "Sample grid: `train/samples/final.png`."]
+              "![loss](loss.png)", "", "Sample grid: `train/samples/final.png` (at the trained shift)."]
+    if report.get("pixel_shift") is not None:
+        interval = (f" --guidance-max-sigma {report['guidance_max_sigma']:g}"
+                    if report.get("guidance_max_sigma") is not None else "")
+        model = Path(report["plan"]["out_dir"]) / "train" / "final" / "pipeline"
+        lines += ["", f"Sample the pixel model as it was scored: `l2p sample --model {model} --shift "
+                  f"{report['pixel_shift']:g}{interval} --guidance {report['guidance']:g} --steps "
+                  f"{report['eval_steps']} --prompt \"two red circles\"`."]
     return "\n".join(lines) + "\n"
 
 
