@@ -17,7 +17,7 @@
 #   [SAMPLING=0] [PEAK=0] bash bench/gpu/device_run.sh
 # REPRODUCE runs `l2p toy reproduce` once per '|'-separated argument list, each in the background
 # from the start (like the toy source) into /tmp/reproduce-<k>; their reports, scores and logs
-# come back in reproduce.tgz and the newest l2p-align pipeline of the last in reproduce-model.tgz.
+# come back in reproduce.tgz, and the final l2p-align pipeline of the last one in reproduce-model.tgz.
 # They are stopped REPRODUCE_RESERVE_S (default 90) seconds before the deadline if still running.
 # TESTS narrows the GPU test run to the given pytest paths; CHUNKS=1 times the general patch ops
 # at several chunk sizes (bench/gpu/patch_chunks_ab.py).
