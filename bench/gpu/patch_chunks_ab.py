@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 import l2p.ops as ops
 from l2p.ops.reference import unpatchify_reference
+
+from ab_timing import interleaved_times, summary
 
 KNOB = "L2P_PATCH_CHUNK_TOKENS"
 
@@ -35,7 +36,8 @@ def _set_chunk(chunk: int | None) -> None:
 
 
 def _chunked(call, chunk: int | None):
-    """call() at this chunk size; the knob is set outside the timed region (see time_once)."""
+    """call() at this chunk size; the knob is set outside the timed region (ab_timing.time_once
+    runs ``before`` first)."""
     def timed():
         _set_chunk(chunk)
         return call()
@@ -77,20 +79,6 @@ def patch_embed_ways(size, patch, dim, chunks):
     return ways, 2.0 * (size // patch) ** 2 * features * dim
 
 
-def time_once(call, calls: int = 1) -> float:
-    """Milliseconds per call over ``calls`` back-to-back calls between two CUDA events: with one,
-    the latency of a lone call (the GPU waits for each launch); with several, the launches of the
-    next calls overlap the GPU work of the earlier ones, as inside a model's forward."""
-    getattr(call, "before", lambda: None)()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        call()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / calls
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40)
@@ -116,20 +104,11 @@ def main() -> None:
             for name in names:  # every chunking computes the same (cuBLAS may pick other kernels)
                 if name.startswith("l2p"):
                     torch.testing.assert_close(calls[name](), expected, rtol=1.6e-2, atol=1e-2)
-            for call in calls.values():  # warm-up
-                for _ in range(3):
-                    call()
-            times = {name: [] for name in names}
-            for r in range(args.rounds):  # each round starts at another way (no place bias)
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    times[name].append(time_once(calls[name], args.calls))
-            base = times[torch_name]
+            times = interleaved_times(calls, args.rounds, args.calls, rotate=True)
             shape = f"{size}^2 p={args.patch} D={args.dim}"
-            for name, ts in times.items():
-                ratio = statistics.median(b / t for b, t in zip(base, ts))
-                median = statistics.median(ts)
-                print(f"| {op} | {shape} | {name} | {median:.3f} | {min(ts):.3f} | "
-                      f"{flops / median / 1e9:.0f} | {ratio:.2f}x |", flush=True)
+            for name, median, best, tflops, ratio in summary(times, torch_name, flops):
+                print(f"| {op} | {shape} | {name} | {median:.3f} | {best:.3f} | {tflops:.0f} | "
+                      f"{ratio:.2f}x |", flush=True)
             os.environ.pop(KNOB, None)
             del calls, expected
             torch.cuda.empty_cache()

@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 
 import torch
 
 import l2p.ops as ops
 from l2p.ops.reference import unpatchify_reference
+
+from ab_timing import interleaved_times, summary
 
 
 def _fused_switch(schedule: str | None) -> None:
@@ -51,15 +52,6 @@ def ways(size: int, patch: int, dim: int, dtype: torch.dtype):
     }, 2.0 * tokens * features * dim
 
 
-def time_once(call) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    call()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=60)
@@ -78,20 +70,10 @@ def main() -> None:
         for schedule in ("cooperative", "pingpong"):
             fused_out = calls[f"l2p, fused GEMM ({schedule})"]()
             torch.testing.assert_close(fused_out, general_out, rtol=1.6e-2, atol=1e-2)
-        for call in calls.values():  # warm-up
-            for _ in range(3):
-                call()
-        times = {name: [] for name in calls}
-        for _ in range(args.rounds):
-            for name, call in calls.items():
-                times[name].append(time_once(call))
-        base = times["linear+permute"]
+        times = interleaved_times(calls, args.rounds)
         shape = f"{size}^2 p={args.patch} D={args.dim}"
-        for name, ts in times.items():
-            ratio = statistics.median(b / t for b, t in zip(base, ts))
-            median = statistics.median(ts)
-            print(f"| {shape} | {name} | {median:.3f} | {min(ts):.3f} | "
-                  f"{flops / median / 1e9:.0f} | {ratio:.2f}x |", flush=True)
+        for name, median, best, tflops, ratio in summary(times, "linear+permute", flops):
+            print(f"| {shape} | {name} | {median:.3f} | {best:.3f} | {tflops:.0f} | {ratio:.2f}x |", flush=True)
         os.environ.pop("L2P_UNPATCHIFY_FUSED", None)
         os.environ.pop("L2P_UNPATCHIFY_FUSED_SCHEDULE", None)
         del calls
