@@ -1,5 +1,6 @@
 // The l2p operator library: one schema per op. Kernels register per device in
-// csrc/<op>/{cpu,cuda}/; Python adds fake kernels and autograd in python/l2p/ops/.
+// csrc/<op>/{cpu,cuda}/, autograd in csrc/<op>/<op>_autograd.cpp; Python adds the fake (shape)
+// kernels in python/l2p/ops/.
 #include <torch/library.h>
 
 TORCH_LIBRARY(l2p, m) {

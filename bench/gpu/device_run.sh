@@ -13,14 +13,15 @@
 # most 8): run.log, cuda_report.md, unpatchify_ab.md, logs.tgz (build, tests, memcheck, toy, sampling, peak
 # memory logs and JSON) and the toy source as a tarball split into 15 MB parts.
 # Usage (repo root): OUT=/some/dir [DEADLINE_S=540] [TOY=0] [TOY_BUDGET_S=220] [TOY_ARGS="..."] \
-#   [REPRODUCE="args|args"] [TESTS="pytest paths"] [MEMCHECK=0] [BENCH=0] [CHUNKS=1] [PROFILE=1] \
-#   [SAMPLING=0] [PEAK=0] bash bench/gpu/device_run.sh
+#   [REPRODUCE="args|args"] [TESTS="pytest paths"] [MEMCHECK=0] [BENCH=0] [CHUNKS=1] [HOST=1] \
+#   [PROFILE=1] [SAMPLING=0] [PEAK=0] bash bench/gpu/device_run.sh
 # REPRODUCE runs `l2p toy reproduce` once per '|'-separated argument list, each in the background
 # from the start (like the toy source) into /tmp/reproduce-<k>; their reports, scores and logs
 # come back in reproduce.tgz, and the final l2p-align pipeline of the last one in reproduce-model.tgz.
 # They are stopped REPRODUCE_RESERVE_S (default 90) seconds before the deadline if still running.
 # TESTS narrows the GPU test run to the given pytest paths; CHUNKS=1 times the general patch ops
-# at several chunk sizes (bench/gpu/patch_chunks_ab.py).
+# at several chunk sizes (bench/gpu/patch_chunks_ab.py); HOST=1 the host time per call of each op at
+# tiny shapes against torch's (bench/test_bench_host_overhead.py, host_overhead.md).
 # PROFILE=1 adds Nsight Compute counters of the unpatchify kernels (bench/gpu/profile_unpatchify.py).
 # TOY_ARGS="--init-from python/l2p/toy/weights/shapes-pixart --dit-batch 256" continues the
 # shipped source (same architecture, its autoencoder kept) instead of training a new one.
@@ -148,6 +149,13 @@ if [ "${CHUNKS:-0}" = 1 ] && python3 -c "import l2p._C" 2>/dev/null; then
   log "patch ops at several chunk sizes, interleaved"
   within 120 0 python3 bench/gpu/patch_chunks_ab.py > "$OUT/patch_chunks_ab.md" 2>&1
   log "chunk A/B exit $?"; cat "$OUT/patch_chunks_ab.md"
+fi
+if [ "${HOST:-0}" = 1 ] && python3 -c "import l2p._C" 2>/dev/null; then
+  log "host time per call at tiny shapes, l2p against torch (CPU and CUDA)"
+  within 150 0 python3 -m pytest bench/test_bench_host_overhead.py --benchmark-enable -q -p no:cacheprovider \
+    --benchmark-json "$LOGS/host_overhead.json" > "$LOGS/host_overhead.log" 2>&1
+  log "host overhead exit $?"
+  python3 bench/report.py "$LOGS/host_overhead.json" > "$OUT/host_overhead.md" 2>&1 && cat "$OUT/host_overhead.md"
 fi
 if [ "${PROFILE:-0}" = 1 ] && python3 -c "import l2p._C" 2>/dev/null; then
   # Per-kernel counters of one unpatchify call per way (Nsight Compute reads them on the lent

@@ -112,6 +112,38 @@ def test_unpatchify_gradcheck(device, compiled_backend):
     assert torch.autograd.gradcheck(fn, (tokens, weight, bias))
 
 
+# Which inputs require a gradient: the autograd computes only those, and a missing bias shifts
+# no other input's gradient.
+GRAD_SUBSETS = [(True, False, False), (False, True, False), (False, False, True), (True, True, None),
+                (False, True, None)]
+
+
+@pytest.mark.parametrize("wants", GRAD_SUBSETS)
+def test_patch_embed_gradients_of_some_inputs(device, compiled_backend, wants):
+    x, weight, bias = _patch_inputs(device, torch.float64, 2, 2, 6, 9, 3, 4, bias=wants[2] is not None)
+    inputs = [t.requires_grad_(w) if t is not None else None for t, w in zip((x, weight, bias), wants)]
+    out = l2p.ops.patch_embed(*inputs, patch_size=3, backend=compiled_backend)
+    ref = patch_embed_reference(*inputs, 3)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    grad = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, wanted, grad), torch.autograd.grad(ref, wanted, grad)):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("wants", GRAD_SUBSETS)
+def test_unpatchify_gradients_of_some_inputs(device, compiled_backend, wants):
+    tokens = torch.randn(2, 6, 5, device=device, dtype=torch.float64)
+    weight = torch.randn(2 * 9, 5, device=device, dtype=torch.float64)
+    bias = torch.randn(2 * 9, device=device, dtype=torch.float64) if wants[2] is not None else None
+    inputs = [t.requires_grad_(w) if t is not None else None for t, w in zip((tokens, weight, bias), wants)]
+    out = l2p.ops.unpatchify(*inputs, patch_size=3, height=6, width=9, backend=compiled_backend)
+    ref = unpatchify_reference(*inputs, 3, 6, 9)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    grad = torch.randn_like(out)
+    for g, r in zip(torch.autograd.grad(out, wanted, grad), torch.autograd.grad(ref, wanted, grad)):
+        torch.testing.assert_close(g, r)
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_opcheck_patch_embed(device, with_bias):
     x, weight, bias = _patch_inputs(device, torch.float32, 2, 3, 8, 12, 4, 6, bias=with_bias, requires_grad=True)

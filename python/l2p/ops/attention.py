@@ -118,7 +118,9 @@ def _torch_mask(attn_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor
     return attn_mask.to(q.dtype)
 
 
-def _register() -> None:
+def _register_fake_kernels() -> None:
+    """Shape-only kernels for torch.compile and FakeTensor; the autograd is C++
+    (csrc/attention/attention_autograd.cpp)."""
     @torch.library.register_fake("l2p::attention_forward")
     def _(q, k, v, attn_mask, scale):
         out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
@@ -129,24 +131,6 @@ def _register() -> None:
     def _(grad_out, q, k, v, out, lse, attn_mask, scale):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
-    def setup_context(ctx, inputs, output):
-        q, k, v, attn_mask, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, attn_mask)
-        ctx.scale = scale
-        ctx.mark_non_differentiable(lse)
-
-    def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, attn_mask = ctx.saved_tensors
-        dq, dk, dv = torch.ops.l2p.attention_backward(
-            grad_out, q, k, v, out, lse, attn_mask, ctx.scale
-        )
-        return dq, dk, dv, None, None
-
-    torch.library.register_autograd(
-        "l2p::attention_forward", backward, setup_context=setup_context
-    )
-
 
 if _extension.is_compiled():
-    _register()
+    _register_fake_kernels()

@@ -52,7 +52,9 @@ def patch_embed(
     return torch.ops.l2p.patch_embed(x, weight, bias, p)
 
 
-def _register() -> None:
+def _register_fake_kernels() -> None:
+    """Shape-only kernels for torch.compile and FakeTensor; the autograd is C++
+    (csrc/patch_embed/patch_embed_autograd.cpp)."""
     @torch.library.register_fake("l2p::patch_embed")
     def _(x, weight, bias, patch_size):
         tokens = (x.shape[2] // patch_size) * (x.shape[3] // patch_size)
@@ -62,30 +64,6 @@ def _register() -> None:
     def _(x, grad_tokens, patch_size):
         return x.new_empty((grad_tokens.shape[2], x.shape[1], patch_size, patch_size))
 
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, patch_size = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.patch_size = patch_size
-
-    def backward(ctx, grad):
-        # The input gradient of a patch embedding is an un-patchify by the transposed
-        # weight, so both directions run on the fused kernels.
-        x, weight = ctx.saved_tensors
-        p = ctx.patch_size
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            adjoint = weight.reshape(weight.shape[0], -1).t()
-            grad_x = torch.ops.l2p.unpatchify(grad, adjoint, None, p, x.shape[2], x.shape[3])
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.ops.l2p.patch_weight_grad(x, grad, p)
-        if ctx.needs_input_grad[2]:
-            grad_b = grad.sum((0, 1))
-        return grad_x, grad_w, grad_b, None
-
-    torch.library.register_autograd(
-        "l2p::patch_embed", backward, setup_context=setup_context
-    )
-
 
 if _extension.is_compiled():
-    _register()
+    _register_fake_kernels()

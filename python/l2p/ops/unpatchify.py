@@ -68,39 +68,14 @@ def unpatchify(
     return torch.ops.l2p.unpatchify(tokens, weight, bias, p, height, width)
 
 
-def _register() -> None:
+def _register_fake_kernels() -> None:
+    """Shape-only kernels for torch.compile and FakeTensor; the autograd is C++
+    (csrc/unpatchify/unpatchify_autograd.cpp)."""
     @torch.library.register_fake("l2p::unpatchify")
     def _(tokens, weight, bias, patch_size, height, width):
         channels = weight.shape[0] // (patch_size * patch_size)
         return tokens.new_empty((tokens.shape[0], channels, height, width))
 
-    def setup_context(ctx, inputs, output):
-        tokens, weight, bias, patch_size, height, width = inputs
-        ctx.save_for_backward(tokens, weight)
-        ctx.patch_size = patch_size
-
-    def backward(ctx, grad):
-        # Adjoint of the fold: a patch embedding of the image gradient by the transposed
-        # weight; the weight gradient is the same patch outer product as patch_embed's.
-        tokens, weight = ctx.saved_tensors
-        p = ctx.patch_size
-        dim = tokens.shape[2]
-        channels = weight.shape[0] // (p * p)
-        grad_tokens = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            adjoint = weight.t().reshape(dim, channels, p, p)
-            grad_tokens = torch.ops.l2p.patch_embed(grad, adjoint, None, p)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.ops.l2p.patch_weight_grad(grad, tokens, p).reshape(dim, -1).t()
-        if ctx.needs_input_grad[2]:
-            b, c, h, w = grad.shape
-            grad_b = grad.reshape(b, c, h // p, p, w // p, p).sum((0, 2, 4)).reshape(-1)
-        return grad_tokens, grad_w, grad_b, None, None, None
-
-    torch.library.register_autograd(
-        "l2p::unpatchify", backward, setup_context=setup_context
-    )
-
 
 if _extension.is_compiled():
-    _register()
+    _register_fake_kernels()
