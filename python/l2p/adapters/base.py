@@ -31,6 +31,24 @@ def encode_prompt_with_mask(pipe, prompts: list[str], device) -> dict[str, Any]:
     return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
 
+def without_text_padding(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The caption embeddings (B, L, C) and mask (B, L) without the trailing positions that no
+    sample's mask keeps.
+
+    PixArt and Sana pad every caption to the text encoder's length (300 tokens for
+    PixArt-Sigma) and turn the mask into an additive -10000 on the padded keys, whose softmax
+    weight is exactly zero: those keys change nothing, yet cost every image token
+    cross-attention and the caption projection. A batch in which some caption keeps no
+    position at all is returned as it is (that sample attends uniformly to its padding)."""
+    if mask.dim() != 2 or embeds.dim() != 3 or embeds.shape[:2] != mask.shape:
+        return embeds, mask
+    kept = mask.detach().to("cpu", torch.bool)  # one device-to-host copy of B x L flags
+    if kept.shape[1] == 0 or not bool(kept.any(dim=1).all()):
+        return embeds, mask
+    length = int(kept.any(dim=0).nonzero()[-1]) + 1
+    return embeds[:, :length], mask[:, :length]
+
+
 class SourceAdapter:
     source_class: ClassVar[str]
     input_module: ClassVar[str]

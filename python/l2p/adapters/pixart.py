@@ -1,6 +1,6 @@
 """PixArtTransformer2DModel (PixArt-alpha / -Sigma): epsilon (+ learned sigma, dropped)."""
 
-from l2p.adapters.base import PatchEmbedAdapter, encode_prompt_with_mask
+from l2p.adapters.base import PatchEmbedAdapter, encode_prompt_with_mask, without_text_padding
 
 
 class PixArtAdapter(PatchEmbedAdapter):
@@ -16,6 +16,7 @@ class PixArtAdapter(PatchEmbedAdapter):
 
     @staticmethod
     def transformer_kwargs(cond, x_t, times, model, guidance):
-        return dict(hidden_states=x_t, encoder_hidden_states=cond["prompt_embeds"],
-                    encoder_attention_mask=cond["prompt_attention_mask"], timestep=times,
+        embeds, mask = without_text_padding(cond["prompt_embeds"], cond["prompt_attention_mask"])
+        return dict(hidden_states=x_t, encoder_hidden_states=embeds,
+                    encoder_attention_mask=mask, timestep=times,
                     added_cond_kwargs={"resolution": None, "aspect_ratio": None})

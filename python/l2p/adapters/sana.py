@@ -7,7 +7,7 @@ sampling."""
 
 import inspect
 
-from l2p.adapters.base import PatchEmbedAdapter
+from l2p.adapters.base import PatchEmbedAdapter, without_text_padding
 
 
 def default_complex_human_instruction(pipe):
@@ -41,5 +41,6 @@ class SanaAdapter(PatchEmbedAdapter):
 
     @staticmethod
     def transformer_kwargs(cond, x_t, times, model, guidance):
-        return dict(hidden_states=x_t, encoder_hidden_states=cond["prompt_embeds"],
-                    encoder_attention_mask=cond["prompt_attention_mask"], timestep=times)
+        embeds, mask = without_text_padding(cond["prompt_embeds"], cond["prompt_attention_mask"])
+        return dict(hidden_states=x_t, encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                    timestep=times)
