@@ -59,7 +59,7 @@ struct BwdMmaParams {
   float* grad_q_accum;
   T *grad_k, *grad_v;
   attn::MaskView mask;
-  int64_t q_heads, kv_heads, group, q_len, kv_len, bkv_offset;
+  int64_t q_heads, kv_heads, group, q_len, kv_len, head_offset;
   int head_dim, value_dim;
   float scale, scale_log2;
 };
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(BwdMmaTile<DP>::kThreads)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t bkv = p.bkv_offset + blockIdx.y;
+  const int64_t bkv = p.head_offset + blockIdx.y;
   const int64_t b = bkv / p.kv_heads, hk = bkv - b * p.kv_heads;
   const int64_t n0 = int64_t(blockIdx.x) * kKeys;
   const int64_t head0 = b * p.q_heads + hk * p.group;  // (batch, query head) of the first tile
@@ -419,7 +419,7 @@ __global__ void __launch_bounds__(BwdStagedTile<DP>::kThreads)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t bkv = p.bkv_offset + blockIdx.y;
+  const int64_t bkv = p.head_offset + blockIdx.y;
   const int64_t b = bkv / p.kv_heads, hk = bkv - b * p.kv_heads;
   const int64_t n0 = int64_t(blockIdx.x) * kKeys;
   const int64_t head0 = b * p.q_heads + hk * p.group;
@@ -740,35 +740,11 @@ template <typename Tile, typename T>
 cudaError_t launch(void (*kernel)(BwdMmaParams<T>), const AttentionBackwardArgs& args,
                    cudaStream_t stream) {
   const AttentionShape& s = args.shape;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(Tile::kSmem));
-  if (err != cudaSuccess) return err;
   BwdMmaParams<T> p;
-  p.grad_out = static_cast<const T*>(args.grad_out);
-  p.q = static_cast<const T*>(args.q);
-  p.k = static_cast<const T*>(args.k);
-  p.v = static_cast<const T*>(args.v);
-  p.lse = args.lse;
-  p.delta = static_cast<const float*>(args.delta);
-  p.grad_q_accum = args.grad_q_accum;
-  p.grad_k = static_cast<T*>(args.grad_k);
-  p.grad_v = static_cast<T*>(args.grad_v);
+  attn::set_backward(p, args);
   p.mask = attn::MaskView::of(s);
-  p.q_heads = s.q_heads;
-  p.kv_heads = s.kv_heads;
-  p.group = s.q_heads / s.kv_heads;
-  p.q_len = s.q_len;
-  p.kv_len = s.kv_len;
-  p.head_dim = static_cast<int>(s.head_dim);
-  p.value_dim = static_cast<int>(s.value_dim);
-  p.scale = static_cast<float>(s.scale);
-  p.scale_log2 = static_cast<float>(s.scale) * kLog2e;
-  const int64_t k_tiles = (s.kv_len + Tile::kKeys - 1) / Tile::kKeys;
-  const int64_t heads = s.batch * s.kv_heads;
-  return attn::launch_head_slices(heads, [&](int64_t first, unsigned count) {
-    p.bkv_offset = first;
-    kernel<<<dim3(static_cast<unsigned>(k_tiles), count), Tile::kThreads, Tile::kSmem, stream>>>(p);
-  });
+  return attn::launch_over_heads(kernel, p, (s.kv_len + Tile::kKeys - 1) / Tile::kKeys,
+                                 s.batch * s.kv_heads, Tile::kThreads, Tile::kSmem, stream);
 }
 
 // DP = 128 runs the staged kernel where the device has its shared memory, else (and at
@@ -800,30 +776,20 @@ cudaError_t launch_for_dim(const AttentionBackwardArgs& args, cudaStream_t strea
 
 bool attention_backward_mma_supported(const AttentionBackwardArgs& args) {
   const AttentionShape& s = args.shape;
-  if (s.dtype != AttentionDType::kBFloat16 && s.dtype != AttentionDType::kFloat16) return false;
-  const int dp = attn::padded_head_dim(s.head_dim, s.value_dim);
-  if (dp != 64 && dp != 128) return false;
-  if (s.head_dim % 8 != 0 || s.value_dim % 8 != 0) return false;
-  const void* tensors[] = {args.q, args.k, args.v, args.grad_out, args.grad_k, args.grad_v};
-  for (const void* ptr : tensors) {
-    if (!attn::aligned16(ptr)) return false;
-  }
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      major < 8) {
+  const int dp = attn::register_tile_head_dim(s);
+  if (dp == 0) return false;
+  if (!attn::aligned16({args.q, args.k, args.v, args.grad_out, args.grad_k, args.grad_v})) {
     return false;
   }
+  if (attn::compute_capability_major() < 8) return false;
   const size_t smem = dp == 64 ? BwdMmaTile<64>::kSmem : BwdMmaTile<128>::kSmem;
   return smem <= static_cast<size_t>(attn::max_shared_per_block());
 }
 
 cudaError_t attention_backward_mma(const AttentionBackwardArgs& args, cudaStream_t stream) {
-  if (args.shape.dtype == AttentionDType::kBFloat16) {
-    return launch_for_dim<__nv_bfloat16>(args, stream);
-  }
-  if (args.shape.dtype == AttentionDType::kFloat16) return launch_for_dim<__half>(args, stream);
-  return cudaErrorInvalidValue;
+  return attn::dispatch_16bit(args.shape.dtype, [&](auto type) {
+    return launch_for_dim<typename decltype(type)::type>(args, stream);
+  });
 }
 
 }  // namespace l2p::cuda

@@ -41,10 +41,10 @@ struct BwdParams {
   float* grad_q_accum;
   T *grad_k, *grad_v;
   attn::MaskView mask;
-  int64_t q_heads, kv_heads, group, q_len, kv_len, bkv_offset;
+  int64_t q_heads, kv_heads, group, q_len, kv_len, head_offset;
   int head_dim, value_dim;
   float scale, scale_log2;
-  bool vec_qk, vec_v;
+  bool vec_qk, vec_v;  // 16-byte loads of Q and K rows / of V and dO rows
 };
 
 // C (M x N, fp32, shared) = or += A (M x K) B (K x N), 16-bit operands in shared memory;
@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_tc_kernel(const BwdPar
   float* sdQ = reinterpret_cast<float*>(sQ);
 
   const int warp = threadIdx.x / 32;
-  const int64_t bkv = p.bkv_offset + blockIdx.y;
+  const int64_t bkv = p.head_offset + blockIdx.y;
   const int64_t b = bkv / p.kv_heads, hk = bkv - b * p.kv_heads;
   const int64_t n0 = int64_t(blockIdx.x) * BN;
   const T* k = p.k + bkv * p.kv_len * p.head_dim;
@@ -197,38 +197,14 @@ template <typename T, int DP, int BM, int BN>
 cudaError_t launch_bwd(const AttentionBackwardArgs& args, cudaStream_t stream) {
   using Tile = BwdTile<DP, BM, BN>;
   const AttentionShape& s = args.shape;
-  auto kernel = attention_bwd_tc_kernel<T, DP, BM, BN>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(Tile::kSmem));
-  if (err != cudaSuccess) return err;
   BwdParams<T> p;
-  p.grad_out = static_cast<const T*>(args.grad_out);
-  p.q = static_cast<const T*>(args.q);
-  p.k = static_cast<const T*>(args.k);
-  p.v = static_cast<const T*>(args.v);
-  p.lse = args.lse;
-  p.delta = static_cast<const float*>(args.delta);
-  p.grad_q_accum = args.grad_q_accum;
-  p.grad_k = static_cast<T*>(args.grad_k);
-  p.grad_v = static_cast<T*>(args.grad_v);
+  attn::set_backward(p, args);
   p.mask = attn::MaskView::of(s);
-  p.q_heads = s.q_heads;
-  p.kv_heads = s.kv_heads;
-  p.group = s.q_heads / s.kv_heads;
-  p.q_len = s.q_len;
-  p.kv_len = s.kv_len;
-  p.head_dim = static_cast<int>(s.head_dim);
-  p.value_dim = static_cast<int>(s.value_dim);
-  p.scale = static_cast<float>(s.scale);
-  p.scale_log2 = static_cast<float>(s.scale) * kLog2e;
-  p.vec_qk = s.head_dim % 8 == 0 && attn::aligned16(args.q) && attn::aligned16(args.k);
-  p.vec_v = s.value_dim % 8 == 0 && attn::aligned16(args.v) && attn::aligned16(args.grad_out);
-  const int64_t k_tiles = (s.kv_len + BN - 1) / BN;
-  const int64_t heads = s.batch * s.kv_heads;
-  return attn::launch_head_slices(heads, [&](int64_t first, unsigned count) {
-    p.bkv_offset = first;
-    kernel<<<dim3(static_cast<unsigned>(k_tiles), count), kThreads, Tile::kSmem, stream>>>(p);
-  });
+  p.vec_qk = s.head_dim % 8 == 0 && attn::aligned16({args.q, args.k});
+  p.vec_v = s.value_dim % 8 == 0 && attn::aligned16({args.v, args.grad_out});
+  return attn::launch_over_heads(attention_bwd_tc_kernel<T, DP, BM, BN>, p,
+                                 (s.kv_len + BN - 1) / BN, s.batch * s.kv_heads, kThreads,
+                                 Tile::kSmem, stream);
 }
 
 using Big128 = BwdTile<128, 64, 64>;
@@ -270,13 +246,9 @@ bool attention_backward_tc_supported(const AttentionShape& shape) {
 }
 
 cudaError_t attention_backward_tc(const AttentionBackwardArgs& args, cudaStream_t stream) {
-  if (args.shape.dtype == AttentionDType::kBFloat16) {
-    return launch_bwd_for_dtype<__nv_bfloat16>(args, stream);
-  }
-  if (args.shape.dtype == AttentionDType::kFloat16) {
-    return launch_bwd_for_dtype<__half>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return attn::dispatch_16bit(args.shape.dtype, [&](auto type) {
+    return launch_bwd_for_dtype<typename decltype(type)::type>(args, stream);
+  });
 }
 
 }  // namespace l2p::cuda

@@ -75,7 +75,7 @@ struct BwdWgmmaParams {
   const float* delta;
   float* grad_q_accum;
   T *grad_k, *grad_v;
-  int64_t q_heads, kv_heads, group, q_len, kv_len, bkv_offset;
+  int64_t q_heads, kv_heads, group, q_len, kv_len, head_offset;
   int head_dim, value_dim;
   float scale, scale_log2;
 };
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int group = threadIdx.x / 128;  // warpgroup: keys 64 * group .. + 63 of the block
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t bkv = p.bkv_offset + blockIdx.y;
+  const int64_t bkv = p.head_offset + blockIdx.y;
   const int64_t b = bkv / p.kv_heads, kvh = bkv - b * p.kv_heads;
   const int64_t head0 = b * p.q_heads + kvh * p.group;  // first query head of the group
   const int64_t n0 = int64_t(blockIdx.x) * kKeys;
@@ -334,71 +334,35 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename T, int DP>
 cudaError_t launch(const AttentionBackwardArgs& args, cudaStream_t stream) {
-  using Tile = BwdWgmmaTile<DP>;
   const AttentionShape& s = args.shape;
-  auto kernel = attention_bwd_wgmma_kernel<T, DP>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(Tile::kSmem));
-  if (err != cudaSuccess) return err;
   BwdWgmmaParams<T> p;
-  p.grad_out = static_cast<const T*>(args.grad_out);
-  p.q = static_cast<const T*>(args.q);
-  p.k = static_cast<const T*>(args.k);
-  p.v = static_cast<const T*>(args.v);
-  p.lse = args.lse;
-  p.delta = static_cast<const float*>(args.delta);
-  p.grad_q_accum = args.grad_q_accum;
-  p.grad_k = static_cast<T*>(args.grad_k);
-  p.grad_v = static_cast<T*>(args.grad_v);
-  p.q_heads = s.q_heads;
-  p.kv_heads = s.kv_heads;
-  p.group = s.q_heads / s.kv_heads;
-  p.q_len = s.q_len;
-  p.kv_len = s.kv_len;
-  p.head_dim = static_cast<int>(s.head_dim);
-  p.value_dim = static_cast<int>(s.value_dim);
-  p.scale = static_cast<float>(s.scale);
-  p.scale_log2 = static_cast<float>(s.scale) * kLog2e;
-  const int64_t k_tiles = (s.kv_len + kKeys - 1) / kKeys;
-  return attn::launch_head_slices(s.batch * s.kv_heads, [&](int64_t first, unsigned count) {
-    p.bkv_offset = first;
-    kernel<<<dim3(static_cast<unsigned>(k_tiles), count), kThreads, Tile::kSmem, stream>>>(p);
-  });
-}
-
-template <typename T>
-cudaError_t launch_for_dim(const AttentionBackwardArgs& args, cudaStream_t stream) {
-  switch (attn::padded_head_dim(args.shape.head_dim, args.shape.value_dim)) {
-    case 64: return launch<T, 64>(args, stream);
-    case 128: return launch<T, 128>(args, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  attn::set_backward(p, args);
+  return attn::launch_over_heads(attention_bwd_wgmma_kernel<T, DP>, p,
+                                 (s.kv_len + kKeys - 1) / kKeys, s.batch * s.kv_heads, kThreads,
+                                 BwdWgmmaTile<DP>::kSmem, stream);
 }
 
 }  // namespace
 
 bool attention_backward_wgmma_supported(const AttentionBackwardArgs& args) {
   const AttentionShape& s = args.shape;
-  if (s.dtype != AttentionDType::kBFloat16 && s.dtype != AttentionDType::kFloat16) return false;
+  const int dp = attn::register_tile_head_dim(s);
+  if (dp == 0) return false;
   if (s.mask != nullptr) return false;  // masked attention stays on the mma.sync kernel
-  const int dp = attn::padded_head_dim(s.head_dim, s.value_dim);
-  if (dp != 64 && dp != 128) return false;
-  if (s.head_dim % 8 != 0 || s.value_dim % 8 != 0) return false;
   if (s.q_len == 0 || s.kv_len == 0) return false;
-  const void* tensors[] = {args.q, args.k, args.v, args.grad_out, args.grad_k, args.grad_v};
-  for (const void* ptr : tensors) {
-    if (!attn::aligned16(ptr)) return false;
+  if (!attn::aligned16({args.q, args.k, args.v, args.grad_out, args.grad_k, args.grad_v})) {
+    return false;
   }
   const size_t smem = dp == 64 ? BwdWgmmaTile<64>::kSmem : BwdWgmmaTile<128>::kSmem;
   return (s.kv_len + kKeys - 1) / kKeys < (int64_t{1} << 31) && wgmma::device_runs_wgmma(smem);
 }
 
 cudaError_t attention_backward_wgmma(const AttentionBackwardArgs& args, cudaStream_t stream) {
-  if (args.shape.dtype == AttentionDType::kBFloat16) {
-    return launch_for_dim<__nv_bfloat16>(args, stream);
-  }
-  if (args.shape.dtype == AttentionDType::kFloat16) return launch_for_dim<__half>(args, stream);
-  return cudaErrorInvalidValue;
+  return attn::dispatch_16bit(args.shape.dtype, [&](auto type) {
+    return attn::dispatch_64_128(attn::register_tile_head_dim(args.shape), [&](auto dp) {
+      return launch<typename decltype(type)::type, decltype(dp)::value>(args, stream);
+    });
+  });
 }
 
 }  // namespace l2p::cuda

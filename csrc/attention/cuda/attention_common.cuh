@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include "attention/cuda/attention_kernels.h"
 
@@ -66,6 +68,53 @@ struct MaskView {
   }
 };
 
+// Each kernel has its own parameter struct, and its field order is part of the kernel's
+// code: ptxas allocates registers differently when it changes (the Hopper forward went from
+// 16 to 92 bytes of spills when these structs shared one base). The launchers fill the
+// fields the structs have in common, by name, with these.
+
+// The problem's sizes; `group` = query heads per key/value head.
+template <typename Params>
+__host__ inline void set_sizes(Params& p, const AttentionShape& s) {
+  p.q_heads = s.q_heads;
+  p.kv_heads = s.kv_heads;
+  p.group = s.q_heads / s.kv_heads;
+  p.q_len = s.q_len;
+  p.kv_len = s.kv_len;
+  p.head_dim = static_cast<int>(s.head_dim);
+  p.value_dim = static_cast<int>(s.value_dim);
+}
+
+// A tensor-core forward kernel's tensors and sizes. The kernels exponentiate with exp2, so
+// the softmax scale comes premultiplied by log2(e).
+template <typename Params>
+__host__ inline void set_forward(Params& p, const AttentionForwardArgs& args) {
+  p.q = static_cast<decltype(p.q)>(args.q);
+  p.k = static_cast<decltype(p.k)>(args.k);
+  p.v = static_cast<decltype(p.v)>(args.v);
+  p.out = static_cast<decltype(p.out)>(args.out);
+  p.lse = args.lse;
+  set_sizes(p, args.shape);
+  p.scale_log2 = static_cast<float>(args.shape.scale) * kLog2e;
+}
+
+// A tensor-core backward kernel's tensors and sizes; dQ goes into the fp32 grad_q_accum.
+template <typename Params>
+__host__ inline void set_backward(Params& p, const AttentionBackwardArgs& args) {
+  p.grad_out = static_cast<decltype(p.grad_out)>(args.grad_out);
+  p.q = static_cast<decltype(p.q)>(args.q);
+  p.k = static_cast<decltype(p.k)>(args.k);
+  p.v = static_cast<decltype(p.v)>(args.v);
+  p.lse = args.lse;
+  p.delta = static_cast<const float*>(args.delta);
+  p.grad_q_accum = args.grad_q_accum;
+  p.grad_k = static_cast<decltype(p.grad_k)>(args.grad_k);
+  p.grad_v = static_cast<decltype(p.grad_v)>(args.grad_v);
+  set_sizes(p, args.shape);
+  p.scale = static_cast<float>(args.shape.scale);
+  p.scale_log2 = static_cast<float>(args.shape.scale) * kLog2e;
+}
+
 // Copies rows [row0, row0 + ROWS) x columns [0, cols) of a row-major (rows_valid, cols)
 // matrix into a (ROWS, WIDTH) shared tile with leading dimension LD; everything outside the
 // source (rows past rows_valid, columns past cols) is zero, so padded head dims and ragged
@@ -101,6 +150,23 @@ __host__ inline bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
+__host__ inline bool aligned16(std::initializer_list<const void*> pointers) {
+  for (const void* p : pointers) {
+    if (!aligned16(p)) return false;
+  }
+  return true;
+}
+
+// The current device's compute capability major version (0 when it cannot be read).
+__host__ inline int compute_capability_major() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    return 0;
+  }
+  return major;
+}
+
 // Largest dynamic shared memory a block may opt into on the current device.
 __host__ inline int max_shared_per_block() {
   int device = 0, bytes = 0;
@@ -126,6 +192,24 @@ __host__ inline cudaError_t launch_head_slices(int64_t heads, LaunchSlice&& laun
   return cudaSuccess;
 }
 
+// Launches kernel(p) on a (tiles, heads) grid of `threads`-thread blocks with `smem` bytes of
+// dynamic shared memory (opted into first: above 48 KB a launch fails without it), in slices
+// of heads as launch_head_slices does, p.head_offset the slice's first head.
+template <typename Params>
+__host__ inline cudaError_t launch_over_heads(void (*kernel)(Params), Params p, int64_t tiles,
+                                              int64_t heads, int threads, size_t smem,
+                                              cudaStream_t stream) {
+  if (smem > 0) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  return launch_head_slices(heads, [&](int64_t first, unsigned count) {
+    p.head_offset = first;
+    kernel<<<dim3(static_cast<unsigned>(tiles), count), threads, smem, stream>>>(p);
+  });
+}
+
 // Head dim padded to a tensor-core tile width: 64, 128 or 256 (0 beyond 256).
 __host__ inline int padded_head_dim(int64_t head_dim, int64_t value_dim) {
   const int64_t d = head_dim > value_dim ? head_dim : value_dim;
@@ -133,6 +217,41 @@ __host__ inline int padded_head_dim(int64_t head_dim, int64_t value_dim) {
   if (d <= 128) return 128;
   if (d <= 256) return 256;
   return 0;
+}
+
+// What the mma.sync and wgmma kernels need of every problem: 16-bit floats, and head dims that
+// are multiples of 8 (rows of whole 16-byte vectors) padded to 64 or 128. Returns the padded
+// head dim, or 0 where the problem is not one of theirs.
+__host__ inline int register_tile_head_dim(const AttentionShape& s) {
+  if (s.dtype != AttentionDType::kBFloat16 && s.dtype != AttentionDType::kFloat16) return 0;
+  if (s.head_dim % 8 != 0 || s.value_dim % 8 != 0) return 0;
+  const int dp = padded_head_dim(s.head_dim, s.value_dim);
+  return dp == 64 || dp == 128 ? dp : 0;
+}
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// f(Type<__nv_bfloat16>{}) or f(Type<__half>{}) for the 16-bit dtypes, an invalid-value error
+// for the others.
+template <typename F>
+__host__ inline cudaError_t dispatch_16bit(AttentionDType dtype, F&& f) {
+  if (dtype == AttentionDType::kBFloat16) return f(Type<__nv_bfloat16>{});
+  if (dtype == AttentionDType::kFloat16) return f(Type<__half>{});
+  return cudaErrorInvalidValue;
+}
+
+// f(std::integral_constant<int, DP>{}) for a padded head dim DP of 64 or 128, an invalid-value
+// error for any other.
+template <typename F>
+__host__ inline cudaError_t dispatch_64_128(int padded_dim, F&& f) {
+  switch (padded_dim) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace l2p::cuda::attn

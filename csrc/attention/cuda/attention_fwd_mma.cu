@@ -42,7 +42,7 @@ struct MmaParams {
   T* out;
   float* lse;
   attn::MaskView mask;
-  int64_t q_heads, kv_heads, group, q_len, kv_len, bh_offset;
+  int64_t q_heads, kv_heads, group, q_len, kv_len, head_offset;
   int head_dim, value_dim;
   float scale_log2;
 };
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_mma_kernel(const MmaPa
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t bh = p.bh_offset + blockIdx.y;
+  const int64_t bh = p.head_offset + blockIdx.y;
   const int64_t b = bh / p.q_heads, h = bh - b * p.q_heads;
   const int64_t kvh = b * p.kv_heads + h / p.group;
   const int64_t m0 = int64_t(blockIdx.x) * kRows;
@@ -260,75 +260,36 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_mma_kernel(const MmaPa
 
 template <typename T, int DP>
 cudaError_t launch(const AttentionForwardArgs& args, cudaStream_t stream) {
-  using Tile = MmaTile<DP>;
   const AttentionShape& s = args.shape;
   auto kernel = s.mask != nullptr ? attention_fwd_mma_kernel<T, DP, true>
                                   : attention_fwd_mma_kernel<T, DP, false>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(Tile::kSmem));
-  if (err != cudaSuccess) return err;
   MmaParams<T> p;
-  p.q = static_cast<const T*>(args.q);
-  p.k = static_cast<const T*>(args.k);
-  p.v = static_cast<const T*>(args.v);
-  p.out = static_cast<T*>(args.out);
-  p.lse = args.lse;
+  attn::set_forward(p, args);
   p.mask = attn::MaskView::of(s);
-  p.q_heads = s.q_heads;
-  p.kv_heads = s.kv_heads;
-  p.group = s.q_heads / s.kv_heads;
-  p.q_len = s.q_len;
-  p.kv_len = s.kv_len;
-  p.head_dim = static_cast<int>(s.head_dim);
-  p.value_dim = static_cast<int>(s.value_dim);
-  p.scale_log2 = static_cast<float>(s.scale) * kLog2e;
-  const int64_t q_tiles = (s.q_len + kRows - 1) / kRows;
-  const int64_t heads = s.batch * s.q_heads;
-  return attn::launch_head_slices(heads, [&](int64_t first, unsigned count) {
-    p.bh_offset = first;
-    kernel<<<dim3(static_cast<unsigned>(q_tiles), count), kThreads, Tile::kSmem, stream>>>(p);
-  });
-}
-
-template <typename T>
-cudaError_t launch_for_dim(const AttentionForwardArgs& args, cudaStream_t stream) {
-  switch (attn::padded_head_dim(args.shape.head_dim, args.shape.value_dim)) {
-    case 64: return launch<T, 64>(args, stream);
-    case 128: return launch<T, 128>(args, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return attn::launch_over_heads(kernel, p, (s.q_len + kRows - 1) / kRows, s.batch * s.q_heads,
+                                 kThreads, MmaTile<DP>::kSmem, stream);
 }
 
 }  // namespace
 
 bool attention_forward_mma_supported(const AttentionForwardArgs& args) {
   const AttentionShape& s = args.shape;
-  if (s.dtype != AttentionDType::kBFloat16 && s.dtype != AttentionDType::kFloat16) return false;
-  const int dp = attn::padded_head_dim(s.head_dim, s.value_dim);
-  if (dp != 64 && dp != 128) return false;
+  const int dp = attn::register_tile_head_dim(s);
+  if (dp == 0) return false;
   if (!(s.scale > 0.0)) return false;  // the unmasked kernel takes the row maximum before scaling
-  if (s.head_dim % 8 != 0 || s.value_dim % 8 != 0) return false;
-  if (!attn::aligned16(args.q) || !attn::aligned16(args.k) || !attn::aligned16(args.v) ||
-      !attn::aligned16(args.out)) {
-    return false;
-  }
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      major < 8) {
-    return false;
-  }
+  if (!attn::aligned16({args.q, args.k, args.v, args.out})) return false;
+  if (attn::compute_capability_major() < 8) return false;
   const size_t smem = dp == 64 ? MmaTile<64>::kSmem : MmaTile<128>::kSmem;
   return smem <= static_cast<size_t>(attn::max_shared_per_block()) &&
          (s.q_len + kRows - 1) / kRows < (int64_t{1} << 31);
 }
 
 cudaError_t attention_forward_mma(const AttentionForwardArgs& args, cudaStream_t stream) {
-  if (args.shape.dtype == AttentionDType::kBFloat16) {
-    return launch_for_dim<__nv_bfloat16>(args, stream);
-  }
-  if (args.shape.dtype == AttentionDType::kFloat16) return launch_for_dim<__half>(args, stream);
-  return cudaErrorInvalidValue;
+  return attn::dispatch_16bit(args.shape.dtype, [&](auto type) {
+    return attn::dispatch_64_128(attn::register_tile_head_dim(args.shape), [&](auto dp) {
+      return launch<typename decltype(type)::type, decltype(dp)::value>(args, stream);
+    });
+  });
 }
 
 }  // namespace l2p::cuda

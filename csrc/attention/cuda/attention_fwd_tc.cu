@@ -35,10 +35,10 @@ struct FwdParams {
   T* out;
   float* lse;
   attn::MaskView mask;
-  int64_t q_heads, kv_heads, group, q_len, kv_len, bh_offset;
+  int64_t q_heads, kv_heads, group, q_len, kv_len, head_offset;
   int head_dim, value_dim;
   float scale_log2;
-  bool vec_qk, vec_v;
+  bool vec_qk, vec_v;  // 16-byte loads of Q and K rows / of V rows
 };
 
 template <typename T, int DP, int BN>
@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(128) attention_fwd_tc_kernel(const FwdParams<T
   float* sO = sS + BM * LDS;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = p.bh_offset + blockIdx.y;
+  const int64_t bh = p.head_offset + blockIdx.y;
   const int64_t b = bh / p.q_heads, h = bh - b * p.q_heads;
   const int64_t kvh = b * p.kv_heads + h / p.group;
   const int64_t m0 = int64_t(blockIdx.x) * BM;
@@ -182,33 +182,14 @@ cudaError_t launch_fwd(const AttentionForwardArgs& args, cudaStream_t stream) {
   constexpr int BN = fwd_key_tile<DP>();
   using Tile = FwdTile<DP, BN>;
   const AttentionShape& s = args.shape;
-  auto kernel = attention_fwd_tc_kernel<T, DP, BN>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(Tile::kSmem));
-  if (err != cudaSuccess) return err;
   FwdParams<T> p;
-  p.q = static_cast<const T*>(args.q);
-  p.k = static_cast<const T*>(args.k);
-  p.v = static_cast<const T*>(args.v);
-  p.out = static_cast<T*>(args.out);
-  p.lse = args.lse;
+  attn::set_forward(p, args);
   p.mask = attn::MaskView::of(s);
-  p.q_heads = s.q_heads;
-  p.kv_heads = s.kv_heads;
-  p.group = s.q_heads / s.kv_heads;
-  p.q_len = s.q_len;
-  p.kv_len = s.kv_len;
-  p.head_dim = static_cast<int>(s.head_dim);
-  p.value_dim = static_cast<int>(s.value_dim);
-  p.scale_log2 = static_cast<float>(s.scale) * kLog2e;
-  p.vec_qk = s.head_dim % 8 == 0 && attn::aligned16(args.q) && attn::aligned16(args.k);
+  p.vec_qk = s.head_dim % 8 == 0 && attn::aligned16({args.q, args.k});
   p.vec_v = s.value_dim % 8 == 0 && attn::aligned16(args.v);
-  const int64_t q_tiles = (s.q_len + Tile::kRows - 1) / Tile::kRows;
-  const int64_t heads = s.batch * s.q_heads;
-  return attn::launch_head_slices(heads, [&](int64_t first, unsigned count) {
-    p.bh_offset = first;
-    kernel<<<dim3(static_cast<unsigned>(q_tiles), count), Tile::kThreads, Tile::kSmem, stream>>>(p);
-  });
+  return attn::launch_over_heads(attention_fwd_tc_kernel<T, DP, BN>, p,
+                                 (s.q_len + Tile::kRows - 1) / Tile::kRows, s.batch * s.q_heads,
+                                 Tile::kThreads, Tile::kSmem, stream);
 }
 
 template <typename T>
@@ -235,13 +216,9 @@ bool attention_forward_tc_supported(const AttentionShape& shape) {
 }
 
 cudaError_t attention_forward_tc(const AttentionForwardArgs& args, cudaStream_t stream) {
-  if (args.shape.dtype == AttentionDType::kBFloat16) {
-    return launch_fwd_for_dtype<__nv_bfloat16>(args, stream);
-  }
-  if (args.shape.dtype == AttentionDType::kFloat16) {
-    return launch_fwd_for_dtype<__half>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return attn::dispatch_16bit(args.shape.dtype, [&](auto type) {
+    return launch_fwd_for_dtype<typename decltype(type)::type>(args, stream);
+  });
 }
 
 }  // namespace l2p::cuda

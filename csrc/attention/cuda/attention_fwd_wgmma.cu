@@ -40,7 +40,6 @@ namespace {
 
 using attn::exp2_ftz;
 using attn::kLn2;
-using attn::kLog2e;
 using namespace attn::mma;
 namespace wgmma = attn::wgmma;
 using wgmma::kSwizzleAtom;
@@ -63,7 +62,7 @@ struct WgmmaParams {
   const T *q, *k, *v;
   T* out;
   float* lse;
-  int64_t q_heads, kv_heads, group, q_len, kv_len, bh_offset;
+  int64_t q_heads, kv_heads, group, q_len, kv_len, head_offset;
   int head_dim, value_dim;
   float scale_log2;
 };
@@ -86,7 +85,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
   const int group = threadIdx.x / 128;  // warpgroup: query rows 64 * group .. + 63 of the block
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t bh = p.bh_offset + blockIdx.y;
+  const int64_t bh = p.head_offset + blockIdx.y;
   const int64_t b = bh / p.q_heads, h = bh - b * p.q_heads;
   const int64_t kvh = b * p.kv_heads + h / p.group;
   const int64_t m0 = int64_t(blockIdx.x) * kRows;
@@ -265,67 +264,33 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_wgmma_kernel(const 
 
 template <typename T, int DP>
 cudaError_t launch(const AttentionForwardArgs& args, cudaStream_t stream) {
-  using Tile = WgmmaTile<DP>;
   const AttentionShape& s = args.shape;
-  auto kernel = attention_fwd_wgmma_kernel<T, DP>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(Tile::kSmem));
-  if (err != cudaSuccess) return err;
   WgmmaParams<T> p;
-  p.q = static_cast<const T*>(args.q);
-  p.k = static_cast<const T*>(args.k);
-  p.v = static_cast<const T*>(args.v);
-  p.out = static_cast<T*>(args.out);
-  p.lse = args.lse;
-  p.q_heads = s.q_heads;
-  p.kv_heads = s.kv_heads;
-  p.group = s.q_heads / s.kv_heads;
-  p.q_len = s.q_len;
-  p.kv_len = s.kv_len;
-  p.head_dim = static_cast<int>(s.head_dim);
-  p.value_dim = static_cast<int>(s.value_dim);
-  p.scale_log2 = static_cast<float>(s.scale) * kLog2e;
-  const int64_t q_tiles = (s.q_len + kRows - 1) / kRows;
-  const int64_t heads = s.batch * s.q_heads;
-  return attn::launch_head_slices(heads, [&](int64_t first, unsigned count) {
-    p.bh_offset = first;
-    kernel<<<dim3(static_cast<unsigned>(q_tiles), count), kThreads, Tile::kSmem, stream>>>(p);
-  });
-}
-
-template <typename T>
-cudaError_t launch_for_dim(const AttentionForwardArgs& args, cudaStream_t stream) {
-  switch (attn::padded_head_dim(args.shape.head_dim, args.shape.value_dim)) {
-    case 64: return launch<T, 64>(args, stream);
-    case 128: return launch<T, 128>(args, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  attn::set_forward(p, args);
+  return attn::launch_over_heads(attention_fwd_wgmma_kernel<T, DP>, p,
+                                 (s.q_len + kRows - 1) / kRows, s.batch * s.q_heads, kThreads,
+                                 WgmmaTile<DP>::kSmem, stream);
 }
 
 }  // namespace
 
 bool attention_forward_wgmma_supported(const AttentionForwardArgs& args) {
   const AttentionShape& s = args.shape;
-  if (s.dtype != AttentionDType::kBFloat16 && s.dtype != AttentionDType::kFloat16) return false;
+  const int dp = attn::register_tile_head_dim(s);
+  if (dp == 0) return false;
   if (s.mask != nullptr) return false;  // masked attention stays on the mma.sync kernel
-  const int dp = attn::padded_head_dim(s.head_dim, s.value_dim);
-  if (dp != 64 && dp != 128) return false;
   if (!(s.scale > 0.0)) return false;  // the row maximum is taken before scaling
-  if (s.head_dim % 8 != 0 || s.value_dim % 8 != 0) return false;
-  if (!attn::aligned16(args.q) || !attn::aligned16(args.k) || !attn::aligned16(args.v) ||
-      !attn::aligned16(args.out)) {
-    return false;
-  }
+  if (!attn::aligned16({args.q, args.k, args.v, args.out})) return false;
   const size_t smem = dp == 64 ? WgmmaTile<64>::kSmem : WgmmaTile<128>::kSmem;
   return (s.q_len + kRows - 1) / kRows < (int64_t{1} << 31) && wgmma::device_runs_wgmma(smem);
 }
 
 cudaError_t attention_forward_wgmma(const AttentionForwardArgs& args, cudaStream_t stream) {
-  if (args.shape.dtype == AttentionDType::kBFloat16) {
-    return launch_for_dim<__nv_bfloat16>(args, stream);
-  }
-  if (args.shape.dtype == AttentionDType::kFloat16) return launch_for_dim<__half>(args, stream);
-  return cudaErrorInvalidValue;
+  return attn::dispatch_16bit(args.shape.dtype, [&](auto type) {
+    return attn::dispatch_64_128(attn::register_tile_head_dim(args.shape), [&](auto dp) {
+      return launch<typename decltype(type)::type, decltype(dp)::value>(args, stream);
+    });
+  });
 }
 
 }  // namespace l2p::cuda

@@ -243,14 +243,8 @@ __global__ void __launch_bounds__(128) attention_dkdv_simple_kernel(const Simple
 template <typename T>
 SimpleParams<T> make_params(const AttentionShape& s) {
   SimpleParams<T> p{};
+  attn::set_sizes(p, s);
   p.mask = attn::MaskView::of(s);
-  p.q_heads = s.q_heads;
-  p.kv_heads = s.kv_heads;
-  p.group = s.q_heads / s.kv_heads;
-  p.q_len = s.q_len;
-  p.kv_len = s.kv_len;
-  p.head_dim = static_cast<int>(s.head_dim);
-  p.value_dim = static_cast<int>(s.value_dim);
   p.scale = s.scale;
   return p;
 }
@@ -263,10 +257,7 @@ cudaError_t launch_rows(void (*kernel)(const SimpleParams<T>), SimpleParams<T> p
   if (rows <= 0 || heads <= 0) return cudaSuccess;
   const int64_t row_blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
   if (row_blocks >= (int64_t{1} << 31)) return cudaErrorInvalidConfiguration;
-  return attn::launch_head_slices(heads, [&](int64_t first, unsigned count) {
-    p.head_offset = first;
-    kernel<<<dim3(static_cast<unsigned>(row_blocks), count), kWarpsPerBlock * 32, 0, stream>>>(p);
-  });
+  return attn::launch_over_heads(kernel, p, row_blocks, heads, kWarpsPerBlock * 32, 0, stream);
 }
 
 template <typename T>
@@ -315,42 +306,42 @@ cudaError_t backward(const AttentionBackwardArgs& args, cudaStream_t stream) {
                         stream);
 }
 
+// f(attn::Type<T>{}) for the element type T of `dtype`.
+template <typename F>
+cudaError_t dispatch_dtype(AttentionDType dtype, F&& f) {
+  switch (dtype) {
+    case AttentionDType::kFloat32: return f(attn::Type<float>{});
+    case AttentionDType::kFloat64: return f(attn::Type<double>{});
+    case AttentionDType::kBFloat16: return f(attn::Type<__nv_bfloat16>{});
+    case AttentionDType::kFloat16: return f(attn::Type<__half>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 cudaError_t attention_forward_simple(const AttentionForwardArgs& args, cudaStream_t stream) {
   if (args.shape.head_dim > kMaxSimpleHeadDim || args.shape.value_dim > kMaxSimpleHeadDim) {
     return cudaErrorInvalidValue;
   }
-  switch (args.shape.dtype) {
-    case AttentionDType::kFloat32: return forward<float>(args, stream);
-    case AttentionDType::kFloat64: return forward<double>(args, stream);
-    case AttentionDType::kBFloat16: return forward<__nv_bfloat16>(args, stream);
-    case AttentionDType::kFloat16: return forward<__half>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(args.shape.dtype, [&](auto type) {
+    return forward<typename decltype(type)::type>(args, stream);
+  });
 }
 
 cudaError_t attention_backward_simple(const AttentionBackwardArgs& args, cudaStream_t stream) {
   if (args.shape.head_dim > kMaxSimpleHeadDim || args.shape.value_dim > kMaxSimpleHeadDim) {
     return cudaErrorInvalidValue;
   }
-  switch (args.shape.dtype) {
-    case AttentionDType::kFloat32: return backward<float>(args, stream);
-    case AttentionDType::kFloat64: return backward<double>(args, stream);
-    case AttentionDType::kBFloat16: return backward<__nv_bfloat16>(args, stream);
-    case AttentionDType::kFloat16: return backward<__half>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(args.shape.dtype, [&](auto type) {
+    return backward<typename decltype(type)::type>(args, stream);
+  });
 }
 
 cudaError_t attention_backward_delta(const AttentionBackwardArgs& args, cudaStream_t stream) {
-  switch (args.shape.dtype) {
-    case AttentionDType::kFloat32: return delta<float>(args, stream);
-    case AttentionDType::kFloat64: return delta<double>(args, stream);
-    case AttentionDType::kBFloat16: return delta<__nv_bfloat16>(args, stream);
-    case AttentionDType::kFloat16: return delta<__half>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(args.shape.dtype, [&](auto type) {
+    return delta<typename decltype(type)::type>(args, stream);
+  });
 }
 
 }  // namespace l2p::cuda
