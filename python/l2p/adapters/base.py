@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import diffusers
 import torch
+from torch import nn
 
 
 def _power_of_two(n: int) -> bool:
@@ -160,6 +161,15 @@ class SourceAdapter:
             )
         return patch_size
 
+    def latent_patch_projection(self, transformer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The source's input projection as a weight over one token's latent patch, in a Conv2d
+        weight's (D, C, p, p) layout, and its bias (``model.embed_init=vae``). Here a Linear
+        over patches flattened channels last, (p, p, C), as Lumina2 and Z-Image patchify."""
+        linear = transformer.get_submodule(self.input_module)
+        p = self.latent_patch
+        weight = linear.weight.reshape(linear.weight.shape[0], p, p, self.latent_channels)
+        return weight.permute(0, 3, 1, 2), linear.bias
+
     # -- the call ------------------------------------------------------------------------
     def pixels_from_input(self, value: Any) -> Any:
         """The noisy image as the caller passed it, normalised to (B, 3, H, W)."""
@@ -234,6 +244,10 @@ class PatchEmbedAdapter(SourceAdapter):
             )
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], rows, cols)
 
+    def latent_patch_projection(self, transformer):
+        conv = transformer.get_submodule(self.input_module)  # already (D, C, p, p)
+        return conv.weight, conv.bias
+
 
 class PackedLatentAdapter(SourceAdapter):
     """Families fed packed latent tokens (B, N, 4*C): each token folds a 2x2 block of the
@@ -253,3 +267,9 @@ class PackedLatentAdapter(SourceAdapter):
         q = self.latent_patch
         tokens = latent.reshape(b, c, h // q, q, w // q, q).permute(0, 2, 4, 1, 3, 5)
         return tokens.reshape(b, (h // q) * (w // q), c * q * q)
+
+    def latent_patch_projection(self, transformer):
+        # A Linear over the packed tokens above: (C, q, q), channels first.
+        linear = transformer.get_submodule(self.input_module)
+        q = self.latent_patch
+        return linear.weight.reshape(linear.weight.shape[0], self.latent_channels, q, q), linear.bias

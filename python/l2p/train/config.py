@@ -44,6 +44,14 @@ class ModelConfig:
     # pixel architecture from random initialisation (the from-scratch baseline); every
     # parameter must then train (model.trainable=all).
     init: str = "source"
+    # Where the pixel patch embedding starts: "random" (nn.Conv2d's initialisation, the paper's)
+    # or "vae": the source's VAE encoder, fitted per patch by ridge regression on the first
+    # embed_init_images corpus images, composed with the source's latent patch projection, so
+    # the transferred blocks start from tokens like their own (l2p.conversion.embedding_init).
+    embed_init: str = "random"
+    embed_init_images: int = 512
+    # Added to the pixel patches' covariance (pixels in [-1, 1]) before solving.
+    embed_init_ridge: float = 0.1
     # Recompute block activations in the backward pass: "none", "trainable" or "all" blocks.
     gradient_checkpointing: str = "none"
 
@@ -225,6 +233,16 @@ class Config:
         _check_choice("model.gradient_checkpointing", self.model.gradient_checkpointing,
                       ("none", "trainable", "all"))
         _check_choice("model.init", self.model.init, ("source", "random"))
+        _check_choice("model.embed_init", self.model.embed_init, ("random", "vae"))
+        if self.model.embed_init == "vae":
+            if self.model.init != "source":
+                raise ConfigError("model.embed_init=vae starts the pixel embedding from the source's VAE and "
+                                  "latent projection, which a from-scratch run (model.init=random) must not "
+                                  "use: set model.embed_init=random")
+            if self.model.embed_init_images < 1:
+                raise ConfigError(f"model.embed_init_images must be >= 1, got {self.model.embed_init_images}")
+            if not self.model.embed_init_ridge >= 0:
+                raise ConfigError(f"model.embed_init_ridge must be >= 0, got {self.model.embed_init_ridge}")
         if self.model.init == "random" and self.model.trainable != "all":
             raise ConfigError("model.init=random leaves frozen blocks random: set model.trainable=all "
                               f"(got {self.model.trainable!r})")

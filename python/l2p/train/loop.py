@@ -33,7 +33,7 @@ from l2p.train.distributed import (DistEnv, all_reduce_sum, init_distributed, pi
                                    reshard, shutdown_distributed, wrap_ddp, wrap_fsdp)
 from l2p.train.ema import EMA
 from l2p.train.objective import Objective
-from l2p.train.source import open_source
+from l2p.train.source import encode_latents, open_source
 
 
 class NonFiniteLossError(RuntimeError):
@@ -147,6 +147,10 @@ class Trainer:
                                  seed=cfg.model.init_seed)
         del transformer
         self.trainable_report = set_trainable(model, cfg.model.trainable)
+        self.dataset = open_dataset(cfg.data.path, cfg.data.resolution, cfg.train.seed,
+                                    patch_size=model.config.patch_size, max_aspect=cfg.data.bucket_max_aspect)
+        if cfg.model.embed_init == "vae":
+            self._fit_pixel_embedding(model, source_transformer, frozen_dtype)
         # The source's own transformer (convert_to_pixel copied its tensors and left it as it
         # was) and VAE encoder, for the alignment term; otherwise dropped here.
         self.align = self._alignment(model, source_transformer, frozen_dtype) if cfg.align.weight > 0 else None
@@ -206,8 +210,6 @@ class Trainer:
                                                                 cfg.objective.shift)
 
         # -- data and text conditioning --------------------------------------------------
-        self.dataset = open_dataset(cfg.data.path, cfg.data.resolution, cfg.train.seed,
-                                    patch_size=model.config.patch_size, max_aspect=cfg.data.bucket_max_aspect)
         self.plan = BatchPlan(self.dataset, cfg.train.batch_size * cfg.train.grad_accum * self.env.world_size,
                               cfg.train.seed, buckets=cfg.data.bucket_max_aspect is not None)
         self.text = self._text_conditioning()
@@ -256,6 +258,29 @@ class Trainer:
             block = frozen[0]
         return SourceAlignment(model, source_transformer, self.source.load_vae_encoder(dtype), block,
                                self.source.vae_scale_factor, self.cfg.align.noise)
+
+    def _fit_pixel_embedding(self, model, source_transformer, dtype: torch.dtype) -> None:
+        """model.embed_init=vae: the pixel embedding fitted to the source's VAE encoder and latent
+        projection on the corpus's first images (every process fits the same). A resumed run
+        fits too, and then loads its checkpoint's embedding over it."""
+        from l2p.conversion.embedding_init import fit_pixel_embedding
+
+        vae = self.source.load_vae_encoder(dtype).to(self.device)
+        count = min(self.cfg.model.embed_init_images, len(self.dataset))
+        batch = 32
+
+        def images():
+            for start in range(0, count, batch):
+                items = [self.dataset[i]["pixel_values"] for i in range(start, min(start + batch, count))]
+                if len({tuple(x.shape) for x in items}) > 1:  # aspect-ratio buckets: one image at a time
+                    yield from (x[None].to(self.device) for x in items)
+                else:
+                    yield torch.stack(items).to(self.device)
+
+        fit = fit_pixel_embedding(model, source_transformer, lambda x: encode_latents(vae, x), images(),
+                                  ridge=self.cfg.model.embed_init_ridge)
+        self._log(str(fit))
+        del vae
 
     def _head_config(self):
         m = self.cfg.model
