@@ -274,7 +274,8 @@ def test_reproduce_guidance_interval_flag_takes_a_noise_level_or_none(capsys):
 def test_the_alignment_arm_is_asked_for_and_sets_the_term(tmp_path):
     from l2p.toy import reproduce
 
-    plan = reproduce.ReproducePlan(arms=["l2p", "l2p-align"], train_overrides=["align.block=1"]).validate()
+    plan = reproduce.ReproducePlan(arms=["l2p", "l2p-align", "l2p-align-vae"],
+                                   train_overrides=["align.block=1"]).validate()
     assert "l2p-align" not in reproduce.ReproducePlan().arms  # the default is the paper's arms
     source_dir = Path(reproduce.__file__).parent / "weights" / "shapes-pixart"
     configs = {name: reproduce._arm_config(plan, reproduce.ARMS_BY_NAME[name], source_dir, tmp_path, 64, 10,
@@ -288,6 +289,13 @@ def test_the_alignment_arm_is_asked_for_and_sets_the_term(tmp_path):
     assert configs["l2p-align"].align.block == 1  # --set still applies on top of the arm
     assert configs["l2p-align"].model.trainable == configs["l2p"].model.trainable
     assert ("l2p-align", "l2p") in [(a, b) for a, b, _ in reproduce.COMPARISONS]
+    # The default migration also fits the pixel embedding to the source's VAE; the paper's arms
+    # and l2p-align start it at random, and l2p-align-vae is the default's recipe.
+    assert load_config(DEFAULT_CONFIG_DIR / "toy.yaml").model.embed_init == "vae"
+    assert all("model.embed_init=random" in arm.overrides for arm in reproduce.ARMS)
+    assert [configs[n].model.embed_init for n in plan.arms] == ["random", "random", "vae"]
+    assert configs["l2p-align-vae"].align.weight == 0.5
+    assert ("l2p-align-vae", "l2p-align") in [(a, b) for a, b, _ in reproduce.COMPARISONS]
 
 
 def test_calibration_times_the_costliest_arm(tmp_path, monkeypatch):

@@ -15,6 +15,8 @@ and, when asked for (``--arms``), arms beyond the paper:
     l2p-align      as l2p plus the source-feature alignment term (align.weight 0.5, as in the
                    default migration: the hidden states entering the first frozen block pulled
                    towards the source's)
+    l2p-align-vae  the default migration's recipe: l2p-align with the pixel embedding fitted to
+                   the source's VAE encoder and latent projection (model.embed_init=vae)
     l2p-verified   as l2p on the verified corpus: the source's generations the scorer accepts
 
 Each arm can be trained from several training seeds (``train_seeds``: the data order, noise,
@@ -62,8 +64,9 @@ class Arm:
     overrides: tuple[str, ...] = ()  # further trainer settings ("key=value")
 
 
-# The paper's recipe has no alignment term; the toy default (toy.yaml) turns it on.
-PAPER_RECIPE = ("align.weight=0",)
+# The paper's recipe has no alignment term and a randomly initialised pixel embedding; the toy
+# default (toy.yaml) turns the term on and fits the embedding to the source's VAE.
+PAPER_RECIPE = ("align.weight=0", "model.embed_init=random")
 ARMS = (
     Arm("l2p", "source", "first_last:2", "synthetic",
         "L2P: source weights; embedding, first/last 2 blocks and head train; synthetic corpus",
@@ -78,7 +81,11 @@ ARMS = (
 # Beyond the paper's comparisons: run only when named in ``arms``.
 EXTRA_ARMS = (
     Arm("l2p-align", "source", "first_last:2", "synthetic",
-        "as l2p plus the source-feature alignment term (align.weight 0.5)", ("align.weight=0.5",)),
+        "as l2p plus the source-feature alignment term (align.weight 0.5)",
+        ("align.weight=0.5", "model.embed_init=random")),
+    Arm("l2p-align-vae", "source", "first_last:2", "synthetic",
+        "as l2p-align with the pixel embedding fitted to the source's VAE (model.embed_init=vae; the "
+        "default migration's recipe)", ("align.weight=0.5", "model.embed_init=vae")),
     Arm("l2p-verified", "source", "first_last:2", "verified",
         "as l2p, on the source's generations the scorer accepts (the first of up to "
         "--verify-candidates tries per prompt; prompts with none left out)", PAPER_RECIPE),
@@ -92,6 +99,8 @@ COMPARISONS = (
     ("l2p", "l2p-first-last-1", "(c) trainable first/last n = 2 vs n = 1"),
     ("l2p", "l2p-all", "(c) trainable first/last n = 2 vs all blocks"),
     ("l2p-align", "l2p", "beyond the paper: with the source-feature alignment term vs without"),
+    ("l2p-align-vae", "l2p-align", "beyond the paper: the pixel embedding fitted to the source's VAE vs "
+     "randomly initialised (both with the alignment term)"),
     ("l2p-verified", "l2p", "beyond the paper: the source's generations verified by the scorer vs all of them"),
     ("l2p-verified", "l2p-real", "beyond the paper: verified source generations vs ground-truth renders"),
 )
