@@ -3,7 +3,7 @@
 ``convert_to_pixel`` gives the new pixel patch embedding nn.Conv2d's random initialisation, so
 for its first hundreds of steps the transferred blocks see tokens unlike the ones they were
 trained on. The source's own path from pixels to tokens is its VAE encoder followed by its
-latent patch projection; over one token's patch the encoder is close to linear, so
+latent patch projection; over one token's patch the encoder is roughly linear, so
 
     latent patch  ~=  A @ pixel patch + c        (ridge regression over sample images)
     token         =   W_latent @ latent patch + b_latent

@@ -32,8 +32,8 @@ class Source:
 
         index = json.loads((self.path / "model_index.json").read_text())
         if not index.get("vae") or index["vae"][1] is None:
-            raise ValueError(f"{self.path} has no VAE; align.weight > 0 encodes the batch with the "
-                             "source's VAE: use the source pipeline folder with its vae/")
+            raise ValueError(f"{self.path} has no VAE; align.weight > 0 and model.embed_init=vae encode "
+                             "images with the source's VAE: use the source pipeline folder with its vae/")
         vae = getattr(diffusers, index["vae"][1]).from_pretrained(str(self.path / "vae"), torch_dtype=dtype)
         # Empty stand-ins, not None: encoding never runs them, but Qwen-Image's VAE counts the
         # decoder's layers when it resets its caches; a decode fails at once.
