@@ -5,8 +5,9 @@
 
 1. the toy source renders its own training corpus from ShapesWorld training prompts, keeping
    per prompt the first of up to four generations the scorer accepts (``MigrationPlan.corpus``);
-2. the trainer converts it to pixel space and trains the embedding, the first/last blocks
-   and the Detailer Head (``l2p/train/configs/toy.yaml``);
+2. the trainer converts it to pixel space, starts the pixel embedding from the source's VAE
+   fitted on the corpus, and trains the embedding, the first/last blocks and the Detailer Head
+   with the source-feature alignment term (``l2p/train/configs/toy.yaml``);
 3. source and pixel model are scored on held-out prompts with the ShapesWorld scorer;
 4. ``report.md`` / ``report.json`` / ``loss.png`` and the trainer's sample grid are written.
 
