@@ -274,7 +274,7 @@ def test_reproduce_guidance_interval_flag_takes_a_noise_level_or_none(capsys):
 def test_the_alignment_arm_is_asked_for_and_sets_the_term(tmp_path):
     from l2p.toy import reproduce
 
-    plan = reproduce.ReproducePlan(arms=["l2p", "l2p-align", "l2p-align-vae"],
+    plan = reproduce.ReproducePlan(arms=["l2p", "l2p-align", "l2p-align-vae", "l2p-default"],
                                    train_overrides=["align.block=1"]).validate()
     assert "l2p-align" not in reproduce.ReproducePlan().arms  # the default is the paper's arms
     source_dir = Path(reproduce.__file__).parent / "weights" / "shapes-pixart"
@@ -293,8 +293,9 @@ def test_the_alignment_arm_is_asked_for_and_sets_the_term(tmp_path):
     # and l2p-align start it at random, and l2p-align-vae is the default's recipe.
     assert load_config(DEFAULT_CONFIG_DIR / "toy.yaml").model.embed_init == "vae"
     assert all("model.embed_init=random" in arm.overrides for arm in reproduce.ARMS)
-    assert [configs[n].model.embed_init for n in plan.arms] == ["random", "random", "vae"]
-    assert configs["l2p-align-vae"].align.weight == 0.5
+    assert [configs[n].model.embed_init for n in plan.arms] == ["random", "random", "vae", "vae"]
+    assert configs["l2p-align-vae"].align.weight == configs["l2p-default"].align.weight == 0.5
+    assert reproduce.ARMS_BY_NAME["l2p-default"].data == "verified"  # the default migration's corpus
     assert ("l2p-align-vae", "l2p-align") in [(a, b) for a, b, _ in reproduce.COMPARISONS]
 
 

@@ -15,9 +15,10 @@ and, when asked for (``--arms``), arms beyond the paper:
     l2p-align      as l2p plus the source-feature alignment term (align.weight 0.5, as in the
                    default migration: the hidden states entering the first frozen block pulled
                    towards the source's)
-    l2p-align-vae  the default migration's recipe: l2p-align with the pixel embedding fitted to
-                   the source's VAE encoder and latent projection (model.embed_init=vae)
+    l2p-align-vae  as l2p-align with the pixel embedding fitted to the source's VAE encoder and
+                   latent projection (model.embed_init=vae)
     l2p-verified   as l2p on the verified corpus: the source's generations the scorer accepts
+    l2p-default    the default migration's recipe: l2p-align-vae on the verified corpus
 
 Each arm can be trained from several training seeds (``train_seeds``: the data order, noise,
 times and the initialisation of new layers); arms trained from the same seed see the same
@@ -84,11 +85,14 @@ EXTRA_ARMS = (
         "as l2p plus the source-feature alignment term (align.weight 0.5)",
         ("align.weight=0.5", "model.embed_init=random")),
     Arm("l2p-align-vae", "source", "first_last:2", "synthetic",
-        "as l2p-align with the pixel embedding fitted to the source's VAE (model.embed_init=vae; the "
-        "default migration's recipe)", ("align.weight=0.5", "model.embed_init=vae")),
+        "as l2p-align with the pixel embedding fitted to the source's VAE (model.embed_init=vae)",
+        ("align.weight=0.5", "model.embed_init=vae")),
     Arm("l2p-verified", "source", "first_last:2", "verified",
         "as l2p, on the source's generations the scorer accepts (the first of up to "
         "--verify-candidates tries per prompt; prompts with none left out)", PAPER_RECIPE),
+    Arm("l2p-default", "source", "first_last:2", "verified",
+        "the default migration's recipe: l2p-align-vae on the verified corpus",
+        ("align.weight=0.5", "model.embed_init=vae")),
 )
 ARMS_BY_NAME = {arm.name: arm for arm in ARMS + EXTRA_ARMS}
 
@@ -103,6 +107,7 @@ COMPARISONS = (
      "randomly initialised (both with the alignment term)"),
     ("l2p-verified", "l2p", "beyond the paper: the source's generations verified by the scorer vs all of them"),
     ("l2p-verified", "l2p-real", "beyond the paper: verified source generations vs ground-truth renders"),
+    ("l2p-default", "l2p", "beyond the paper: the default migration's recipe vs the paper's"),
 )
 
 
