@@ -180,8 +180,8 @@ def register(subparsers) -> None:
                    + ",".join(a.name for a in ARMS) + "; also " + ",".join(a.name for a in EXTRA_ARMS) + ")")
     r.add_argument("--corpus-prompts", type=int, default=d.corpus_prompts)
     r.add_argument("--verify-candidates", type=int, default=d.verify_candidates, metavar="K",
-                   help="source generations tried per prompt for the verified corpus of arm "
-                        "l2p-verified (default %(default)s)")
+                   help="source generations tried per prompt for the verified corpus of the arms "
+                        "l2p-verified and l2p-default (default %(default)s)")
     r.add_argument("--eval-prompts", type=int, default=d.eval_prompts)
     r.add_argument("--guidance-max-sigma", type=_noise_level_or_none, default=d.guidance_max_sigma,
                    help="score with guidance only at noise levels up to this, the source and every arm "

@@ -122,7 +122,7 @@ class ReproducePlan:
     batch_size: int = 16
     corpus_prompts: int = 600
     corpus_steps: int = 10
-    # Tries per prompt for the verified corpus (arm l2p-verified).
+    # Tries per prompt for the verified corpus (arms l2p-verified and l2p-default).
     verify_candidates: int = 4
     guidance: float = 4.5
     # Scoring only (the corpus is generated with guidance at every step): guidance only at the
