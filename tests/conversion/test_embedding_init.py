@@ -84,6 +84,8 @@ def test_ridge_shrinks_and_bad_input_is_refused():
     assert model.pixel_embed.weight.norm() < exact_weight.norm()
     with pytest.raises(ValueError, match="ridge must be >= 0"):
         fit_pixel_embedding(model, source, encode, batches, ridge=-1.0)
+    with pytest.raises(TypeError, match="what l2p.convert_to_pixel returns"):
+        fit_pixel_embedding(source, source, encode, batches)
     with pytest.raises(ValueError, match="at least one batch"):
         fit_pixel_embedding(model, source, encode, [], ridge=0.1)
     with pytest.raises(ValueError, match="token grid"):

@@ -74,6 +74,9 @@ def fit_pixel_embedding(
     """
     if not ridge >= 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if not (hasattr(model, "adapter") and hasattr(model, "pixel_embed")):
+        raise TypeError(f"model must be a pixel model (what l2p.convert_to_pixel returns), got "
+                        f"{type(model).__name__}")
     adapter = model.adapter
     latent_weight, latent_bias = adapter.latent_patch_projection(source_transformer)
     d_model, channels, p, _ = latent_weight.shape
