@@ -2,8 +2,9 @@
 
 Every arm trains the same pixel architecture (the toy source converted by ``convert_to_pixel``)
 for the same number of optimizer steps at the same batch size, from the default migration's
-config (``l2p/train/configs/toy.yaml``) without its alignment term (the paper's recipe), and
-is scored on the same held-out prompts with the same sampling seeds:
+config (``l2p/train/configs/toy.yaml``) without its alignment term and with the pixel embedding
+initialised at random (the paper's recipe), and is scored on the same held-out prompts with the
+same sampling seeds:
 
     l2p            source weights, first/last 2 blocks + embedding + head train, synthetic corpus
     scratch        random init, everything trains, synthetic corpus          (a) transfer
