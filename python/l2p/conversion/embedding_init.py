@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -45,9 +46,8 @@ class EmbeddingFit:
 def _patches(images: torch.Tensor, size: int) -> torch.Tensor:
     """(B, C, H, W) -> (B * H/size * W/size, C * size * size), each row one patch in the
     (C, size, size) order of a Conv2d weight, patches row-major over the grid."""
-    b, c, h, w = images.shape
-    grid = images.reshape(b, c, h // size, size, w // size, size).permute(0, 2, 4, 1, 3, 5)
-    return grid.reshape(-1, c * size * size)
+    columns = F.unfold(images, kernel_size=size, stride=size)  # (B, C * size * size, patches)
+    return columns.transpose(1, 2).reshape(-1, columns.shape[1])
 
 
 @torch.no_grad()
