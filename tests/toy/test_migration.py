@@ -297,6 +297,8 @@ def test_the_alignment_arm_is_asked_for_and_sets_the_term(tmp_path):
     assert configs["l2p-align-vae"].align.weight == configs["l2p-default"].align.weight == 0.5
     assert reproduce.ARMS_BY_NAME["l2p-default"].data == "verified"  # the default migration's corpus
     assert ("l2p-align-vae", "l2p-align") in [(a, b) for a, b, _ in reproduce.COMPARISONS]
+    # The default recipe is compared with scratch as well as with the paper's recipe.
+    assert {("l2p-default", "l2p"), ("l2p-default", "scratch")} <= {(a, b) for a, b, _ in reproduce.COMPARISONS}
 
 
 def test_calibration_times_the_costliest_arm(tmp_path, monkeypatch):
@@ -320,6 +322,10 @@ def test_calibration_times_the_costliest_arm(tmp_path, monkeypatch):
     plan.train_overrides.append("align.block=1")  # the tiny source has two blocks
     reproduce._seconds_per_step(plan, src, tmp_path / "corpus", 32, tmp_path / "cal")
     assert timed == ["scratch", "scratch", "l2p-align"]
+    # Any arm with the term stands for all of them: the default migration's recipe alone too.
+    plan.arms = ["l2p-default"]
+    reproduce._seconds_per_step(plan, src, tmp_path / "corpus", 32, tmp_path / "cal")
+    assert timed[3:] == ["scratch", "l2p-default"]
 
 
 @pytest.mark.slow

@@ -109,6 +109,8 @@ COMPARISONS = (
     ("l2p-verified", "l2p", "beyond the paper: the source's generations verified by the scorer vs all of them"),
     ("l2p-verified", "l2p-real", "beyond the paper: verified source generations vs ground-truth renders"),
     ("l2p-default", "l2p", "beyond the paper: the default migration's recipe vs the paper's"),
+    ("l2p-default", "scratch", "(a) with the default migration's recipe: transfer vs the same architecture "
+     "from scratch"),
 )
 
 
@@ -193,11 +195,13 @@ def _arm_config(plan: ReproducePlan, arm: Arm, source_dir: Path, corpus: Path, s
 
 def _seconds_per_step(plan: ReproducePlan, source_dir: Path, corpus: Path, size: int, out: Path) -> float:
     """Seconds per optimizer step of the costliest arm of the plan, measured on a short run
-    after a warm-up step: scratch (every block trains) or, when it runs, l2p-align (the source's
-    encoder and first blocks run on every batch)."""
+    after a warm-up step: scratch (every block trains; l2p-all costs the same) or, when the plan
+    has arms with the alignment term, the first of them (the source's encoder and first blocks
+    run on every batch; the same cost for every such arm)."""
     from l2p.train.loop import Trainer
 
-    candidates = ["scratch"] + [name for name in ("l2p-align",) if name in plan.arms]
+    aligned = [name for name in plan.arms if "align.weight=0" not in ARMS_BY_NAME[name].overrides]
+    candidates = ["scratch"] + aligned[:1]
     slowest = 0.0
     for name in candidates:
         cfg = _arm_config(plan, ARMS_BY_NAME[name], source_dir, corpus, size, 6, out / name,
