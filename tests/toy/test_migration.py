@@ -372,3 +372,18 @@ def test_reproduce_score_curve_checkpoints_end_at_the_last_step(tmp_path):
                                 tmp_path / "corpus", 64, 4000, tmp_path / "out")
     assert cfg.checkpoint.every == 1334 and 3 * cfg.checkpoint.every >= cfg.train.max_steps
     assert cfg.checkpoint.keep_last == plan.curve_points + 1
+
+
+def test_loss_curves_leave_the_alignment_term_out(tmp_path):
+    """Arms with the alignment term log loss = objective_loss + weight x align; their curve (and
+    final loss) must be the denoising loss the other arms log as ``loss``."""
+    from l2p.toy import reproduce
+
+    lines = [{"step": 1, "loss": 0.9, "objective_loss": 0.6, "align": 0.6},
+             {"step": 2, "loss": 5.0, "objective_loss": 4.0, "skipped": True},
+             {"step": 3, "loss": 0.7, "objective_loss": 0.5, "align": 0.4}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    assert reproduce._loss_curve(tmp_path) == ([1, 3], [0.6, 0.5])
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.3}))
+    assert reproduce._loss_curve(tmp_path) == ([1], [0.3])
+    assert reproduce._loss_curve(tmp_path / "absent") == ([], [])

@@ -218,14 +218,17 @@ def _seconds_per_step(plan: ReproducePlan, source_dir: Path, corpus: Path, size:
 
 
 def _loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    """The denoising loss by step. Arms with the alignment term log it as ``objective_loss``
+    (their ``loss`` adds the term), so that every arm's curve measures the same thing."""
     steps, losses = [], []
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         for line in metrics.read_text().splitlines():
             record = json.loads(line)
-            if record.get("loss") is not None and not record.get("skipped"):
+            loss = record.get("objective_loss", record.get("loss"))
+            if loss is not None and not record.get("skipped"):
                 steps.append(record["step"])
-                losses.append(record["loss"])
+                losses.append(loss)
     return steps, losses
 
 
@@ -302,7 +305,8 @@ def _plot(report: dict, out: Path) -> None:
                           marker="o", capsize=3, lw=1, label=name)
     if report.get("source"):
         ax_score.axhline(report["source"]["overall"], color="k", ls="--", lw=0.8, label="source (latent)")
-    ax_loss.set(xlabel="step", ylabel="training loss (smoothed)", yscale="log", title="loss")
+    ax_loss.set(xlabel="step", ylabel="denoising loss (smoothed)", yscale="log",
+                title="training loss (the alignment term left out)")
     ax_score.set(xlabel="step", ylabel="held-out score", ylim=(0, 1), title="ShapesWorld score (EMA)")
     ax_loss.legend(fontsize=7)
     ax_score.legend(fontsize=7)
