@@ -198,9 +198,11 @@ def _seconds_per_step(plan: ReproducePlan, source_dir: Path, corpus: Path, size:
     after a warm-up step: scratch (every block trains; l2p-all costs the same) or, when the plan
     has arms with the alignment term, the first of them (the source's encoder and first blocks
     run on every batch; the same cost for every such arm)."""
+    from l2p.train.config import DEFAULT_CONFIG_DIR, load_config
     from l2p.train.loop import Trainer
 
-    aligned = [name for name in plan.arms if "align.weight=0" not in ARMS_BY_NAME[name].overrides]
+    aligned = [name for name in plan.arms if load_config(
+        DEFAULT_CONFIG_DIR / "toy.yaml", [*ARMS_BY_NAME[name].overrides, *plan.train_overrides]).align.weight > 0]
     candidates = ["scratch"] + aligned[:1]
     slowest = 0.0
     for name in candidates:

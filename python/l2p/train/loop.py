@@ -149,12 +149,15 @@ class Trainer:
         self.trainable_report = set_trainable(model, cfg.model.trainable)
         self.dataset = open_dataset(cfg.data.path, cfg.data.resolution, cfg.train.seed,
                                     patch_size=model.config.patch_size, max_aspect=cfg.data.bucket_max_aspect)
+        # The source's VAE encoder, read once for both things that encode images with it.
+        needs_vae = cfg.model.embed_init == "vae" or cfg.align.weight > 0
+        vae = self.source.load_vae_encoder(frozen_dtype) if needs_vae else None
         if cfg.model.embed_init == "vae":
-            self._fit_pixel_embedding(model, source_transformer, frozen_dtype)
+            self._fit_pixel_embedding(model, source_transformer, vae)
         # The source's own transformer (convert_to_pixel copied its tensors and left it as it
         # was) and VAE encoder, for the alignment term; otherwise dropped here.
-        self.align = self._alignment(model, source_transformer, frozen_dtype) if cfg.align.weight > 0 else None
-        del source_transformer
+        self.align = self._alignment(model, source_transformer, vae) if cfg.align.weight > 0 else None
+        del source_transformer, vae
         self.family = condmod.family_for(model.config.source_class)
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
@@ -245,7 +248,7 @@ class Trainer:
                   {"names": [n for n in self.param_names if n in new], "lr_scale": o.new_layers_lr / o.lr}]
         return [g for g in groups if g["names"]]
 
-    def _alignment(self, model, source_transformer, dtype: torch.dtype) -> SourceAlignment:
+    def _alignment(self, model, source_transformer, vae) -> SourceAlignment:
         blocks = model.blocks()
         block = self.cfg.align.block
         if block is None:
@@ -256,16 +259,16 @@ class Trainer:
                                   f"set align.block to a block index (0..{len(blocks) - 1}), or "
                                   f"align.weight=0 to turn the alignment term off")
             block = frozen[0]
-        return SourceAlignment(model, source_transformer, self.source.load_vae_encoder(dtype), block,
-                               self.source.vae_scale_factor, self.cfg.align.noise)
+        return SourceAlignment(model, source_transformer, vae, block, self.source.vae_scale_factor,
+                               self.cfg.align.noise)
 
-    def _fit_pixel_embedding(self, model, source_transformer, dtype: torch.dtype) -> None:
+    def _fit_pixel_embedding(self, model, source_transformer, vae) -> None:
         """model.embed_init=vae: the pixel embedding fitted to the source's VAE encoder and latent
         projection on the corpus's first images (every process fits the same). A resumed run
         fits too, and then loads its checkpoint's embedding over it."""
         from l2p.conversion.embedding_init import fit_pixel_embedding
 
-        vae = self.source.load_vae_encoder(dtype).to(self.device)
+        vae.to(self.device)
         count = min(self.cfg.model.embed_init_images, len(self.dataset))
         batch = 32
 
@@ -280,7 +283,6 @@ class Trainer:
         fit = fit_pixel_embedding(model, source_transformer, lambda x: encode_latents(vae, x), images(),
                                   ridge=self.cfg.model.embed_init_ridge)
         self._log(str(fit))
-        del vae
 
     def _head_config(self):
         m = self.cfg.model
