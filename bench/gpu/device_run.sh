@@ -11,7 +11,7 @@
 # Each step gets what is left of DEADLINE_S (seconds from the start); steps that no longer fit
 # are skipped and say so. Results land in $OUT as few files (the device tool brings back at
 # most 8): run.log, cuda_report.md, unpatchify_ab.md, logs.tgz (build, tests, memcheck, toy, sampling, peak
-# memory logs and JSON) and the toy source as a tarball split into 15 MB parts.
+# memory logs and JSON) and the toy sources as one tarball split into 15 MB parts.
 # Usage (repo root): OUT=/some/dir [DEADLINE_S=540] [TOY=0] [TOY_BUDGET_S=220] [TOY_ARGS="..."] \
 #   [REPRODUCE="args|args"] [TESTS="pytest paths"] [MEMCHECK=0] [BENCH=0] [CHUNKS=1] [HOST=1] \
 #   [PROFILE=1] [SAMPLING=0] [PEAK=0] bash bench/gpu/device_run.sh
@@ -24,7 +24,8 @@
 # tiny shapes against torch's (bench/test_bench_host_overhead.py, host_overhead.md).
 # PROFILE=1 adds Nsight Compute counters of the unpatchify kernels (bench/gpu/profile_unpatchify.py).
 # TOY_ARGS="--init-from python/l2p/toy/weights/shapes-pixart --dit-batch 256" continues the
-# shipped source (same architecture, its autoencoder kept) instead of training a new one.
+# shipped source (same architecture, its autoencoder kept) instead of training a new one;
+# TOY_ARGS="A|B" trains one source per argument list, side by side (/tmp/toy-source-<k>).
 set -u
 OUT=${OUT:-/tmp/l2p-device-out}
 DEADLINE_S=${DEADLINE_S:-540}
@@ -54,17 +55,22 @@ fi
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } \
   | tee -a "$OUT/run.log"
 
-TOY_PID=
+TOY_PIDS=()
 if [ "${TOY:-1}" = 1 ]; then
-log "toy source: training in the background (budget ${TOY_BUDGET_S}s)"
 rm -rf /tmp/toy-pkg && cp -r python /tmp/toy-pkg
-( PYTHONPATH="/tmp/toy-pkg:${PYTHONPATH:-}" python3 -c "import argparse, sys
+# TOY_ARGS may hold several '|'-separated argument lists: one training run each, side by side
+# (a toy source leaves most of the GPU idle), into /tmp/toy-source-<k>.
+IFS='|' read -ra TOY_RUNS <<< "${TOY_ARGS:- }"
+for k in "${!TOY_RUNS[@]}"; do
+  log "toy source $k: training in the background (budget ${TOY_BUDGET_S}s): ${TOY_RUNS[$k]}"
+  ( PYTHONPATH="/tmp/toy-pkg:${PYTHONPATH:-}" python3 -c "import argparse, sys
 from l2p.cli import toy
 parser = argparse.ArgumentParser(prog='l2p'); toy.register(parser.add_subparsers())
 args = parser.parse_args(sys.argv[1:]); sys.exit(args.func(args))" \
-    toy train-source --out /tmp/toy-source --device cuda --time-budget-s "$TOY_BUDGET_S" \
-    --eval-prompts 600 ${TOY_ARGS:-} > "$LOGS/toy.log" 2>&1; echo "exit $?" >> "$LOGS/toy.log" ) &
-TOY_PID=$!
+      toy train-source --out "/tmp/toy-source-$k" --device cuda --time-budget-s "$TOY_BUDGET_S" \
+      --eval-prompts 600 ${TOY_RUNS[$k]} > "$LOGS/toy-$k.log" 2>&1; echo "exit $?" >> "$LOGS/toy-$k.log" ) &
+  TOY_PIDS+=($!)
+done
 fi
 REPRODUCE_PIDS=()
 if [ -n "${REPRODUCE:-}" ]; then
@@ -108,11 +114,12 @@ else
 fi
 pack_logs
 
-if [ -n "$TOY_PID" ]; then
-  log "waiting for the toy source"
-  wait "$TOY_PID"
-  grep -E "step .*/|overall|exit|written" "$LOGS/toy.log" | tail -8 | tee -a "$OUT/run.log"
-fi
+for k in "${!TOY_PIDS[@]}"; do
+  log "waiting for toy source $k"
+  wait "${TOY_PIDS[$k]}"
+  grep -E "step .*/|overall|exit|written" "$LOGS/toy-$k.log" | tail -8 | tee -a "$OUT/run.log"
+  cp "/tmp/toy-source-$k/training_record.json" "$LOGS/toy-source-$k-record.json" 2>/dev/null
+done
 if [ ${#REPRODUCE_PIDS[@]} -gt 0 ]; then
   # Held to the deadline (less what packing and the benchmarks after it need): a run still going
   # then is stopped, and what it wrote so far (resumable: rerun with the same --out) comes back.
@@ -132,8 +139,12 @@ if [ ${#REPRODUCE_PIDS[@]} -gt 0 ]; then
   model=$(ls -d /tmp/reproduce-$last/arms/l2p-align/seed-*/final/pipeline 2>/dev/null | head -1)
   [ -n "$model" ] && tar -C "$(dirname "$model")" -czf "$OUT/reproduce-model.tgz" pipeline
 fi
-if [ -f /tmp/toy-source/model_index.json ]; then
-  tar -C /tmp -czf /tmp/toy-source.tgz toy-source && split -b 15M /tmp/toy-source.tgz "$OUT/toy-source.tgz.part-"
+# The weights come back for the runs TOY_KEEP names (default all; the device tool brings back
+# 64 MB at most); every run's training record is in logs.tgz.
+keep=(); for k in ${TOY_KEEP:-${!TOY_PIDS[@]}}; do
+  [ -f "/tmp/toy-source-$k/model_index.json" ] && keep+=("toy-source-$k"); done
+if [ ${#keep[@]} -gt 0 ]; then
+  tar -C /tmp -czf /tmp/toy-sources.tgz "${keep[@]}" && split -b 15M /tmp/toy-sources.tgz "$OUT/toy-sources.tgz.part-"
 fi
 pack_logs
 
@@ -151,8 +162,8 @@ if [ "${CHUNKS:-0}" = 1 ] && python3 -c "import l2p._C" 2>/dev/null; then
   log "chunk A/B exit $?"; cat "$OUT/patch_chunks_ab.md"
 fi
 if [ "${HOST:-0}" = 1 ] && python3 -c "import l2p._C" 2>/dev/null; then
-  log "host time per call at tiny shapes, l2p against torch (CPU and CUDA)"
-  within 150 0 python3 -m pytest bench/test_bench_host_overhead.py --benchmark-enable -q -p no:cacheprovider \
+  log "host time per call at tiny shapes, l2p against torch (cases matching ${HOST_FILTER:-cuda})"
+  within 150 0 python3 -m pytest bench/test_bench_host_overhead.py -k "${HOST_FILTER:-cuda}" --benchmark-enable -q -p no:cacheprovider \
     --benchmark-json "$LOGS/host_overhead.json" > "$LOGS/host_overhead.log" 2>&1
   log "host overhead exit $?"
   python3 bench/report.py "$LOGS/host_overhead.json" > "$OUT/host_overhead.md" 2>&1 && cat "$OUT/host_overhead.md"

@@ -118,6 +118,34 @@ def test_continuing_needs_the_same_architecture(tiny_source, tmp_path):
                                 log=lambda _: None)
 
 
+def test_a_new_transformer_can_take_a_trained_autoencoder(tiny_source, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "wider"
+    cfg = TINY.scaled(vae_from=str(tiny_source), head_dim=16, text_dim=24, dit_steps=2)
+    source.train_toy_source(cfg, out, "cpu", log=lambda _: None, command="wider")
+    record = json.loads((out / "training_record.json").read_text())
+    assert record["steps_run"] == {"vae": 0, "transformer": 2}
+    assert record["autoencoder_from"]["command"] == "test"
+    assert record["vae_reconstruction"] == json.loads(
+        (tiny_source / "training_record.json").read_text())["vae_reconstruction"]
+    before, after = (load_file(next((d / "vae").glob("*.safetensors"))) for d in (tiny_source, out))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    pipe = source.load_toy_source(out)
+    assert pipe.transformer.config.attention_head_dim == 16 and pipe.text_encoder.config.d_model == 24
+    assert pipe.vae.config.scaling_factor == source.load_toy_source(tiny_source).vae.config.scaling_factor
+    assert source.generate(pipe, ["a red circle"], steps=2).shape == (1, 32, 32, 3)
+
+
+def test_the_autoencoder_must_fit_and_init_from_excludes_vae_from(tiny_source, tmp_path):
+    with pytest.raises(ValueError, match="vae_from=.*vae_channels"):
+        source.train_toy_source(TINY.scaled(vae_from=str(tiny_source), vae_channels=(8, 8)),
+                                tmp_path / "x", "cpu", log=lambda _: None)
+    with pytest.raises(ValueError, match="pass one of them"):
+        source.train_toy_source(TINY.scaled(vae_from=str(tiny_source), init_from=str(tiny_source)),
+                                tmp_path / "y", "cpu", log=lambda _: None)
+
+
 def test_a_different_config_does_not_resume_a_foreign_run(tmp_path):
     out = tmp_path / "src"
     source.work_dir_for(out).mkdir(parents=True)

@@ -63,7 +63,7 @@ def _cuda_unpatchify(ext: dict) -> str:
         how = "L2P_UNPATCHIFY_FUSED=0" if switch == "0" else "L2P_UNPATCHIFY_FUSED=1 turns it on"
         return f"{general} (the Hopper fused GEMM is off; {how})"
     return ("Hopper fused GEMM writing the image (CUTLASS mainloop) for bf16 / fp16 with a "
-            f"power-of-two patch and D a multiple of 8; {general} otherwise")
+            f"power-of-two patch and D a multiple of 8, else {general}")
 
 
 def _cuda_attention(ext: dict) -> str:
@@ -80,8 +80,7 @@ def _cuda_attention(ext: dict) -> str:
         return general + " (the Hopper wgmma kernels are off: L2P_ATTENTION_WGMMA=0)"
     hopper = "Hopper wgmma forward" + (" and backward" if backward else "")
     note = "" if backward else " (the wgmma backward is off: L2P_ATTENTION_WGMMA_BACKWARD=0)"
-    return (f"{hopper} for unmasked bf16 / fp16 with head dims up to 128; {general} "
-            f"otherwise{note}")
+    return f"{hopper} for unmasked bf16 / fp16 with head dims up to 128, else {general}{note}"
 
 
 def _toy_source() -> dict:

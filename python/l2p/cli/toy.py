@@ -148,6 +148,10 @@ def register(subparsers) -> None:
     p.add_argument("--init-from", dest="init_from", metavar="FOLDER",
                    help="continue training this toy source folder (same architecture; its "
                         "autoencoder is kept) instead of starting from random weights")
+    p.add_argument("--vae-from", dest="vae_from", metavar="FOLDER",
+                   help="take the trained autoencoder of this toy source folder and train a new "
+                        "transformer and text encoder from random weights (the transformer and "
+                        "text-encoder sizes may differ from the folder's)")
     from l2p.toy.source import ToySourceConfig
 
     for f in fields(ToySourceConfig):

@@ -94,6 +94,10 @@ class ToySourceConfig:
     # from random weights: its autoencoder is kept (phase 1 is skipped) and its transformer and
     # text encoder are trained further on a fresh schedule. Empty: train from scratch.
     init_from: str = ""
+    # Take the trained autoencoder (and its latent scaling) of this toy source folder and train
+    # a new transformer and text encoder from random weights, e.g. to compare transformer or
+    # text-encoder sizes on the same latents. Empty: train an autoencoder (or keep init_from's).
+    vae_from: str = ""
 
     def scaled(self, **overrides) -> "ToySourceConfig":
         return ToySourceConfig(**{**asdict(self), **overrides})
@@ -162,27 +166,46 @@ def build_toy_pipeline(cfg: ToySourceConfig, seed: int = 0):
                                transformer=transformer, scheduler=scheduler)
 
 
-# The fields that fix the architecture: a run that continues a trained folder must match them.
-ARCHITECTURE_FIELDS = ("image_size", "vae_channels", "latent_channels", "layers", "heads", "head_dim",
-                       "latent_patch", "text_dim", "text_layers", "text_heads", "max_tokens")
+# The fields that fix the architecture: a run that continues a trained folder must match them,
+# and one that takes only its autoencoder must match the autoencoder's.
+AUTOENCODER_FIELDS = ("image_size", "vae_channels", "latent_channels")
+ARCHITECTURE_FIELDS = AUTOENCODER_FIELDS + ("layers", "heads", "head_dim", "latent_patch", "text_dim",
+                                            "text_layers", "text_heads", "max_tokens")
+
+
+def _trained_record(cfg: ToySourceConfig, option: str, fields: tuple[str, ...]) -> dict:
+    """The training record of the folder that ``cfg.<option>`` names, after checking that its
+    config agrees with ``cfg`` on ``fields``."""
+    folder = Path(getattr(cfg, option))
+    record_path = folder / "training_record.json"
+    if not record_path.exists():
+        raise FileNotFoundError(f"{option}={folder} has no training_record.json: use a folder "
+                                f"written by `l2p toy train-source`")
+    previous = json.loads(record_path.read_text())
+    ours = json.loads(json.dumps(asdict(cfg)))  # as the record stores it (tuples as lists)
+    mismatched = [f"{name}: folder {previous['config'].get(name)!r}, config {ours[name]!r}"
+                  for name in fields if previous["config"].get(name) != ours[name]]
+    if mismatched:
+        raise ValueError(f"{option}={folder} has another architecture than the config ("
+                         + "; ".join(mismatched) + "); pass the folder's values or train from scratch")
+    return previous
 
 
 def load_for_continuation(cfg: ToySourceConfig):
     """The trained pipeline at ``cfg.init_from`` and its training record, after checking that
     it has the architecture ``cfg`` describes."""
-    folder = Path(cfg.init_from)
-    record_path = folder / "training_record.json"
-    if not record_path.exists():
-        raise FileNotFoundError(f"init_from={folder} has no training_record.json: continue only "
-                                f"from a folder written by `l2p toy train-source`")
-    previous = json.loads(record_path.read_text())
-    ours = json.loads(json.dumps(asdict(cfg)))  # as the record stores it (tuples as lists)
-    mismatched = [f"{name}: folder {previous['config'].get(name)!r}, config {ours[name]!r}"
-                  for name in ARCHITECTURE_FIELDS if previous["config"].get(name) != ours[name]]
-    if mismatched:
-        raise ValueError(f"init_from={folder} has another architecture than the config ("
-                         + "; ".join(mismatched) + "); pass the folder's values or train from scratch")
-    return load_toy_source(folder), previous
+    previous = _trained_record(cfg, "init_from", ARCHITECTURE_FIELDS)
+    return load_toy_source(cfg.init_from), previous
+
+
+def load_autoencoder(cfg: ToySourceConfig):
+    """The trained autoencoder of the folder ``cfg.vae_from`` and that folder's record, after
+    checking that the autoencoder has the shape ``cfg`` describes."""
+    from diffusers import AutoencoderKL
+
+    previous = _trained_record(cfg, "vae_from", AUTOENCODER_FIELDS)
+    return AutoencoderKL.from_pretrained(Path(cfg.vae_from) / "vae", local_files_only=True,
+                                         use_safetensors=True), previous
 
 
 def _render_one(args) -> np.ndarray:
@@ -441,19 +464,25 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
     started = time.time()
     progress_file = work / "progress.json"
     progress = json.loads(progress_file.read_text()) if progress_file.exists() else {"seconds": 0.0}
-    previous = None
+    previous = vae_source = None
+    if cfg.init_from and cfg.vae_from:
+        raise ValueError("init_from continues a whole toy source, its autoencoder included; "
+                         "vae_from takes only the autoencoder: pass one of them")
     if cfg.init_from:
         pipe, previous = load_for_continuation(cfg)
         log(f"continuing the toy source at {cfg.init_from}")
     else:
         pipe = build_toy_pipeline(cfg, seed=cfg.seed)
+        if cfg.vae_from:
+            pipe.vae, vae_source = load_autoencoder(cfg)
+            log(f"autoencoder taken from {cfg.vae_from}; new transformer and text encoder")
     log(f"rendering {cfg.train_scenes} ShapesWorld scenes at {cfg.image_size}px")
     images, prompts = render_training_set(cfg.train_scenes, cfg.data_seed, cfg.image_size, cfg.workers)
     vae_dir = work / "vae"
-    if previous is not None:
-        # The continued folder's autoencoder and latent scaling stay as they are.
+    if previous is not None or vae_source is not None:
+        # The continued (or named) folder's autoencoder and latent scaling stay as they are.
         progress.setdefault("vae_steps", 0)
-        progress.setdefault("vae_reconstruction", previous.get("vae_reconstruction"))
+        progress.setdefault("vae_reconstruction", (previous or vae_source).get("vae_reconstruction"))
         latents = encode_latents(pipe.vae.to(device), images, device)
     elif (vae_dir / "config.json").exists():
         from diffusers import AutoencoderKL
@@ -494,6 +523,8 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
+    if vae_source is not None:
+        record["autoencoder_from"] = {k: vae_source.get(k) for k in ("command", "date", "device")}
     if previous is not None:
         # The whole history: the run continued here, with its own history inside it.
         record["continued_from"] = {k: v for k, v in previous.items() if k != "eval"}
