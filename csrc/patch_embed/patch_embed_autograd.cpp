@@ -38,7 +38,7 @@ class PatchEmbedFunction : public torch::autograd::Function<PatchEmbedFunction> 
     if (ctx->needs_input_grad(1)) grad_w = ops::patch_weight_grad(x, grad, p);
     // The bias is the third graph input only when one was passed.
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
-      grad_b = grad.sum({0, 1});
+      grad_b = grad.sum(at::IntArrayRef{0, 1});
     }
     return {grad_x, grad_w, grad_b, at::Tensor()};
   }

@@ -43,7 +43,7 @@ class UnpatchifyFunction : public torch::autograd::Function<UnpatchifyFunction> 
     // The bias is the third graph input only when one was passed.
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
       const int64_t b = grad.size(0), h = grad.size(2), w = grad.size(3);
-      grad_b = grad.reshape({b, channels, h / p, p, w / p, p}).sum({0, 2, 4}).reshape({-1});
+      grad_b = grad.reshape({b, channels, h / p, p, w / p, p}).sum(at::IntArrayRef{0, 2, 4}).reshape({-1});
     }
     return {grad_tokens, grad_w, grad_b, at::Tensor(), at::Tensor(), at::Tensor()};
   }
