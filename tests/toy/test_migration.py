@@ -301,6 +301,28 @@ def test_the_alignment_arm_is_asked_for_and_sets_the_term(tmp_path):
     assert {("l2p-default", "l2p"), ("l2p-default", "scratch")} <= {(a, b) for a, b, _ in reproduce.COMPARISONS}
 
 
+def test_the_paper_comparisons_also_run_with_the_default_recipe(tmp_path):
+    from l2p.toy import reproduce
+
+    names = ["l2p-default", "l2p-default-real", "l2p-default-first-last-1", "l2p-default-all"]
+    plan = reproduce.ReproducePlan(arms=names).validate()
+    source_dir = Path(reproduce.__file__).parent / "weights" / "shapes-pixart"
+    configs = {name: reproduce._arm_config(plan, reproduce.ARMS_BY_NAME[name], source_dir, tmp_path, 64, 10,
+                                           tmp_path / name) for name in names}
+    # Each differs from l2p-default in the one thing its question is about.
+    assert {n: reproduce.ARMS_BY_NAME[n].data for n in names} == {
+        "l2p-default": "verified", "l2p-default-real": "real", "l2p-default-first-last-1": "verified",
+        "l2p-default-all": "verified"}
+    assert [configs[n].model.trainable for n in names] == ["first_last:2", "first_last:2", "first_last:1", "all"]
+    assert all(configs[n].align.weight == 0.5 and configs[n].model.embed_init == "vae" for n in names)
+    # With every block trainable the term is held where n = 2 puts it (the first frozen block
+    # there, block 2): the trainer refuses align.block=null when no block is frozen.
+    assert configs["l2p-default-all"].align.block == 2
+    assert [configs[n].align.block for n in names[:3]] == [None, None, None]
+    pairs = {(a, b) for a, b, _ in reproduce.COMPARISONS}
+    assert {("l2p-default", n) for n in names[1:]} <= pairs
+
+
 def test_calibration_times_the_costliest_arm(tmp_path, monkeypatch):
     from l2p.toy import reproduce
 

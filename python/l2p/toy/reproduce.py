@@ -80,6 +80,8 @@ ARMS = (
     Arm("l2p-first-last-1", "source", "first_last:1", "synthetic", "as l2p with n = 1", PAPER_RECIPE),
     Arm("l2p-all", "source", "all", "synthetic", "as l2p with every block trainable", PAPER_RECIPE),
 )
+# The default migration's recipe (python/l2p/train/configs/toy.yaml) as overrides of an arm.
+DEFAULT_RECIPE = ("align.weight=0.5", "model.embed_init=vae")
 # Beyond the paper's comparisons: run only when named in ``arms``.
 EXTRA_ARMS = (
     Arm("l2p-align", "source", "first_last:2", "synthetic",
@@ -93,7 +95,17 @@ EXTRA_ARMS = (
         "--verify-candidates tries per prompt; prompts with none left out)", PAPER_RECIPE),
     Arm("l2p-default", "source", "first_last:2", "verified",
         "the default migration's recipe: l2p-align-vae on the verified corpus",
-        ("align.weight=0.5", "model.embed_init=vae")),
+        DEFAULT_RECIPE),
+    # The paper's comparisons (b) and (c) with the default recipe in place of the paper's.
+    Arm("l2p-default-real", "source", "first_last:2", "real",
+        "as l2p-default, on ground-truth renders of the same prompts", DEFAULT_RECIPE),
+    Arm("l2p-default-first-last-1", "source", "first_last:1", "verified", "as l2p-default with n = 1",
+        DEFAULT_RECIPE),
+    # With every block trainable there is no frozen block to align at: the term stays at the
+    # input of block 2, where l2p-default (n = 2) aligns.
+    Arm("l2p-default-all", "source", "all", "verified",
+        "as l2p-default with every block trainable (the alignment term at block 2's input)",
+        DEFAULT_RECIPE + ("align.block=2",)),
 )
 ARMS_BY_NAME = {arm.name: arm for arm in ARMS + EXTRA_ARMS}
 
@@ -111,6 +123,10 @@ COMPARISONS = (
     ("l2p-default", "l2p", "beyond the paper: the default migration's recipe vs the paper's"),
     ("l2p-default", "scratch", "(a) with the default migration's recipe: transfer vs the same architecture "
      "from scratch"),
+    ("l2p-default", "l2p-default-real", "(b) with the default migration's recipe: verified source generations "
+     "vs ground-truth renders"),
+    ("l2p-default", "l2p-default-first-last-1", "(c) with the default migration's recipe: n = 2 vs n = 1"),
+    ("l2p-default", "l2p-default-all", "(c) with the default migration's recipe: n = 2 vs all blocks"),
 )
 
 
