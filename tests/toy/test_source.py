@@ -116,6 +116,7 @@ def test_continuing_needs_the_same_architecture(tiny_source, tmp_path):
     with pytest.raises(FileNotFoundError, match="training_record.json"):
         source.train_toy_source(TINY.scaled(init_from=str(tmp_path)), tmp_path / "y", "cpu",
                                 log=lambda _: None)
+    assert not source.work_dir_for(tmp_path / "x").exists()
 
 
 def test_a_new_transformer_can_take_a_trained_autoencoder(tiny_source, tmp_path):
@@ -144,6 +145,9 @@ def test_the_autoencoder_must_fit_and_init_from_excludes_vae_from(tiny_source, t
     with pytest.raises(ValueError, match="pass one of them"):
         source.train_toy_source(TINY.scaled(vae_from=str(tiny_source), init_from=str(tiny_source)),
                                 tmp_path / "y", "cpu", log=lambda _: None)
+    # A refused run leaves no work folder, so the corrected run is not taken for a foreign one.
+    assert not source.work_dir_for(tmp_path / "x").exists()
+    assert not source.work_dir_for(tmp_path / "y").exists()
 
 
 def test_a_different_config_does_not_resume_a_foreign_run(tmp_path):

@@ -454,6 +454,15 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
     which is removed once the pipeline folder is written."""
     device = torch.device(device)
     out_dir = Path(out_dir)
+    # The folders a run starts from are checked before its work folder exists, so that a
+    # mistake leaves nothing behind that the corrected run would take for a foreign one.
+    if cfg.init_from and cfg.vae_from:
+        raise ValueError("init_from continues a whole toy source, its autoencoder included; "
+                         "vae_from takes only the autoencoder: pass one of them")
+    if cfg.init_from:
+        _trained_record(cfg, "init_from", ARCHITECTURE_FIELDS)
+    if cfg.vae_from:
+        _trained_record(cfg, "vae_from", AUTOENCODER_FIELDS)
     work = work_dir_for(out_dir)
     work.mkdir(parents=True, exist_ok=True)
     config_file = work / "config.json"
@@ -465,9 +474,6 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
     progress_file = work / "progress.json"
     progress = json.loads(progress_file.read_text()) if progress_file.exists() else {"seconds": 0.0}
     previous = vae_source = None
-    if cfg.init_from and cfg.vae_from:
-        raise ValueError("init_from continues a whole toy source, its autoencoder included; "
-                         "vae_from takes only the autoencoder: pass one of them")
     if cfg.init_from:
         pipe, previous = load_for_continuation(cfg)
         log(f"continuing the toy source at {cfg.init_from}")
