@@ -251,14 +251,35 @@ def _bad(**overrides):
         (_bad(q=torch.randn(1, 4, 8, 264), k=torch.randn(1, 2, 8, 264)), {}, ValueError,
          "exceeds 256"),
         (_bad(q=torch.ones(1, 4, 8, 16, dtype=torch.int64)), {}, TypeError, "floating"),
+        (_bad(), {"attn_mask": torch.ones(1, 1, 1, 8, dtype=torch.int32)}, TypeError,
+         "bool or floating"),
     ],
-    ids=["rank", "heads", "dtype", "empty", "mask-shape", "head-dim", "int"],
+    ids=["rank", "heads", "dtype", "empty", "mask-shape", "head-dim", "int", "mask-dtype"],
 )
 def test_front_rejects_bad_inputs(inputs, kwargs, error, match, device, backend):
     moved = {name: t.to(device) for name, t in inputs.items()}
     kwargs = {name: t.to(device) for name, t in kwargs.items()}
     with pytest.raises(error, match=match):
         attention(moved["q"], moved["k"], moved["v"], backend=backend, **kwargs)
+
+
+def test_only_the_compiled_kernels_get_an_additive_mask(device, compiled_backend, monkeypatch):
+    # torch's SDPA takes the boolean mask as given: building the float32 copy the compiled
+    # kernels read would be an allocation and two kernels for nothing.
+    import importlib
+
+    front = importlib.import_module("l2p.ops.attention")  # the module; l2p.ops.attention is the function
+
+    q, k, v = (torch.randn(1, 2, 8, 16, device=device) for _ in range(3))
+    mask = torch.rand(1, 1, 1, 8, device=device) > 0.3
+    built = []
+    real = front._additive_mask
+    monkeypatch.setattr(front, "_additive_mask", lambda *a: built.append(1) or real(*a))
+    ours = attention(q, k, v, attn_mask=mask, backend=compiled_backend)
+    assert built == [1]
+    theirs = attention(q, k, v, attn_mask=mask, backend="torch")
+    assert built == [1]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_rejects_bad_inputs(device, backend):

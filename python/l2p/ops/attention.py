@@ -65,9 +65,8 @@ def attention(
         scale = 1.0 / math.sqrt(dh)
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
-    mask = None
     if attn_mask is not None:
-        mask = _additive_mask(attn_mask, q, k)
+        _check_mask(attn_mask, q, k)
     chosen = _dispatch.resolve("attention", backend, q.device, q.dtype)
     if chosen != "torch" and max(dh, v.shape[3]) > MAX_HEAD_DIM:
         if backend != "auto":
@@ -81,35 +80,45 @@ def attention(
             q, k, v, attn_mask=_torch_mask(attn_mask, q), scale=float(scale),
             enable_gqa=hq != hk,
         )
+    mask = None if attn_mask is None else _additive_mask(attn_mask, q, k)
     out, _ = torch.ops.l2p.attention_forward(q, k, v, mask, float(scale))
     return out
 
 
-def _additive_mask(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """A float32 additive view of the mask at (B, Hq, Nq, Nk), broadcast without copying."""
+def _mask_target(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
+    return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _check_mask(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+    """The same errors for a bad mask whichever backend runs."""
     _checks.require_tensor("attn_mask", attn_mask)
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
-    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    target = _mask_target(q, k)
     if attn_mask.dim() > 4:
         raise ValueError(f"attn_mask has {attn_mask.dim()} dims; at most 4 (B, H, Nq, Nk)")
     try:
-        torch.broadcast_shapes(tuple(attn_mask.shape), target)
-        if torch.broadcast_shapes(tuple(attn_mask.shape), target) != target:
-            raise RuntimeError
+        broadcast = torch.broadcast_shapes(tuple(attn_mask.shape), target)
     except RuntimeError:
+        broadcast = None
+    if broadcast != target:
         raise ValueError(
             f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, Hq, Nq, Nk) "
             f"= {target}; a key-padding mask is (B, 1, 1, Nk)"
-        ) from None
+        )
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+
+
+def _additive_mask(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A float32 additive view of a checked mask at (B, Hq, Nq, Nk), broadcast without
+    copying: what the compiled kernels take (torch's SDPA takes the mask as given)."""
     if attn_mask.dtype == torch.bool:
         additive = torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device)
         additive.masked_fill_(~attn_mask, float("-inf"))
-    elif attn_mask.is_floating_point():
-        additive = attn_mask.to(torch.float32)
     else:
-        raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
-    return additive.expand(target)
+        additive = attn_mask.to(torch.float32)
+    return additive.expand(_mask_target(q, k))
 
 
 def _torch_mask(attn_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
