@@ -21,7 +21,8 @@
 # They are stopped REPRODUCE_RESERVE_S (default 90) seconds before the deadline if still running.
 # TESTS narrows the GPU test run to the given pytest paths; CHUNKS=1 times the general patch ops
 # at several chunk sizes (bench/gpu/patch_chunks_ab.py); HOST=1 the host time per call of each op at
-# tiny shapes against torch's (bench/test_bench_host_overhead.py, host_overhead.md).
+# tiny shapes against torch's (bench/test_bench_host_overhead.py, host_overhead.md; the cases matching
+# HOST_FILTER, default "cuda").
 # PROFILE=1 adds Nsight Compute counters of the unpatchify kernels (bench/gpu/profile_unpatchify.py).
 # TOY_ARGS="--init-from python/l2p/toy/weights/shapes-pixart --dit-batch 256" continues the
 # shipped source (same architecture, its autoencoder kept) instead of training a new one;
@@ -99,8 +100,9 @@ if [ $ok = 1 ]; then
   python3 -m l2p info 2>&1 | tee -a "$OUT/run.log"
   log "op tests (CPU and CUDA, 8 processes)"
   within 200 120 python3 -m pytest ${TESTS:-tests/test_extension_build.py tests/ops/test_cuda_ops.py \
-    tests/ops/test_patch_ops.py tests/ops/test_attention.py tests/train/test_cuda.py \
-    tests/sample/test_attention_routing.py} -q -rfE -p no:cacheprovider -n 8 > "$LOGS/tests.log" 2>&1
+    tests/ops/test_patch_ops.py tests/ops/test_attention.py tests/ops/test_fused_unpatchify_epilogue.py \
+    tests/train/test_cuda.py tests/sample/test_attention_routing.py tests/test_info.py} \
+    -q -rfE -p no:cacheprovider -n 8 > "$LOGS/tests.log" 2>&1
   log "tests exit $? :: $(tail -1 "$LOGS/tests.log")"
   grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -20 | tee -a "$OUT/run.log"
   if [ "${MEMCHECK:-1}" = 1 ]; then
