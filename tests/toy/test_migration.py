@@ -348,6 +348,10 @@ def test_calibration_times_the_costliest_arm(tmp_path, monkeypatch):
     plan.arms = ["l2p-default"]
     reproduce._seconds_per_step(plan, src, tmp_path / "corpus", 32, tmp_path / "cal")
     assert timed[3:] == ["scratch", "l2p-default"]
+    # An arm with the term that trains other blocks costs otherwise: it is timed as well.
+    plan.arms = ["l2p-default", "l2p-default-first-last-1", "l2p-default-all"]
+    reproduce._seconds_per_step(plan, src, tmp_path / "corpus", 32, tmp_path / "cal")
+    assert timed[5:] == ["scratch", "l2p-default", "l2p-default-first-last-1", "l2p-default-all"]
 
 
 @pytest.mark.slow

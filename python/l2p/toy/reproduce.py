@@ -211,15 +211,19 @@ def _arm_config(plan: ReproducePlan, arm: Arm, source_dir: Path, corpus: Path, s
 
 def _seconds_per_step(plan: ReproducePlan, source_dir: Path, corpus: Path, size: int, out: Path) -> float:
     """Seconds per optimizer step of the costliest arm of the plan, measured on a short run
-    after a warm-up step: scratch (every block trains; l2p-all costs the same) or, when the plan
-    has arms with the alignment term, the first of them (the source's encoder and first blocks
-    run on every batch; the same cost for every such arm)."""
+    after a warm-up step: scratch (every block trains; l2p-all costs the same) and, when the plan
+    has arms with the alignment term, the first of them per trainable-block policy (the source's
+    encoder and first blocks run on every batch; arms that train the same blocks with the term
+    cost the same, l2p-default-all more than l2p-default)."""
     from l2p.train.config import DEFAULT_CONFIG_DIR, load_config
     from l2p.train.loop import Trainer
 
-    aligned = [name for name in plan.arms if load_config(
-        DEFAULT_CONFIG_DIR / "toy.yaml", [*ARMS_BY_NAME[name].overrides, *plan.train_overrides]).align.weight > 0]
-    candidates = ["scratch"] + aligned[:1]
+    aligned = {}  # trainable policy -> the plan's first arm with the term that trains those blocks
+    for name in plan.arms:
+        arm = ARMS_BY_NAME[name]
+        if load_config(DEFAULT_CONFIG_DIR / "toy.yaml", [*arm.overrides, *plan.train_overrides]).align.weight > 0:
+            aligned.setdefault(arm.trainable, name)
+    candidates = ["scratch", *aligned.values()]
     slowest = 0.0
     for name in candidates:
         cfg = _arm_config(plan, ARMS_BY_NAME[name], source_dir, corpus, size, 6, out / name,
