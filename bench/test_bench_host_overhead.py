@@ -58,6 +58,18 @@ def _ways(op, device, requires_grad):
         }
     q, k, v = (torch.randn(1, 2, 16, 16, device=device, dtype=DTYPE[device], requires_grad=requires_grad)
                for _ in range(3))
+    if op == "attention masked":
+        # A key-padding mask, the shape a text encoder's attention mask takes in cross-attention;
+        # "l2p op" gets the float32 additive mask the front builds from it, made once.
+        keep = torch.ones(1, 1, 1, 16, device=device, dtype=torch.bool)
+        keep[..., 12:] = False
+        additive = torch.zeros(keep.shape, device=device).masked_fill(~keep, float("-inf"))
+        additive = additive.expand(1, 2, 16, 16)
+        return {
+            "l2p": lambda: ops.attention(q, k, v, attn_mask=keep, backend=backend),
+            "l2p op": lambda: torch.ops.l2p.attention_forward(q, k, v, additive, 0.25)[0],
+            "torch": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
+        }
     return {
         "l2p": lambda: ops.attention(q, k, v, backend=backend),
         "l2p op": lambda: torch.ops.l2p.attention_forward(q, k, v, None, 0.25)[0],
@@ -83,7 +95,7 @@ def _timed(call, device, backward):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("way", ["l2p", "l2p op", "torch"])
-@pytest.mark.parametrize("op", ["patch_embed", "unpatchify", "attention"])
+@pytest.mark.parametrize("op", ["patch_embed", "unpatchify", "attention", "attention masked"])
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 def test_host_overhead(benchmark, mode, op, way, device):
     backward = mode == "forward+backward"

@@ -13,6 +13,7 @@ import torch
 from l2p.ops import _extension
 
 BACKENDS = ("auto", "cpp", "cuda", "torch")
+OPS = ("patch_embed", "unpatchify", "attention")
 
 _ALL_FLOATS = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
 
@@ -60,6 +61,13 @@ def auto_choice(op: str, device_type: str, dtype: torch.dtype) -> str:
 
 def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Check an explicit backend against the inputs, or resolve "auto"."""
+    try:
+        return _RESOLVED[(op, backend, device.type, dtype)]
+    except (KeyError, TypeError):   # not decided in advance, or an unhashable backend
+        return _resolve(op, backend, device, dtype)
+
+
+def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -80,3 +88,24 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> 
             + " or use backend='auto'"
         )
     return backend
+
+
+def _decide_in_advance() -> dict[tuple[str, str, str, torch.dtype], str]:
+    """Every choice that succeeds for the ops, backends, device types and float dtypes, decided
+    once at import (the rules and the registered kernels are fixed by then): a call's choice is
+    then one lookup instead of about a microsecond of checks. Anything else, including every
+    choice that raises, goes through :func:`_resolve` each time."""
+    decided = {}
+    for op in OPS:
+        for backend in BACKENDS:
+            for device_type in _COMPILED_FOR_DEVICE:
+                for dtype in _ALL_FLOATS:
+                    try:
+                        decided[(op, backend, device_type, dtype)] = _resolve(
+                            op, backend, torch.device(device_type), dtype)
+                    except (RuntimeError, ValueError):
+                        pass
+    return decided
+
+
+_RESOLVED = _decide_in_advance()

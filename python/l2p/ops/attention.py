@@ -41,26 +41,24 @@ def attention(
     float32 for float16 / bfloat16 inputs.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _checks.require_tensor(name, t)
-        _checks.require_rank(name, t, 4, "(B, H, N, D)")
-        _checks.require_float(name, t)
-        _checks.require_nonempty(name, t)
-    _checks.require_same("both", "q", q, k=k, v=v)
+        _checks.require_input(name, t, 4, "(B, H, N, D)")
+    _checks.require_same("q", q, k=k, v=v)
     batch, hq, nq, dh = q.shape
-    if k.shape[0] != batch or v.shape[0] != batch:
-        raise ValueError(f"q, k, v batch sizes differ: {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"k has {k.shape[1]} heads but v has {v.shape[1]}; they must match")
-    hk = k.shape[1]
+    k_batch, hk, nk, k_dh = k.shape
+    v_batch, hv, nv, dv = v.shape
+    if k_batch != batch or v_batch != batch:
+        raise ValueError(f"q, k, v batch sizes differ: {batch}, {k_batch}, {v_batch}")
+    if hk != hv:
+        raise ValueError(f"k has {hk} heads but v has {hv}; they must match")
     if hq % hk:
         raise ValueError(
             f"q has {hq} heads, not a multiple of the {hk} key/value heads; grouped-query "
             "attention needs Hq % Hk == 0"
         )
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"k has {k.shape[2]} keys but v has {v.shape[2]} values")
-    if k.shape[3] != dh:
-        raise ValueError(f"q head dim {dh} differs from k head dim {k.shape[3]}")
+    if nk != nv:
+        raise ValueError(f"k has {nk} keys but v has {nv} values")
+    if k_dh != dh:
+        raise ValueError(f"q head dim {dh} differs from k head dim {k_dh}")
     if scale is None:
         scale = 1.0 / math.sqrt(dh)
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
@@ -68,10 +66,10 @@ def attention(
     if attn_mask is not None:
         _check_mask(attn_mask, q, k)
     chosen = _dispatch.resolve("attention", backend, q.device, q.dtype)
-    if chosen != "torch" and max(dh, v.shape[3]) > MAX_HEAD_DIM:
+    if chosen != "torch" and max(dh, dv) > MAX_HEAD_DIM:
         if backend != "auto":
             raise ValueError(
-                f"head dim {max(dh, v.shape[3])} exceeds {MAX_HEAD_DIM}, the most the compiled "
+                f"head dim {max(dh, dv)} exceeds {MAX_HEAD_DIM}, the most the compiled "
                 "kernels support; use backend='torch'"
             )
         chosen = "torch"
@@ -97,11 +95,7 @@ def _check_mask(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> No
     target = _mask_target(q, k)
     if attn_mask.dim() > 4:
         raise ValueError(f"attn_mask has {attn_mask.dim()} dims; at most 4 (B, H, Nq, Nk)")
-    try:
-        broadcast = torch.broadcast_shapes(tuple(attn_mask.shape), target)
-    except RuntimeError:
-        broadcast = None
-    if broadcast != target:
+    if not _checks.broadcasts_to(attn_mask.shape, target):
         raise ValueError(
             f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, Hq, Nq, Nk) "
             f"= {target}; a key-padding mask is (B, 1, 1, Nk)"
@@ -114,10 +108,12 @@ def _additive_mask(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) ->
     """A float32 additive view of a checked mask at (B, Hq, Nq, Nk), broadcast without
     copying: what the compiled kernels take (torch's SDPA takes the mask as given)."""
     if attn_mask.dtype == torch.bool:
-        additive = torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device)
-        additive.masked_fill_(~attn_mask, float("-inf"))
+        # One kernel; a zeros tensor filled through the inverted mask takes three.
+        additive = torch.where(attn_mask, 0.0, float("-inf"))
     else:
-        additive = attn_mask.to(torch.float32)
+        additive = attn_mask
+    if additive.dtype != torch.float32:
+        additive = additive.to(torch.float32)
     return additive.expand(_mask_target(q, k))
 
 

@@ -29,23 +29,20 @@ def patch_embed(
         Tokens (B, (H/p)*(W/p), D), row-major over the patch grid; equal to
         ``F.conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)``.
     """
-    _checks.require_tensor("x", x)
-    _checks.require_tensor("weight", weight)
+    _checks.require_input("x", x, 4, "(B, C, H, W)")
+    # The weight's dtype must be x's (checked below), so a floating one.
+    _checks.require_input("weight", weight, 4, "(D, C, p, p)", floating=False)
     p = _checks.require_patch_size(patch_size)
-    _checks.require_rank("x", x, 4, "(B, C, H, W)")
-    _checks.require_rank("weight", weight, 4, "(D, C, p, p)")
-    _checks.require_float("x", x)
-    _checks.require_nonempty("x", x)
-    _checks.require_nonempty("weight", weight)
-    _checks.require_same("both", "x", x, weight=weight, bias=bias)
-    if tuple(weight.shape[1:]) != (x.shape[1], p, p):
+    _checks.require_same("x", x, weight=weight, bias=bias)
+    _, channels, height, width = x.shape
+    if weight.shape[1:] != (channels, p, p):
         raise ValueError(
-            f"weight must be (D, {x.shape[1]}, {p}, {p}) for a {x.shape[1]}-channel image and "
+            f"weight must be (D, {channels}, {p}, {p}) for a {channels}-channel image and "
             f"patch_size {p}, got {tuple(weight.shape)}"
         )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+    if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
-    _checks.require_divisible(x.shape[2], x.shape[3], p)
+    _checks.require_divisible(height, width, p)
     chosen = _dispatch.resolve("patch_embed", backend, x.device, x.dtype)
     if chosen == "torch":
         return patch_embed_reference(x, weight, bias, p)

@@ -32,15 +32,11 @@ def unpatchify(
     Returns:
         Image (B, C, height, width).
     """
-    _checks.require_tensor("tokens", tokens)
-    _checks.require_tensor("weight", weight)
+    _checks.require_input("tokens", tokens, 3, "(B, N, D)")
+    # The weight's dtype must be the tokens' (checked below), so a floating one.
+    _checks.require_input("weight", weight, 2, "(C*p*p, D)", floating=False)
     p = _checks.require_patch_size(patch_size)
-    _checks.require_rank("tokens", tokens, 3, "(B, N, D)")
-    _checks.require_rank("weight", weight, 2, "(C*p*p, D)")
-    _checks.require_float("tokens", tokens)
-    _checks.require_nonempty("tokens", tokens)
-    _checks.require_nonempty("weight", weight)
-    _checks.require_same("both", "tokens", tokens, weight=weight, bias=bias)
+    _checks.require_same("tokens", tokens, weight=weight, bias=bias)
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -60,7 +56,7 @@ def unpatchify(
             f"{tokens.shape[1]} tokens cannot fill a {height}x{width} image with patch_size "
             f"{p}: it takes {needed}"
         )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+    if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     chosen = _dispatch.resolve("unpatchify", backend, tokens.device, tokens.dtype)
     if chosen == "torch":
