@@ -27,8 +27,13 @@ def init_distributed(env: DistEnv, device: torch.device, backend: str | None = N
                                          timeout=timedelta(minutes=30))
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_peers: bool = False) -> None:
+    """Leave the process group. With ``wait_for_peers`` (for a rank that finished normally),
+    first wait until every rank has got here: rank 0 hosts the rendezvous store, and taking the
+    group down while another rank still talks to it can abort that rank's process."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait_for_peers:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

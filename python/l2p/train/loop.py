@@ -730,6 +730,11 @@ def _as_dtensors(tensors: dict[str, torch.Tensor], named: dict[str, torch.Tensor
 def train(cfg: Config, env: DistEnv | None = None) -> TrainResult:
     trainer = Trainer(cfg, env)
     try:
-        return trainer.run()
-    finally:
+        result = trainer.run()
+    except BaseException:
+        # No waiting for the other ranks here: they may never get to the end (torchrun stops
+        # them once this one has failed).
         shutdown_distributed()
+        raise
+    shutdown_distributed(wait_for_peers=True)
+    return result
