@@ -64,7 +64,8 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
 
     from l2p.train import checkpoint
 
-    cfg = TINY.scaled(dit_steps=6, checkpoint_every=2)
+    # With the text encoder's pretraining phase, whose result the resumed run must take as saved.
+    cfg = TINY.scaled(dit_steps=6, checkpoint_every=2, text_pretrain_steps=3, text_pretrain_batch=4)
     whole = source.train_toy_source(cfg, tmp_path / "whole", "cpu", log=lambda _: None)
 
     saved = checkpoint.save_checkpoint
@@ -82,6 +83,11 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     logs = []
     resumed = source.train_toy_source(cfg, tmp_path / "resumed", "cpu", log=logs.append)
     assert any("autoencoder: resumed" in line for line in logs)
+    assert any("text encoder: pretrained one resumed" in line for line in logs)
+    assert not any("text encoder step" in line for line in logs)
+    records = [json.loads((d / "training_record.json").read_text()) for d in (whole, resumed)]
+    assert records[0]["text_pretraining"] == records[1]["text_pretraining"]
+    assert records[0]["text_pretraining"]["steps"] == 3
     assert any("resumed from" in line and "step 4/6" in line for line in logs)
     for part in ("vae", "transformer", "text_encoder"):
         a = load_file(next((whole / part).glob("*.safetensors")))

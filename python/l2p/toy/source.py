@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from l2p.toy import world as toy_world
 from l2p.toy.grammar import generate_scenes
 from l2p.toy.render import render_array
+from l2p.toy.text_encoder import order_blindness, pretrain_text_encoder
 
 # Where the shipped, trained toy source lives inside the package.
 SHIPPED_SOURCE_DIR = Path(__file__).resolve().parent / "weights" / "shapes-pixart"
@@ -66,6 +67,14 @@ class ToySourceConfig:
     text_layers: int = 2
     text_heads: int = 4
     max_tokens: int = 24
+    # Pretraining the text encoder on the training prompts alone before the transformer phase
+    # (l2p.toy.text_encoder: a T5 decoder reconstructs each prompt from a copy with words
+    # replaced at text_corrupt_rate), so that its outputs carry word order; 0 = none, the
+    # encoder then starts the transformer phase as it is (random, or the continued folder's).
+    text_pretrain_steps: int = 0
+    text_pretrain_batch: int = 256
+    text_pretrain_lr: float = 1e-3
+    text_corrupt_rate: float = 0.15
     # Data: ShapesWorld renders of the training split.
     train_scenes: int = 30000
     data_seed: int = 0
@@ -513,6 +522,11 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
         _write_text_atomically(progress_file, json.dumps(progress, indent=2))
         started = time.time()
     log(f"latent scaling factor {pipe.vae.config.scaling_factor:.4f}")
+    if cfg.text_pretrain_steps:
+        _pretrain_text_phase(pipe, prompts, cfg, device, work, progress, log)
+        progress["seconds"] += time.time() - started
+        _write_text_atomically(progress_file, json.dumps(progress, indent=2))
+        started = time.time()
     remaining = cfg.time_budget_s - progress["seconds"] - (time.time() - started) if cfg.time_budget_s else 0.0
     dit_steps = train_transformer(pipe, latents, prompts, cfg, device, log,
                                   max(remaining, 1.0) if cfg.time_budget_s else 0.0, work_dir=work)
@@ -529,6 +543,10 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
+    if "text_pretraining" in progress:
+        record["text_pretraining"] = progress["text_pretraining"]
+    record["text_encoder_order_blindness"] = round(
+        order_blindness(pipe.text_encoder, pipe.tokenizer, cfg.max_tokens), 4)
     if vae_source is not None:
         record["autoencoder_from"] = {k: vae_source.get(k) for k in ("command", "date", "device")}
     if previous is not None:
@@ -545,6 +563,29 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
     shutil.rmtree(work, ignore_errors=True)
     log(f"toy source written to {out_dir} in {elapsed:.0f} s")
     return out_dir
+
+
+def _pretrain_text_phase(pipe, prompts: list[str], cfg: ToySourceConfig, device, work: Path,
+                         progress: dict, log: Callable[[str], None]) -> None:
+    """Pretrain the text encoder on ``prompts`` (see l2p.toy.text_encoder), or take the
+    pretrained one an interrupted run left in ``work``."""
+    from transformers import T5EncoderModel
+
+    saved = work / "text_encoder"
+    if (saved / "config.json").exists():
+        pipe.text_encoder = T5EncoderModel.from_pretrained(saved, use_safetensors=True)
+        log(f"text encoder: pretrained one resumed from {saved}")
+        return
+    log(f"text encoder: pretraining on {len(prompts)} prompts, {cfg.text_pretrain_steps} steps")
+    progress["text_pretraining"] = pretrain_text_encoder(
+        pipe.text_encoder, pipe.tokenizer, prompts, steps=cfg.text_pretrain_steps,
+        batch=cfg.text_pretrain_batch, lr=cfg.text_pretrain_lr, corrupt_rate=cfg.text_corrupt_rate,
+        max_tokens=cfg.max_tokens, seed=cfg.seed + 3, device=device, log=log)
+    pipe.text_encoder.to("cpu")
+    log(f"text encoder: {progress['text_pretraining']}")
+    tmp = _staging_dir(work, ".text_encoder.")
+    pipe.text_encoder.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(saved)
 
 
 def cpu_name() -> str:
