@@ -64,8 +64,10 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
 
     from l2p.train import checkpoint
 
-    # With the text encoder's pretraining phase, whose result the resumed run must take as saved.
-    cfg = TINY.scaled(dit_steps=6, checkpoint_every=2, text_pretrain_steps=3, text_pretrain_batch=4)
+    # With the text encoder's pretraining phase, whose result the resumed run must take as saved,
+    # and its own learning rate (a second optimizer group, restored from the checkpoint).
+    cfg = TINY.scaled(dit_steps=6, checkpoint_every=2, text_pretrain_steps=3, text_pretrain_batch=4,
+                      text_lr_scale=0.5)
     whole = source.train_toy_source(cfg, tmp_path / "whole", "cpu", log=lambda _: None)
 
     saved = checkpoint.save_checkpoint
@@ -220,3 +222,21 @@ def test_bootstrap_interval_brackets_the_estimate():
     results = [R("counting", i % 2 == 0) for i in range(200)] + [R("colors", True)] * 200
     low, high = bootstrap_interval(results, rounds=300)
     assert low < 0.75 < high and high - low < 0.15
+
+
+def test_a_frozen_text_encoder_stays_as_it_started(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = TINY.scaled(text_lr_scale=0.0, dit_steps=2)
+    out = source.train_toy_source(cfg, tmp_path / "frozen", "cpu", log=lambda _: None)
+    start = source.build_toy_pipeline(cfg, seed=cfg.seed).text_encoder.state_dict()
+    trained = load_file(next((out / "text_encoder").glob("*.safetensors")))
+    assert all(torch.equal(start[k], trained[k]) for k in trained)
+    # A scale between 0 and 1 trains it, more slowly: a second optimizer group.
+    slow = source.train_toy_source(TINY.scaled(text_lr_scale=0.1, dit_steps=2), tmp_path / "slow", "cpu",
+                                   log=lambda _: None)
+    trained = load_file(next((slow / "text_encoder").glob("*.safetensors")))
+    assert any(not torch.equal(start[k], trained[k]) for k in trained)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        source.train_toy_source(TINY.scaled(text_lr_scale=-1.0), tmp_path / "bad", "cpu", log=lambda _: None)
+    assert not source.work_dir_for(tmp_path / "bad").exists()

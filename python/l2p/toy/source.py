@@ -75,6 +75,9 @@ class ToySourceConfig:
     text_pretrain_batch: int = 256
     text_pretrain_lr: float = 1e-3
     text_corrupt_rate: float = 0.15
+    # The text encoder's learning rate in the transformer phase, as a fraction of dit_lr; 0
+    # freezes it (PixArt, SD3 and FLUX keep their pretrained T5 frozen).
+    text_lr_scale: float = 1.0
     # Data: ShapesWorld renders of the training split.
     train_scenes: int = 30000
     data_seed: int = 0
@@ -361,8 +364,9 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: ToyS
                       device, log: Callable[[str], None], budget_s: float = 0.0,
                       work_dir: Path | None = None) -> int:
     """Flow matching on the scaled latents: x_t = (1-s) x0 + s eps, the model predicts
-    eps - x0 at timestep 1000*s, s logit-normal; the text encoder trains jointly. An EMA of
-    both is what the pipeline keeps. With ``work_dir``, a checkpoint (weights, EMA, optimizer,
+    eps - x0 at timestep 1000*s, s logit-normal; the text encoder trains jointly at
+    ``cfg.text_lr_scale`` times the transformer's learning rate (0: frozen). An EMA of what
+    trains is what the pipeline keeps. With ``work_dir``, a checkpoint (weights, EMA, optimizer,
     sampler state) is written atomically every ``cfg.checkpoint_every`` steps and the newest
     one is resumed from, so an interrupted run continues exactly where it stopped."""
     from l2p.train.checkpoint import latest_checkpoint, load_checkpoint, optimizer_from_flat, save_checkpoint
@@ -370,12 +374,20 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: ToyS
 
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     transformer, text_encoder = pipe.transformer.to(device), pipe.text_encoder.to(device)
+    text_frozen = cfg.text_lr_scale == 0
     transformer.train()
-    text_encoder.train()
+    text_encoder.train(not text_frozen)
+    text_encoder.requires_grad_(not text_frozen)
     named = {f"transformer.{n}": p for n, p in transformer.named_parameters()}
-    named.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters()})
+    text_named = {} if text_frozen else {f"text_encoder.{n}": p for n, p in text_encoder.named_parameters()}
+    named.update(text_named)
     names, params = list(named), list(named.values())
-    opt = torch.optim.AdamW(params, lr=cfg.dit_lr, weight_decay=0.01)
+    if cfg.text_lr_scale in (0, 1):
+        groups = [{"params": params, "lr_scale": 1.0}]
+    else:
+        groups = [{"params": [p for n, p in named.items() if n not in text_named], "lr_scale": 1.0},
+                  {"params": list(text_named.values()), "lr_scale": cfg.text_lr_scale}]
+    opt = torch.optim.AdamW(groups, lr=cfg.dit_lr, weight_decay=0.01)
     ema = EMA(named, cfg.ema_decay)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
     # The whole training set lives on the device, tokenized once: on a GPU the per-step
@@ -400,8 +412,9 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: ToyS
         log(f"transformer: resumed from {resume} at step {step}/{total}")
     while step < total:
         total = budget.update(step)
+        lr = _lr_at(step, total, cfg.dit_lr, min(cfg.warmup_steps, total // 10))
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, total, cfg.dit_lr, min(cfg.warmup_steps, total // 10))
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         idx = torch.randint(0, len(prompts), (cfg.dit_batch,), generator=gen)
         drop = torch.rand(cfg.dit_batch, generator=gen) < cfg.caption_dropout
         idx_dev, drop_dev = idx.to(device), drop.to(device).view(-1, 1)
@@ -414,7 +427,8 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: ToyS
             s = cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s)
         xt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
         with autocast:
-            emb = pipe.text_encoder(ids, attention_mask=mask)[0]
+            with torch.set_grad_enabled(not text_frozen):
+                emb = pipe.text_encoder(ids, attention_mask=mask)[0]
             pred = transformer(xt, encoder_hidden_states=emb, encoder_attention_mask=mask,
                                timestep=s * 1000,
                                added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
@@ -437,6 +451,7 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: ToyS
             param.copy_(ema.shadow[name].to(param.dtype))
     transformer.eval()
     text_encoder.eval()
+    text_encoder.requires_grad_(True)
     return total
 
 
@@ -465,6 +480,9 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
     out_dir = Path(out_dir)
     # The folders a run starts from are checked before its work folder exists, so that a
     # mistake leaves nothing behind that the corrected run would take for a foreign one.
+    if cfg.text_lr_scale < 0 or cfg.text_pretrain_steps < 0:
+        raise ValueError("text_lr_scale (0 freezes the text encoder) and text_pretrain_steps (0: none) "
+                         f"must be >= 0, got {cfg.text_lr_scale} and {cfg.text_pretrain_steps}")
     if cfg.init_from and cfg.vae_from:
         raise ValueError("init_from continues a whole toy source, its autoencoder included; "
                          "vae_from takes only the autoencoder: pass one of them")
