@@ -7,7 +7,7 @@ import torch
 
 from l2p.toy import source
 from l2p.toy.grammar import generate_scenes
-from l2p.toy.text_encoder import SWAPPED_PAIRS, order_blindness, pretrain_text_encoder
+from l2p.toy.text_encoder import SWAPPED_PAIRS, order_blindness, pretrain_text_encoder, shape_positions
 
 SMALL = source.ToySourceConfig().scaled(text_dim=32, text_layers=1)
 
@@ -25,9 +25,15 @@ def test_an_encoder_without_attention_is_order_blind():
     assert abs(order_blindness(encoder, tokenizer) - 1.0) < 1e-6
 
 
-def test_the_swapped_pairs_hold_the_same_words():
+def test_the_swapped_pairs_hold_the_same_words_and_every_shape_is_compared():
+    tokenizer = source.build_toy_tokenizer()
     for a, b in SWAPPED_PAIRS:
         assert sorted(a.split()) == sorted(b.split()) and a != b
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer(a).input_ids)
+        # Two shapes in each prompt, "cross" and "crosses" among them.
+        assert len(shape_positions(pieces)) == 2, a
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer("two crosses left of a cross").input_ids)
+    assert shape_positions(pieces) == [1, 5]
 
 
 def test_pretraining_teaches_the_encoder_word_order():

@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from l2p.toy.world import PLURALS, SHAPES
+
 # Prompt pairs that differ only in which colour goes with which shape: a bag of words encodes
 # both sides of each pair the same.
 SWAPPED_PAIRS = (
@@ -34,7 +36,13 @@ SWAPPED_PAIRS = (
     ("a white circle to the left of a red square", "a red circle to the left of a white square"),
     ("two green crosses above a yellow triangle", "two yellow crosses above a green triangle"),
 )
-SHAPE_WORDS = ("circle", "square", "triangle", "cross")
+# Every word that names a shape, singular or plural.
+SHAPE_WORDS = frozenset(SHAPES) | frozenset(PLURALS.values())
+
+
+def shape_positions(pieces: list[str]) -> list[int]:
+    """Where the tokenizer's pieces name a shape (the toy tokenizer keeps words whole)."""
+    return [i for i, piece in enumerate(pieces) if piece.lstrip("\u2581") in SHAPE_WORDS]
 
 
 @torch.no_grad()
@@ -51,10 +59,8 @@ def order_blindness(text_encoder, tokenizer, max_tokens: int = 24) -> float:
                         return_tensors="pt")
         out = text_encoder(input_ids=ids.input_ids.to(device),
                            attention_mask=ids.attention_mask.to(device))[0].float()
-        pieces = tokenizer.convert_ids_to_tokens(ids.input_ids[0])
-        for i, piece in enumerate(pieces):
-            if piece.lstrip("\u2581").rstrip("s") in SHAPE_WORDS:
-                sims.append(torch.nn.functional.cosine_similarity(out[0, i], out[1, i], dim=0).item())
+        for i in shape_positions(tokenizer.convert_ids_to_tokens(ids.input_ids[0])):
+            sims.append(torch.nn.functional.cosine_similarity(out[0, i], out[1, i], dim=0).item())
     text_encoder.train(was_training)
     return float(sum(sims) / len(sims))
 
