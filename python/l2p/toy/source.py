@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from l2p.toy import world as toy_world
 from l2p.toy.grammar import generate_scenes
 from l2p.toy.render import render_array
-from l2p.toy.text_encoder import order_blindness, pretrain_text_encoder
+from l2p.toy.text_encoder import order_blindness, pretrain_text_encoder, tokenize_prompts
 
 # Where the shipped, trained toy source lives inside the package.
 SHIPPED_SOURCE_DIR = Path(__file__).resolve().parent / "weights" / "shapes-pixart"
@@ -351,15 +351,6 @@ def encode_latents(vae, images: np.ndarray, device, batch: int = 256) -> torch.T
     return torch.cat(out)
 
 
-def tokenize(pipe, prompts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input ids, attention mask) as PixArtSigmaPipeline.encode_prompt tokenizes: padding
-    beyond the prompt is masked, so a shorter max length changes nothing for real tokens."""
-    tokens = pipe.tokenizer([p.lower().strip() for p in prompts], padding="max_length",
-                            max_length=max_tokens, truncation=True, add_special_tokens=True,
-                            return_tensors="pt")
-    return tokens.input_ids, tokens.attention_mask
-
-
 def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: ToySourceConfig,
                       device, log: Callable[[str], None], budget_s: float = 0.0,
                       work_dir: Path | None = None) -> int:
@@ -393,8 +384,8 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: ToyS
     # The whole training set lives on the device, tokenized once: on a GPU the per-step
     # tokenizing and host-to-device copies would otherwise take a good share of each step.
     x0_all = (latents * pipe.vae.config.scaling_factor).to(device)
-    all_ids, all_mask = (t.to(device) for t in tokenize(pipe, prompts, cfg.max_tokens))
-    empty_ids, empty_mask = (t.to(device) for t in tokenize(pipe, [""], cfg.max_tokens))
+    all_ids, all_mask = (t.to(device) for t in tokenize_prompts(pipe.tokenizer, prompts, cfg.max_tokens))
+    empty_ids, empty_mask = (t.to(device) for t in tokenize_prompts(pipe.tokenizer, [""], cfg.max_tokens))
     budget = _Budget(cfg.dit_steps, budget_s)
     total, step = cfg.dit_steps, 0
     resume = latest_checkpoint(work_dir) if work_dir is not None else None

@@ -40,6 +40,15 @@ SWAPPED_PAIRS = (
 SHAPE_WORDS = frozenset(SHAPES) | frozenset(PLURALS.values())
 
 
+def tokenize_prompts(tokenizer, prompts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) as PixArtSigmaPipeline.encode_prompt tokenizes: padding
+    beyond the prompt is masked, so a shorter max length changes nothing for real tokens."""
+    tokens = tokenizer([p.lower().strip() for p in prompts], padding="max_length",
+                       max_length=max_tokens, truncation=True, add_special_tokens=True,
+                       return_tensors="pt")
+    return tokens.input_ids, tokens.attention_mask
+
+
 def shape_positions(pieces: list[str]) -> list[int]:
     """Where the tokenizer's pieces name a shape (the toy tokenizer keeps words whole)."""
     return [i for i, piece in enumerate(pieces) if piece.lstrip("\u2581") in SHAPE_WORDS]
@@ -55,23 +64,21 @@ def order_blindness(text_encoder, tokenizer, max_tokens: int = 24) -> float:
     device = next(text_encoder.parameters()).device
     sims = []
     for a, b in SWAPPED_PAIRS:
-        ids = tokenizer([a, b], padding="max_length", max_length=max_tokens, truncation=True,
-                        return_tensors="pt")
-        out = text_encoder(input_ids=ids.input_ids.to(device),
-                           attention_mask=ids.attention_mask.to(device))[0].float()
-        for i in shape_positions(tokenizer.convert_ids_to_tokens(ids.input_ids[0])):
+        ids, mask = tokenize_prompts(tokenizer, [a, b], max_tokens)
+        out = text_encoder(input_ids=ids.to(device), attention_mask=mask.to(device))[0].float()
+        for i in shape_positions(tokenizer.convert_ids_to_tokens(ids[0])):
             sims.append(torch.nn.functional.cosine_similarity(out[0, i], out[1, i], dim=0).item())
     text_encoder.train(was_training)
     return float(sum(sims) / len(sims))
 
 
-def _corrupt(ids: torch.Tensor, mask: torch.Tensor, unk_id: int, rate: float,
+def _corrupt(ids: torch.Tensor, mask: torch.Tensor, tokenizer, rate: float,
              gen: torch.Generator) -> torch.Tensor:
-    """``ids`` with each real word (not padding, not the end token) replaced by ``unk_id`` with
-    probability ``rate``."""
-    words = mask.bool() & (ids != 1)   # 1 is T5's </s>
+    """``ids`` with each real word (not padding, not the end token) replaced by the unknown
+    token with probability ``rate``."""
+    words = mask.bool() & (ids != tokenizer.eos_token_id)
     hit = (torch.rand(ids.shape, generator=gen) < rate).to(ids.device) & words
-    return torch.where(hit, torch.full_like(ids, unk_id), ids)
+    return torch.where(hit, torch.full_like(ids, tokenizer.unk_token_id), ids)
 
 
 def pretrain_text_encoder(text_encoder, tokenizer, prompts: list[str], *, steps: int, batch: int,
@@ -98,9 +105,7 @@ def pretrain_text_encoder(text_encoder, tokenizer, prompts: list[str], *, steps:
         raise RuntimeError(f"the text encoder does not fit a T5 of its config: missing {missing}, "
                            f"unexpected {unexpected}")
     model.to(device).train()
-    tokens = tokenizer([p.lower().strip() for p in prompts], padding="max_length",
-                       max_length=max_tokens, truncation=True, return_tensors="pt")
-    all_ids, all_mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+    all_ids, all_mask = (t.to(device) for t in tokenize_prompts(tokenizer, prompts, max_tokens))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     loss = torch.tensor(float("nan"))
@@ -110,7 +115,7 @@ def pretrain_text_encoder(text_encoder, tokenizer, prompts: list[str], *, steps:
         idx = torch.randint(0, len(prompts), (batch,), generator=gen).to(device)
         ids, mask = all_ids[idx], all_mask[idx]
         labels = ids.masked_fill(mask == 0, -100)
-        loss = model(input_ids=_corrupt(ids, mask, tokenizer.unk_token_id, corrupt_rate, gen),
+        loss = model(input_ids=_corrupt(ids, mask, tokenizer, corrupt_rate, gen),
                      attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
