@@ -67,7 +67,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     # With the text encoder's pretraining phase, whose result the resumed run must take as saved,
     # and its own learning rate (a second optimizer group, restored from the checkpoint).
     cfg = TINY.scaled(dit_steps=6, checkpoint_every=2, text_pretrain_steps=3, text_pretrain_batch=4,
-                      text_lr_scale=0.5)
+                      text_pretrain_objective="context", text_lr_scale=0.5)
     whole = source.train_toy_source(cfg, tmp_path / "whole", "cpu", log=lambda _: None)
 
     saved = checkpoint.save_checkpoint
@@ -90,6 +90,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     records = [json.loads((d / "training_record.json").read_text()) for d in (whole, resumed)]
     assert records[0]["text_pretraining"] == records[1]["text_pretraining"]
     assert records[0]["text_pretraining"]["steps"] == 3
+    assert records[0]["text_pretraining"]["objective"] == "context"
     assert any("resumed from" in line and "step 4/6" in line for line in logs)
     for part in ("vae", "transformer", "text_encoder"):
         a = load_file(next((whole / part).glob("*.safetensors")))
@@ -239,4 +240,22 @@ def test_a_frozen_text_encoder_stays_as_it_started(tmp_path):
     assert any(not torch.equal(start[k], trained[k]) for k in trained)
     with pytest.raises(ValueError, match="must be >= 0"):
         source.train_toy_source(TINY.scaled(text_lr_scale=-1.0), tmp_path / "bad", "cpu", log=lambda _: None)
+    with pytest.raises(ValueError, match="choose one of denoise, context"):
+        source.train_toy_source(TINY.scaled(text_pretrain_objective="mlm"), tmp_path / "bad", "cpu",
+                                log=lambda _: None)
+    with pytest.raises(ValueError, match="text_context_window must be >= 1"):
+        source.train_toy_source(TINY.scaled(text_context_window=0), tmp_path / "bad", "cpu",
+                                log=lambda _: None)
     assert not source.work_dir_for(tmp_path / "bad").exists()
+
+
+def test_train_source_flags_reach_the_config(capsys):
+    from l2p.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["toy", "train-source", "--text-pretrain-objective", "context",
+                              "--text-context-window", "2", "--text-lr-scale", "0"])
+    assert (args.text_pretrain_objective, args.text_context_window, args.text_lr_scale) == ("context", 2, 0.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["toy", "train-source", "--text-pretrain-objective", "mlm"])
+    assert "invalid choice: 'mlm'" in capsys.readouterr().err

@@ -159,6 +159,12 @@ def register(subparsers) -> None:
             flag = "--" + f.name.replace("_", "-")
             p.add_argument(flag, dest=f.name, type=int if f.type == "int" else float,
                            help=f"default {f.default}")
+    from l2p.toy.text_encoder import OBJECTIVES
+
+    p.add_argument("--text-pretrain-objective", dest="text_pretrain_objective", choices=OBJECTIVES,
+                   help="what --text-pretrain-steps trains the text encoder on: 'denoise' "
+                        "(reconstruct corrupted prompts) or 'context' (each word's output predicts "
+                        "its neighbours; default denoise)")
     p.set_defaults(func=run_train_source)
 
     from l2p.toy.reproduce import ARMS, EXTRA_ARMS, ReproducePlan

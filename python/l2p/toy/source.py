@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from l2p.toy import world as toy_world
 from l2p.toy.grammar import generate_scenes
 from l2p.toy.render import render_array
+from l2p.toy.text_encoder import OBJECTIVES as TEXT_OBJECTIVES
 from l2p.toy.text_encoder import order_blindness, pretrain_text_encoder, tokenize_prompts
 
 # Where the shipped, trained toy source lives inside the package.
@@ -68,13 +69,17 @@ class ToySourceConfig:
     text_heads: int = 4
     max_tokens: int = 24
     # Pretraining the text encoder on the training prompts alone before the transformer phase
-    # (l2p.toy.text_encoder: a T5 decoder reconstructs each prompt from a copy with words
-    # replaced at text_corrupt_rate), so that its outputs carry word order; 0 = none, the
-    # encoder then starts the transformer phase as it is (random, or the continued folder's).
+    # (l2p.toy.text_encoder), so that its outputs carry word order; 0 steps = none, the encoder
+    # then starts the transformer phase as it is (random, or the continued folder's). Objectives:
+    # "denoise" (a T5 decoder reconstructs each prompt from a copy with words replaced at
+    # text_corrupt_rate) or "context" (each word's output predicts the text_context_window words
+    # on either side of it).
     text_pretrain_steps: int = 0
+    text_pretrain_objective: str = "denoise"
     text_pretrain_batch: int = 256
     text_pretrain_lr: float = 1e-3
     text_corrupt_rate: float = 0.15
+    text_context_window: int = 4
     # The text encoder's learning rate in the transformer phase, as a fraction of dit_lr; 0
     # freezes it (PixArt, SD3 and FLUX keep their pretrained T5 frozen).
     text_lr_scale: float = 1.0
@@ -474,6 +479,11 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
     if cfg.text_lr_scale < 0 or cfg.text_pretrain_steps < 0:
         raise ValueError("text_lr_scale (0 freezes the text encoder) and text_pretrain_steps (0: none) "
                          f"must be >= 0, got {cfg.text_lr_scale} and {cfg.text_pretrain_steps}")
+    if cfg.text_pretrain_objective not in TEXT_OBJECTIVES:
+        raise ValueError(f"unknown text_pretrain_objective {cfg.text_pretrain_objective!r}; choose "
+                         f"one of {', '.join(TEXT_OBJECTIVES)}")
+    if cfg.text_context_window < 1:
+        raise ValueError(f"text_context_window must be >= 1 word, got {cfg.text_context_window}")
     if cfg.init_from and cfg.vae_from:
         raise ValueError("init_from continues a whole toy source, its autoencoder included; "
                          "vae_from takes only the autoencoder: pass one of them")
@@ -588,8 +598,9 @@ def _pretrain_text_phase(pipe, prompts: list[str], cfg: ToySourceConfig, device,
     log(f"text encoder: pretraining on {len(prompts)} prompts, {cfg.text_pretrain_steps} steps")
     progress["text_pretraining"] = pretrain_text_encoder(
         pipe.text_encoder, pipe.tokenizer, prompts, steps=cfg.text_pretrain_steps,
-        batch=cfg.text_pretrain_batch, lr=cfg.text_pretrain_lr, corrupt_rate=cfg.text_corrupt_rate,
-        max_tokens=cfg.max_tokens, seed=cfg.seed + 3, device=device, log=log)
+        batch=cfg.text_pretrain_batch, lr=cfg.text_pretrain_lr, max_tokens=cfg.max_tokens,
+        seed=cfg.seed + 3, device=device, objective=cfg.text_pretrain_objective,
+        corrupt_rate=cfg.text_corrupt_rate, context_window=cfg.text_context_window, log=log)
     pipe.text_encoder.to("cpu")
     log(f"text encoder: {progress['text_pretraining']}")
     tmp = _staging_dir(work, ".text_encoder.")
