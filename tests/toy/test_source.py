@@ -240,7 +240,7 @@ def test_a_frozen_text_encoder_stays_as_it_started(tmp_path):
     assert any(not torch.equal(start[k], trained[k]) for k in trained)
     with pytest.raises(ValueError, match="must be >= 0"):
         source.train_toy_source(TINY.scaled(text_lr_scale=-1.0), tmp_path / "bad", "cpu", log=lambda _: None)
-    with pytest.raises(ValueError, match="choose one of denoise, context"):
+    with pytest.raises(ValueError, match="choose one of denoise, context, preceding"):
         source.train_toy_source(TINY.scaled(text_pretrain_objective="mlm"), tmp_path / "bad", "cpu",
                                 log=lambda _: None)
     with pytest.raises(ValueError, match="text_context_window must be >= 1"):

@@ -8,7 +8,7 @@ import torch
 
 from l2p.toy import source
 from l2p.toy.grammar import generate_scenes
-from l2p.toy.text_encoder import (SWAPPED_PAIRS, _context_targets, order_blindness, pretrain_text_encoder,
+from l2p.toy.text_encoder import (SWAPPED_PAIRS, _context_targets, _ContextTask, order_blindness, pretrain_text_encoder,
                                   shape_positions, tokenize_prompts)
 
 SMALL = source.ToySourceConfig().scaled(text_dim=32, text_layers=1)
@@ -56,7 +56,7 @@ def test_pretraining_teaches_the_encoder_word_order():
 def test_context_targets_are_the_neighbouring_words_inside_the_prompt():
     tokenizer = source.build_toy_tokenizer()
     ids, mask = tokenize_prompts(tokenizer, ["a red circle", "two blue squares above a cross"], 8)
-    targets = _context_targets(ids, mask, window=2)   # offsets -2, -1, +1, +2
+    targets = _context_targets(ids, mask, [-2, -1, 1, 2])
     assert targets.shape == (2, 8, 4)
     length = int(mask[0].sum())                       # "a red circle" and the end token
     for i in range(8):
@@ -83,9 +83,21 @@ def test_context_pretraining_puts_the_colour_at_the_shape_word():
     assert set(encoder.state_dict()) == set(_encoder()[0].state_dict())
 
 
+def test_preceding_pretraining_predicts_only_the_words_before():
+    encoder, tokenizer = _encoder()
+    prompts = [s.prompt for s in generate_scenes(600, 0, "train")]
+    result = pretrain_text_encoder(encoder, tokenizer, prompts, steps=300, batch=64, lr=3e-3,
+                                   max_tokens=24, seed=0, device="cpu", objective="preceding",
+                                   context_window=3, log=lambda _: None)
+    assert result["objective"] == "preceding" and result["word_accuracy"] > 0.8
+    assert result["order_blindness_after"] < 0.97 < result["order_blindness_before"]
+    task = _ContextTask(encoder, 3, following=False)
+    assert task.offsets == [-3, -2, -1] and task.heads.out_features == 3 * encoder.config.vocab_size
+
+
 def test_pretraining_options_are_checked():
     encoder, tokenizer = _encoder()
-    with pytest.raises(ValueError, match="choose one of denoise, context"):
+    with pytest.raises(ValueError, match="choose one of denoise, context, preceding"):
         pretrain_text_encoder(encoder, tokenizer, ["a red circle"], steps=1, batch=1, lr=1e-3,
                               max_tokens=8, seed=0, device="cpu", objective="clip")
     with pytest.raises(ValueError, match="context window must be >= 1"):

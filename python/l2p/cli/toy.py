@@ -163,8 +163,9 @@ def register(subparsers) -> None:
 
     p.add_argument("--text-pretrain-objective", dest="text_pretrain_objective", choices=OBJECTIVES,
                    help="what --text-pretrain-steps trains the text encoder on: 'denoise' "
-                        "(reconstruct corrupted prompts) or 'context' (each word's output predicts "
-                        "its neighbours; default denoise)")
+                        "(reconstruct corrupted prompts), 'context' (each word's output predicts "
+                        "the --text-context-window words on either side of it) or 'preceding' "
+                        "(the words before it only); default denoise")
     p.set_defaults(func=run_train_source)
 
     from l2p.toy.reproduce import ARMS, EXTRA_ARMS, ReproducePlan

@@ -72,8 +72,8 @@ class ToySourceConfig:
     # (l2p.toy.text_encoder), so that its outputs carry word order; 0 steps = none, the encoder
     # then starts the transformer phase as it is (random, or the continued folder's). Objectives:
     # "denoise" (a T5 decoder reconstructs each prompt from a copy with words replaced at
-    # text_corrupt_rate) or "context" (each word's output predicts the text_context_window words
-    # on either side of it).
+    # text_corrupt_rate), "context" (each word's output predicts the text_context_window words
+    # on either side of it) or "preceding" (the text_context_window words before it).
     text_pretrain_steps: int = 0
     text_pretrain_objective: str = "denoise"
     text_pretrain_batch: int = 256

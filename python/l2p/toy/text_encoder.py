@@ -10,7 +10,7 @@ through cross-attention, which has no notion of order: whatever it learns of whi
 with which shape, or which object is left of which (the categories the toy source fails), it
 must learn from that trace.
 
-Two objectives (:data:`OBJECTIVES`):
+Three objectives (:data:`OBJECTIVES`):
 
 - "denoise", T5's own kind: a T5 decoder reconstructs each prompt from a corrupted copy. The
   encoder must keep the word order somewhere in its outputs, but not at the word it concerns: on
@@ -21,6 +21,8 @@ Two objectives (:data:`OBJECTIVES`):
   shape word's output for colour-shape pairs the prompts never contained. The price: a colour
   word's output then depends on the shape after it, so a pair never seen in training gives the
   transformer vectors it never saw (RESULTS.md, "A context objective").
+- "preceding": the same with only the words before each word, so a colour word's output does not
+  depend on the shape after it, while the shape word still holds the colour before it.
 """
 
 from __future__ import annotations
@@ -86,13 +88,13 @@ def _corrupt(ids: torch.Tensor, mask: torch.Tensor, tokenizer, rate: float,
     return torch.where(hit, torch.full_like(ids, tokenizer.unk_token_id), ids)
 
 
-def _context_targets(ids: torch.Tensor, mask: torch.Tensor, window: int) -> torch.Tensor:
-    """(batch, tokens, 2 * window) ids of the words at offsets -window..-1, 1..window of each
-    real token; -100 (ignored) beyond the prompt and at padding."""
+def _context_targets(ids: torch.Tensor, mask: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """(batch, tokens, len(offsets)) ids of the words at ``offsets`` from each real token; -100
+    (ignored) beyond the prompt and at padding."""
     real = mask.bool()
     length = ids.shape[1]
     columns = []
-    for offset in [*range(-window, 0), *range(1, window + 1)]:
+    for offset in offsets:
         shifted = torch.full_like(ids, -100)
         shifted_real = torch.zeros_like(real)
         src = slice(max(offset, 0), length + min(offset, 0))
@@ -144,27 +146,27 @@ class _DenoisingTask(torch.nn.Module):
 
 class _ContextTask(torch.nn.Module):
     """Each word's output names the words around it: a linear head per offset predicts the word
-    ``window`` places before to ``window`` places after from the encoder's output at that word
-    alone. What a shape word's output must then hold is its own phrase: the colour and count
-    before it, the relation after it or the "of" before it, which is where the transformer's
+    ``window`` places before (and, with ``following``, after) from the encoder's output at that
+    word alone. What a shape word's output must then hold is its own phrase: the colour and count
+    before it, the "of" before it or the relation after it, which is where the transformer's
     cross-attention looks for them."""
 
-    def __init__(self, text_encoder, window: int):
+    def __init__(self, text_encoder, window: int, following: bool):
         super().__init__()
         if window < 1:
             raise ValueError(f"the context window must be >= 1 word, got {window}")
         self.encoder = text_encoder
-        self.window = window
+        self.offsets = [*range(-window, 0), *(range(1, window + 1) if following else ())]
         config = text_encoder.config
-        self.heads = torch.nn.Linear(config.d_model, 2 * window * config.vocab_size)
+        self.heads = torch.nn.Linear(config.d_model, len(self.offsets) * config.vocab_size)
 
     def encoder_state(self) -> dict:
         return self.encoder.state_dict()
 
     def _logits_and_targets(self, ids, mask):
         hidden = self.encoder(input_ids=ids, attention_mask=mask)[0]
-        logits = self.heads(hidden).unflatten(-1, (2 * self.window, -1))
-        return logits, _context_targets(ids, mask, self.window)
+        logits = self.heads(hidden).unflatten(-1, (len(self.offsets), -1))
+        return logits, _context_targets(ids, mask, self.offsets)
 
     def loss(self, ids, mask, gen) -> torch.Tensor:
         logits, targets = self._logits_and_targets(ids, mask)
@@ -178,7 +180,7 @@ class _ContextTask(torch.nn.Module):
         return float((logits.argmax(-1) == targets)[known].float().mean())
 
 
-OBJECTIVES = ("denoise", "context")
+OBJECTIVES = ("denoise", "context", "preceding")
 
 
 def pretrain_text_encoder(text_encoder, tokenizer, prompts: list[str], *, steps: int, batch: int,
@@ -186,7 +188,8 @@ def pretrain_text_encoder(text_encoder, tokenizer, prompts: list[str], *, steps:
                           corrupt_rate: float = 0.15, context_window: int = 4,
                           log: Callable[[str], None] = print) -> dict:
     """Train ``text_encoder`` (a T5EncoderModel, in place) on ``prompts`` alone with
-    ``objective``: "denoise" (:class:`_DenoisingTask`) or "context" (:class:`_ContextTask`).
+    ``objective``: "denoise" (:class:`_DenoisingTask`), "context" (:class:`_ContextTask`, the
+    words on both sides) or "preceding" (the words before each word only).
     What the objective adds (decoder, heads) is thrown away afterwards. Returns what it
     measured: the final loss, the objective's word accuracy on uncorrupted prompts, and
     :func:`order_blindness` before and after."""
@@ -199,7 +202,7 @@ def pretrain_text_encoder(text_encoder, tokenizer, prompts: list[str], *, steps:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     task = (_DenoisingTask(text_encoder, tokenizer, corrupt_rate) if objective == "denoise"
-            else _ContextTask(text_encoder, context_window))
+            else _ContextTask(text_encoder, context_window, following=objective == "context"))
     task.to(device).train()
     all_ids, all_mask = (t.to(device) for t in tokenize_prompts(tokenizer, prompts, max_tokens))
     opt = torch.optim.AdamW(task.parameters(), lr=lr, weight_decay=0.01)
