@@ -92,17 +92,12 @@ def _context_targets(ids: torch.Tensor, mask: torch.Tensor, offsets: list[int]) 
     """(batch, tokens, len(offsets)) ids of the words at ``offsets`` from each real token; -100
     (ignored) beyond the prompt and at padding."""
     real = mask.bool()
+    reach = max(abs(o) for o in offsets)
+    # Padding and the margins beyond the prompt read as "ignored", so each offset is one slice.
+    padded = torch.nn.functional.pad(ids.masked_fill(~real, -100), (reach, reach), value=-100)
     length = ids.shape[1]
-    columns = []
-    for offset in offsets:
-        shifted = torch.full_like(ids, -100)
-        shifted_real = torch.zeros_like(real)
-        src = slice(max(offset, 0), length + min(offset, 0))
-        dst = slice(max(-offset, 0), length + min(-offset, 0))
-        shifted[:, dst] = ids[:, src]
-        shifted_real[:, dst] = real[:, src]
-        columns.append(shifted.masked_fill(~(shifted_real & real), -100))
-    return torch.stack(columns, dim=-1)
+    targets = torch.stack([padded[:, reach + o: reach + o + length] for o in offsets], dim=-1)
+    return targets.masked_fill(~real.unsqueeze(-1), -100)
 
 
 class _DenoisingTask(torch.nn.Module):
