@@ -106,14 +106,23 @@ def test_eval_scores_source_and_pixel_folders(tmp_path, monkeypatch, capsys):
     convert_folder(src, tmp_path / "pixel")
     write_prompts(tmp_path / "prompts.jsonl", 6, seed=3)
     monkeypatch.setattr(source, "SHIPPED_SOURCE_DIR", src)
-    for model in ("toy", str(tmp_path / "pixel")):
-        out = tmp_path / "scores.json"
+    for name, model in (("source", "toy"), ("pixel", str(tmp_path / "pixel"))):
+        out = tmp_path / f"{name}-scores.json"
         args = ["eval", "--model", model, "--prompts", str(tmp_path / "prompts.jsonl"),
                 "--out", str(out), "--steps", "2"]
         assert main(args) == 0
         scores = json.loads(out.read_text())
         assert scores["n"] == 6 and 0.0 <= scores["overall"] <= 1.0 and len(scores["ci95"]) == 2
         assert "overall" in capsys.readouterr().out
+    # The two score files pair up image by image.
+    assert main(["compare", str(tmp_path / "pixel-scores.json"), str(tmp_path / "source-scores.json"),
+                 "--rounds", "50", "--out", str(tmp_path / "comparison.json")]) == 0
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    pixel, src_scores = (json.loads((tmp_path / f"{n}-scores.json").read_text()) for n in ("pixel", "source"))
+    assert comparison["n"] == 6
+    assert comparison["difference"]["overall"]["difference"] == pytest.approx(
+        pixel["overall"] - src_scores["overall"])
+    assert "A - B, paired on the same 6 prompts" in capsys.readouterr().out
     prompts = ["--prompts", str(tmp_path / "prompts.jsonl"), "--steps", "2"]
     assert main(["eval", "--model", str(tmp_path / "pixel"), "--out", str(out), "--guidance-max-sigma", "0.5",
                  *prompts]) == 0

@@ -17,6 +17,7 @@ SUBCOMMANDS = [
     "data",
     "toy",
     "eval",
+    "compare",
 ]
 
 

@@ -21,7 +21,8 @@ def run(args: argparse.Namespace) -> int:
                                 pixel_shift=args.shift, batch_size=args.batch_size)
     summary = score_generated(images, records)
     summary.update(model=str(model), prompts=str(args.prompts), seed=args.seed, steps=args.steps,
-                   guidance=args.guidance, guidance_max_sigma=args.guidance_max_sigma, shift=args.shift)
+                   guidance=args.guidance, guidance_max_sigma=args.guidance_max_sigma, shift=args.shift,
+                   noise_device="cpu")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

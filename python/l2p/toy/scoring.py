@@ -3,6 +3,7 @@ intervals. (The per-image judgement is l2p.toy.scorer's.)"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -75,6 +76,33 @@ def paired_difference(correct_a, correct_b, categories, *, rounds: int = 2000, l
             "training_seeds": a.shape[0]}
 
 
+def paired_comparison(correct_a, correct_b, categories, *, rounds: int = 2000, level: float = 0.95,
+                      seed: int = 0) -> dict:
+    """:func:`paired_difference` overall and within each category (that category's accuracy of
+    A minus B, resampling its prompts): {"overall": {...}, "per_category": {category: {...}}}."""
+    categories = np.asarray(categories)
+    a, _ = _by_seed(correct_a, categories, "paired_comparison")
+    b, _ = _by_seed(correct_b, categories, "paired_comparison")
+    overall = paired_difference(a, b, categories, rounds=rounds, level=level, seed=seed)
+    per_category = {}
+    for c in CATEGORIES:
+        mask = categories == c
+        if mask.any():
+            per_category[c] = paired_difference(a[:, mask], b[:, mask], categories[mask], rounds=rounds,
+                                                level=level, seed=seed)
+    return {"overall": overall, "per_category": per_category}
+
+
+def records_digest(records: list[PromptRecord]) -> str:
+    """SHA-256 of the records' content in order: two score files with the same digest judged the
+    same scenes in the same order, so their results can be paired image by image."""
+    h = hashlib.sha256()
+    for record in records:
+        h.update(json.dumps(record.to_dict(), sort_keys=True).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
 def score_over_seeds(correct_by_seed, categories, *, rounds: int = 2000, level: float = 0.95,
                      seed: int = 0) -> dict:
     """One model trained from several seeds, scored on the same prompts (seeds x prompts): the
@@ -88,11 +116,15 @@ def score_over_seeds(correct_by_seed, categories, *, rounds: int = 2000, level: 
 
 
 def score_generated(images, records: list[PromptRecord]) -> dict:
-    """Score one image per record; the summary gains ``ci95`` (bootstrap) and ``failures``
-    (the reason for each failed image, first 50)."""
+    """Score one image per record; the summary gains ``ci95`` (bootstrap), ``correct`` and
+    ``categories`` (per image, in the records' order), ``records_digest`` (what
+    :func:`paired_comparison` users check before pairing two summaries) and ``failures`` (the
+    reason for each failed image, first 50)."""
     results, summary = score_images(images, [r.scene for r in records])
     summary["ci95"] = bootstrap_interval(results)
     summary["correct"] = [bool(r.correct) for r in results]
+    summary["categories"] = [r.category for r in records]
+    summary["records_digest"] = records_digest(records)
     summary["failures"] = [
         {"index": rec.index, "prompt": rec.prompt, "reason": res.reason}
         for rec, res in zip(records, results) if not res.correct
@@ -145,5 +177,5 @@ def pixel_images(pipe, prompts: list[str], *, seed: int = 0, steps: int = 20, gu
     return np.concatenate(out)
 
 
-__all__ = ["bootstrap_interval", "images_for_prompts", "is_pixel_pipeline", "paired_difference",
-           "pixel_images", "score_generated", "summarize"]
+__all__ = ["bootstrap_interval", "images_for_prompts", "is_pixel_pipeline", "paired_comparison",
+           "paired_difference", "pixel_images", "records_digest", "score_generated", "summarize"]
