@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> int:
+    from l2p.atomic import write_json
     from l2p.toy.comparison import compare_runs, format_comparison, load_scored_run
 
     report = compare_runs(load_scored_run(args.a, args.split), load_scored_run(args.b, args.split),
                           rounds=args.rounds)
     print(format_comparison(report))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out)
+        write_json(args.out, report, indent=2)
     return 0
 
 

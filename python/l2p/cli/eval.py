@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> int:
+    from l2p.atomic import write_json
     from l2p.data.generate import resolve_source
     from l2p.toy.prompts import read_prompts
     from l2p.toy.scoring import images_for_prompts, score_generated
@@ -23,11 +22,7 @@ def run(args: argparse.Namespace) -> int:
     summary.update(model=str(model), prompts=str(args.prompts), seed=args.seed, steps=args.steps,
                    guidance=args.guidance, guidance_max_sigma=args.guidance_max_sigma, shift=args.shift,
                    noise_device="cpu")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out)
+    write_json(args.out, summary, indent=2)
     low, high = summary["ci95"]
     print(f"overall {summary['overall']:.3f} (95% CI {low:.3f}-{high:.3f}) on {summary['n']} images; "
           + " ".join(f"{k}={v:.2f}" for k, v in summary["per_category"].items()))

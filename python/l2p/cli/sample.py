@@ -38,6 +38,7 @@ def _guidance_option(value: str) -> tuple[str, object]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from l2p.atomic import atomic_path
     from l2p.sample.pipeline import L2PPipeline
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -56,10 +57,8 @@ def run(args: argparse.Namespace) -> int:
                   **dict(args.guidance_option)).images
     paths = _paths(args.out, len(images))
     for image, path in zip(images, paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        image.save(tmp, format="PNG")
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
         print(f"wrote {path}")
     return 0
 

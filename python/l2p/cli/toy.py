@@ -44,10 +44,11 @@ def _evaluate_source(folder, device, n: int) -> None:
     import json
     from pathlib import Path
 
+    from l2p.atomic import write_json
     from l2p.toy.comparison import SOURCE_EVAL_SEEDS
     from l2p.toy.prompts import make_records
     from l2p.toy.scoring import score_generated
-    from l2p.toy.source import _write_text_atomically, generate, load_toy_source
+    from l2p.toy.source import generate, load_toy_source
 
     pipe = load_toy_source(folder, device)
     record_path = Path(folder) / "training_record.json"
@@ -62,7 +63,7 @@ def _evaluate_source(folder, device, n: int) -> None:
         print(f"toy source on {n} {split} prompts: overall {summary['overall']:.3f} "
               f"(95% CI {summary['ci95'][0]:.3f}-{summary['ci95'][1]:.3f}) "
               + " ".join(f"{k}={v:.2f}" for k, v in summary["per_category"].items()))
-    _write_text_atomically(record_path, json.dumps(record, indent=2))
+    write_json(record_path, record, indent=2)
 
 
 def _float_or_none(text: str, what: str = "a number (like 3)") -> float | None:

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from l2p.atomic import atomic_path
 from l2p.models import PixelTransformer2DModel
 
 DELTA_FORMAT = "l2p-delta/1"
@@ -24,14 +25,8 @@ def atomic_save_file(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
 ) -> None:
     """safetensors write that never leaves a half-written file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_delta(model: PixelTransformer2DModel, path: str | os.PathLike) -> list[str]:

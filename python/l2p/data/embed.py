@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from l2p.atomic import atomic_path, write_json
 from l2p.data.dataset import list_captioned_files
 from l2p.data.generate import load_pipeline, resolve_source
 
@@ -80,12 +81,6 @@ def _text_only_components(source: Path) -> dict[str, None]:
         if folder.is_dir() and any(folder.glob("*.safetensors")):
             skip[name] = None
     return skip
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _read_index(folder: Path) -> dict:
@@ -152,13 +147,12 @@ def build_embedding_cache(source: str | os.PathLike, data: str | os.PathLike, *,
             index["list_names"] = sorted(set(index["list_names"]) | list_names)
             bar.update(len(batch))
         shard_name = f"shard-{len(index['shards']):05d}.safetensors"
-        tmp = out / f".{shard_name}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, out / shard_name)
+        with atomic_path(out / shard_name) as tmp:
+            save_file(tensors, str(tmp))
         shard_id = len(index["shards"])
         index["shards"].append(shard_name)
         index["captions"].update({c: [shard_id, row] for row, c in enumerate(shard_captions)})
-        _write_json_atomic(out / INDEX, index)
+        write_json(out / INDEX, index, ensure_ascii=False)
         summary["encoded"] += len(shard_captions)
     bar.close()
     return summary

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from l2p.atomic import atomic_path, write_text
 from l2p.data.prompts import read_prompts
 
 logger = logging.getLogger(__name__)
@@ -192,12 +193,6 @@ def read_png_record(path: str | os.PathLike) -> dict:
         return json.loads(im.info[PNG_RECORD_KEY])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def rebuild_metadata(out: str | os.PathLike) -> int:
     """Write ``out/metadata.csv`` from the PNGs under ``out/images`` (sorted by name) and
     return the row count. Rows of the existing metadata.csv are reused when their file still
@@ -221,12 +216,10 @@ def rebuild_metadata(out: str | os.PathLike) -> int:
                 logger.warning("%s has no readable l2p record (%s); left out of metadata.csv", name, exc)
                 continue
         rows.append({k: row.get(k, "") for k in METADATA_COLUMNS})
-    tmp = meta.with_name(f".metadata.csv.{os.getpid()}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
+    with atomic_path(meta) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=METADATA_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, meta)
     return len(rows)
 
 
@@ -241,7 +234,7 @@ def _check_manifest(out: Path, manifest: dict) -> None:
             raise ValueError(f"{out} was rendered with different {', '.join(changed)} "
                              f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); "
                              "use a new --out folder or the original settings")
-    _atomic_write_text(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    write_text(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
 # --------------------------------------------------------------------------- rendering

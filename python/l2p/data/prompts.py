@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from l2p.atomic import atomic_path
+
 DEFAULT_MIN_CHARS = 200
 DEFAULT_MAX_CHARS = 350
 DEFAULT_NEAR_DUPLICATE_THRESHOLD = 0.7
@@ -235,15 +237,11 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 def write_prompts(path: str | os.PathLike, records: Iterable[PromptRecord]) -> int:
     """Write records as JSON lines (``text``, ``source``, ``category``), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from l2p.atomic import atomic_path
 from l2p.sample.pipeline import denoise
 from l2p.sample.schedule import recipe_for
 from l2p.train import conditioning as condmod
@@ -71,8 +72,6 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int) -> Path:
         grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = (img + 1) / 2
     arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
     return path

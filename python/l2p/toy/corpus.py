@@ -15,13 +15,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from l2p.atomic import atomic_path, write_json, write_text
 from l2p.toy.prompts import PromptRecord
 
 CORPORA = ("synthetic", "verified", "real")
@@ -33,9 +33,7 @@ def write_prompt_file(records: list[PromptRecord], path: Path) -> Path:
     (by its manifest) instead of mixing two prompt lists."""
     text = "".join(r.prompt + "\n" for r in records)
     if not path.exists() or path.read_text() != text:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text(path, text)
     return path
 
 
@@ -99,10 +97,8 @@ def write_verified_corpus(source_dir: Path, records: list[PromptRecord], out: Pa
             name = image_name(p, int(np.argmax(row == 1)))
             target = out / name
             if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.tmp")
-                shutil.copyfile(pool / name, tmp)  # keeps the PNG's generation record
-                os.replace(tmp, target)
+                with atomic_path(target) as tmp:
+                    shutil.copyfile(pool / name, tmp)  # keeps the PNG's generation record
     rows = rebuild_metadata(out)
     if rows == 0:
         raise ValueError(
@@ -120,9 +116,7 @@ def write_verified_corpus(source_dir: Path, records: list[PromptRecord], out: Pa
         "kept_by_category": {c: float(kept[categories == c].mean()) for c in dict.fromkeys(categories)},
         "verdicts": verdicts.tolist(),
     }
-    tmp = record_path.with_name(f".{record_path.name}.tmp")
-    tmp.write_text(json.dumps(verification, indent=1))
-    os.replace(tmp, record_path)
+    write_json(record_path, verification, indent=1)
     return verification
 
 
@@ -155,14 +149,11 @@ def write_real_corpus(records: list[PromptRecord], out: Path, size: int) -> Path
         name = f"images/{rec.index:06d}.png"
         path = out / name
         if not path.exists():
-            tmp = path.with_name(f".{path.name}.tmp")
-            render(rec.scene, size).save(tmp, format="PNG")
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                render(rec.scene, size).save(tmp, format="PNG")
         rows.append({"file_name": name, "text": rec.prompt})
-    tmp = out / ".metadata.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(out / "metadata.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["file_name", "text"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, out / "metadata.csv")
     return out

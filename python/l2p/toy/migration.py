@@ -18,7 +18,6 @@ newest checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from l2p.atomic import write_json
 from l2p.toy.corpus import (cache_text_embeddings, verification_summary, write_synthetic_corpus,
                             write_verified_corpus)
 from l2p.toy.scoring import images_for_prompts, score_generated
@@ -161,9 +161,7 @@ def _check_same_plan(out: Path, plan: MigrationPlan) -> None:
     if (out / "train").exists():
         raise ValueError(f"{out} holds a toy migration from an earlier version of l2p (no plan.json); "
                          "delete it or choose another output folder")
-    tmp = record.with_name(f".{record.name}.tmp")
-    tmp.write_text(json.dumps(current, indent=1))
-    os.replace(tmp, record)
+    write_json(record, current, indent=1)
 
 
 def run_toy_migration(plan: MigrationPlan | None = None,

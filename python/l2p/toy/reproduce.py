@@ -40,7 +40,6 @@ read back from disk.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from l2p.atomic import write_json
 from l2p.toy.corpus import (CORPORA, cache_text_embeddings, verification_summary, write_real_corpus,
                              write_synthetic_corpus, write_verified_corpus)
 from l2p.toy.prompts import make_records
@@ -275,9 +275,7 @@ def _cached(path: Path, compute: Callable[[], dict]) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     result = compute()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
+    write_json(path, result, indent=1)
     return result
 
 

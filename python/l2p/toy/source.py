@@ -27,7 +27,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from l2p.atomic import write_json
 from l2p.toy import world as toy_world
 from l2p.toy.grammar import generate_scenes
 from l2p.toy.render import render_array
@@ -497,7 +498,7 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
     if config_file.exists() and json.loads(config_file.read_text()) != json.loads(json.dumps(asdict(cfg))):
         raise ValueError(f"{work} holds an unfinished run with a different config; rerun with that "
                          f"config (see {config_file}) or delete the folder to start over")
-    _write_text_atomically(config_file, json.dumps(asdict(cfg), indent=2))
+    write_json(config_file, asdict(cfg), indent=2)
     started = time.time()
     progress_file = work / "progress.json"
     progress = json.loads(progress_file.read_text()) if progress_file.exists() else {"seconds": 0.0}
@@ -538,13 +539,13 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
         pipe.vae.save_pretrained(tmp, safe_serialization=True)
         tmp.rename(vae_dir)
         progress["seconds"] += time.time() - started
-        _write_text_atomically(progress_file, json.dumps(progress, indent=2))
+        write_json(progress_file, progress, indent=2)
         started = time.time()
     log(f"latent scaling factor {pipe.vae.config.scaling_factor:.4f}")
     if cfg.text_pretrain_steps:
         _pretrain_text_phase(pipe, prompts, cfg, device, work, progress, log)
         progress["seconds"] += time.time() - started
-        _write_text_atomically(progress_file, json.dumps(progress, indent=2))
+        write_json(progress_file, progress, indent=2)
         started = time.time()
     remaining = cfg.time_budget_s - progress["seconds"] - (time.time() - started) if cfg.time_budget_s else 0.0
     dit_steps = train_transformer(pipe, latents, prompts, cfg, device, log,
@@ -617,12 +618,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "cpu"
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _staging_dir(parent: Path, prefix: str) -> Path:

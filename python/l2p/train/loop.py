@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from l2p.atomic import write_text
 from l2p.sample.schedule import scheduler_config_with_shift
 from l2p.train import checkpoint as ckpt
 from l2p.train import conditioning as condmod
@@ -638,9 +639,8 @@ class Trainer:
         convert_folder(self.source.path, pipeline, patch_size=self.cfg.model.patch_size,
                        head=self._head_config(), seed=self.cfg.model.init_seed)
         if self.scheduler_config is not self.source.scheduler_config:
-            tmp = pipeline / "scheduler" / ".scheduler_config.json.tmp"
-            tmp.write_text(json.dumps(self.scheduler_config, indent=2, sort_keys=True) + "\n")
-            tmp.replace(pipeline / "scheduler" / "scheduler_config.json")
+            write_text(pipeline / "scheduler" / "scheduler_config.json",
+                       json.dumps(self.scheduler_config, indent=2, sort_keys=True) + "\n")
         if self.fsdp:
             metadata = {"format": DELTA_FORMAT, "config": _config_json(self.model)}
             atomic_save_file({k: v.contiguous() for k, v in raw.items()}, final / "delta-raw.safetensors", metadata)
