@@ -60,6 +60,18 @@ def test_bad_types_and_choices():
     with pytest.raises(ConfigError, match="optim.new_layers_lr must be > 0"):
         load_config(None, ["optim.new_layers_lr=0"])
     assert load_config(None, ["optim.new_layers_lr=null"]).optim.new_layers_lr is None
+    # Values that used to be accepted and failed (or silently misbehaved) mid-run.
+    for setting, message in [("logging.every=0", "logging.every must be >= 1"),
+                             ("optim.warmup_steps=-10", "optim.warmup_steps must be >= 0"),
+                             ("optim.min_lr_ratio=-1", r"optim.min_lr_ratio must be in \[0, 1\]"),
+                             ("optim.min_lr_ratio=3", r"optim.min_lr_ratio must be in \[0, 1\]"),
+                             ("checkpoint.every=-2", "checkpoint.every must be >= 0"),
+                             ("sample.steps=0", "sample.steps must be >= 1"),
+                             ("optim.grad_clip=-1", "optim.grad_clip must be >= 0")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [setting])
+    with pytest.raises(ConfigError, match="sample.seeds is empty"):
+        load_config(None, ["sample.prompts=[a cat]", "sample.seeds=[]"])
     with pytest.raises(ConfigError, match="cpu_offload runs on FSDP2.*torchrun --nproc-per-node 1"):
         load_config(None, ["low_memory.cpu_offload=true"])
     assert load_config(None, ["low_memory.cpu_offload=true", "distributed.strategy=fsdp"]).low_memory.cpu_offload

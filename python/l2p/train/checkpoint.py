@@ -19,6 +19,7 @@ loading never executes code. Under FSDP the sharded tensors are stored per rank
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -47,9 +48,32 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step of checkpoint folder ``path`` (``step-00000100`` -> 100)."""
+    m = _STEP_DIR.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not a checkpoint folder (step-NNNNNNNN)")
+    return int(m.group(1))
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    _restore_interrupted_replacement(checkpoint_root(run_dir))
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def _restore_interrupted_replacement(root: Path) -> None:
+    """Re-saving a step moves the complete old copy to ``.old-step-N`` before the new one takes
+    its name; a run killed between the two renames leaves only that copy: put it back."""
+    if not root.is_dir():
+        return
+    for old in root.glob(".old-step-*"):
+        final = root / old.name.removeprefix(".old-")
+        if _STEP_DIR.match(final.name) and not final.exists():
+            try:
+                os.replace(old, final)
+            except FileNotFoundError:
+                pass  # another rank of the same run put it back first
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -143,7 +167,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 # save / load
 
 
-def _barrier():
+def barrier():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -161,7 +185,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, rank: int, trainable: dic
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    _barrier()
+    barrier()
     suffix = f"-rank{rank}" if sharded else ""
     if rank == 0 or sharded:
         save_file(_contiguous(trainable), str(tmp / f"trainable{suffix}.safetensors"))
@@ -173,23 +197,26 @@ def save_checkpoint(run_dir: str | Path, step: int, *, rank: int, trainable: dic
     rng_tensors, rng_meta = rng_state()
     save_file(_contiguous(rng_tensors), str(tmp / f"rng-rank{rank}.safetensors"))
     _write_json(tmp / f"rng-rank{rank}.json", rng_meta)
-    _barrier()
+    barrier()
     if rank == 0:
         _write_json(tmp / "state.json", dict(state, sharded=sharded))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if final.exists():  # a rerun past the same step: replace it
-            trash = root / f".old-{final.name}"
-            shutil.rmtree(trash, ignore_errors=True)
+        # A rerun past the same step replaces it. The old copy is deleted only once the new one
+        # has its name, so a kill at any instant leaves one complete copy (see
+        # _restore_interrupted_replacement).
+        trash = root / f".old-{final.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        if final.exists():
             os.replace(final, trash)
-            shutil.rmtree(trash)
         os.replace(tmp, final)
         _fsync_dir(root)
+        shutil.rmtree(trash, ignore_errors=True)
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -198,7 +225,7 @@ def load_checkpoint(path: str | Path, *, rank: int) -> dict:
     path = Path(path)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"{path} is not a complete l2p checkpoint (no state.json)")
-    state = json.loads((path / "state.json").read_text())
+    state = _read_json(path / "state.json")
     suffix = f"-rank{rank}" if state.get("sharded") else ""
     rng_file = path / f"rng-rank{rank}.safetensors"
     if not rng_file.is_file():
@@ -206,12 +233,35 @@ def load_checkpoint(path: str | Path, *, rank: int) -> dict:
                          f"the same number (rank {rank} has no RNG state there)")
     out = {
         "state": state,
-        "trainable": load_file(str(path / f"trainable{suffix}.safetensors")),
-        "optimizer": load_file(str(path / f"optimizer{suffix}.safetensors")),
-        "optimizer_meta": json.loads((path / f"optimizer{suffix}.json").read_text()),
-        "rng": load_file(str(rng_file)),
-        "rng_meta": json.loads((path / f"rng-rank{rank}.json").read_text()),
+        "trainable": _read_tensors(path / f"trainable{suffix}.safetensors"),
+        "optimizer": _read_tensors(path / f"optimizer{suffix}.safetensors"),
+        "optimizer_meta": _read_json(path / f"optimizer{suffix}.json"),
+        "rng": _read_tensors(rng_file),
+        "rng_meta": _read_json(path / f"rng-rank{rank}.json"),
     }
     ema_file = path / f"ema{suffix}.safetensors"
-    out["ema"] = load_file(str(ema_file)) if ema_file.is_file() else None
+    out["ema"] = _read_tensors(ema_file) if ema_file.is_file() else None
     return out
+
+
+@contextlib.contextmanager
+def _reading(file: Path):
+    """A missing or damaged checkpoint file is a ValueError naming it and what to do."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ValueError(f"{file} is missing: the checkpoint {file.parent} is incomplete; delete it to "
+                         "resume from the one before") from None
+    except Exception as exc:  # safetensors and json raise their own error types
+        raise ValueError(f"{file} is damaged ({type(exc).__name__}: {exc}); delete the checkpoint "
+                         f"{file.parent} to resume from the one before") from None
+
+
+def _read_json(file: Path):
+    with _reading(file):
+        return json.loads(file.read_text())
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    with _reading(file):
+        return load_file(str(file))

@@ -264,7 +264,12 @@ class Config:
             ("train.grad_accum", self.train.grad_accum, 1),
             ("train.max_nonfinite_steps", self.train.max_nonfinite_steps, 1),
             ("checkpoint.keep_last", self.checkpoint.keep_last, 1),
+            ("checkpoint.every", self.checkpoint.every, 0),
             ("data.resolution", self.data.resolution, 1),
+            ("logging.every", self.logging.every, 1),
+            ("optim.warmup_steps", self.optim.warmup_steps, 0),
+            ("sample.every", self.sample.every, 0),
+            ("sample.steps", self.sample.steps, 1),
         ]:
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
@@ -276,6 +281,14 @@ class Config:
             raise ConfigError(f"ema.decay must be in [0, 1), got {self.ema.decay}")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] (the cosine schedule's floor as a "
+                              f"fraction of optim.lr), got {self.optim.min_lr_ratio}")
+        if not self.optim.grad_clip >= 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0 (0 turns clipping off), got {self.optim.grad_clip}")
+        if self.sample.prompts and not self.sample.seeds:
+            raise ConfigError("sample.prompts are set but sample.seeds is empty: give at least one seed "
+                              "(sample.seeds=[0])")
         if self.optim.new_layers_lr is not None and self.optim.new_layers_lr <= 0:
             raise ConfigError(f"optim.new_layers_lr must be > 0 (or null: the same as optim.lr), "
                               f"got {self.optim.new_layers_lr}")

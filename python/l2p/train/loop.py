@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from l2p.atomic import write_text
+from l2p.train.ema import EMA
 from l2p.sample.schedule import scheduler_config_with_shift
 from l2p.train import checkpoint as ckpt
 from l2p.train import conditioning as condmod
@@ -32,7 +34,6 @@ from l2p.train.config import Config, ConfigError
 from l2p.train.data import BatchPlan, DataPosition, collate, local_batches, open_dataset, sample_seed
 from l2p.train.distributed import (DistEnv, all_reduce_sum, init_distributed, pick_device,
                                    reshard, shutdown_distributed, wrap_ddp, wrap_fsdp)
-from l2p.train.ema import EMA
 from l2p.train.objective import Objective
 from l2p.train.source import encode_latents, open_source
 
@@ -306,7 +307,20 @@ class Trainer:
         if cache_dir is not None:
             from l2p.train.embedding_cache import open_embedding_cache
 
-            return open_embedding_cache(cache_dir)
+            cache = open_embedding_cache(cache_dir)
+            cached_class = cache.index.get("source_class")
+            if cached_class is not None and cached_class != self.source.transformer_class:
+                raise ConfigError(f"the text-embedding cache {cache_dir} holds embeddings of a "
+                                  f"{cached_class} source ({cache.source}), not of model.source "
+                                  f"{self.source.path} ({self.source.transformer_class}): embed with this "
+                                  "source (`l2p data embed`), or set data.embeddings=null")
+            if Path(cache.source) != self.source.path.resolve():
+                # Possibly the same model copied elsewhere (a cache made on another machine), so
+                # not refused; but another source's text encoder would be a silent mistake.
+                self._log(f"warning: the text-embedding cache {cache_dir} was made from {cache.source}, "
+                          f"not model.source {self.source.path.resolve()}; if they are not the same "
+                          "model, embed again with `l2p data embed` or set data.embeddings=null")
+            return cache
         if cfg.low_memory.enabled:
             raise ConfigError("low_memory.enabled needs cached text embeddings (text encoders are never "
                               "loaded): run `l2p data embed --source SRC --data DATA` first, or set "
@@ -326,18 +340,41 @@ class Trainer:
         if state.get("world_size", 1) != self.env.world_size and state.get("sharded"):
             raise ValueError(f"{path} holds FSDP shards of {state['world_size']} processes; resume "
                              f"with the same number (got {self.env.world_size})")
+        global_batch = self.cfg.train.batch_size * self.cfg.train.grad_accum * self.env.world_size
+        if state.get("global_batch", global_batch) != global_batch:
+            self._log(f"warning: {path} was trained at a global batch of {state['global_batch']}, this run "
+                      f"continues at {global_batch} (batch_size x grad_accum x {self.env.world_size} "
+                      "processes); the data order goes on from the same image, the learning-rate "
+                      "schedule from the same step")
         named = dict(self.model.named_parameters())
         with torch.no_grad():
             for name in self.param_names:
                 if name not in loaded["trainable"]:
                     raise ValueError(f"{path} lacks trainable tensor {name}; resume with the run's own config")
-                _local(named[name]).copy_(loaded["trainable"][name])
+                saved, target = loaded["trainable"][name], _local(named[name])
+                if saved.shape != target.shape:
+                    raise ValueError(f"{path} holds {name} of shape {tuple(saved.shape)} but this model's is "
+                                     f"{tuple(target.shape)}; resume with the run's own config "
+                                     f"({self.out / 'config.yaml'})")
+                target.copy_(saved)
         opt_tensors = loaded["optimizer"]
         if self.fsdp:
             opt_tensors = _as_dtensors(opt_tensors, named)
         ckpt.optimizer_from_flat(self.optimizer, self.param_names, opt_tensors, loaded["optimizer_meta"])
-        if self.ema is not None and loaded["ema"] is not None:
-            self.ema.load_state_dict(loaded["ema"])
+        # The saved param groups carry the old run's hyperparameters; this run's config rules
+        # (the learning rate is set at every step from the schedule).
+        o = self.cfg.optim
+        for group in self.optimizer.param_groups:
+            group.update(weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps)
+        if self.ema is not None:
+            if loaded["ema"] is not None:
+                self.ema.load_state_dict(loaded["ema"])
+            else:
+                # EMA turned on at resume: average from the resumed weights, not the initial ones.
+                self.ema = EMA({n: named[n] for n in self.param_names}, self.cfg.ema.decay,
+                               self.cfg.ema.start_step)
+                self._log(f"{path} has no EMA weights: the EMA starts from the resumed weights")
+        self._set_aside_later_checkpoints(path, int(state["step"]))
         self.step = int(state["step"])
         self.position = DataPosition(**state["position"])
         self.skipped_steps = int(state["skipped_steps"])
@@ -345,6 +382,22 @@ class Trainer:
         self.images_seen = int(state["images_seen"])
         self._rng_to_restore = (loaded["rng"], loaded["rng_meta"])
         self._log(f"resumed from {path} at step {self.step}")
+
+    def _set_aside_later_checkpoints(self, path: Path, step: int) -> None:
+        """Resuming from a checkpoint of this run older than its newest abandons the newer
+        ones: move them into ``checkpoints/abandoned-at-step-N/`` so that "latest" and pruning
+        see only the history being continued, and nothing is deleted."""
+        root = ckpt.checkpoint_root(self.out)
+        if path.resolve().parent != root.resolve():
+            return
+        later = [p for p in ckpt.list_checkpoints(self.out) if ckpt.checkpoint_step(p) > step]
+        if later and self.env.is_main:
+            aside = root / f"abandoned-at-step-{step:08d}"
+            aside.mkdir(exist_ok=True)
+            for p in later:
+                os.replace(p, aside / p.name)
+            self._log(f"resuming from step {step} abandons {', '.join(p.name for p in later)}: moved to {aside}")
+        ckpt.barrier()
 
     def _log(self, message: str) -> None:
         if self.env.is_main:
@@ -381,9 +434,13 @@ class Trainer:
             c, env = self.cfg, self.env
             plan = local_batches(self.plan, self.position, c.train.batch_size, c.train.grad_accum,
                                  env.world_size, env.rank)
+            # Its own generator: a loader draws its workers' base seed when it starts, and from
+            # the global generator that draw would shift every later dropout mask of a resumed
+            # run by one (the batches themselves never depend on it).
             self._loader = iter(torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=plan, num_workers=c.data.num_workers, collate_fn=collate,
-                persistent_workers=False, prefetch_factor=2))
+                persistent_workers=False, prefetch_factor=2,
+                generator=torch.Generator().manual_seed(c.train.seed)))
 
     def _micro_batch(self, step: int, slots: list[int], batch: dict):
         """Conditioning (after caption dropout), times, noise of one loaded micro-batch."""
@@ -504,7 +561,8 @@ class Trainer:
                                 "warmup_steps": self.cfg.optim.warmup_steps,
                                 "max_steps": self.cfg.train.max_steps,
                                 "last_lr": lr_at(self.cfg, max(self.step - 1, 0))},
-                "world_size": self.env.world_size}
+                "world_size": self.env.world_size,
+                "global_batch": self.cfg.train.batch_size * self.cfg.train.grad_accum * self.env.world_size}
 
     def _open_metrics(self):
         """metrics.jsonl (one JSON record per step), without records past the current step
@@ -513,7 +571,7 @@ class Trainer:
         if path.is_file():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= self.step]
-            path.write_text("".join(line + "\n" for line in kept))
+            write_text(path, "".join(line + "\n" for line in kept))
         return open(path, "a")
 
     def save_checkpoint(self) -> Path:
@@ -527,6 +585,11 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg, env = self.cfg, self.env
+        if cfg.train.resume is None and (found := ckpt.latest_checkpoint(self.out)) is not None:
+            # Its pruning would delete the fresh run's own early checkpoints (the old ones are
+            # newer by step), and a later resume=latest would continue the old run.
+            raise ConfigError(f"{self.out} already holds checkpoints of a run (newest {found.name}): set "
+                              "train.resume=latest to continue it, or choose another train.output_dir")
         result = TrainResult(step=self.step, output_dir=self.out, offloaded_blocks=self.offloaded_blocks)
         writer = None
         if env.is_main:
