@@ -122,6 +122,22 @@ for k in "${!TOY_PIDS[@]}"; do
   grep -E "step .*/|overall|exit|written" "$LOGS/toy-$k.log" | tail -8 | tee -a "$OUT/run.log"
   cp "/tmp/toy-source-$k/training_record.json" "$LOGS/toy-source-$k-record.json" 2>/dev/null
 done
+# Each new source against the shipped one and against source 0, per category and paired on the
+# same prompts (l2p compare reads the scores train-source wrote into each training record).
+for k in "${!TOY_PIDS[@]}"; do
+  [ -f "/tmp/toy-source-$k/training_record.json" ] || continue
+  against=(toy); [ "$k" -gt 0 ] && against+=("/tmp/toy-source-0")
+  for b in "${against[@]}"; do
+    for split in heldout train; do
+      log "compare: toy source $k - $b ($split)"
+      PYTHONPATH="/tmp/toy-pkg:${PYTHONPATH:-}" python3 -c "import argparse, sys
+from l2p.cli import compare
+parser = argparse.ArgumentParser(prog='l2p'); compare.register(parser.add_subparsers())
+args = parser.parse_args(sys.argv[1:]); sys.exit(args.func(args))" \
+        compare "/tmp/toy-source-$k" "$b" --split "$split" 2>&1 | tee -a "$OUT/run.log"
+    done
+  done
+done
 if [ ${#REPRODUCE_PIDS[@]} -gt 0 ]; then
   # Held to the deadline (less what packing and the benchmarks after it need): a run still going
   # then is stopped, and what it wrote so far (resumable: rerun with the same --out) comes back.
