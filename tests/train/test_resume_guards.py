@@ -130,6 +130,8 @@ def test_a_checkpoint_replaced_mid_way_is_put_back(tmp_path):
     # Killed while re-saving step 5: the old copy moved aside, the new one not yet in place.
     (root / "step-00000005").rename(root / ".old-step-00000005")
     (root / ".tmp-step-00000005").mkdir()
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    ckpt.recover_interrupted_save(tmp_path)
     assert ckpt.latest_checkpoint(tmp_path) == root / "step-00000005"
     assert ckpt.load_checkpoint(root / "step-00000005", rank=0)["state"]["step"] == 5
     # A completed re-save leaves no old copy behind.

@@ -366,7 +366,8 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: ToyS
     trains is what the pipeline keeps. With ``work_dir``, a checkpoint (weights, EMA, optimizer,
     sampler state) is written atomically every ``cfg.checkpoint_every`` steps and the newest
     one is resumed from, so an interrupted run continues exactly where it stopped."""
-    from l2p.train.checkpoint import latest_checkpoint, load_checkpoint, optimizer_from_flat, save_checkpoint
+    from l2p.train.checkpoint import (latest_checkpoint, load_checkpoint, optimizer_from_flat,
+                                      recover_interrupted_save, save_checkpoint)
     from l2p.train.ema import EMA
 
     gen = torch.Generator().manual_seed(cfg.seed + 2)
@@ -394,6 +395,8 @@ def train_transformer(pipe, latents: torch.Tensor, prompts: list[str], cfg: ToyS
     empty_ids, empty_mask = (t.to(device) for t in tokenize_prompts(pipe.tokenizer, [""], cfg.max_tokens))
     budget = _Budget(cfg.dit_steps, budget_s)
     total, step = cfg.dit_steps, 0
+    if work_dir is not None:
+        recover_interrupted_save(work_dir)
     resume = latest_checkpoint(work_dir) if work_dir is not None else None
     if resume is not None:
         ckpt = load_checkpoint(resume, rank=0)

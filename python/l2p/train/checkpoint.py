@@ -57,23 +57,21 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    _restore_interrupted_replacement(checkpoint_root(run_dir))
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
-def _restore_interrupted_replacement(root: Path) -> None:
+def recover_interrupted_save(run_dir: str | Path) -> None:
     """Re-saving a step moves the complete old copy to ``.old-step-N`` before the new one takes
-    its name; a run killed between the two renames leaves only that copy: put it back."""
+    its name; a run killed between the two renames leaves only that copy: put it back. One
+    process of a run calls this before any looks for the latest checkpoint."""
+    root = checkpoint_root(run_dir)
     if not root.is_dir():
         return
     for old in root.glob(".old-step-*"):
         final = root / old.name.removeprefix(".old-")
         if _STEP_DIR.match(final.name) and not final.exists():
-            try:
-                os.replace(old, final)
-            except FileNotFoundError:
-                pass  # another rank of the same run put it back first
+            os.replace(old, final)
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -206,7 +204,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, rank: int, trainable: dic
         _fsync_dir(tmp)
         # A rerun past the same step replaces it. The old copy is deleted only once the new one
         # has its name, so a kill at any instant leaves one complete copy (see
-        # _restore_interrupted_replacement).
+        # recover_interrupted_save).
         trash = root / f".old-{final.name}"
         shutil.rmtree(trash, ignore_errors=True)
         if final.exists():

@@ -332,6 +332,10 @@ class Trainer:
         which = self.cfg.train.resume
         if which is None:
             return
+        if which == "latest":
+            if self.env.is_main:
+                ckpt.recover_interrupted_save(self.out)
+            ckpt.barrier()
         path = ckpt.latest_checkpoint(self.out) if which == "latest" else Path(which)
         if path is None:
             return  # "latest" with nothing to resume: a fresh run
