@@ -31,6 +31,9 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // SDPA's fused CPU and CUDA kernels have no second derivative either; its math one has.
+    ops::refuse_double_backward(
+        "attention", " inside torch.nn.attention.sdpa_kernel(SDPBackend.MATH)");
     const variable_list saved = ctx->get_saved_variables();
     std::optional<at::Tensor> attn_mask;
     if (saved[5].defined()) attn_mask = saved[5];

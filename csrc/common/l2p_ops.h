@@ -1,15 +1,26 @@
 // Typed calls of the l2p operators through the dispatcher, for code that runs one op from
-// another (the autograd kernels): each call reaches the kernel of its inputs' device and, when
-// a backward is itself differentiated (create_graph), the called op's own autograd.
+// another (the autograd kernels): each call reaches the kernel of its inputs' device. A graph of
+// a backward (create_graph) is refused: see refuse_double_backward.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/util/Exception.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
 #include <tuple>
 
 namespace l2p::ops {
+
+// Grad mode is on inside a backward exactly when autograd builds a graph of the gradient
+// (create_graph=True). The kernels this backward calls (patch_weight_grad, attention_backward)
+// have no autograd of their own, so such a graph would hold silently wrong second derivatives:
+// refuse it and point to the torch path, which differentiates twice.
+inline void refuse_double_backward(const char* op, const char* hint = "") {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "l2p: second derivatives through l2p.ops.", op,
+              " are not supported; call it with backend='torch'", hint);
+}
 
 inline at::Tensor patch_embed(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, int64_t patch_size) {

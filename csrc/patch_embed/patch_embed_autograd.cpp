@@ -25,6 +25,7 @@ class PatchEmbedFunction : public torch::autograd::Function<PatchEmbedFunction> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    ops::refuse_double_backward("patch_embed");
     const at::Tensor& grad = grads[0];  // (B, N, D)
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];

@@ -25,6 +25,7 @@ class UnpatchifyFunction : public torch::autograd::Function<UnpatchifyFunction> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    ops::refuse_double_backward("unpatchify");
     const at::Tensor& grad = grads[0];  // (B, C, H, W)
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& tokens = saved[0];
