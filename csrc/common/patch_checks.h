@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/safe_numerics.h>
 
 #include "common/patches.h"
 
@@ -23,10 +24,25 @@ inline void check_same_dtype_and_device(const at::Tensor& t, const at::Tensor& r
                     " but ", reference_name, " is on ", reference.device());
 }
 
+// p > 0 and p*p representable: the kernels size and index patches by p*p (and C*p*p), and a
+// square that wraps (p = 2^32 gives 0) would reach a division by zero or a wild index.
+inline int64_t check_patch_size(int64_t p) {
+  TORCH_CHECK_VALUE(p > 0, "l2p: patch_size must be positive, got ", p);
+  int64_t pp = 0;
+  TORCH_CHECK_VALUE(!c10::mul_overflows(p, p, &pp), "l2p: patch_size ", p,
+                    " is too large (patch_size**2 overflows int64); use a patch size no larger "
+                    "than the image");
+  return pp;
+}
+
 // x: (B, C, H, W) with C > 0 and H, W multiples of p.
 inline PatchGeometry check_image(const at::Tensor& x, int64_t p, const char* name) {
   TORCH_CHECK_VALUE(x.dim() == 4, "l2p: ", name, " must be (B, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(p > 0, "l2p: patch_size must be positive, got ", p);
+  const int64_t pp = check_patch_size(p);
+  int64_t features = 0;
+  TORCH_CHECK_VALUE(!c10::mul_overflows(x.size(1), pp, &features), "l2p: ", name, " has ",
+                    x.size(1), " channels of patch_size ", p,
+                    ": channels * patch_size**2 overflows int64; use a smaller patch size");
   TORCH_CHECK_VALUE(x.size(2) % p == 0 && x.size(3) % p == 0, "l2p: image size ", x.size(2),
                     "x", x.size(3), " is not a multiple of patch_size ", p);
   TORCH_CHECK_VALUE(x.size(1) > 0, "l2p: ", name, " has no channels");
@@ -75,11 +91,10 @@ inline PatchGeometry check_unpatchify_args(const at::Tensor& tokens, const at::T
   TORCH_CHECK_VALUE(tokens.dim() == 3 && tokens.size(2) > 0,
                     "l2p: tokens must be (B, N, D) with D > 0, got ", tokens.sizes());
   check_floating(tokens, "tokens");
-  TORCH_CHECK_VALUE(p > 0, "l2p: patch_size must be positive, got ", p);
+  const int64_t pp = check_patch_size(p);
   TORCH_CHECK_VALUE(height > 0 && width > 0 && height % p == 0 && width % p == 0,
                     "l2p: image size ", height, "x", width,
                     " must be positive multiples of patch_size ", p);
-  const int64_t pp = p * p;
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == tokens.size(2) &&
                         weight.size(0) % pp == 0 && weight.size(0) > 0,
                     "l2p: unpatchify weight must be (C*", pp, ", ", tokens.size(2), "), got ",

@@ -263,3 +263,82 @@ def test_direct_op_call_checks_instead_of_crashing(device):
         ("torch.ops.l2p.patch_embed(torch.randn(1, 3, 32, 32, device=device), "
          "torch.randn(8, 3, 16, 16, device=device).double(), None, 16)", TypeError, "dtype"),
     ])
+
+def test_direct_op_call_refuses_a_patch_size_whose_square_overflows(device):
+    # p = 2^32: p*p wraps to 0 in int64, and the check that followed divided by it (SIGFPE).
+    big = 2**32
+    assert_raises_each(device, [
+        (f"torch.ops.l2p.unpatchify(torch.ones(1, 1, 1, device=device), "
+         f"torch.ones(1, 1, device=device), None, {big}, {big}, {big})", ValueError, "too large"),
+        (f"torch.ops.l2p.patch_embed(torch.ones(1, 1, 0, 0, device=device), "
+         f"torch.ones(1, 1, 2, 2, device=device), None, {big})",
+         ValueError, "too large"),
+        (f"torch.ops.l2p.patch_weight_grad(torch.ones(1, 1, 0, 0, device=device), "
+         f"torch.ones(1, 0, 1, device=device), {big})", ValueError, "too large"),
+    ])
+
+
+@pytest.mark.parametrize("op", ["patch_embed", "unpatchify"])
+def test_second_derivatives_are_refused_on_the_compiled_path(device, compiled_backend, op):
+    # The compiled backward calls kernels without autograd, so a graph of the gradient would
+    # give wrong second derivatives; the torch path gives right ones.
+    if op == "patch_embed":
+        args = _patch_inputs(device, torch.float64, 1, 2, 4, 4, 2, 3, requires_grad=True)
+        fn = lambda backend: l2p.ops.patch_embed(*args, patch_size=2, backend=backend)  # noqa: E731
+    else:
+        args = (torch.randn(1, 4, 3, device=device, dtype=torch.float64, requires_grad=True),
+                torch.randn(8, 3, device=device, dtype=torch.float64, requires_grad=True))
+        fn = lambda backend: l2p.ops.unpatchify(*args, patch_size=2, height=4, width=4, backend=backend)  # noqa: E731
+    with pytest.raises(RuntimeError, match="second derivatives .* backend='torch'"):
+        torch.autograd.grad(fn(compiled_backend).square().sum(), args, create_graph=True)
+    grads = torch.autograd.grad(fn("torch").square().sum(), args, create_graph=True)
+    assert all(g.requires_grad for g in grads)
+    # Without create_graph the compiled backward still runs.
+    for g, r in zip(torch.autograd.grad(fn(compiled_backend).square().sum(), args), grads):
+        torch.testing.assert_close(g, r.detach())
+
+
+def test_fake_kernels_refuse_what_the_kernels_refuse():
+    # Meta tensors run the fake kernels: they used to trace a shape ([1, 1, 5] for p=3 on a
+    # 4x4 image) for calls the real kernels refuse.
+    meta = dict(device="meta")
+    ops = torch.ops.l2p
+    bad = [
+        lambda: ops.patch_embed(torch.empty(1, 1, 4, 4, **meta), torch.empty(5, 1, 3, 3, **meta), None, 3),
+        lambda: ops.patch_embed(torch.empty(1, 1, 4, 4, **meta), torch.empty(5, 2, 2, 2, **meta), None, 2),
+        lambda: ops.patch_embed(torch.empty(1, 1, 4, 4, **meta), torch.empty(5, 1, 2, 2, **meta),
+                                torch.empty(4, **meta), 2),
+        lambda: ops.patch_embed(torch.empty(1, 1, 4, 4, **meta), torch.empty(5, 1, 2, 2, **meta), None, 0),
+        lambda: ops.patch_weight_grad(torch.empty(1, 1, 4, 4, **meta), torch.empty(1, 3, 5, **meta), 2),
+        lambda: ops.unpatchify(torch.empty(1, 4, 3, **meta), torch.empty(9, 3, **meta), None, 2, 4, 4),
+        lambda: ops.unpatchify(torch.empty(1, 4, 3, **meta), torch.empty(8, 3, **meta), None, 3, 4, 4),
+        lambda: ops.unpatchify(torch.empty(1, 5, 3, **meta), torch.empty(8, 3, **meta), None, 2, 4, 4),
+        lambda: ops.unpatchify(torch.empty(1, 4, 3, **meta), torch.empty(8, 2, **meta), None, 2, 4, 4),
+        lambda: ops.unpatchify(torch.empty(1, 1, 1, **meta), torch.empty(1, 1, **meta), None, 2**32, 2**32, 2**32),
+    ]
+    for i, call in enumerate(bad):
+        with pytest.raises(ValueError, match="l2p"):
+            call()
+            pytest.fail(f"case {i} was not refused")
+    assert ops.patch_embed(torch.empty(2, 1, 4, 6, **meta), torch.empty(5, 1, 2, 2, **meta),
+                           torch.empty(5, **meta), 2).shape == (2, 6, 5)
+    assert ops.unpatchify(torch.empty(2, 6, 3, **meta), torch.empty(8, 3, **meta), None, 2, 4, 6).shape == (2, 2, 4, 6)
+    assert ops.patch_weight_grad(torch.empty(2, 1, 4, 6, **meta), torch.empty(2, 6, 5, **meta), 2).shape == (5, 1, 2, 2)
+
+
+def test_fronts_take_numpy_integers_and_refuse_bad_biases():
+    import numpy as np
+
+    x, weight, bias = _good_patch_args()
+    out = l2p.ops.patch_embed(x, weight, bias, patch_size=np.int64(16))
+    torch.testing.assert_close(out, patch_embed_reference(x, weight, bias, 16))
+    tokens, w_u = torch.randn(1, 4, 8), torch.randn(3 * 256, 8)
+    img = l2p.ops.unpatchify(tokens, w_u, patch_size=np.int32(16), height=np.int64(32), width=32)
+    torch.testing.assert_close(img, unpatchify_reference(tokens, w_u, None, 16, 32, 32))
+    with pytest.raises(ValueError, match="patch_size must be a positive int"):
+        l2p.ops.patch_embed(x, weight, bias, patch_size=True)
+    for not_a_tensor in (bias.tolist(), bias.numpy()):
+        with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+            l2p.ops.patch_embed(x, weight, not_a_tensor, patch_size=16)
+        with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+            l2p.ops.unpatchify(tokens, w_u, not_a_tensor, patch_size=16, height=32, width=32)

@@ -3,6 +3,8 @@ ValueError or TypeError that says what to change, before any kernel runs."""
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -51,10 +53,16 @@ def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return all(s == t or s == 1 for s, t in zip(reversed(shape), reversed(target)))
 
 
+def require_positive_int(name: str, value: object) -> int:
+    """A positive integer as a plain int: any numbers.Integral (numpy's integers too, which
+    config files and arrays hand over), but not a bool, which is an int by accident."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def require_patch_size(patch_size: object) -> int:
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
-        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
-    return patch_size
+    return require_positive_int("patch_size", patch_size)
 
 
 def require_divisible(height: int, width: int, patch_size: int, what: str = "image") -> None:
