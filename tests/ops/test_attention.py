@@ -368,3 +368,87 @@ def test_cuda_memory_does_not_scale_with_n_squared(device, backend):
     torch.cuda.synchronize()
     growth_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
     assert growth_mib < 64, f"peak GPU memory grew by {growth_mib:.0f} MiB (N^2 bf16 = 512 MiB)"
+
+
+def test_mask_that_requires_grad_gets_its_gradient(device, backend):
+    # The compiled kernels give no mask gradient: "auto" takes the torch path for such a mask,
+    # an explicit compiled backend refuses it instead of leaving the mask untrained.
+    q, k, v = _qkv(1, 2, 2, 5, 6, 8, 8, device=device)
+    bias = torch.randn(1, 2, 5, 6, device=device, requires_grad=True)
+    out = attention(q, k, v, attn_mask=bias, backend="auto")
+    (grad,) = torch.autograd.grad(out.sum(), bias)
+    (want,) = torch.autograd.grad(attention(q, k, v, attn_mask=bias, backend="torch").sum(), bias)
+    torch.testing.assert_close(grad, want)
+    assert grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="backend='torch' or 'auto'"):
+        attention(q, k, v, attn_mask=bias, backend=backend)
+    with torch.no_grad():  # no gradient wanted: the compiled path is fine
+        attention(q, k, v, attn_mask=bias, backend=backend)
+
+
+def test_second_derivatives_are_refused_on_the_compiled_path(device, backend):
+    q, k, v = _qkv(1, 1, 1, 3, 4, 4, 4, torch.float64, requires_grad=True, device=device)
+    with pytest.raises(RuntimeError, match="second derivatives through l2p.ops.attention.*"
+                                           "backend='torch' inside .*MATH"):
+        torch.autograd.grad(attention(q, k, v, backend=backend).square().sum(), (q, k, v),
+                            create_graph=True)
+    # SDPA's fused kernels have no second derivative: its math backend, which the message
+    # names, has.
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        grads = torch.autograd.grad(attention(q, k, v, backend="torch").square().sum(),
+                                    (q, k, v), create_graph=True)
+        assert all(g.requires_grad for g in grads)
+        assert torch.autograd.gradgradcheck(lambda *t: attention(*t, backend="torch"), (q, k, v))
+
+
+def test_compiles_under_torch_compile_forward_and_backward():
+    q, k, v = _qkv(1, 2, 1, 7, 9, 8, 8, requires_grad=True)
+    mask = torch.randn(1, 1, 7, 9)
+    fn = torch.compile(lambda q, k, v: attention(q, k, v, attn_mask=mask, backend="cpp"),
+                       fullgraph=True, backend="aot_eager")
+    grads = torch.autograd.grad(fn(q, k, v).sum(), (q, k, v))
+    want = torch.autograd.grad(attention(q, k, v, attn_mask=mask, backend="cpp").sum(), (q, k, v))
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("shape", [(), (9,), (7, 9), (1, 7, 9)], ids=["0d", "1d", "2d", "3d"])
+def test_masks_of_fewer_dims_give_the_same_answer_on_every_backend(shape, device, backend):
+    q, k, v = _qkv(2, 2, 1, 7, 9, 8, 8, device=device)
+    for dtype in (torch.float32, torch.bool):
+        mask = torch.randn(shape, device=device)
+        mask = mask > -0.5 if dtype == torch.bool else mask
+        if dtype == torch.bool and mask.dim() > 0:
+            mask[..., 0] = True
+        outs = [attention(q, k, v, attn_mask=mask, backend=b) for b in (backend, "torch", "auto")]
+        for out in outs[1:]:
+            torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_matches_sdpa_on_fully_masked_rows(dtype):
+    # Rows fully at a large finite value (-1e9, finfo.min: lse rounds back to the row max, so
+    # exp(s - lse) summed V instead of averaging it) and rows fully at -inf (NaN gradients).
+    import torch.nn.functional as F
+
+    q, k, v = _qkv(1, 2, 2, 6, 5, 8, 8, dtype, requires_grad=True)
+    mask = torch.randn(1, 2, 6, 5, dtype=dtype)
+    mask[0, 0, 1] = -1e9
+    mask[0, 1, 2] = torch.finfo(torch.float32).min
+    mask[0, 0, 3] = float("-inf")
+    mask[0, 1, 4, :3] = -1e9
+    out, lse = attention_reference(q, k, v, mask)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, want)
+    if dtype == torch.float32:  # the scores vanish beside -1e9: the row averages V
+        torch.testing.assert_close(out[0, 0, 1], v[0, 0].mean(0))
+    torch.testing.assert_close(out[0, 1, 2], v[0, 1].mean(0))
+    assert torch.isneginf(lse[0, 0, 3]) and torch.equal(out[0, 0, 3], torch.zeros(8, dtype=dtype))
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        want_grads = torch.autograd.grad(want, (q, k, v), grad_out)
+    for g, w in zip(grads, want_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w)

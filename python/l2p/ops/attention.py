@@ -63,9 +63,24 @@ def attention(
         scale = 1.0 / math.sqrt(dh)
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
+    mask_needs_grad = False
     if attn_mask is not None:
         _check_mask(attn_mask, q, k)
+        if attn_mask.dim() < 4:
+            # Leading 1s, as broadcasting would add them: SDPA indexes the mask's dims and
+            # fails on a 0-D or 1-D one, so both paths get the same 4-D mask.
+            attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        mask_needs_grad = attn_mask.requires_grad and torch.is_grad_enabled()
     chosen = _dispatch.resolve("attention", backend, q.device, q.dtype)
+    if chosen != "torch" and mask_needs_grad:
+        # The compiled kernels give no gradient for the mask (their autograd returns none for
+        # it), which would leave a learned bias silently untrained; the torch path gives one.
+        if backend != "auto":
+            raise ValueError(
+                f"attn_mask requires grad, which backend={backend!r} cannot give (its kernels "
+                "differentiate q, k and v only); use backend='torch' or 'auto', or detach the mask"
+            )
+        chosen = "torch"
     if chosen != "torch" and max(dh, dv) > MAX_HEAD_DIM:
         if backend != "auto":
             raise ValueError(

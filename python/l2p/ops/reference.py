@@ -60,9 +60,16 @@ def attention_reference(
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask.to(compute)
-    lse = torch.logsumexp(scores, dim=-1)
-    dead = torch.isneginf(lse)
-    probs = torch.exp(scores - lse.masked_fill(dead, 0.0).unsqueeze(-1))
-    probs = probs.masked_fill(dead.unsqueeze(-1), 0.0)
+    # exp(scores - lse) would be wrong where the scores are huge: at -1e9 (float32 ulp 64) or
+    # finfo.min, lse = max + log(sum) rounds back to max, every probability comes out 1 and the
+    # row sums V instead of averaging it. Dividing by the sum keeps the normalisation exact.
+    # The row max is detached (softmax does not depend on it), so a row whose keys are all
+    # -inf differentiates through exp(-inf) = 0 instead of through inf - inf.
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    dead = torch.isneginf(row_max)  # attends to nothing: zeros and -inf, as in PyTorch
+    e = torch.exp(scores - row_max.masked_fill(dead, 0.0))
+    total = e.sum(dim=-1, keepdim=True)
+    probs = e / total.masked_fill(dead, 1.0)
     out = torch.matmul(probs, v.to(compute)).to(q.dtype)
+    lse = (row_max + torch.log(total)).squeeze(-1)
     return out, lse.to(torch.float32)
