@@ -452,3 +452,61 @@ def test_reference_matches_sdpa_on_fully_masked_rows(dtype):
     for g, w in zip(grads, want_grads):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g, w)
+
+
+def _finfo_min_case(dtype, nk, device="cpu"):
+    """Inputs with rows fully at finfo(float32).min, partly at it, at -1e9, fully at -inf and
+    mixing -inf with finfo.min: the additive masks transformers and diffusers build."""
+    q = torch.randn(1, 2, 7, 16, dtype=dtype, device=device)
+    k, v = (torch.randn(1, 2, nk, 16, dtype=dtype, device=device) for _ in range(2))
+    fmin = torch.finfo(torch.float32).min
+    mask = torch.randn(1, 2, 7, nk)
+    mask[0, 0, 1] = fmin
+    mask[0, 1, 2, : nk // 2] = fmin
+    mask[0, 0, 3] = float("-inf")
+    mask[0, 1, 4] = -1e9
+    mask[0, 1, 5, ::2] = float("-inf")
+    mask[0, 1, 5, 1::2] = fmin
+    return q, k, v, mask.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nk", [5, 300])  # one key tile; several (the backward's are 128)
+def test_finfo_min_masks_match_the_reference(dtype, nk):
+    # log2(e) * finfo.min overflowed to -inf in the kernel, so a row fully at finfo.min gave
+    # zeros where the reference and SDPA average V; and the backward, whose saved lse cannot
+    # hold the row sum at that magnitude, got every probability as 1.
+    q, k, v, mask = _finfo_min_case(dtype, nk)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = attention(q, k, v, attn_mask=mask, backend="cpp")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    # The reference in float32, the precision whose rounding defines these rows.
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref, _ = attention_reference(q32, k32, v32, mask)
+    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), grad_out.float())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    _assert_close(out, ref, tol, "out")
+    torch.testing.assert_close(out[0, 0, 1].float(), v32[0, 0].mean(0).detach(), rtol=tol, atol=tol)
+    assert torch.equal(out[0, 0, 3], torch.zeros_like(out[0, 0, 3]))
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert torch.isfinite(g).all(), name
+        _assert_close(g, r, tol, name)
+    assert torch.equal(grads[0][0, 0, 3], torch.zeros_like(grads[0][0, 0, 3]))
+
+
+def test_dq_is_the_same_on_every_run():
+    # One (batch, head) group whose key tiles several threads share: their dQ parts were added
+    # under a lock in arrival order, so dq differed run to run in the last bits.
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        q = torch.randn(1, 1, 256, 32)
+        k, v = torch.randn(1, 1, 1030, 32), torch.randn(1, 1, 1030, 32)
+        out, lse = torch.ops.l2p.attention_forward(q, k, v, None, 0.2)
+        grad_out = torch.randn_like(out)
+        dqs = [torch.ops.l2p.attention_backward(grad_out, q, k, v, out, lse, None, 0.2)[0]
+               for _ in range(10)]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(dq, dqs[0]) for dq in dqs[1:])

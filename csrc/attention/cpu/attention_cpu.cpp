@@ -172,27 +172,56 @@ void online_softmax_tile(double* s, int64_t rows, int64_t cols, int64_t ld, doub
   }
 }
 
-// Backward: s (scaled, masked base-2 scores) becomes P = 2^(s - lse2), lse2 the base-2
-// logsumexp; a row with lse2 = -inf attended to nothing and gets P = 0.
+// Backward: s (scaled, masked base-2 scores) becomes P = 2^(s - shift) * scale with the row's
+// RowScale; a row with shift = -inf attended to nothing and gets P = 0.
+template <typename T>
+struct RowScale {
+  const T* shift;        // base-2 logsumexp, or for a coarse row its base-2 maximum
+  const T* inv_sum;      // 1, or for a coarse row 1 / sum of 2^(s - max)
+  const uint8_t* coarse; // whether the row is coarse (see attention_backward_kernel)
+};
+
 L2P_VECTOR_CLONES void probabilities(float* s, int64_t rows, int64_t cols, int64_t ld,
-                                     const float* lse) {
+                                     const RowScale<float>& rs) {
   const int64_t full = cols - cols % kLanes, tail = cols - full;
   for (int64_t r = 0; r < rows; ++r) {
     float* row = s + r * ld;
-    if (lse[r] == -kInf) {
+    if (rs.shift[r] == -kInf) {
       std::fill(row, row + cols, 0.0f);
       continue;
     }
-    const vfloat shift = splat(lse[r]);
-    for (int64_t c = 0; c < full; c += kLanes) store(row + c, exp2_fast(load(row + c) - shift));
-    if (tail > 0) store(row + full, exp2_fast(load(row + full, tail, -kInf) - shift), tail);
+    const vfloat shift = splat(rs.shift[r]);
+    if (!rs.coarse[r]) {
+      for (int64_t c = 0; c < full; c += kLanes) store(row + c, exp2_fast(load(row + c) - shift));
+      if (tail > 0) store(row + full, exp2_fast(load(row + full, tail, -kInf) - shift), tail);
+      continue;
+    }
+    // s - max <= 0 up to the rounding of the scores at this magnitude, where one ulp can be
+    // hundreds: clamped, so that 2^(s - max) cannot overflow.
+    const vfloat zero = splat(0.0f), scale = splat(rs.inv_sum[r]);
+    for (int64_t c = 0; c < full; c += kLanes) {
+      vfloat x = load(row + c) - shift;
+      x = x > zero ? zero : x;
+      store(row + c, exp2_fast(x) * scale);
+    }
+    if (tail > 0) {
+      vfloat x = load(row + full, tail, -kInf) - shift;
+      x = x > zero ? zero : x;
+      store(row + full, exp2_fast(x) * scale, tail);
+    }
   }
 }
 
-void probabilities(double* s, int64_t rows, int64_t cols, int64_t ld, const double* lse) {
+void probabilities(double* s, int64_t rows, int64_t cols, int64_t ld,
+                   const RowScale<double>& rs) {
   for (int64_t r = 0; r < rows; ++r) {
     double* row = s + r * ld;
-    for (int64_t c = 0; c < cols; ++c) row[c] = lse[r] == -kInf ? 0.0 : std::exp2(row[c] - lse[r]);
+    const double shift = rs.shift[r], scale = rs.inv_sum[r];
+    for (int64_t c = 0; c < cols; ++c) {
+      row[c] = shift == -kInf ? 0.0
+               : rs.coarse[r] ? std::exp2(std::min(row[c] - shift, 0.0)) * scale
+                              : std::exp2(row[c] - shift);
+    }
   }
 }
 
@@ -274,19 +303,31 @@ MaskView mask_view(const c10::optional<at::Tensor>& mask) {
   return view;
 }
 
+// log2(e) * m, the mask value m in the kernels' base-2 units. A finite m below
+// lowest / log2(e), such as finfo(float32).min (the masks of transformers and diffusers), would
+// overflow to -inf and make a row that the float32 softmax of the reference and of SDPA spreads
+// evenly over its keys (the score vanishes beside finfo.min) a dead row of zeros. It becomes
+// the lowest finite value instead, beside which the score vanishes in the same way; only -inf
+// stays -inf. A compare and a select per element.
+template <typename T>
+L2P_ALWAYS_INLINE T scaled_mask(float m) {
+  const T x = static_cast<T>(kLog2e) * static_cast<T>(m);
+  return (x == -std::numeric_limits<T>::infinity() && m != -kInf)
+             ? std::numeric_limits<T>::lowest() : x;
+}
+
 // s[r, c] += log2(e) * mask[i0 + r, j0 + c] for the tile at (i0, j0) of head (b, h).
 template <typename T>
 void add_mask(T* s, int64_t rows, int64_t cols, int64_t ld, const MaskView& mask, int64_t b,
               int64_t h, int64_t i0, int64_t j0) {
-  const T log2e = static_cast<T>(kLog2e);
   for (int64_t r = 0; r < rows; ++r) {
     const float* src = mask.at(b, h, i0 + r, j0);
     T* row = s + r * ld;
     if (mask.stride_k == 1) {
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) row[c] += log2e * static_cast<T>(src[c]);
+      for (int64_t c = 0; c < cols; ++c) row[c] += scaled_mask<T>(src[c]);
     } else {
-      for (int64_t c = 0; c < cols; ++c) row[c] += log2e * static_cast<T>(src[c * mask.stride_k]);
+      for (int64_t c = 0; c < cols; ++c) row[c] += scaled_mask<T>(src[c * mask.stride_k]);
     }
   }
 }
@@ -354,10 +395,17 @@ void attention_forward_kernel(const acc_t* q, const acc_t* k, const acc_t* v,
   });
 }
 
+// Beyond this base-2 magnitude a float32 logsumexp no longer holds the log of the row sum
+// (its ulp passes 2^-13; at finfo.min or -1e9 the sum is lost altogether and 2^(s - lse) comes
+// out 1 for every key). Natural scores this large (above 700) come only from masks.
+constexpr double kCoarseLse2 = 1024.0;
+
 // dK and dV of a key tile are owned by the worker that holds the tile, so they need no
 // synchronisation. dQ gets contributions from every key tile of its (batch, kv head) group:
 // a worker that holds all of a group's tiles adds them to dq directly; one that shares the
-// group sums its part in a private buffer and adds that to dq once, under the group's lock.
+// group sums its part in a private buffer, and those parts are added to dq after the parallel
+// loop, in the order of their task ranges: the same result on every run (adding them under a
+// lock in arrival order made dq differ run to run by an ulp or so).
 template <typename acc_t, typename grad_t>
 void attention_backward_kernel(const acc_t* grad_out, const acc_t* q, const acc_t* k,
                                const acc_t* v, const acc_t* delta, const float* lse,
@@ -372,19 +420,72 @@ void attention_backward_kernel(const acc_t* grad_out, const acc_t* q, const acc_
   const int64_t group_dq_numel = G * Nq * Dh;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const acc_t scale2 = static_cast<acc_t>(scale_d * kLog2e);
-  std::vector<std::mutex> group_locks(num_groups);
+
+  // P = 2^(s - lse2) for each row, lse2 = lse log2(e) the base-2 logsumexp; a dead row (lse =
+  // -inf) gets P = 0. A coarse row (|lse2| >= kCoarseLse2: a row masked with -1e9 or
+  // finfo.min everywhere, say) gets its maximum and sum recomputed here instead, exactly as
+  // the main loop below computes its scores, and P = 2^(s - max) / sum. The extra pass costs
+  // one score GEMM per key tile for the query tiles that hold a coarse row, nothing otherwise.
+  const int64_t q_tiles = (Nq + BQ - 1) / BQ;
+  const int64_t total_rows = sh.batch * sh.q_heads * Nq;
+  std::vector<acc_t> shift(total_rows), inv_sum(total_rows, acc_t(1));
+  std::vector<uint8_t> coarse(total_rows, 0), coarse_tile(sh.batch * sh.q_heads * q_tiles, 0);
+  for (int64_t i = 0; i < total_rows; ++i) {
+    const double lse2 = static_cast<double>(lse[i]) * kLog2e;  // in double: cannot overflow
+    if (lse[i] == -kInf || std::abs(lse2) < kCoarseLse2) {
+      shift[i] = static_cast<acc_t>(lse2);
+    } else {
+      coarse[i] = 1;
+      coarse_tile[i / Nq * q_tiles + i % Nq / BQ] = 1;
+    }
+  }
+  at::parallel_for(0, sh.batch * sh.q_heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scores, m, l, corr;
+    for (int64_t tile = begin; tile < end; ++tile) {
+      if (!coarse_tile[tile]) continue;
+      scores.resize(BQ * BK);
+      m.assign(BQ, -kInf);
+      l.assign(BQ, acc_t(0));
+      corr.resize(BQ);
+      const int64_t bh = tile / q_tiles, b = bh / sh.q_heads, h = bh % sh.q_heads;
+      const int64_t i0 = tile % q_tiles * BQ, rows = std::min(BQ, Nq - i0);
+      const int64_t row0 = bh * Nq + i0;
+      const int64_t group = b * sh.kv_heads + h / G;
+      for (int64_t j0 = 0; j0 < Nk; j0 += BK) {
+        const int64_t cols = std::min(BK, Nk - j0);
+        if (mask.keys_masked(b, h, j0, cols)) continue;
+        gemm(false, true, rows, cols, Dh, scale2, q + row0 * Dh, Dh, k + (group * Nk + j0) * Dh,
+             Dh, acc_t(0), scores.data(), BK);
+        if (mask.data != nullptr) add_mask(scores.data(), rows, cols, BK, mask, b, h, i0, j0);
+        online_softmax_tile(scores.data(), rows, cols, BK, m.data(), l.data(), corr.data());
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        if (!coarse[row0 + r]) continue;
+        shift[row0 + r] = m[r];
+        inv_sum[row0 + r] = l[r] > acc_t(0) ? acc_t(1) / l[r] : acc_t(0);
+      }
+    }
+  });
+
+  // dQ parts of groups that a task range shares with another: (group, begin, values).
+  struct DqPart {
+    int64_t group, begin;
+    std::vector<acc_t> values;
+  };
+  std::vector<DqPart> dq_parts;
+  std::mutex dq_parts_lock;
 
   const int64_t grain = grain_for(2 * G * Nq * BK * (Dh + Dv));
   at::parallel_for(0, num_groups * kv_tiles, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> probs(BQ * BK), grad_scores(BQ * BK), row_lse(BQ);
+    std::vector<acc_t> probs(BQ * BK), grad_scores(BQ * BK);
     std::vector<acc_t> dk_acc(BK * Dh), dv_acc(BK * Dv), dq_local;
     int64_t held_group = -1;
     acc_t* dq_group = nullptr;  // where this worker sums held_group's dQ
     auto flush_dq = [&] {
       if (held_group < 0 || dq_group != dq_local.data()) return;
-      acc_t* dst = dq + held_group * group_dq_numel;  // the group's q heads are adjacent
-      std::lock_guard<std::mutex> guard(group_locks[held_group]);
-      for (int64_t e = 0; e < group_dq_numel; ++e) dst[e] += dq_local[e];
+      std::lock_guard<std::mutex> guard(dq_parts_lock);
+      dq_parts.push_back(DqPart{held_group, begin, std::move(dq_local)});
+      dq_local = {};
     };
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / kv_tiles;  // = b * kv_heads + kv head
@@ -416,10 +517,9 @@ void attention_backward_kernel(const acc_t* grad_out, const acc_t* q, const acc_
           gemm(false, true, rows, cols, Dh, scale2, q_tile, Dh, k_tile, Dh, acc_t(0),
                probs.data(), BK);
           if (mask.data != nullptr) add_mask(probs.data(), rows, cols, BK, mask, b, h, i0, j0);
-          for (int64_t r = 0; r < rows; ++r) {
-            row_lse[r] = static_cast<acc_t>(lse[row0 + r] * kLog2e);
-          }
-          probabilities(probs.data(), rows, cols, BK, row_lse.data());
+          probabilities(probs.data(), rows, cols, BK,
+                        RowScale<acc_t>{shift.data() + row0, inv_sum.data() + row0,
+                                        coarse.data() + row0});
           // dV += P^T dO;  dP = dO V^T;  dS = P * (dP - delta);  dK += dS^T Q;  dQ += dS K.
           gemm(true, false, cols, Dv, rows, acc_t(1), probs.data(), BK, do_tile, Dv, acc_t(1),
                dv_acc.data(), Dv);
@@ -438,6 +538,26 @@ void attention_backward_kernel(const acc_t* grad_out, const acc_t* q, const acc_
       for (int64_t e = 0; e < cols * Dv; ++e) dv_dst[e] = static_cast<grad_t>(dv_acc[e]);
     }
     flush_dq();
+  });
+
+  // The shared groups' parts, each group's in the order of the task ranges (fixed for a given
+  // thread count), groups in parallel.
+  std::sort(dq_parts.begin(), dq_parts.end(), [](const DqPart& a, const DqPart& b) {
+    return a.group != b.group ? a.group < b.group : a.begin < b.begin;
+  });
+  std::vector<size_t> firsts;
+  for (size_t i = 0; i < dq_parts.size(); ++i) {
+    if (i == 0 || dq_parts[i].group != dq_parts[i - 1].group) firsts.push_back(i);
+  }
+  firsts.push_back(dq_parts.size());
+  at::parallel_for(0, static_cast<int64_t>(firsts.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t f = begin; f < end; ++f) {
+      acc_t* dst = dq + dq_parts[firsts[f]].group * group_dq_numel;
+      for (size_t i = firsts[f]; i < firsts[f + 1]; ++i) {
+        const acc_t* src = dq_parts[i].values.data();
+        for (int64_t e = 0; e < group_dq_numel; ++e) dst[e] += src[e];
+      }
+    }
   });
 }
 
