@@ -79,7 +79,7 @@ __device__ __forceinline__ RowStats read_row_stats(const float* lse, const float
 // P must be 0 (lse = -inf: the row attends to nothing).
 __device__ __forceinline__ void store_row_stats(float* s_lse, float* s_delta, int i,
                                                 RowStats r) {
-  s_lse[i] = r.lse == -INFINITY ? INFINITY : r.lse * kLog2e;
+  s_lse[i] = r.lse == -INFINITY ? INFINITY : attn::lse_log2(r.lse);
   s_delta[i] = r.delta;
 }
 
@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(BwdMmaTile<DP>::kThreads)
         if constexpr (kHasMask) {  // mask[b, h, qi, kj] = mask[qi * s2 + kj * s3]
           const int64_t qi = m0 + i + (e & 1);
           if (key_ok[e / 2] && qi < p.q_len) {
-            s += mask[qi * p.mask.s2 + key[e / 2] * p.mask.s3] * kLog2e;
+            s += attn::scaled_mask(mask[qi * p.mask.s2 + key[e / 2] * p.mask.s3]);
           }
         }
         const float prob = key_ok[e / 2] ? exp2_ftz(s - ((e & 1) ? lse2.y : lse2.x)) : 0.0f;
@@ -586,7 +586,7 @@ __global__ void __launch_bounds__(BwdStagedTile<DP>::kThreads)
             if constexpr (kHasMask) {  // mask[b, h, qi, kj] = mask[qi * s2 + kj * s3]
               const int64_t qi = m0 + i + (e & 1);
               if (key_ok && qi < p.q_len) {
-                s += mask[qi * p.mask.s2 + (n0 + key) * p.mask.s3] * kLog2e;
+                s += attn::scaled_mask(mask[qi * p.mask.s2 + (n0 + key) * p.mask.s3]);
               }
             }
             const float prob = key_ok ? exp2_ftz(s - ((e & 1) ? lse2.y : lse2.x)) : 0.0f;

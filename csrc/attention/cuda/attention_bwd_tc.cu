@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_tc_kernel(const BwdPar
         const int64_t qi = m0 + i;
         const float l = qi < p.q_len ? lse[qi] : -INFINITY;
         // A row that attends to nothing (lse = -inf) has P = 0: exponentiate against +inf.
-        sLse[i] = l == -INFINITY ? INFINITY : l * kLog2e;
+        sLse[i] = l == -INFINITY ? INFINITY : attn::lse_log2(l);
         sDelta[i] = qi < p.q_len ? delta[qi] : 0.0f;
       }
       __syncthreads();
@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_tc_kernel(const BwdPar
         if (qi < p.q_len && j < p.kv_len) {
           float s = sS[i * LDS + c] * p.scale_log2;
           const float* mask_row = p.mask.row(b, h, qi);
-          if (mask_row != nullptr) s += mask_row[j * p.mask.s3] * kLog2e;
+          if (mask_row != nullptr) s += attn::scaled_mask(mask_row[j * p.mask.s3]);
           prob = exp2f(s - sLse[i]);
           ds = prob * (sdP[i * LDS + c] - sDelta[i]);
         }

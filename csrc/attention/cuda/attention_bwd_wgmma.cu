@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int j = 0; j < kScoreRegs / 4; ++j) {
       const float2 lse = *reinterpret_cast<const float2*>(s_lse + 8 * j + 2 * t);
-      const float neg_lse[2] = {-lse.x * kLog2e, -lse.y * kLog2e};
+      const float neg_lse[2] = {-attn::lse_log2(lse.x), -attn::lse_log2(lse.y)};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float pv = exp2_ftz(fmaf(st[4 * j + e], ks, neg_lse[e % 2]));

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -16,6 +17,23 @@ namespace l2p::cuda::attn {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+
+// An additive mask value m in the kernels' base-2 units, log2(e) * m. A finite m below
+// -FLT_MAX / log2(e), such as finfo(float32).min (the masks of transformers and diffusers),
+// would overflow to -inf and make a row that the float32 softmax of the reference and of SDPA
+// spreads evenly over its keys (the score vanishes beside finfo.min) a dead row of zeros. It
+// becomes -FLT_MAX instead, beside which the score vanishes the same way; -inf stays -inf.
+// One compare and one select on top of the multiply. The CPU kernel's scaled_mask is the same.
+__device__ __forceinline__ float scaled_mask(float m) {
+  const float x = m * kLog2e;
+  return (x == -INFINITY && m != -INFINITY) ? -FLT_MAX : x;
+}
+
+// lse * log2(e), the backward's base-2 shift of a row that attends to something (callers
+// handle lse = -inf first). A row whose scores sit at -FLT_MAX stores lse = -FLT_MAX * ln(2)
+// rounded, whose product with log2(e) can round past -FLT_MAX to -inf, and s - (-inf) = +inf
+// would make its probabilities inf and its gradients NaN: clamped to -FLT_MAX (a max).
+__device__ __forceinline__ float lse_log2(float lse) { return fmaxf(lse * kLog2e, -FLT_MAX); }
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

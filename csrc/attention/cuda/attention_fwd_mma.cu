@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_mma_kernel(const MmaPa
           if constexpr (kHasMask) {
             x *= p.scale_log2;
             if (mask_row[mi][r] != nullptr && col < valid) {
-              x += mask_row[mi][r][(n0 + col) * p.mask.s3] * kLog2e;
+              x += attn::scaled_mask(mask_row[mi][r][(n0 + col) * p.mask.s3]);
             }
           }
           if (valid < kKeys && col >= valid) x = -INFINITY;

@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(128) attention_fwd_tc_kernel(const FwdParams<T
       float s = -INFINITY;
       if (j < p.kv_len) {
         s = s_row[c] * p.scale_log2;
-        if (mask_row != nullptr) s += mask_row[j * p.mask.s3] * kLog2e;
+        if (mask_row != nullptr) s += attn::scaled_mask(mask_row[j * p.mask.s3]);
       }
       s_row[c] = s;
       tile_max = fmaxf(tile_max, s);
