@@ -38,9 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
-        # Mistakes a user can fix: one line, no traceback.
-        print(f"l2p {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as exc:
+        # Mistakes a user can fix: one line, no traceback. OSError (FileNotFoundError,
+        # PermissionError, a full disk) is a file the user named or a folder they must fix;
+        # diffusers raises it for a model folder without the files it expects, with a message
+        # of several lines, joined here. Bugs raise other types and keep their traceback.
+        message = " ".join(str(exc).split())
+        print(f"l2p {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from l2p.atomic import atomic_path
+from l2p.conversion.safetensors_io import open_safetensors, read_tensors
 from l2p.models import PixelTransformer2DModel
 
 DELTA_FORMAT = "l2p-delta/1"
@@ -46,15 +46,14 @@ def load_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"delta file {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         metadata = f.metadata() or {}
-        if metadata.get("format") != DELTA_FORMAT:
-            raise ValueError(
-                f"{path} is not an l2p delta (format {metadata.get('format')!r}); write one "
-                f"with l2p.save_delta"
-            )
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return tensors, metadata
+    if metadata.get("format") != DELTA_FORMAT:
+        raise ValueError(
+            f"{path} is not an l2p delta (format {metadata.get('format')!r}); write one "
+            f"with l2p.save_delta"
+        )
+    return read_tensors(path), metadata
 
 
 def check_delta_config(base_config: dict, metadata: dict[str, str], where: str = "base") -> None:

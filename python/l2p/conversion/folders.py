@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from l2p.adapters import ADAPTERS, get_adapter
 from l2p.conversion.convert import ConversionReport, convert_to_pixel, parameters_on_meta
 from l2p.conversion.delta import check_delta_config, load_delta
+from l2p.conversion.safetensors_io import open_safetensors, read_tensors
 from l2p.models import PixelTransformer2DModel
 
 PIXEL_CLASS = PixelTransformer2DModel.__name__
@@ -44,6 +44,11 @@ def _kind(folder: Path) -> str:
     )
 
 
+# diffusers' weight file names: diffusion_pytorch_model[.<variant>][-00001-of-0000N].safetensors
+# (and the sharded index, .safetensors.index.json, which the glob below does not match).
+_WEIGHTS_NAME = "diffusion_pytorch_model"
+
+
 def _weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -54,14 +59,61 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _stored_dtype(folder: Path) -> torch.dtype:
-    with safe_open(str(_weight_files(folder)[0]), framework="pt") as f:
-        first = next(iter(f.keys()))
-        return _DTYPES.get(f.get_slice(first).get_dtype(), torch.float32)
+def _variant(name: str) -> str | None:
+    """The variant of a diffusers weight file name ("fp16" of
+    diffusion_pytorch_model.fp16-00001-of-00002.safetensors), None for the plain name."""
+    stem = name.removesuffix(".safetensors")
+    if not stem.startswith(_WEIGHTS_NAME):
+        return None
+    rest = stem[len(_WEIGHTS_NAME):].split("-", 1)[0]  # drop a shard suffix
+    return rest[1:] if rest.startswith(".") and len(rest) > 1 else None
+
+
+def weights_variant(folder: Path) -> tuple[str | None, list[Path]]:
+    """The ``variant=`` from_pretrained needs for ``folder`` and the files it then reads: None
+    when the folder holds the plain weights (which diffusers loads by default), else the one
+    variant its files carry.
+
+    diffusers looks only for diffusion_pytorch_model.safetensors unless told the variant, and
+    a folder saved with save_pretrained(..., variant="fp16") holds nothing else."""
+    files = _weight_files(folder)
+    names = [p.name for p in files]
+    plain = [p for p in files if p.name.removesuffix(".safetensors").split("-", 1)[0] == _WEIGHTS_NAME]
+    if plain:
+        return None, plain
+    variants = sorted({v for v in map(_variant, names) if v is not None})
+    if len(variants) == 1:
+        return variants[0], [p for p in files if _variant(p.name) == variants[0]]
+    if not variants:
+        raise ValueError(f"{folder} has no {_WEIGHTS_NAME}*.safetensors weights (found {', '.join(names)}); "
+                         f"pass the folder save_pretrained wrote")
+    raise ValueError(f"{folder} holds weights of several variants ({', '.join(variants)}) and no plain "
+                     f"{_WEIGHTS_NAME}.safetensors; copy the one variant you want into a folder of its own")
+
+
+def stored_dtypes(files: list[Path]) -> dict[str, torch.dtype]:
+    """Every floating tensor's stored dtype, from the safetensors headers (no data read)."""
+    dtypes: dict[str, torch.dtype] = {}
+    for path in files:
+        with open_safetensors(path) as f:
+            for key in f.keys():
+                dtype = _DTYPES.get(f.get_slice(key).get_dtype())
+                if dtype is not None:
+                    dtypes[key] = dtype
+    return dtypes
+
+
+def _widest(dtypes) -> torch.dtype:
+    """A dtype that holds every one of ``dtypes`` exactly (bf16 and fp16 together: fp32)."""
+    kinds = set(dtypes)
+    if len(kinds) == 1:
+        return kinds.pop()
+    return torch.float64 if torch.float64 in kinds else torch.float32
 
 
 def load_source_transformer(folder: Path):
-    """A supported diffusers transformer from its save_pretrained folder (safetensors)."""
+    """A supported diffusers transformer from its save_pretrained folder (safetensors), each
+    tensor in the dtype it is stored in."""
     config = _read_json(folder / "config.json")
     name = config.get("_class_name")
     if name is None:
@@ -73,9 +125,22 @@ def load_source_transformer(folder: Path):
             f"{name} is not supported by L2P; supported transformers: {', '.join(ADAPTERS)}"
         )
     adapter = get_adapter(name, config)
-    return adapter.source_type().from_pretrained(
-        str(folder), use_safetensors=True, torch_dtype=_stored_dtype(folder)
+    variant, files = weights_variant(folder)
+    stored = stored_dtypes(files)
+    # from_pretrained takes one dtype; a checkpoint that mixes them (bf16 weights with fp32
+    # norms) is read at one that holds all exactly and each tensor is put back in its own,
+    # so the conversion copies (and its report verifies) the stored values bit for bit.
+    model = adapter.source_type().from_pretrained(
+        str(folder), use_safetensors=True, variant=variant,
+        torch_dtype=_widest(stored.values()) if stored else torch.float32,
     )
+    if len(set(stored.values())) > 1:
+        tensors = dict(model.named_parameters())
+        tensors.update(model.named_buffers())
+        for key, dtype in stored.items():
+            if key in tensors and tensors[key].dtype != dtype:
+                tensors[key].data = tensors[key].data.to(dtype)
+    return model
 
 
 def vae_scale_factor(vae_dir: Path) -> int | None:
@@ -213,8 +278,7 @@ def _pixel_model_dir(base: Path) -> Path:
 def load_state(folder: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path in _weight_files(folder):
-        with safe_open(str(path), framework="pt") as f:
-            state.update({k: f.get_tensor(k) for k in f.keys()})
+        state.update(read_tensors(path))
     return state
 
 

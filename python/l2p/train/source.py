@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from l2p.conversion.folders import vae_scale_factor
+from l2p.conversion.folders import vae_scale_factor, weights_variant
 
 
 @dataclass
@@ -24,7 +24,8 @@ class Source:
         import diffusers
 
         cls = getattr(diffusers, self.transformer_class)
-        return cls.from_pretrained(str(self.path / "transformer"), torch_dtype=dtype)
+        variant, _ = weights_variant(self.path / "transformer")
+        return cls.from_pretrained(str(self.path / "transformer"), torch_dtype=dtype, variant=variant)
 
     def load_vae_encoder(self, dtype: torch.dtype = torch.float32):
         """The source's VAE without its decoder (what ``encode_latents`` needs), frozen."""
