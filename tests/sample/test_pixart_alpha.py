@@ -72,3 +72,10 @@ def test_trains_a_step(alpha_source, tmp_path):
     trainer = Trainer(make_config(path, images, tmp_path / "run", train__max_steps=1, checkpoint__every=100))
     loss, _, finite = trainer.train_step()
     assert finite and loss > 0
+    # The run's delta carries the fingerprint of its frozen tensors, which are those of the
+    # source as l2p convert writes it: it merges onto that base.
+    from l2p.conversion import convert_folder, merge_folder
+
+    final = trainer.export()
+    convert_folder(path, tmp_path / "base", head=trainer._head_config(), seed=trainer.cfg.model.init_seed)
+    merge_folder(tmp_path / "base", final / "delta.safetensors", tmp_path / "merged")

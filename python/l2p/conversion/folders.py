@@ -14,7 +14,7 @@ import torch
 
 from l2p.adapters import ADAPTERS, get_adapter
 from l2p.conversion.convert import ConversionReport, convert_to_pixel, parameters_on_meta
-from l2p.conversion.delta import check_delta_config, load_delta
+from l2p.conversion.delta import check_delta_base, check_delta_config, load_delta
 from l2p.conversion.safetensors_io import open_safetensors, read_tensors
 from l2p.models import PixelTransformer2DModel
 
@@ -308,6 +308,7 @@ def merge_folder(base: str | os.PathLike, delta: str | os.PathLike, out: str | o
     with parameters_on_meta():  # every parameter is about to be assigned from `state`
         model = PixelTransformer2DModel.from_config(config)
     model.load_state_dict(state, strict=True, assign=True)
+    check_delta_base(model, tensors, metadata)
     tmp = prepare_folder(out)
     try:
         if model_dir is base:

@@ -113,6 +113,7 @@ def _peak_memory_gb(device: torch.device) -> float:
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv | None = None):
         from l2p.conversion import convert_to_pixel, set_trainable
+        from l2p.conversion.delta import base_fingerprint
 
         self.cfg = cfg
         self.env = env or DistEnv.from_torchrun()
@@ -149,6 +150,12 @@ class Trainer:
                                  seed=cfg.model.init_seed)
         del transformer
         self.trainable_report = set_trainable(model, cfg.model.trainable)
+        # The frozen tensors' fingerprint, which the deltas record so that l2p merge refuses
+        # another base: taken now, before FSDP shards them. None (the delta then merges with
+        # a warning) where the frozen tensors are not the stored values, a wider source read
+        # in low_memory.frozen_dtype: the rounded values would refuse the run's own base.
+        self.base_fingerprint = (base_fingerprint(model) if self.source.loads_exactly(frozen_dtype)
+                                 else None)
         self.dataset = open_dataset(cfg.data.path, cfg.data.resolution, cfg.train.seed,
                                     patch_size=model.config.patch_size, max_aspect=cfg.data.bucket_max_aspect)
         # The source's VAE encoder, read once for both things that encode images with it.
@@ -687,8 +694,8 @@ class Trainer:
         the sharded tensors and rank 0 merges them onto a fresh conversion of the source."""
         import shutil
 
-        from l2p.conversion import convert_folder, merge_delta, save_delta
-        from l2p.conversion.delta import DELTA_FORMAT, _config_json, atomic_save_file
+        from l2p.conversion import convert_folder, merge_delta
+        from l2p.conversion.delta import BASE_FINGERPRINT, DELTA_FORMAT, _config_json, atomic_save_file
         from l2p.models import PixelTransformer2DModel
 
         final = self.out / "final"
@@ -708,18 +715,23 @@ class Trainer:
         if self.scheduler_config is not self.source.scheduler_config:
             write_text(pipeline / "scheduler" / "scheduler_config.json",
                        json.dumps(self.scheduler_config, indent=2, sort_keys=True) + "\n")
+        metadata = {"format": DELTA_FORMAT, "config": _config_json(self.model)}
+        if self.base_fingerprint is not None:
+            metadata[BASE_FINGERPRINT] = self.base_fingerprint
         if self.fsdp:
-            metadata = {"format": DELTA_FORMAT, "config": _config_json(self.model)}
             atomic_save_file({k: v.contiguous() for k, v in raw.items()}, final / "delta-raw.safetensors", metadata)
             atomic_save_file({k: v.contiguous() for k, v in averaged.items()}, final / "delta.safetensors", metadata)
             transformer = PixelTransformer2DModel.from_pretrained(str(pipeline / "transformer"))
             merge_delta(transformer, averaged)
             transformer.save_pretrained(str(pipeline / "transformer"), safe_serialization=True)
             return final
-        save_delta(self.model, final / "delta-raw.safetensors")
+        def trainable() -> dict[str, torch.Tensor]:
+            return {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+
+        atomic_save_file(trainable(), final / "delta-raw.safetensors", metadata)
         ctx = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
         with ctx:
-            save_delta(self.model, final / "delta.safetensors")
+            atomic_save_file(trainable(), final / "delta.safetensors", metadata)
             self.model.save_pretrained(str(pipeline / "transformer"), safe_serialization=True)
         return final
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from l2p.conversion.folders import vae_scale_factor, weights_variant
+from l2p.conversion.folders import stored_dtypes, vae_scale_factor, weights_variant
 
 
 @dataclass
@@ -26,6 +26,13 @@ class Source:
         cls = getattr(diffusers, self.transformer_class)
         variant, _ = weights_variant(self.path / "transformer")
         return cls.from_pretrained(str(self.path / "transformer"), torch_dtype=dtype, variant=variant)
+
+    def loads_exactly(self, dtype: torch.dtype) -> bool:
+        """Whether reading the transformer in ``dtype`` keeps every stored value: each tensor is
+        stored in ``dtype``, or ``dtype`` is float32 and they are 16- or 32-bit floats."""
+        _, files = weights_variant(self.path / "transformer")
+        wider_ok = (torch.float16, torch.bfloat16, torch.float32) if dtype == torch.float32 else (dtype,)
+        return all(d in wider_ok for d in stored_dtypes(files).values())
 
     def load_vae_encoder(self, dtype: torch.dtype = torch.float32):
         """The source's VAE without its decoder (what ``encode_latents`` needs), frozen."""
