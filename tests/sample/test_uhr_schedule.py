@@ -23,3 +23,58 @@ def test_shift_anchors():
     assert recommended_shift(4096, 4096, base_shift=1.0) == pytest.approx(1.5)
     with pytest.raises(ValueError, match="multiple of the patch size 64"):
         recommended_shift(4000, 4096, 64)
+
+
+def _flux_like():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # FLUX.1's scheduler: mu from the token count, 4096 tokens (1K at P=16) -> max_shift 1.15.
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=256,
+                                           max_image_seq_len=4096, base_shift=0.5, max_shift=1.15, shift=3.0)
+
+
+def _sd3_like():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def test_recommended_keeps_the_source_schedule_up_to_1k_and_anchors_on_its_1k_shift():
+    import math
+
+    from l2p.sample.schedule import recipe_for, recommended_sampling_shift, source_shift_at_1k
+
+    flux, sd3 = recipe_for("FluxTransformer2DModel"), recipe_for("SD3Transformer2DModel")
+    for scheduler, recipe in ((_flux_like(), flux), (_sd3_like(), sd3)):
+        for side in (512, 1024):
+            assert recommended_sampling_shift(scheduler, recipe, side, side, 16, 16) is None
+        assert recommended_sampling_shift(scheduler, recipe, 1024, 768, 16, 16) is None
+    assert source_shift_at_1k(_sd3_like(), sd3, 16) == pytest.approx(3.0)
+    assert source_shift_at_1k(_flux_like(), flux, 16) == pytest.approx(math.exp(1.15))
+    # Above 1K: 1.5x the source's own 1K shift at 4K, whatever patch the pixel model has.
+    assert recommended_sampling_shift(_sd3_like(), sd3, 4096, 4096, 64, 16) == pytest.approx(4.5)
+    assert recommended_sampling_shift(_flux_like(), flux, 4096, 4096, 64, 16) == pytest.approx(1.5 * math.exp(1.15))
+    k2 = recommended_sampling_shift(_flux_like(), flux, 2048, 2048, 32, 16)
+    assert math.exp(1.15) < k2 < 1.5 * math.exp(1.15)
+    with pytest.raises(ValueError, match="no flow time shift"):
+        from diffusers import DDIMScheduler
+
+        recommended_sampling_shift(DDIMScheduler(), sd3, 2048, 2048, 32, 16)
+
+
+@pytest.mark.parametrize("name", ("sd3", "flux"))
+def test_recommended_at_1k_or_less_samples_with_the_source_timesteps(pipelines, name):
+    import torch
+
+    pipe = pipelines[name]
+    knob = {"true_cfg_scale": 1.0} if name == "flux" else {"guidance_scale": 1.0}
+
+    def run(**kwargs):
+        seen = []
+        pipe(name, height=32, width=24, num_inference_steps=3, output_type="pt",
+             generator=torch.Generator().manual_seed(0), **knob, **kwargs,
+             callback_on_step_end=lambda p, i, t, kw: seen.append(float(t)) or {})
+        return seen
+
+    assert run(shift="recommended") == run()
+    assert run(shift=4.5) != run()

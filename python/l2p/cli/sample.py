@@ -86,7 +86,8 @@ def register(subparsers) -> None:
     p.add_argument("--true-cfg", type=float, default=1.0,
                    help="classifier-free guidance of FLUX and Qwen-Image (> 1 turns it on)")
     p.add_argument("--shift", type=_shift, default=None,
-                   help="flow time shift overriding the source's, or 'recommended' (4.5 at 4K; "
+                   help="flow time shift overriding the source's, or 'recommended' (the source's own "
+                   "schedule up to 1024x1024, above it 1.5x the source's 1K shift at 4K; "
                    "l2p.sample.recommended_shift)")
     p.add_argument("--guidance-max-sigma", type=float, default=None,
                    help="guide only the steps at noise level sigma <= this (flow sources: 0..1); the "

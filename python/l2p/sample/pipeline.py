@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from l2p.sample.attention import resolve_attention, set_attention
-from l2p.sample.schedule import recipe_for, recommended_shift, set_timesteps, with_shift
+from l2p.sample.schedule import recipe_for, recommended_sampling_shift, set_timesteps, with_shift
 from l2p.train import conditioning as condmod
 
 PIXEL_ENTRY = ["l2p", "PixelTransformer2DModel"]
@@ -203,6 +203,13 @@ class L2PPipeline:
                 "vae_scale_factor": model.config.patch_size // model.adapter.latent_patch,
                 "prediction": model.prediction, "output_sign": model.output_sign}
 
+    def _source_patch(self) -> int:
+        """The source's own pixel patch (latent patch x VAE factor), whatever patch the pixel
+        model was converted with: the token grid the source's schedule was made for."""
+        adapter = self.transformer.adapter
+        factor = (self.conversion_record or {}).get("vae_scale_factor") or adapter.vae_scale_factor
+        return adapter.latent_patch * int(factor)
+
     # -- diffusers-style conveniences ------------------------------------------------------
     @property
     def scheduler(self):
@@ -301,9 +308,11 @@ class L2PPipeline:
                 guidance; unlike those pipelines, the negative prompt then defaults to "".
             generator: a torch.Generator (or one per image) for the initial noise.
             latents: the initial noise (B, 3, H, W) instead of drawing it.
-            shift: flow time shift k overriding the source's; "recommended" applies
-                ``recommended_shift(height, width)`` (4.5 at 4K, the paper's advice for
-                ultra-high resolution); for dynamically shifted schedulers mu = log(k).
+            shift: flow time shift k overriding the source's; for dynamically shifted
+                schedulers mu = log(k). "recommended": up to 1024 x 1024 the source's own
+                schedule, unchanged; above, ``recommended_shift`` from the source's own shift
+                at 1K (its static shift, or exp(mu) at its 1K token count): 1.5x that at 4K,
+                the paper's advice for ultra-high resolution (3 -> 4.5 for Z-Image and SD3).
             guidance_max_sigma: classifier-free guidance only at the steps whose noise level
                 (the scheduler's sigma: in [0, 1] for flow-matching sources) is at most this;
                 the noisier steps follow the conditional prediction alone. Guidance in a limited
@@ -363,7 +372,7 @@ class L2PPipeline:
 
         scheduler, mu = self.scheduler, None
         if shift == "recommended":
-            shift = recommended_shift(height, width, p)
+            shift = recommended_sampling_shift(scheduler, self.recipe, height, width, p, self._source_patch())
         if shift is not None:
             scheduler, mu = with_shift(scheduler, shift)
         shape = (batch, 3, height, width)

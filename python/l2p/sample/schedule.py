@@ -116,31 +116,62 @@ def set_timesteps(scheduler, recipe: Recipe, num_steps: int, tokens: int, device
 
 # -- ultra-high resolution ---------------------------------------------------------------
 
-# Anchors from the paper: the source's own shift at 1K (Z-Image's k = 3) and the best shift
-# measured at 4K (about 4-5, we take 4.5).
+# Anchors from the paper: Z-Image's own shift at 1K (k = 3) and the best shift it measured at
+# 4K (about 4-5, we take 4.5), i.e. 1.5x the 1K shift per 16x the pixels. That ratio is what
+# other sources inherit, from their own 1K shift. (Before, every source got these absolute
+# values, and 3 replaced the source's own schedule even at and below 1K, FLUX's token-count
+# mu included; for a source whose 1K shift is 3 nothing changed.)
 _SHIFT_1K, _SHIFT_4K = 3.0, 4.5
+_ONE_K = 1024
 
 
 def recommended_shift(height: int, width: int, patch: int | None = None, *,
                       base_shift: float = _SHIFT_1K) -> float:
-    """The flow time shift k to sample at (height, width) in pixel space.
+    """The flow time shift k to sample at (height, width) in pixel space, for a source whose
+    own shift at 1024 x 1024 is ``base_shift`` (see ``source_shift_at_1k``).
 
     L2P keeps the token count fixed as the resolution grows (``recommended_patch_size``),
     so the token-count rule of FLUX-style dynamic shifting sees a 1K image at 4K and would
     leave the shift where it was; but each token now covers more, highly correlated, pixels
-    and needs more noise. The paper's best shift at 4K is about 4-5, against the source's 3
-    at 1K. We interpolate log-linearly in the pixel count between those anchors
-    (k = base_shift * 1.5 ** log16(pixels / 1024^2)), extrapolating beyond: 1K -> 3, 2K ->
-    3.67, 4K -> 4.5, 8K -> 5.5. ``patch`` is accepted for symmetry with
-    ``recommended_patch_size`` and checked (H and W must be multiples of it); the shift does
-    not depend on it. Below 1K the source's shift is kept.
+    and needs more noise. The paper's best shift at 4K is about 4-5, against Z-Image's own 3
+    at 1K. We interpolate log-linearly in the pixel count from the source's 1K shift with
+    that ratio (k = base_shift * 1.5 ** log16(pixels / 1024^2)), extrapolating beyond: for
+    base_shift 3 (Z-Image, SD3), 1K -> 3, 2K -> 3.67, 4K -> 4.5, 8K -> 5.5. ``patch`` is
+    accepted for symmetry with ``recommended_patch_size`` and checked (H and W must be
+    multiples of it); the shift does not depend on it. At and below 1K, base_shift is
+    returned; ``L2PPipeline(shift="recommended")`` then keeps the source's scheduler as it is.
     """
     if patch is not None and (height % patch or width % patch):
         raise ValueError(f"{height}x{width} is not a multiple of the patch size {patch}")
-    ratio = height * width / 1024**2
+    ratio = height * width / _ONE_K**2
     if ratio <= 1:
         return float(base_shift)
     return float(base_shift * (_SHIFT_4K / _SHIFT_1K) ** (math.log(ratio) / math.log(16)))
+
+
+def source_shift_at_1k(scheduler, recipe: Recipe, source_patch: int) -> float:
+    """The time shift the source's own scheduler samples a 1024 x 1024 image at: its static
+    shift, or for dynamic shifting exp(mu) at the source's 1K token count (1024 /
+    ``source_patch``)^2, mu as its pipeline computes it (FLUX.1: exp(1.15) = 3.16)."""
+    config = scheduler.config
+    if config.get("use_dynamic_shifting", False):
+        tokens = (_ONE_K // source_patch) ** 2
+        return math.exp(dynamic_mu(tokens, config, recipe.max_shift))
+    return float(config[_shift_key(config, type(scheduler).__name__)])
+
+
+def recommended_sampling_shift(scheduler, recipe: Recipe, height: int, width: int, patch: int,
+                               source_patch: int) -> float | None:
+    """What ``shift="recommended"`` samples (height, width) at: None (the source's scheduler
+    exactly as it is, a dynamic one with its own token-count mu) up to 1024 x 1024 pixels;
+    above, ``recommended_shift`` from the source's own 1K shift. ``patch``: the pixel model's
+    patch; ``source_patch``: the source's (latent patch x VAE factor)."""
+    if height * width <= _ONE_K**2:
+        if height % patch or width % patch:
+            raise ValueError(f"{height}x{width} is not a multiple of the patch size {patch}")
+        return None
+    return recommended_shift(height, width, patch,
+                             base_shift=source_shift_at_1k(scheduler, recipe, source_patch))
 
 
 def recommended_patch_size(height: int, width: int, *, base_patch: int = 16,
