@@ -78,3 +78,16 @@ def test_recommended_at_1k_or_less_samples_with_the_source_timesteps(pipelines, 
 
     assert run(shift="recommended") == run()
     assert run(shift=4.5) != run()
+
+
+def test_sd3_sizes_beyond_its_position_table_are_refused_in_pixels(pipelines, capsys, converted, tmp_path):
+    from l2p.cli import main as cli
+
+    pipe = pipelines["sd3"]  # pos_embed_max_size 16, pixel patch 4: at most 64 px a side
+    name = "a square"
+    pipe(name, height=64, width=16, num_inference_steps=1, output_type="pt")
+    with pytest.raises(ValueError, match=r"96x32 px .* at most 64 px a side at pixel patch 4"):
+        pipe(name, height=96, width=32, num_inference_steps=1, output_type="pt")
+    assert cli(["sample", "--model", str(converted["sd3"]), "--prompt", "x", "--height", "96", "--width", "32",
+                "--steps", "1", "--out", str(tmp_path / "a.png")]) == 2
+    assert "at most 64 px a side" in capsys.readouterr().err

@@ -180,8 +180,9 @@ class SourceAdapter:
         p = self.latent_patch
         return torch.zeros(batch, self.latent_channels, rows * p, cols * p, dtype=dtype, device=device)
 
-    def check_arguments(self, arguments: Mapping[str, Any], rows: int, cols: int) -> None:
-        """Reject caller arguments that describe another token grid."""
+    def check_arguments(self, arguments: Mapping[str, Any], rows: int, cols: int, patch: int) -> None:
+        """Reject caller arguments that describe another token grid, or a grid (rows x cols
+        tokens of ``patch`` pixels) the source cannot take, before the source forward runs."""
 
     def arrange_tokens(
         self, tokens: torch.Tensor, rows: int, cols: int, latent_input: torch.Tensor

@@ -24,7 +24,7 @@ class DiTAdapter(PatchEmbedAdapter):
     output_modules = ("norm_out", "proj_out_1")
     prediction = "epsilon"
 
-    def check_arguments(self, arguments, rows, cols):
+    def check_arguments(self, arguments, rows, cols, patch):
         if rows != cols:
             raise ValueError(
                 f"DiTTransformer2DModel only handles square images (its forward unpatchifies "

@@ -20,7 +20,7 @@ class FluxAdapter(PackedLatentAdapter):
         # Packing folds 2x2 latent pixels into one token; config.patch_size is 1.
         return 2 * int(self.config["patch_size"])
 
-    def check_arguments(self, arguments, rows, cols):
+    def check_arguments(self, arguments, rows, cols, patch):
         img_ids = arguments.get("img_ids")
         if img_ids is not None and img_ids.shape[-2] != rows * cols:
             raise ValueError(

@@ -24,7 +24,7 @@ class QwenImageAdapter(PackedLatentAdapter):
     flow_sigmas = True
     distilled_guidance = True
 
-    def check_arguments(self, arguments, rows, cols):
+    def check_arguments(self, arguments, rows, cols, patch):
         shapes = arguments.get("img_shapes")
         if shapes is None:
             return

@@ -11,6 +11,17 @@ class SD3Adapter(PatchEmbedAdapter):
     output_modules = ("norm_out",)
     max_shift = 1.16
 
+    def check_arguments(self, arguments, rows, cols, patch):
+        # The position table is cropped to the token grid and holds pos_embed_max_size tokens
+        # a side; diffusers' own error says so in tokens, which a pixel-space caller never sees.
+        limit = self.config.get("pos_embed_max_size")
+        if limit is not None and max(rows, cols) > limit:
+            raise ValueError(
+                f"{rows * patch}x{cols * patch} px is beyond this SD3 model's position table: at "
+                f"most {limit * patch} px a side at pixel patch {patch} ({limit} tokens, "
+                f"pos_embed_max_size); sample smaller, or convert with a larger --patch-size"
+            )
+
     @staticmethod
     def encode_prompts(pipe, prompts, device):
         embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,

@@ -132,7 +132,7 @@ class PixelTransformer2DModel(ModelMixin, ConfigMixin):
             bound = self._source_signature.bind(latent, *args, return_dict=False, **kwargs)
         except TypeError as exc:
             raise TypeError(f"{self.config.source_class} forward arguments: {exc}") from None
-        self.adapter.check_arguments(bound.arguments, rows, cols)
+        self.adapter.check_arguments(bound.arguments, rows, cols, p)
 
         pixel_in, tap = self.pixel_embed, self.transformer.get_submodule(self.adapter.output_module)
         pixel_in.pending = pixels
