@@ -79,3 +79,17 @@ def test_trains_a_step(alpha_source, tmp_path):
     final = trainer.export()
     convert_folder(path, tmp_path / "base", head=trainer._head_config(), seed=trainer.cfg.model.init_seed)
     merge_folder(tmp_path / "base", final / "delta.safetensors", tmp_path / "merged")
+
+
+def test_the_source_transformer_takes_the_same_call(alpha_source):
+    # The adapter is also handed the source transformer itself (tests/adapters): its config
+    # is the source config. (Given a latent, the resolution is the latent's size, not the
+    # image's: only the pixel model's call, x_t an image, gives the pipeline's values.)
+    from l2p.adapters.pixart import PixArtAdapter
+
+    source, _ = alpha_source
+    cond = {"prompt_embeds": torch.randn(2, 5, 32), "prompt_attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    kwargs = PixArtAdapter.transformer_kwargs(cond, torch.randn(2, 4, 8, 12), torch.tensor([500, 20]),
+                                              source.transformer, 1.0)
+    assert kwargs["added_cond_kwargs"]["resolution"].shape == (2, 2)
+    assert source.transformer(**kwargs, return_dict=False)[0].shape == (2, 8, 8, 12)

@@ -28,7 +28,8 @@ class PixArtAdapter(PatchEmbedAdapter):
     def transformer_kwargs(cond, x_t, times, model, guidance):
         embeds, mask = without_text_padding(cond["prompt_embeds"], cond["prompt_attention_mask"])
         added = {"resolution": None, "aspect_ratio": None}
-        if uses_additional_conditions(model.config.source_config):
+        # model: the pixel model, or the source transformer itself (whose config is the source's)
+        if uses_additional_conditions(model.config.get("source_config", model.config)):
             # As PixArtAlphaPipeline passes them: the generated image's [height, width] in
             # pixels and height / width, one row per sample. x_t is that image (pixels, not
             # latents), so its size is the one the source pipeline would have been asked for.
