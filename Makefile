@@ -21,7 +21,7 @@ install:
 
 # The main job: the complete ShapesWorld toy migration (l2p-train with no arguments).
 demo: install
-	l2p-train
+	$(PYTHON) -m l2p.train
 
 test: install
 	$(PYTHON) -m pytest -q
@@ -30,4 +30,4 @@ bench: install
 	$(PYTHON) -m pytest bench --benchmark-enable --benchmark-columns=min,median,max,rounds -q
 
 info:
-	l2p info
+	$(PYTHON) -m l2p info

@@ -10,7 +10,7 @@ import pytest
 
 from l2p.cli import main
 from l2p.toy.comparison import SOURCE_EVAL_SEEDS, compare_runs, load_scored_run
-from l2p.toy.prompts import make_records, save_records
+from l2p.toy.prompts import make_records, read_prompts, save_records
 from l2p.toy.render import render_array
 from l2p.toy.scoring import paired_comparison, records_digest, score_generated
 from l2p.toy.source import SHIPPED_SOURCE_DIR
@@ -91,6 +91,15 @@ def test_compare_reads_a_sources_training_record(tmp_path, capsys):
     scores = _scores_file(tmp_path / "blank.json", rebuilt, blank)
     assert main(["compare", "toy", str(scores), "--rounds", "50"]) == 0
     assert f"+{record['eval']['heldout']['overall']:.3f}" in capsys.readouterr().out
+
+    # `l2p toy prompts` writes the same stream, so l2p eval can score any model on it.
+    assert main(["toy", "prompts", "--out", str(tmp_path / "cli.jsonl"), "--seed", "1000", "--num", str(n)]) == 0
+    assert records_digest(read_prompts(tmp_path / "cli.jsonl")) == shipped.records_digest
+    assert main(["toy", "prompts", "--out", str(tmp_path / "x.jsonl"), "--categories", "colours"]) == 2
+    assert "--categories takes some of" in capsys.readouterr().err
+    assert main(["toy", "prompts", "--out", str(tmp_path / "x.jsonl"), "--num", "2", "--split", "train",
+                 "--categories", "position,counting"]) == 0
+    assert [r.category for r in read_prompts(tmp_path / "x.jsonl")] == ["position", "counting"]
 
     # A record whose scores do not match the rebuilt prompts is refused, not mispaired.
     folder = tmp_path / "source"

@@ -261,6 +261,9 @@ def test_reproduce_sizes_the_step_count_from_the_budget(tmp_path, monkeypatch):
     assert [c["b"] for c in report["comparisons"]] == ["scratch"]
     with pytest.raises(ValueError, match="unknown arm"):
         reproduce.ReproducePlan(arms=["l2p", "nope"]).validate()
+    for name in ("batch_size", "corpus_prompts", "eval_prompts", "curve_points", "curve_prompts"):
+        with pytest.raises(ValueError, match=f"{name} \\(--{name.replace('_', '-')}\\) must be >= 1"):
+            reproduce.ReproducePlan(steps=8, **{name: 0}).validate()
 
 
 def test_reproduce_guidance_interval_flag_takes_a_noise_level_or_none(capsys):

@@ -259,3 +259,19 @@ def test_train_source_flags_reach_the_config(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["toy", "train-source", "--text-pretrain-objective", "mlm"])
     assert "invalid choice: 'mlm'" in capsys.readouterr().err
+
+
+def test_config_ranges_are_refused_before_any_work(tmp_path, capsys):
+    from l2p.cli import main
+
+    out = tmp_path / "source"
+    for flag, value, message in [("--image-size", "0", "image_size must be >= 1"),
+                                 ("--image-size", "60", "image_size must be a multiple of 8"),
+                                 ("--dit-batch", "0", "dit_batch must be >= 1"),
+                                 ("--dit-lr", "0", "dit_lr must be > 0"),
+                                 ("--caption-dropout", "2", r"caption_dropout must be in [0, 1]"),
+                                 ("--ema-decay", "1", "ema_decay must be in [0, 1)"),
+                                 ("--eval-prompts", "-1", "--eval-prompts and --threads must be >= 0")]:
+        assert main(["toy", "train-source", "--out", str(out), flag, value]) == 2, flag
+        assert message in capsys.readouterr().err, flag
+    assert not out.exists() and not source.work_dir_for(out).exists()

@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "compare", help="is toy model A better than B beyond noise? (paired, per category)",
         description="The difference A - B between two scored ShapesWorld runs, overall and in each "
-                    "category, with 95%% paired-bootstrap intervals: each round resamples the "
+                    "category, with 95% paired-bootstrap intervals: each round resamples the "
                     "prompts within each category and uses the same picks for both, so prompt "
                     "difficulty cancels. A and B are scores files written by l2p eval on the same "
                     "prompts file, or toy source folders ('toy' for the shipped one) whose "

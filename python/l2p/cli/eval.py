@@ -34,7 +34,7 @@ def register(subparsers) -> None:
         "eval", help="score a toy model (source or pixel) on ShapesWorld prompts",
         description="Generate one image per ShapesWorld prompt record and score it with the "
                     "GenEval-style scorer: overall (mean of per-category accuracy), per category, "
-                    "and a 95%% bootstrap interval. The model is a toy source pipeline folder "
+                    "and a 95% bootstrap interval. The model is a toy source pipeline folder "
                     "('toy' for the shipped one) or a pixel pipeline written by l2p convert / "
                     "l2p-train.",
     )

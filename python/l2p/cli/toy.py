@@ -26,7 +26,9 @@ def run_train_source(args: argparse.Namespace) -> int:
         value = getattr(args, f.name, None)
         if value is not None:
             overrides[f.name] = value
-    cfg = ToySourceConfig(**overrides)
+    cfg = ToySourceConfig(**overrides).validate()
+    if args.eval_prompts < 0 or args.threads < 0:
+        raise ValueError(f"--eval-prompts and --threads must be >= 0, got {args.eval_prompts} and {args.threads}")
     out = args.out or SHIPPED_SOURCE_DIR
     command = "l2p " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.threads:
@@ -85,6 +87,21 @@ def _number_list(text: str, kind: type, flag: str, example: str) -> list:
         return [kind(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ValueError(f"{flag} takes comma-separated {kind.__name__}s, e.g. {example}; got {text!r}") from None
+
+
+def run_prompts(args: argparse.Namespace) -> int:
+    from l2p.toy.prompts import write_prompts
+    from l2p.toy.world import CATEGORIES
+
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()]
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if unknown or not categories:
+        raise ValueError(f"--categories takes some of {', '.join(CATEGORIES)}; got {args.categories!r}")
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    records = write_prompts(args.out, args.num, args.seed, split=args.split, categories=tuple(categories))
+    print(f"wrote {len(records)} {args.split} prompts to {args.out}")
+    return 0
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
@@ -178,7 +195,7 @@ def register(subparsers) -> None:
         help="the paper's comparisons at toy scale: L2P vs scratch, synthetic vs real, n blocks",
         description="Train every arm for the same steps on the toy source's corpus (or ground-truth "
                     "renders), score all on the same held-out prompts and seeds, and write "
-                    "report.md/json and curves.png with paired 95%% intervals. Arms: "
+                    "report.md/json and curves.png with paired 95% intervals. Arms: "
                     + "; ".join(f"{a.name}: {a.description}" for a in ARMS)
                     + ". Beyond the paper, run only when named in --arms: "
                     + "; ".join(f"{a.name}: {a.description}" for a in EXTRA_ARMS),
@@ -212,6 +229,26 @@ def register(subparsers) -> None:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="trainer config override applied to every arm (repeatable)")
     r.set_defaults(func=run_reproduce)
+
+    from l2p.toy.world import CATEGORIES, SPLITS
+
+    w = toy_sub.add_parser(
+        "prompts",
+        help="write a ShapesWorld prompts file (the input of l2p eval)",
+        description="N ShapesWorld scenes with their prompts, cycling through the categories, "
+                    "as JSON Lines (l2p.toy.prompts). l2p toy train-source --eval-prompts N scores "
+                    "a new source on --split heldout --seed 1000 and --split train --seed 2000: "
+                    "those files let l2p compare pair another model with a source's record.",
+    )
+    w.add_argument("--out", required=True, help="the prompts file to write (.jsonl)")
+    w.add_argument("--num", type=int, default=600, help="number of prompts (default %(default)s)")
+    w.add_argument("--split", choices=SPLITS, default="heldout",
+                   help="heldout: every prompt names a combination training never shows; train: the "
+                        "training distribution (default %(default)s)")
+    w.add_argument("--seed", type=int, default=0, help="scene stream seed (default %(default)s)")
+    w.add_argument("--categories", default=",".join(CATEGORIES),
+                   help="comma-separated categories (default: all six)")
+    w.set_defaults(func=run_prompts)
 
     from l2p.toy.diagnose import DiagnosePlan
 

@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from l2p.atomic import atomic_path
 from l2p.toy.grammar import generate_scenes
 from l2p.toy.world import CATEGORIES, DEFAULT_WORLD, Scene, World
 
@@ -66,9 +67,7 @@ def write_prompts(path, n: int, seed: int, split: str = "heldout", categories=CA
 
 
 def save_records(path, records) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record.to_dict(), sort_keys=True) + "\n")
 

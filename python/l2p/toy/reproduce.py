@@ -169,6 +169,11 @@ class ReproducePlan:
         unknown = [a for a in self.arms if a not in ARMS_BY_NAME]
         if unknown:
             raise ValueError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS_BY_NAME)}")
+        # Checked before the corpus is rendered (minutes), not when training or scoring reaches them.
+        for name in ("batch_size", "corpus_prompts", "corpus_steps", "eval_prompts", "eval_steps",
+                     "curve_points", "curve_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < self.curve_points:
             raise ValueError(f"steps ({self.steps}) must be at least curve_points ({self.curve_points})")
         if self.steps is None and self.budget_minutes <= 0:

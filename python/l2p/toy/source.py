@@ -120,6 +120,45 @@ class ToySourceConfig:
     def scaled(self, **overrides) -> "ToySourceConfig":
         return ToySourceConfig(**{**asdict(self), **overrides})
 
+    def validate(self) -> "ToySourceConfig":
+        """ValueError naming the first setting out of range, before any work starts."""
+        for name in ("image_size", "latent_channels", "vae_crop", "layers", "heads", "head_dim",
+                     "latent_patch", "text_dim", "text_layers", "text_heads", "max_tokens",
+                     "text_pretrain_batch", "text_context_window", "train_scenes", "vae_batch",
+                     "dit_steps", "dit_batch", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("text_pretrain_steps", "vae_steps", "warmup_steps", "vae_eval_scenes", "workers",
+                     "time_budget_s", "text_lr_scale", "vae_kl_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("vae_lr", "dit_lr", "text_pretrain_lr", "flow_shift"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("caption_dropout", "text_corrupt_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not self.vae_channels or any(c < 1 for c in self.vae_channels):
+            raise ValueError(f"vae_channels must be positive widths, got {self.vae_channels}")
+        # Each autoencoder level halves the image, and the transformer patches the latent.
+        step = 2 ** (len(self.vae_channels) - 1) * self.latent_patch
+        for name in ("image_size", "vae_crop"):
+            if getattr(self, name) % step:
+                raise ValueError(f"{name} must be a multiple of {step} (the autoencoder's factor "
+                                 f"{step // self.latent_patch} x latent_patch {self.latent_patch}), "
+                                 f"got {getattr(self, name)}")
+        if self.vae_crop > self.image_size:
+            raise ValueError(f"vae_crop ({self.vae_crop}) must not exceed image_size ({self.image_size})")
+        if self.text_pretrain_objective not in TEXT_OBJECTIVES:
+            raise ValueError(f"unknown text_pretrain_objective {self.text_pretrain_objective!r}; choose "
+                             f"one of {', '.join(TEXT_OBJECTIVES)}")
+        if self.init_from and self.vae_from:
+            raise ValueError("init_from continues a whole toy source, its autoencoder included; "
+                             "vae_from takes only the autoencoder: pass one of them")
+        return self
+
 
 def toy_vocabulary() -> list[str]:
     """Every word a ShapesWorld prompt can use."""
@@ -480,17 +519,7 @@ def train_toy_source(cfg: ToySourceConfig, out_dir: str | Path, device: str | to
     out_dir = Path(out_dir)
     # The folders a run starts from are checked before its work folder exists, so that a
     # mistake leaves nothing behind that the corrected run would take for a foreign one.
-    if cfg.text_lr_scale < 0 or cfg.text_pretrain_steps < 0:
-        raise ValueError("text_lr_scale (0 freezes the text encoder) and text_pretrain_steps (0: none) "
-                         f"must be >= 0, got {cfg.text_lr_scale} and {cfg.text_pretrain_steps}")
-    if cfg.text_pretrain_objective not in TEXT_OBJECTIVES:
-        raise ValueError(f"unknown text_pretrain_objective {cfg.text_pretrain_objective!r}; choose "
-                         f"one of {', '.join(TEXT_OBJECTIVES)}")
-    if cfg.text_context_window < 1:
-        raise ValueError(f"text_context_window must be >= 1 word, got {cfg.text_context_window}")
-    if cfg.init_from and cfg.vae_from:
-        raise ValueError("init_from continues a whole toy source, its autoencoder included; "
-                         "vae_from takes only the autoencoder: pass one of them")
+    cfg.validate()
     if cfg.init_from:
         _trained_record(cfg, "init_from", ARCHITECTURE_FIELDS)
     if cfg.vae_from:
