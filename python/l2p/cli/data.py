@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from l2p.data import prompts as P
 
@@ -15,7 +16,18 @@ def _log_to_stderr() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _device_arg(name: str | None) -> str | None:
+    """The checked ``--device``; None for the default, which the library resolves itself
+    (cuda:LOCAL_RANK under torchrun)."""
+    from l2p.cli._device import pick_device
+
+    return None if name in (None, "auto") else str(pick_device(name))
+
+
 def run_prompts(args: argparse.Namespace) -> int:
+    if args.num is not None and args.num < 1:
+        raise ValueError(f"--num must be at least 1 (got {args.num}); leave it out with --input to keep "
+                         "every prompt that passes the filter")
     block_words = [] if args.no_default_block_list else P.load_block_list()
     if args.block_list:
         block_words += P.load_block_list(args.block_list)
@@ -46,6 +58,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from l2p.data.generate import GenerationConfig, generate_images, rebuild_metadata
 
     if args.merge_only:
+        if not (Path(args.out) / "images").is_dir():
+            # Else a mistyped --out would get a new folder with an empty metadata.csv, and exit 0.
+            raise FileNotFoundError(f"{str(Path(args.out) / 'images')!r} does not exist: nothing to merge; "
+                                    "--out must be a folder written by `l2p data generate`")
         print(f"metadata.csv: {rebuild_metadata(args.out)} rows")
         return 0
     if args.source is None or args.prompts is None:
@@ -53,12 +69,15 @@ def run_generate(args: argparse.Namespace) -> int:
     config = GenerationConfig(
         source=args.source, prompts=args.prompts, out=args.out, images_per_prompt=args.images_per_prompt,
         steps=args.steps, guidance=args.guidance, height=args.height, width=args.width, seed=args.seed,
-        batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+        batch_size=args.batch_size, device=_device_arg(args.device), dtype=args.dtype)
     _log_to_stderr()
     summary = generate_images(config)
     print(summary)
-    # Failed images are not an error of the run (the next run retries them); a non-zero exit
-    # here would make torchrun stop the other ranks while rank 0 writes metadata.csv.
+    # Some failed images are not an error of the run (the next run retries them); a non-zero
+    # exit would make torchrun stop the other ranks while rank 0 writes metadata.csv. When every
+    # image this rank tried failed, the run is broken, not unlucky: say so in the exit status.
+    if summary.failed and not summary.rendered:
+        return 1
     return 0
 
 
@@ -68,7 +87,8 @@ def run_embed(args: argparse.Namespace) -> int:
     _log_to_stderr()
     summary = build_embedding_cache(args.source, args.data, out=args.out, batch_size=args.batch_size,
                                     shard_size=args.shard_size, caption_column=args.caption_column,
-                                    device=args.device, dtype=args.dtype, extra_captions=args.prompt)
+                                    device=_device_arg(args.device), dtype=args.dtype,
+                                    extra_captions=args.prompt)
     print(f"{summary['encoded']} captions encoded, {summary['cached_before']} already cached "
           f"({summary['captions']} in all, with the empty caption) -> {summary['out']}")
     return 0
@@ -76,7 +96,8 @@ def run_embed(args: argparse.Namespace) -> int:
 
 def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
-                   help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
+                   help="auto, cpu, cuda, cuda:N (default auto: cuda, cuda:LOCAL_RANK under torchrun, "
+                        "if available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
 

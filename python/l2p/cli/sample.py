@@ -39,11 +39,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from l2p.atomic import atomic_path
+    from l2p.cli._device import pick_device
     from l2p.sample.pipeline import L2PPipeline
 
+    device = pick_device(args.device)  # before loading: a wrong device costs no model load
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     pipe = L2PPipeline.from_pretrained(args.model, torch_dtype=dtype, attention=args.attention)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device)
     if args.tile_size is not None:
         pipe.enable_head_tiling(args.tile_size or None)
@@ -99,7 +100,7 @@ def register(subparsers) -> None:
     p.add_argument("--attention", choices=("auto", "l2p", "native"), default="auto",
                    help="attention kernels inside the transformer")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default auto: cuda if available, else cpu)")
     p.add_argument("--guidance-option", action="append", default=[], type=_guidance_option, metavar="NAME=VALUE",
                    help="an option of the source pipeline's own guidance, by its name (repeatable): "
                         "Lumina2 cfg_trunc_ratio, cfg_normalization; Z-Image cfg_truncation, cfg_normalization")

@@ -9,13 +9,7 @@ from dataclasses import fields
 
 import torch
 
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was asked for but no CUDA device is available")
-    return torch.device(name)
+from l2p.cli._device import pick_device as _pick_device
 
 
 def run_train_source(args: argparse.Namespace) -> int:
