@@ -74,7 +74,10 @@ def test_cache_is_incremental(tiny_pixart, data, monkeypatch):
     again = build_embedding_cache(tiny_pixart, data, device="cpu", progress=False)
     assert again["encoded"] == 0  # nothing to do: the pipeline is not even loaded
     index = json.loads((data / "embeddings" / "index.json").read_text())
-    index["source"] = "/elsewhere"
+    index["source"] = "/elsewhere"  # the same model, found at another path: its digest decides
+    (data / "embeddings" / "index.json").write_text(json.dumps(index))
+    assert build_embedding_cache(tiny_pixart, data, device="cpu", progress=False)["encoded"] == 0
+    del index["source_digest"]  # an index from before the digest: the path decides
     (data / "embeddings" / "index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="caches embeddings of '/elsewhere'"):
         build_embedding_cache(tiny_pixart, data, device="cpu", progress=False)
@@ -116,3 +119,43 @@ def test_non_finite_embeddings_are_refused(tiny_pixart, data, monkeypatch):
     with pytest.raises(ValueError, match="non-finite 'prompt_embeds'.*--dtype float32"):
         build_embedding_cache(tiny_pixart, data, device="cpu", progress=False)
     assert not list((data / "embeddings").glob("shard-*"))
+
+
+def test_cache_refuses_another_dtype_device_type_or_model(tiny_pixart, data, tmp_path, caplog):
+    import shutil
+
+    from l2p.testing import build_tiny_pixart_sigma_pipeline
+
+    out = tmp_path / "cache"
+    build_embedding_cache(tiny_pixart, data, out=out, device="cpu", progress=False)
+    index_file = out / "index.json"
+    index = json.loads(index_file.read_text())
+    assert (index["dtype"], index["device_type"]) == ("float32", "cpu")
+    new = ["a caption never cached"]
+    with pytest.raises(ValueError, match="dtype float32, not bfloat16.*--dtype float32"):
+        build_embedding_cache(tiny_pixart, data, out=out, device="cpu", dtype="bfloat16", progress=False,
+                              extra_captions=new)
+    with pytest.raises(ValueError, match="device_type cpu, not cuda.*--device cpu"):  # before any load
+        build_embedding_cache(tiny_pixart, data, out=out, device="cuda", dtype="float32", progress=False,
+                              extra_captions=new)
+    # Another model saved at the same path as the cache's source.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_pixart, other)
+    build_embedding_cache(other, data, out=tmp_path / "cache2", device="cpu", progress=False)
+    shutil.rmtree(other)
+    build_tiny_pixart_sigma_pipeline(other, seed=1)
+    with pytest.raises(ValueError, match="another model"):
+        build_embedding_cache(other, data, out=tmp_path / "cache2", device="cpu", progress=False,
+                              extra_captions=new)
+
+    # An index from before dtype and device type were recorded: the cached tensors tell the dtype.
+    for key in ("dtype", "device_type"):
+        del index[key]
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="caches 'prompt_[a-z_]+' as torch.float32.*nothing was written"):
+        build_embedding_cache(tiny_pixart, data, out=out, device="cpu", dtype="bfloat16", progress=False,
+                              extra_captions=new)
+    assert json.loads(index_file.read_text()) == index
+    summary = build_embedding_cache(tiny_pixart, data, out=out, device="cpu", progress=False, extra_captions=new)
+    assert summary["encoded"] == 1 and "predates the recording of the device type" in caplog.text
+    assert json.loads(index_file.read_text())["dtype"] == "float32"

@@ -220,3 +220,112 @@ def test_torchrun_two_ranks_merge_one_metadata(tiny_pixart, prompt_file, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0/2: 4 rendered" in proc.stdout and "rank 1/2: 4 rendered" in proc.stdout
     assert [r["file_name"] for r in _metadata(out)] == _all_names()
+
+
+def _drop_one_image(out):
+    (out / G.image_name(0, 0)).unlink()
+
+
+def test_rerun_with_another_dtype_or_device_type_is_refused(tiny_pixart, prompt_file, tmp_path, pipe, caplog):
+    """auto is bfloat16 on CUDA and float32 on CPU, and the device type picks the noise
+    generator: a rerun resolving to other ones would mix two settings in one corpus."""
+    import json
+
+    out = tmp_path / "out"
+    G.generate_images(_config(tiny_pixart, prompt_file, out), pipe=pipe, progress=False)
+    manifest = json.loads((out / G.MANIFEST).read_text())
+    assert (manifest["dtype"], manifest["device_type"]) == ("float32", "cpu")
+    record = G.read_png_record(out / G.image_name(1, 1))
+    assert (record["dtype"], record["device_type"], record["source_digest"]) == \
+        ("float32", "cpu", G.source_digest(tiny_pixart))
+    _drop_one_image(out)
+    # Refused before any pipeline is loaded (none is passed here).
+    with pytest.raises(ValueError, match=r"different dtype \(recorded: 'float32', this run: 'bfloat16'\).*"
+                                         r"another --out|--dtype float32"):
+        G.generate_images(_config(tiny_pixart, prompt_file, out, dtype="bfloat16"), progress=False)
+    with pytest.raises(ValueError, match=r"device_type \(recorded: 'cpu', this run: 'cuda'\).*--device cpu"):
+        G.generate_images(_config(tiny_pixart, prompt_file, out, device="cuda"), progress=False)
+    # A manifest from before these were recorded: assumed to match (with a warning), then recorded.
+    for key in ("dtype", "device_type"):
+        del manifest[key]
+    (out / G.MANIFEST).write_text(json.dumps(manifest))
+    summary = G.generate_images(_config(tiny_pixart, prompt_file, out), pipe=pipe, progress=False)
+    assert summary.rendered == 1 and "predates the recording of dtype" in caplog.text
+    assert json.loads((out / G.MANIFEST).read_text())["dtype"] == "float32"
+
+
+def test_source_is_identified_by_content_not_path(tiny_pixart, prompt_file, tmp_path, pipe):
+    import json
+    import shutil
+
+    from l2p.testing import build_tiny_pixart_sigma_pipeline
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_pixart, copy)
+    (copy / "training_record.json").write_text("{}")  # outside the components: no effect
+    assert G.source_digest(copy) == G.source_digest(tiny_pixart)
+    out = tmp_path / "out"
+    G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=1), pipe=pipe, progress=False)
+    _drop_one_image(out)
+    # The same weights at another path continue the corpus.
+    again = G.generate_images(_config(copy, prompt_file, out, images_per_prompt=1), pipe=pipe, progress=False)
+    assert (again.rendered, again.existing) == (1, 3)
+    # Another model (same architecture, other weights: same safetensors headers) saved into the
+    # same folder is refused.
+    shutil.rmtree(copy)
+    build_tiny_pixart_sigma_pipeline(copy, seed=1)
+    assert G.source_digest(copy) != G.source_digest(tiny_pixart)
+    _drop_one_image(out)
+    with pytest.raises(ValueError, match="different source.*content differs"):
+        G.generate_images(_config(copy, prompt_file, out, images_per_prompt=1), progress=False)
+    # A manifest from before the digest: the path decides.
+    manifest = json.loads((out / G.MANIFEST).read_text())
+    assert manifest["source"] == str(copy.resolve())  # the latest path, for people
+    del manifest["source_digest"]
+    manifest["source"] = str(tiny_pixart.resolve())
+    (out / G.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="different source"):
+        G.generate_images(_config(copy, prompt_file, out, images_per_prompt=1), progress=False)
+    assert G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=1), pipe=pipe,
+                             progress=False).rendered == 1
+
+
+def test_invalid_size_is_refused_up_front(tiny_pixart, prompt_file, tmp_path, pipe):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"--height 33 --width 32 do not suit this PixArtSigmaPipeline"):
+        G.generate_images(_config(tiny_pixart, prompt_file, out, height=33), pipe=pipe, progress=False)
+    assert not (out / G.MANIFEST).exists() and not (out / "images").exists()
+    # A folder left by such a run before this check (its manifest, no image) takes the fix.
+    out.mkdir()
+    (out / G.MANIFEST).write_text('{"height": 33}')
+    summary = G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=1), pipe=pipe,
+                                progress=False)
+    assert summary.rendered == 4
+
+
+def test_cli_exits_non_zero_when_every_image_fails(tiny_pixart, prompt_file, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(G, "_render", broken)
+    args = ["data", "generate", "--source", str(tiny_pixart), "--prompts", str(prompt_file), "--out",
+            str(tmp_path / "out"), "--images-per-prompt", "1", "--steps", "2", "--height", "32", "--width", "32"]
+    assert main(args) == 1
+    assert "4 failed of 4" in capsys.readouterr().out
+
+
+def test_fewer_images_per_prompt_keeps_and_reports_the_extra_ones(tiny_pixart, prompt_file, tmp_path, pipe):
+    out = tmp_path / "out"
+    G.generate_images(_config(tiny_pixart, prompt_file, out), pipe=pipe, progress=False)
+    fewer = G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=1), pipe=pipe,
+                              progress=False)
+    assert (fewer.existing, fewer.beyond, fewer.metadata_rows) == (4, 4, 8)
+    assert "4 images beyond --images-per-prompt 1 from an earlier run were kept" in str(fewer)
+
+
+def test_cli_merge_only_refuses_a_folder_without_images(tmp_path, capsys):
+    out = tmp_path / "typo"
+    assert main(["data", "generate", "--out", str(out), "--merge-only"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist: nothing to merge" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -20,6 +20,7 @@ is rewritten atomically after each shard, so an interrupted run keeps what it fi
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,8 +31,9 @@ from safetensors.torch import save_file
 
 from l2p.atomic import atomic_path, write_json
 from l2p.data.dataset import list_captioned_files
-from l2p.data.generate import load_pipeline, resolve_source
+from l2p.data.generate import load_pipeline, resolve_source, source_digest
 
+logger = logging.getLogger(__name__)
 INDEX = "index.json"
 # 2: the family's conditioning (adapter.encode_prompts); 1 stored encode_prompt's raw outputs.
 CACHE_FORMAT = 2
@@ -91,6 +93,49 @@ def _read_index(folder: Path) -> dict:
     return index
 
 
+def _check_index(out: Path, index: dict, wanted: dict) -> None:
+    """Refuse to add to a cache made from another source or with another dtype or device type:
+    the cache would hold embeddings of two settings. The source is compared by its content
+    digest; indexes from before the digest fall back to its path. Indexes from before dtype
+    and device type were recorded: the dtype is checked against the cached tensors once the
+    first new batch is encoded (:func:`_check_legacy_dtypes`); the device type cannot be
+    known and is assumed to match, with a warning."""
+    if "source_digest" in index:
+        if index["source_digest"] != wanted["source_digest"]:
+            raise ValueError(f"{out} caches embeddings of another model (recorded source "
+                             f"{index.get('source')!r}; the content of {wanted['source']!r} differs); "
+                             "use another --out folder or delete it")
+    elif index.get("source") != wanted["source"]:
+        raise ValueError(f"{out} caches embeddings of {index.get('source')!r}, not {wanted['source']!r}; "
+                         "use another --out folder or delete it")
+    for key, flag in (("dtype", "--dtype"), ("device_type", "--device")):
+        if key not in index:
+            if key == "device_type" and index["captions"]:
+                logger.warning("%s predates the recording of the device type; assuming its embeddings "
+                               "were encoded on %s like this run", out / INDEX, wanted[key])
+        elif index[key] != wanted[key]:
+            raise ValueError(f"{out} caches embeddings encoded with {key} {index[key]}, not {wanted[key]}; "
+                             "mixing them would train on two settings. Use another --out folder, or rerun "
+                             f"with {flag} {index[key]}")
+
+
+def _stored_dtypes(out: Path, index: dict) -> dict[str, torch.dtype]:
+    """The dtype of each conditioning name in the cache's first shard."""
+    if not index["shards"]:
+        return {}
+    with safe_open(str(out / index["shards"][0]), framework="pt") as f:
+        return {key.partition("/")[2]: f.get_tensor(key).dtype for key in f.keys()}
+
+
+def _check_legacy_dtypes(out: Path, stored: dict[str, torch.dtype], row: dict[str, torch.Tensor]) -> None:
+    for name, tensor in row.items():
+        if name in stored and stored[name] != tensor.dtype:
+            raise ValueError(f"{out} caches {name!r} as {stored[name]}, this run encodes it as {tensor.dtype}; "
+                             "mixing them would train on two settings (nothing was written). Use another "
+                             f"--out folder, or rerun with the dtype of the cache (--dtype "
+                             f"{str(stored[name]).removeprefix('torch.')})")
+
+
 def build_embedding_cache(source: str | os.PathLike, data: str | os.PathLike, *,
                           out: str | os.PathLike | None = None, batch_size: int = 16,
                           shard_size: int = 1024, caption_column: str | None = None,
@@ -108,22 +153,28 @@ def build_embedding_cache(source: str | os.PathLike, data: str | os.PathLike, *,
     out = Path(out) if out is not None else Path(data) / "embeddings"
     captions = list(dict.fromkeys(["", *(f.caption for f in list_captioned_files(data, caption_column)),
                                    *extra_captions]))
-    index = {"format": CACHE_FORMAT, "source": str(source_path.resolve()), "source_class": source_class,
+    # Resolved before the cache is compared: "auto" means bfloat16 on CUDA, float32 on CPU.
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = (torch.bfloat16 if device.startswith("cuda") else torch.float32) \
+        if dtype == "auto" else getattr(torch, dtype)
+    # "source" stays for people; "source_digest" is what is compared.
+    wanted = {"source": str(source_path.resolve()), "source_digest": source_digest(source_path),
+              "dtype": str(torch_dtype).removeprefix("torch."), "device_type": torch.device(device).type}
+    index = {"format": CACHE_FORMAT, **wanted, "source_class": source_class,
              "pipeline": None, "names": [], "list_names": [], "shards": [], "captions": {}}
+    legacy_dtypes: dict[str, torch.dtype] = {}
     if (out / INDEX).is_file():
         index = _read_index(out)
-        if index.get("source") != str(source_path.resolve()):
-            raise ValueError(f"{out} caches embeddings of {index.get('source')!r}, not {str(source_path)!r}; "
-                             "use another --out folder or delete it")
+        _check_index(out, index, wanted)
+        if "dtype" not in index:
+            legacy_dtypes = _stored_dtypes(out, index)
+        index.update(wanted)  # from now on recorded (an old index gains them on its next write)
     todo = [c for c in captions if c not in index["captions"]]
     summary = {"captions": len(captions), "cached_before": len(captions) - len(todo), "encoded": 0,
                "out": str(out)}
     if not todo:
         return summary
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = (torch.bfloat16 if device.startswith("cuda") else torch.float32) \
-        if dtype == "auto" else getattr(torch, dtype)
     pipe = load_pipeline(source_path, device=device, dtype=torch_dtype, **_text_only_components(source_path))
     index["pipeline"] = type(pipe).__name__
     out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +185,9 @@ def build_embedding_cache(source: str | os.PathLike, data: str | os.PathLike, *,
         for start in range(0, len(shard_captions), batch_size):
             batch = shard_captions[start:start + batch_size]
             rows, list_names = encode_captions(pipe, source_class, batch, device)
+            if legacy_dtypes:
+                _check_legacy_dtypes(out, legacy_dtypes, rows[0])
+                legacy_dtypes = {}
             for offset, row in enumerate(rows):
                 for name, tensor in row.items():
                     if tensor.is_floating_point() and not torch.isfinite(tensor).all():

@@ -71,6 +71,76 @@ def resolve_source(source: str | os.PathLike) -> Path:
     return path
 
 
+# Files of a component folder identified by name and size only: weights that load_pipeline never
+# reads (it loads safetensors only), too big to hash on every run.
+_SIZE_ONLY_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".onnx_data", ".msgpack", ".h5"}
+_SAFETENSORS_MAX_HEADER = 100 * 2**20  # safetensors itself refuses headers above 100 MB
+_TENSOR_SAMPLE_BYTES = 64
+
+
+def _safetensors_fingerprint(path: Path) -> bytes:
+    """File size, the JSON header (names, dtypes, shapes, offsets) and the first and last
+    bytes of each tensor's data. The header alone cannot tell two trainings of one
+    architecture apart (same names, shapes and offsets), so a few bytes of every tensor are
+    read too: a retrained or fine-tuned model differs in them, and reading ~128 bytes a
+    tensor stays cheap for multi-GB files."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= min(size - 8, _SAFETENSORS_MAX_HEADER):
+            raise ValueError(f"{path} is not a readable safetensors file (bad header length); "
+                             "re-save the pipeline with save_pretrained(safe_serialization=True)")
+        header = f.read(length)
+        try:
+            tensors = json.loads(header)
+        except ValueError:
+            raise ValueError(f"{path} is not a readable safetensors file (its header is not JSON); "
+                             "re-save the pipeline with save_pretrained(safe_serialization=True)") from None
+        parts = [size.to_bytes(8, "little"), header]
+        spans = sorted(tuple(spec["data_offsets"]) for name, spec in tensors.items() if name != "__metadata__")
+        for begin, end in spans:
+            for start in {begin, max(begin, end - _TENSOR_SAMPLE_BYTES)}:
+                f.seek(8 + length + start)
+                parts.append(f.read(min(_TENSOR_SAMPLE_BYTES, end - start)))
+    return b"".join(parts)
+
+
+def source_digest(source: str | os.PathLike) -> str:
+    """A sha256 that identifies a pipeline folder by its content, not its path, and costs
+    little for multi-GB pipelines: model_index.json and, in every component folder it names,
+    the small files (configs, tokenizer files) in full and each safetensors file by
+    :func:`_safetensors_fingerprint`. The same weights copied elsewhere give the same digest;
+    another model saved into the same folder gives another. Files outside the component
+    folders (a training record, a README) are left out: they do not change the images."""
+    root = resolve_source(source)
+    digest = hashlib.sha256()
+
+    def add(kind: str, name: str, data: bytes) -> None:
+        digest.update(f"{kind} {name} {len(data)}\n".encode())
+        digest.update(data)
+
+    index_bytes = (root / "model_index.json").read_bytes()
+    add("file", "model_index.json", index_bytes)
+    index = json.loads(index_bytes)
+    for component in sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)):
+        folder = root / component
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(root)
+            if not path.is_file() or any(part.startswith(".") for part in rel.parts):
+                continue  # temporary files of an interrupted save, .cache folders
+            name = rel.as_posix()
+            if path.suffix == ".safetensors":
+                add("safetensors", name, _safetensors_fingerprint(path))
+            elif path.suffix in _SIZE_ONLY_SUFFIXES or path.stat().st_size > 64 * 2**20:
+                add("size", name, str(path.stat().st_size).encode())
+            else:
+                add("file", name, path.read_bytes())
+    return digest.hexdigest()
+
+
 def load_pipeline(source: str | os.PathLike, *, device: str = "cpu",
                   dtype: torch.dtype = torch.float32, **components):
     """``DiffusionPipeline.from_pretrained`` on a local folder: no download, no remote code,
@@ -125,6 +195,8 @@ class GenerationSummary:
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
     metadata_rows: int | None = None  # set on the rank that rebuilt metadata.csv
+    beyond: int = 0  # images kept on disk with an image index >= images_per_prompt
+    images_per_prompt: int = 0
 
     def __str__(self) -> str:
         text = (f"rank {self.rank}/{self.world_size}: {self.rendered} rendered, {self.existing} already "
@@ -134,6 +206,10 @@ class GenerationSummary:
             text += f" (failed: {', '.join(self.failed[:5])}{more}; re-run to retry them)"
         if self.metadata_rows is not None:
             text += f"; metadata.csv has {self.metadata_rows} rows"
+        if self.beyond:
+            # Kept (they are valid images of the same settings) but the manifest now says fewer.
+            text += (f"; {self.beyond} images beyond --images-per-prompt {self.images_per_prompt} from an "
+                     "earlier run were kept (they stay in metadata.csv; delete them to drop them)")
         return text
 
 
@@ -201,7 +277,8 @@ def rebuild_metadata(out: str | os.PathLike) -> int:
     known: dict[str, dict] = {}
     meta = out / "metadata.csv"
     if meta.is_file():
-        with meta.open(newline="", encoding="utf-8") as f:
+        # utf-8-sig: a metadata.csv re-saved by Excel starts with a BOM.
+        with meta.open(newline="", encoding="utf-8-sig") as f:
             known = {row["file_name"]: row for row in csv.DictReader(f)}
     rows = []
     for png in sorted((out / "images").glob("*/*.png")):
@@ -223,18 +300,95 @@ def rebuild_metadata(out: str | os.PathLike) -> int:
     return len(rows)
 
 
+# Settings that decide the pixels but not the prompts: how to ask for the original ones.
+_SETTING_FLAGS = {"dtype": "--dtype", "device_type": "--device"}
+
+
+def _has_images(out: Path) -> bool:
+    return any(not png.name.startswith(".") for png in (out / "images").glob("*/*.png"))
+
+
 def _check_manifest(out: Path, manifest: dict) -> None:
     """Refuse to continue a folder that was rendered with other prompts or settings: its images
-    would not match the ones this run would make."""
+    would not match the ones this run would make.
+
+    The source is compared by ``source_digest`` (its content); manifests written before the
+    digest was recorded fall back to the path. Manifests written before dtype and device
+    type were recorded cannot say which were used; they are assumed to match this run (the
+    images cannot tell), with a warning, and the manifest written next records them. A
+    manifest with no image beside it (every image of that run failed, e.g. an invalid size)
+    is simply replaced: nothing rendered under it could be mixed."""
     path = out / MANIFEST
-    if path.is_file():
-        old = json.loads(path.read_text("utf-8"))
-        changed = [k for k in manifest if k != "images_per_prompt" and old.get(k) != manifest[k]]
-        if changed:
-            raise ValueError(f"{out} was rendered with different {', '.join(changed)} "
-                             f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); "
-                             "use a new --out folder or the original settings")
-    write_text(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    if not path.is_file() or not _has_images(out):
+        return
+    old = json.loads(path.read_text("utf-8"))
+    changed = []
+    for key, value in manifest.items():
+        if key in ("images_per_prompt", "source"):
+            continue  # more or fewer tries per prompt is fine; the path is only for people
+        if key == "source_digest":
+            # Old manifests have no digest: compare the path they have instead.
+            same = old[key] == value if key in old else old.get("source") == manifest["source"]
+            if not same:
+                changed.append("source")
+        elif key in _SETTING_FLAGS and key not in old:
+            logger.warning("%s predates the recording of %s; assuming its images were rendered with "
+                           "%s=%s like this run", path, key, key, value)
+        elif old.get(key) != value:
+            changed.append(key)
+    if changed:
+        described = [f"source (recorded: {old.get('source')!r}, whose content differs from {manifest['source']!r})"
+                     if k == "source" else f"{k} (recorded: {old.get(k)!r}, this run: {manifest[k]!r})"
+                     for k in changed]
+        original = " ".join(f"{_SETTING_FLAGS[k]} {old[k]}" for k in changed if k in _SETTING_FLAGS)
+        raise ValueError(f"{out} was rendered with a different {'; '.join(described)}; mixing them would "
+                         "make a corpus of two settings. Use a new --out folder, or rerun with the original "
+                         f"settings{' (' + original + ')' if original else ''}")
+
+
+def _check_size(pipe, height: int, width: int) -> None:
+    """Refuse a size the pipeline cannot render before any image is tried (else every image
+    fails alike). The pipeline's own ``check_inputs`` decides where it can be called with
+    just a prompt and the size; the latent grid (vae_scale_factor x patch size) otherwise."""
+    factor = getattr(pipe, "vae_scale_factor", None)
+    patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None)
+    multiple = factor * patch if isinstance(factor, int) and isinstance(patch, int) else None
+    problem = None
+    if multiple and (height % multiple or width % multiple):
+        problem = f"height and width must be multiples of {multiple} (vae scale factor {factor} x patch size {patch})"
+    check = getattr(pipe, "check_inputs", None)
+    if problem is None and check is not None:
+        kwargs = {}
+        for name, param in inspect.signature(check).parameters.items():
+            if name in ("height", "width"):
+                kwargs[name] = height if name == "height" else width
+            elif name == "prompt":
+                kwargs[name] = "a size check"
+            elif name == "callback_steps":
+                kwargs[name] = 1
+            elif param.default is inspect.Parameter.empty and param.kind not in (param.VAR_POSITIONAL,
+                                                                                 param.VAR_KEYWORD):
+                kwargs[name] = None
+        try:
+            check(**kwargs)
+        except ValueError as exc:
+            if "height" in str(exc) or "width" in str(exc):
+                problem = str(exc).splitlines()[0]
+        except Exception:  # noqa: BLE001 - a check_inputs that needs more than a prompt: grid check only
+            pass
+    if problem:
+        raise ValueError(f"--height {height} --width {width} do not suit this {type(pipe).__name__}: "
+                         f"{problem}; pick a size it accepts")
+
+
+def _count_beyond(out: Path, images_per_prompt: int) -> int:
+    """PNGs whose image index is >= images_per_prompt (left by an earlier run with more)."""
+    count = 0
+    for png in (out / "images").glob("*/*_*.png"):
+        index = png.stem.rpartition("_")[2]
+        if not png.name.startswith(".") and index.isdigit() and int(index) >= images_per_prompt:
+            count += 1
+    return count
 
 
 # --------------------------------------------------------------------------- rendering
@@ -295,22 +449,35 @@ def generate_images(config: GenerationConfig, *, pipe=None, rank: int | None = N
         raise ValueError("--height and --width must be positive")
     start_time = time.perf_counter()
     source = str(resolve_source(config.source).resolve())
+    digest = source_digest(source)
     prompts = read_prompts(config.prompts)
     if not prompts:
         raise ValueError(f"{config.prompts} holds no prompts")
     ranks = _join_ranks() if rank is None else _Ranks(rank, world_size or 1, rank)
     try:
         out = Path(config.out)
-        out.mkdir(parents=True, exist_ok=True)
-        _check_manifest(out, {
-            "source": source, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        # Resolved before anything is compared: "auto" means another dtype on another device,
+        # and the device type also decides the noise generator (CUDA or CPU).
+        if config.device:
+            device = config.device
+        elif pipe is not None:
+            device = str(pipe.device)
+        else:
+            device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
+        if pipe is not None:
+            dtype = pipe.dtype  # what a given pipeline renders with, whatever config.dtype says
+        else:
+            dtype = (torch.bfloat16 if device.startswith("cuda") else torch.float32) \
+                if config.dtype == "auto" else getattr(torch, config.dtype)
+        settings = {"dtype": str(dtype).removeprefix("torch."), "device_type": torch.device(device).type}
+        manifest = {
+            "source": source, "source_digest": digest,
+            "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
             "num_prompts": len(prompts), "images_per_prompt": config.images_per_prompt,
             "height": config.height, "width": config.width, "steps": config.steps,
-            "guidance": config.guidance, "seed": config.seed,
-        })
-        tmp_tag = f"rank{ranks.rank}"
-        for stale in (out / "images").glob(f"*/.*.{tmp_tag}.tmp.png"):
-            stale.unlink()  # left by a run of this rank that was killed mid-write
+            "guidance": config.guidance, "seed": config.seed, **settings,
+        }
+        _check_manifest(out, manifest)
 
         chosen = range(len(prompts)) if prompt_indices is None else sorted(set(prompt_indices))
         if chosen and not 0 <= chosen[0] <= chosen[-1] < len(prompts):
@@ -319,20 +486,23 @@ def generate_images(config: GenerationConfig, *, pipe=None, rank: int | None = N
         mine = jobs[ranks.rank::ranks.world_size]
         todo = [(p, i) for p, i in mine if not (out / image_name(p, i)).exists()]
         summary = GenerationSummary(ranks.rank, ranks.world_size, planned=len(mine),
-                                    existing=len(mine) - len(todo))
+                                    existing=len(mine) - len(todo), images_per_prompt=config.images_per_prompt)
         if todo:
-            if config.device:
-                device = config.device
-            elif pipe is not None:
-                device = str(pipe.device)
-            else:
-                device = f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
             if pipe is None:
-                dtype = (torch.bfloat16 if device.startswith("cuda") else torch.float32) \
-                    if config.dtype == "auto" else getattr(torch, config.dtype)
                 pipe = load_pipeline(config.source, device=device, dtype=dtype)
+            _check_size(pipe, config.height, config.width)
+        # Written only once the size is known to work, so a refused run leaves no manifest
+        # that would then refuse the corrected one.
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        tmp_tag = f"rank{ranks.rank}"
+        for stale in (out / "images").glob(f"*/.*.{tmp_tag}.tmp.png"):
+            stale.unlink()  # left by a run of this rank that was killed mid-write
+
+        if todo:
             kwargs, effective = _call_kwargs(pipe, config)
-            common = {"height": config.height, "width": config.width, "source": source, **effective}
+            common = {"height": config.height, "width": config.width, "source": source,
+                      "source_digest": digest, **effective, **settings}
             bar = tqdm(total=len(mine), initial=summary.existing, unit="img",
                        desc=f"rank {ranks.rank}" if ranks.world_size > 1 else "generate",
                        disable=not progress or ranks.rank != 0)
@@ -349,6 +519,7 @@ def generate_images(config: GenerationConfig, *, pipe=None, rank: int | None = N
         ranks.barrier()
         if ranks.rank == 0 and (ranks.joined or ranks.world_size == 1):
             summary.metadata_rows = rebuild_metadata(out)
+            summary.beyond = _count_beyond(out, config.images_per_prompt)
         summary.seconds = time.perf_counter() - start_time
         return summary
     finally:
