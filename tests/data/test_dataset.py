@@ -178,3 +178,52 @@ def test_bucket_sampler(tmp_path):
     assert len(r0) == len(r1) and not {i for b in r0 for i in b} & {i for b in r1 for i in b}
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler)
     assert sum(len(b["text"]) for b in loader) == 12
+
+
+def test_truncated_jpeg_is_skipped_and_counted(tmp_path):
+    """PIL's verify() reads no JPEG data: the probe must decode to see the truncation."""
+    import io
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=95)
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (tmp_path / "whole.jpg").write_bytes(buf.getvalue())
+    with pytest.warns(RuntimeWarning, match=r"skipped 1 of 2 images \(\{'corrupt': 1\}\), e.g. cut.jpg"):
+        ds = ImageCaptionDataset(tmp_path, size=32)
+    assert [f.file_name for f in ds.files] == ["whole.jpg"] and ds.skipped == {"corrupt": 1}
+    assert ds[0]["pixel_values"].shape == (3, 32, 32)
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(np.full((16, 16), 65535, dtype=np.uint16)).save(tmp_path / "white16.png")
+    with pytest.warns(RuntimeWarning, match="no .txt caption"):
+        ds = ImageCaptionDataset(tmp_path, size=16)
+    with Image.open(tmp_path / "grey16.png") as im:
+        assert im.mode in ("I;16", "I")
+    grey, white = (ds[i]["pixel_values"] for i in range(2))
+    assert abs(grey.mean().item() - (128 / 127.5 - 1)) < 1e-6  # 32768 / 257 -> 128: mid grey
+    assert white.min().item() == 1.0
+
+
+def test_exif_orientation_is_applied_to_size_bucket_and_pixels(tmp_path):
+    """A photo stored 64 wide x 32 high with EXIF orientation 6 (rotate 90 clockwise) is shown
+    32 wide x 64 high: its bucket and crop must follow what is shown."""
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:, :32] = 255  # left half white -> top half white once rotated
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "turned.jpg", exif=exif.tobytes(), quality=95)
+    (tmp_path / "turned.txt").write_text("a turned photo")
+    ds = ImageCaptionDataset(tmp_path, buckets=[(32, 64), (64, 32)])
+    assert ds.image_sizes == [(32, 64)] and ds.target_size(0) == (64, 32)
+    pixels = ds[0]["pixel_values"]
+    assert pixels.shape == (3, 64, 32)
+    assert pixels[:, :24].mean() > 0.9 and pixels[:, 40:].mean() < -0.9
+
+
+def test_metadata_csv_with_a_bom(tmp_path):
+    _image(tmp_path / "a.png", 16, 16)
+    (tmp_path / "metadata.csv").write_bytes("file_name,text\na.png,a caption\n".encode("utf-8-sig"))
+    assert [f.caption for f in list_captioned_files(tmp_path)] == ["a caption"]

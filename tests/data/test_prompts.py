@@ -145,3 +145,17 @@ def test_cli_prompts_compose_and_input(tmp_path, capsys):
     assert kept == [BASE.replace("lighthouse", "windmill")]
     assert "blocked 1" in capsys.readouterr().out
     assert main(["data", "prompts", "--out", str(out2)]) == 2  # --num missing: a user error
+
+
+def test_csv_saved_with_a_bom_is_read(tmp_path):
+    """Excel writes UTF-8 CSV with a byte order mark before the first column's name."""
+    (tmp_path / "excel.csv").write_bytes("text,id\na red fox,1\n".encode("utf-8-sig"))
+    assert P.read_prompts(tmp_path / "excel.csv") == ["a red fox"]
+
+
+@pytest.mark.parametrize("num", ["0", "-3"])
+def test_cli_prompts_refuses_num_below_one(tmp_path, capsys, num):
+    out = tmp_path / "p.jsonl"
+    assert main(["data", "prompts", "--num", num, "--out", str(out)]) == 2
+    assert "--num must be at least 1" in capsys.readouterr().err
+    assert not out.exists()

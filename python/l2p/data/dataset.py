@@ -2,9 +2,12 @@
 images with sidecar ``.txt`` captions; fixed-size center crops or aspect-ratio buckets;
 caption dropout for classifier-free guidance.
 
-Every image is checked once when the dataset is built (PIL open + verify: the header and the
-chunk checksums, no decoding), so a missing or corrupt file costs a counted warning, not a
-crash hours into training. A ``file_name`` that would leave the folder (absolute, ``..``, or a
+Every image is checked once when the dataset is built (PNG: PIL verify, the header and the
+chunk checksums; other formats: a decode, of JPEG at reduced scale, since verify reads no
+JPEG data and a truncated JPEG would pass it), so a missing or corrupt file costs a counted
+warning, not a crash hours into training. Images are read as they are displayed: EXIF
+orientation is applied before the size is read (for aspect buckets) and before cropping, and
+16-bit greyscale is scaled to 8 bits (``convert("RGB")`` clips it to white). A ``file_name`` that would leave the folder (absolute, ``..``, or a
 symlink pointing outside) is a ValueError naming its row: metadata from elsewhere must not be
 able to make training read arbitrary files.
 """
@@ -23,7 +26,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -63,7 +66,9 @@ def list_captioned_files(root: str | os.PathLike, caption_column: str | None = N
         raise FileNotFoundError(f"dataset folder {str(root)!r} does not exist")
     meta = root / "metadata.csv"
     if meta.is_file():
-        with meta.open(newline="", encoding="utf-8") as f:
+        # utf-8-sig: a CSV saved by Excel starts with a BOM, which would glue itself to the
+        # first column's name and make 'file_name' look missing.
+        with meta.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             fields = reader.fieldnames or []
             column = caption_column or next((c for c in CAPTION_COLUMNS if c in fields), None)
@@ -85,17 +90,54 @@ def list_captioned_files(root: str | os.PathLike, caption_column: str | None = N
     return files
 
 
+# EXIF orientations (5-8) that turn the image by 90 degrees, swapping width and height.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+# Greyscale modes with more than 8 bits a sample; PIL opens 16-bit PNG and TIFF as these.
+_WIDE_GREY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def _displayed_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, what ImageOps.exif_transpose would give,
+    without transposing the pixels."""
+    width, height = im.size
+    if im.getexif().get(0x0112) in _TRANSPOSING_ORIENTATIONS:
+        return height, width
+    return width, height
+
+
 def _probe(path: Path, min_side: int) -> tuple[str | None, tuple[int, int]]:
-    """("missing" | "corrupt" | "too_small" | None, (width, height))."""
+    """("missing" | "corrupt" | "too_small" | None, (width, height) as displayed)."""
     if not path.is_file():
         return "missing", (0, 0)
     try:
         with Image.open(path) as im:
-            size = im.size
-            im.verify()
+            is_png = im.format == "PNG"
+            if is_png:
+                im.verify()  # chunk CRCs and the end marker: catches truncation without inflating
+            else:
+                size = _displayed_size(im)
+                # verify() reads no JPEG (or WebP, ...) data, so decode; draft() lets libjpeg
+                # decode at 1/8 scale, which still reads every entropy-coded byte.
+                im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+        if is_png:  # verify() must come first and leaves the image unusable: open again
+            with Image.open(path) as im:
+                size = _displayed_size(im)
     except Exception:  # noqa: BLE001 - PIL raises many types for broken files
         return "corrupt", (0, 0)
     return ("too_small" if min(size) < min_side else None), size
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """The image as displayed, in 8-bit RGB."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in _WIDE_GREY_MODES:
+        # convert("RGB") clips these at 255 (mid grey 32768 comes out white); scale the 16-bit
+        # range to 8 bits instead. Mode "I" is read as 16-bit too: that is what PIL gives for
+        # 16-bit PNG and TIFF greyscale, and values above 65535 are clipped.
+        values = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
 
 
 def make_buckets(base_size: int, patch_size: int, *, max_aspect: float = 2.0,
@@ -208,7 +250,7 @@ class ImageCaptionDataset(Dataset):
         height, width = self.target_size(index)
         try:
             with Image.open(file.path) as im:
-                image = _resize_center_crop(im.convert("RGB"), height, width)
+                image = _resize_center_crop(_to_rgb(im), height, width)
         except OSError as exc:
             raise OSError(f"{file.file_name} passed the check but cannot be decoded ({exc}); "
                           "remove or replace it") from exc

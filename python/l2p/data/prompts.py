@@ -209,7 +209,9 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     if suffix == ".txt":
         return [line.strip() for line in path.read_text("utf-8").splitlines() if line.strip()]
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
+        # utf-8-sig: a CSV saved by Excel starts with a BOM, which would glue itself to the
+        # first column's name and make the 'text' column look missing.
+        with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             column = next((c for c in ("text", "prompt") if c in (reader.fieldnames or [])), None)
             if column is None:
