@@ -295,6 +295,9 @@ def test_invalid_size_is_refused_up_front(tiny_pixart, prompt_file, tmp_path, pi
     with pytest.raises(ValueError, match=r"--height 33 --width 32 do not suit this PixArtSigmaPipeline"):
         G.generate_images(_config(tiny_pixart, prompt_file, out, height=33), pipe=pipe, progress=False)
     assert not (out / G.MANIFEST).exists() and not (out / "images").exists()
+    # 36 fits the latent grid (vae factor 2 x patch 2) but not PixArt's own check_inputs.
+    with pytest.raises(ValueError, match=r"--height 36 .*divisible by 8 but are 36 and 32; pick a size"):
+        G.generate_images(_config(tiny_pixart, prompt_file, out, height=36), pipe=pipe, progress=False)
     # A folder left by such a run before this check (its manifest, no image) takes the fix.
     out.mkdir()
     (out / G.MANIFEST).write_text('{"height": 33}')
@@ -329,3 +332,13 @@ def test_cli_merge_only_refuses_a_folder_without_images(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not exist: nothing to merge" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_size_check_falls_back_to_the_latent_grid():
+    """A pipeline without a usable check_inputs: the grid (vae factor x patch) decides."""
+    from types import SimpleNamespace
+
+    pipe = SimpleNamespace(vae_scale_factor=8, transformer=SimpleNamespace(config=SimpleNamespace(patch_size=2)))
+    G._check_size(pipe, 64, 32)
+    with pytest.raises(ValueError, match="multiples of 16 \\(vae scale factor 8 x patch size 2\\)"):
+        G._check_size(pipe, 64, 40)

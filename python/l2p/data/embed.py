@@ -102,9 +102,10 @@ def _check_index(out: Path, index: dict, wanted: dict) -> None:
     known and is assumed to match, with a warning."""
     if "source_digest" in index:
         if index["source_digest"] != wanted["source_digest"]:
+            where = ("the model there has changed since" if index.get("source") == wanted["source"]
+                     else f"the content of {wanted['source']!r} differs")
             raise ValueError(f"{out} caches embeddings of another model (recorded source "
-                             f"{index.get('source')!r}; the content of {wanted['source']!r} differs); "
-                             "use another --out folder or delete it")
+                             f"{index.get('source')!r}; {where}); use another --out folder or delete it")
     elif index.get("source") != wanted["source"]:
         raise ValueError(f"{out} caches embeddings of {index.get('source')!r}, not {wanted['source']!r}; "
                          "use another --out folder or delete it")

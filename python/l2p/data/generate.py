@@ -337,9 +337,17 @@ def _check_manifest(out: Path, manifest: dict) -> None:
         elif old.get(key) != value:
             changed.append(key)
     if changed:
-        described = [f"source (recorded: {old.get('source')!r}, whose content differs from {manifest['source']!r})"
-                     if k == "source" else f"{k} (recorded: {old.get(k)!r}, this run: {manifest[k]!r})"
-                     for k in changed]
+        def describe(key: str) -> str:
+            if key != "source":
+                return f"{key} (recorded: {old.get(key)!r}, this run: {manifest[key]!r})"
+            if "source_digest" not in old:
+                return (f"source (recorded: {old.get('source')!r}, this run: {manifest['source']!r}; the "
+                        "manifest predates content digests, so the path decides)")
+            if old.get("source") == manifest["source"]:
+                return f"source (the model in {manifest['source']!r} has changed since: its content differs)"
+            return f"source (recorded: {old.get('source')!r}, whose content differs from {manifest['source']!r})"
+
+        described = [describe(k) for k in changed]
         original = " ".join(f"{_SETTING_FLAGS[k]} {old[k]}" for k in changed if k in _SETTING_FLAGS)
         raise ValueError(f"{out} was rendered with a different {'; '.join(described)}; mixing them would "
                          "make a corpus of two settings. Use a new --out folder, or rerun with the original "
@@ -348,16 +356,12 @@ def _check_manifest(out: Path, manifest: dict) -> None:
 
 def _check_size(pipe, height: int, width: int) -> None:
     """Refuse a size the pipeline cannot render before any image is tried (else every image
-    fails alike). The pipeline's own ``check_inputs`` decides where it can be called with
-    just a prompt and the size; the latent grid (vae_scale_factor x patch size) otherwise."""
-    factor = getattr(pipe, "vae_scale_factor", None)
-    patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None)
-    multiple = factor * patch if isinstance(factor, int) and isinstance(patch, int) else None
+    fails alike): the pipeline's own ``check_inputs`` (called with just a prompt and the size;
+    it may demand more than the grid, PixArt wants multiples of 8), then the latent grid
+    (vae_scale_factor x patch size), which a check_inputs may not test."""
     problem = None
-    if multiple and (height % multiple or width % multiple):
-        problem = f"height and width must be multiples of {multiple} (vae scale factor {factor} x patch size {patch})"
     check = getattr(pipe, "check_inputs", None)
-    if problem is None and check is not None:
+    if check is not None:
         kwargs = {}
         for name, param in inspect.signature(check).parameters.items():
             if name in ("height", "width"):
@@ -373,9 +377,14 @@ def _check_size(pipe, height: int, width: int) -> None:
             check(**kwargs)
         except ValueError as exc:
             if "height" in str(exc) or "width" in str(exc):
-                problem = str(exc).splitlines()[0]
+                problem = str(exc).splitlines()[0].rstrip(".")
         except Exception:  # noqa: BLE001 - a check_inputs that needs more than a prompt: grid check only
             pass
+    factor = getattr(pipe, "vae_scale_factor", None)
+    patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None)
+    multiple = factor * patch if isinstance(factor, int) and isinstance(patch, int) else None
+    if problem is None and multiple and (height % multiple or width % multiple):
+        problem = f"height and width must be multiples of {multiple} (vae scale factor {factor} x patch size {patch})"
     if problem:
         raise ValueError(f"--height {height} --width {width} do not suit this {type(pipe).__name__}: "
                          f"{problem}; pick a size it accepts")
