@@ -31,7 +31,9 @@ def attention(
         v: (B, Hk, Nk, Dv).
         attn_mask: optional, broadcastable to (B, Hq, Nq, Nk): boolean (True = attend) or
             additive float. The key-padding shape (B, 1, 1, Nk) is the common case. A query
-            row with no key to attend to gets zeros, as in PyTorch.
+            row with no key to attend to (False or -inf everywhere) gets zeros, as in PyTorch;
+            one at a finite value everywhere (finfo.min) averages V, as in PyTorch. A mask that
+            requires grad is differentiated on the torch path only ("auto" takes it).
         scale: defaults to 1/sqrt(Dh).
         backend: "auto" (fastest measured path), "cpp", "cuda" or "torch"
             (``F.scaled_dot_product_attention``).

@@ -321,12 +321,21 @@ class Trainer:
                                   f"{cached_class} source ({cache.source}), not of model.source "
                                   f"{self.source.path} ({self.source.transformer_class}): embed with this "
                                   "source (`l2p data embed`), or set data.embeddings=null")
-            if Path(cache.source) != self.source.path.resolve():
-                # Possibly the same model copied elsewhere (a cache made on another machine), so
-                # not refused; but another source's text encoder would be a silent mistake.
+            recorded = cache.index.get("source_digest")
+            if recorded is not None:
+                from l2p.data.generate import source_digest
+
+                same = recorded == source_digest(self.source.path)
+            else:  # a cache from before digests: only its path to go by
+                same = Path(cache.source) == self.source.path.resolve()
+            if not same:
+                # Not refused: the digest covers every component, and a source whose transformer
+                # alone changed (a continued training) has the same text encoders. But another
+                # source's text encoders would be a silent mistake.
                 self._log(f"warning: the text-embedding cache {cache_dir} was made from {cache.source}, "
-                          f"not model.source {self.source.path.resolve()}; if they are not the same "
-                          "model, embed again with `l2p data embed` or set data.embeddings=null")
+                          f"which is not the model now at model.source {self.source.path.resolve()}; "
+                          "unless their text encoders are the same, embed again with `l2p data embed` "
+                          "or set data.embeddings=null")
             return cache
         if cfg.low_memory.enabled:
             raise ConfigError("low_memory.enabled needs cached text embeddings (text encoders are never "
