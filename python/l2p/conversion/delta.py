@@ -123,8 +123,9 @@ def check_delta_base(model: PixelTransformer2DModel, delta_names: Iterable[str],
     expected = metadata.get(BASE_FINGERPRINT)
     if expected is None:
         warnings.warn(f"the delta records no fingerprint of the base it was trained from (saved by an "
-                      f"older l2p, or by a low-memory run that rounded its frozen tensors), so it cannot be checked against the {where}; make sure the {where} "
-                      f"is the converted model it was trained from", stacklevel=3)
+                      f"older l2p, or by a low-memory run that rounded its frozen tensors), so it "
+                      f"cannot be checked against the {where}; make sure the {where} is the "
+                      f"converted model it was trained from", stacklevel=3)
         return
     actual = base_fingerprint(model, delta_names)
     if actual != expected:

@@ -7,9 +7,10 @@ chunk checksums; other formats: a decode, of JPEG at reduced scale, since verify
 JPEG data and a truncated JPEG would pass it), so a missing or corrupt file costs a counted
 warning, not a crash hours into training. Images are read as they are displayed: EXIF
 orientation is applied before the size is read (for aspect buckets) and before cropping, and
-16-bit greyscale is scaled to 8 bits (``convert("RGB")`` clips it to white). A ``file_name`` that would leave the folder (absolute, ``..``, or a
-symlink pointing outside) is a ValueError naming its row: metadata from elsewhere must not be
-able to make training read arbitrary files.
+16-bit greyscale is scaled to 8 bits (``convert("RGB")`` clips it to white). A ``file_name``
+that would leave the folder (absolute, ``..``, or a symlink pointing outside) is a ValueError
+naming its row: metadata from elsewhere must not be able to make training read arbitrary
+files.
 """
 
 from __future__ import annotations
