@@ -23,6 +23,7 @@ from l2p.ops.attention import attention
 from l2p.ops.reference import attention_reference
 
 from _isolated import assert_raises_each
+from _masks import finfo_min_case
 
 
 @pytest.fixture
@@ -454,29 +455,13 @@ def test_reference_matches_sdpa_on_fully_masked_rows(dtype):
         torch.testing.assert_close(g, w)
 
 
-def _finfo_min_case(dtype, nk, device="cpu"):
-    """Inputs with rows fully at finfo(float32).min, partly at it, at -1e9, fully at -inf and
-    mixing -inf with finfo.min: the additive masks transformers and diffusers build."""
-    q = torch.randn(1, 2, 7, 16, dtype=dtype, device=device)
-    k, v = (torch.randn(1, 2, nk, 16, dtype=dtype, device=device) for _ in range(2))
-    fmin = torch.finfo(torch.float32).min
-    mask = torch.randn(1, 2, 7, nk)
-    mask[0, 0, 1] = fmin
-    mask[0, 1, 2, : nk // 2] = fmin
-    mask[0, 0, 3] = float("-inf")
-    mask[0, 1, 4] = -1e9
-    mask[0, 1, 5, ::2] = float("-inf")
-    mask[0, 1, 5, 1::2] = fmin
-    return q, k, v, mask.to(device)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("nk", [5, 300])  # one key tile; several (the backward's are 128)
 def test_finfo_min_masks_match_the_reference(dtype, nk):
     # log2(e) * finfo.min overflowed to -inf in the kernel, so a row fully at finfo.min gave
     # zeros where the reference and SDPA average V; and the backward, whose saved lse cannot
     # hold the row sum at that magnitude, got every probability as 1.
-    q, k, v, mask = _finfo_min_case(dtype, nk)
+    q, k, v, mask = finfo_min_case(dtype, nk, head_dim=16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = attention(q, k, v, attn_mask=mask, backend="cpp")
     grad_out = torch.randn_like(out)

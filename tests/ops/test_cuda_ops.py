@@ -14,6 +14,8 @@ import l2p.ops as ops
 from l2p.ops import _extension
 from l2p.ops.reference import attention_reference, patch_embed_reference, unpatchify_reference
 
+from _masks import finfo_min_case
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -510,23 +512,6 @@ def test_attention_no_keys_gives_zeros():
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
-def _finfo_min_case(dtype, nk):
-    """Rows fully at finfo(float32).min, partly at it, at -1e9, fully at -inf and mixing -inf
-    with finfo.min (the masks transformers and diffusers build); the CPU kernel's test in
-    test_attention.py has the same rows."""
-    q = torch.randn(1, 2, 7, 64, dtype=dtype, device=CUDA)
-    k, v = (torch.randn(1, 2, nk, 64, dtype=dtype, device=CUDA) for _ in range(2))
-    fmin = torch.finfo(torch.float32).min
-    mask = torch.randn(1, 2, 7, nk, device=CUDA)
-    mask[0, 0, 1] = fmin
-    mask[0, 1, 2, : nk // 2] = fmin
-    mask[0, 0, 3] = float("-inf")
-    mask[0, 1, 4] = -1e9
-    mask[0, 1, 5, ::2] = float("-inf")
-    mask[0, 1, 5, 1::2] = fmin
-    return q, k, v, mask
-
-
 def _finfo_min_reference(q, k, v, mask, grad_out):
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref, _ = attention_reference(q32, k32, v32, mask)
@@ -537,7 +522,7 @@ def _finfo_min_reference(q, k, v, mask, grad_out):
 @pytest.mark.parametrize("nk", [5, 300])
 def test_attention_finfo_min_mask_forward(dtype, nk):
     # attn::scaled_mask keeps log2(e) * finfo.min finite: such a row averages V, as in SDPA.
-    q, k, v, mask = _finfo_min_case(dtype, nk)
+    q, k, v, mask = finfo_min_case(dtype, nk, head_dim=64, device=CUDA)
     out = ops.attention(q, k, v, attn_mask=mask, backend="cuda")
     ref, _ = _finfo_min_reference(q, k, v, mask, torch.zeros_like(out))
     assert_rel(out, ref, ATTN_TOL[dtype], "out")
@@ -550,7 +535,7 @@ def test_attention_finfo_min_mask_forward(dtype, nk):
 def test_attention_finfo_min_mask_backward_is_finite(dtype, nk):
     # attn::lse_log2 keeps the saved lse of a finfo.min row (about -2.4e38) from becoming -inf
     # in log2 units, which made P = inf and the gradients NaN. Dead (-inf) rows keep zeros.
-    q, k, v, mask = _finfo_min_case(dtype, nk)
+    q, k, v, mask = finfo_min_case(dtype, nk, head_dim=64, device=CUDA)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = ops.attention(q, k, v, attn_mask=mask, backend="cuda")
     grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
@@ -567,7 +552,7 @@ def test_attention_finfo_min_mask_backward_is_finite(dtype, nk):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("nk", [5, 300])
 def test_attention_finfo_min_mask_backward_matches_reference(dtype, nk):
-    q, k, v, mask = _finfo_min_case(dtype, nk)
+    q, k, v, mask = finfo_min_case(dtype, nk, head_dim=64, device=CUDA)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = ops.attention(q, k, v, attn_mask=mask, backend="cuda")
     grad_out = torch.randn_like(out)
