@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from l2p.cli import main
-from l2p.cli._device import pick_device
+from l2p.devices import pick_device
 
 COMMANDS = {
     "data generate": ["data", "generate", "--source", "nowhere", "--prompts", "p.txt", "--out", "out"],

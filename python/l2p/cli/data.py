@@ -19,7 +19,7 @@ def _log_to_stderr() -> None:
 def _device_arg(name: str | None) -> str | None:
     """The checked ``--device``; None for the default, which the library resolves itself
     (cuda:LOCAL_RANK under torchrun)."""
-    from l2p.cli._device import pick_device
+    from l2p.devices import pick_device
 
     return None if name in (None, "auto") else str(pick_device(name))
 

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from l2p.atomic import atomic_path
-    from l2p.cli._device import pick_device
+    from l2p.devices import pick_device
     from l2p.sample.pipeline import L2PPipeline
 
     device = pick_device(args.device)  # before loading: a wrong device costs no model load

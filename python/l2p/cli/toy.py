@@ -9,7 +9,7 @@ from dataclasses import fields
 
 import torch
 
-from l2p.cli._device import pick_device as _pick_device
+from l2p.devices import pick_device as _pick_device
 
 
 def run_train_source(args: argparse.Namespace) -> int:

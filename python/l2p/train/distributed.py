@@ -38,23 +38,12 @@ def shutdown_distributed(wait_for_peers: bool = False) -> None:
 
 
 def pick_device(name: str, env: DistEnv) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", env.local_rank)
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"train.device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"train.device={name} but torch sees no CUDA GPU here (torch "
-                             f"{torch.__version__}); use train.device=cpu or auto")
-        if device.index is None:
-            device = torch.device("cuda", env.local_rank)
-        elif device.index >= torch.cuda.device_count():
-            raise ValueError(f"train.device={name} but this machine has {torch.cuda.device_count()} "
-                             "GPU(s); under torchrun leave the index out (each process takes its local rank)")
+    from l2p.devices import pick_device as parse_device
+
+    device = parse_device(name, option="train.device")
+    # Under torchrun each process takes the GPU of its local rank unless an index is given.
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", env.local_rank)
     return device
 
 

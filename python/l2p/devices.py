@@ -1,5 +1,6 @@
-"""``--device`` of every command: one parser, so a device this machine lacks is the same
-one-line error everywhere instead of a traceback from deep inside torch."""
+"""The device a command or a run asks for (``--device``, ``train.device``): one parser, so a
+device this machine lacks is the same one-line error everywhere instead of a traceback from
+deep inside torch."""
 
 from __future__ import annotations
 
