@@ -1,8 +1,9 @@
 """Interleaved CPU timings of l2p's ops against the torch ways, for bench/RESULTS.md.
 
 pytest-benchmark times one way after another; on a shared or throttling machine the load
-drifts between them. Here every round times each way once, in turn, so drift hits all ways
-alike; the table gives medians over the rounds and each way's speed relative to the torch way.
+drifts between them. Here every round times each way once, in turn (the order reversed every
+other round), so drift hits all ways alike; the table gives medians over the rounds and each
+way's speed relative to the torch way.
 
     python bench/interleaved.py [--rounds 25]
 """
@@ -48,18 +49,34 @@ def _cases():
         "linear+permute": lambda: l2p.ops.unpatchify(tokens, wu, bu, patch_size=16, height=1024, width=1024, backend="torch"),
         "linear alone": lambda: F.linear(tokens, wu, bu),
     }
-    q, k, v = (torch.randn(1, 8, 4096, 64) for _ in range(3))
-    yield "attention fwd, B1 H8 N4096 Dh64", "sdpa", {
-        "l2p": lambda: l2p.ops.attention(q, k, v, backend="cpp"),
-        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+    # The attention shapes of bench/test_bench_attention.py: what `auto` decides on for the CPU.
+    for batch, hq, hk, n, padded in ((1, 8, 8, 1024, False), (1, 8, 8, 4096, False),
+                                     (1, 8, 2, 2048, False), (2, 8, 8, 2048, True)):
+        yield from _attention_cases(batch, hq, hk, n, padded)
+
+
+def _attention_cases(batch, hq, hk, n, padded):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, hq, n, 64, generator=gen)
+    k, v = (torch.randn(batch, hk, n, 64, generator=gen) for _ in range(2))
+    mask = None
+    if padded:  # the second sample keeps only its first 3/4 of the keys
+        mask = torch.ones(batch, 1, 1, n, dtype=torch.bool)
+        mask[1:, ..., 3 * n // 4:] = False
+    name = f"B{batch} H{hq}" + (f"->{hk}" if hk != hq else "") + f" N{n} Dh64" + (" key-padding" if padded else "")
+    # backend="torch" is SDPA after the same front, so the rows compare the kernels alone.
+    yield f"attention fwd, {name}", "sdpa", {
+        "l2p": lambda: l2p.ops.attention(q, k, v, attn_mask=mask, backend="cpp"),
+        "sdpa": lambda: l2p.ops.attention(q, k, v, attn_mask=mask, backend="torch"),
     }
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     go = torch.randn_like(q)
 
     def fwd_bwd(backend):
-        return lambda: torch.autograd.grad(l2p.ops.attention(qg, kg, vg, backend=backend), (qg, kg, vg), go)
+        return lambda: torch.autograd.grad(
+            l2p.ops.attention(qg, kg, vg, attn_mask=mask, backend=backend), (qg, kg, vg), go)
 
-    yield "attention fwd+bwd, B1 H8 N4096 Dh64", "sdpa", {"l2p": fwd_bwd("cpp"), "sdpa": fwd_bwd("torch")}
+    yield f"attention fwd+bwd, {name}", "sdpa", {"l2p": fwd_bwd("cpp"), "sdpa": fwd_bwd("torch")}
 
 
 def main() -> None:
@@ -72,8 +89,11 @@ def main() -> None:
         for fn in ways.values():  # warm-up
             fn()
         times = {name: [] for name in ways}
-        for _ in range(args.rounds):
-            for name, fn in ways.items():
+        order = list(ways.items())
+        for round_ in range(args.rounds):
+            # Reverse the order every other round: whichever way runs second finds the caches
+            # and the clock as the first one left them.
+            for name, fn in (order if round_ % 2 == 0 else order[::-1]):
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
