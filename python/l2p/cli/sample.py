@@ -35,6 +35,17 @@ def _guidance_option(value: str) -> tuple[str, object]:
     return name.strip(), yaml.safe_load(text)
 
 
+def _lora(value: str) -> tuple[str, float]:
+    """PATH or PATH:SCALE (the scale after the last colon when it is a number)."""
+    path, sep, scale = value.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return value, 1.0
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -45,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)  # before loading: a wrong device costs no model load
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     pipe = L2PPipeline.from_pretrained(args.model, torch_dtype=dtype, attention=args.attention)
+    for path, scale in args.lora:
+        fused = pipe.fuse_lora(path, lora_scale=scale)
+        print(f"fused {path} at scale {scale:g} into {len(fused.fused)} layers"
+              + (f" ({len(fused.skipped)} LoRA layers not in the pixel model, see the warnings)"
+                 if fused.skipped else ""))
     pipe.to(device)
     if args.tile_size is not None:
         pipe.enable_head_tiling(args.tile_size or None)
@@ -104,6 +120,9 @@ def register(subparsers) -> None:
     p.add_argument("--guidance-option", action="append", default=[], type=_guidance_option, metavar="NAME=VALUE",
                    help="an option of the source pipeline's own guidance, by its name (repeatable): "
                         "Lumina2 cfg_trunc_ratio, cfg_normalization; Z-Image cfg_truncation, cfg_normalization")
+    p.add_argument("--lora", action="append", default=[], type=_lora, metavar="PATH[:SCALE]",
+                   help="a LoRA made for the source model (.safetensors), fused into the weights at "
+                        "SCALE (default 1); repeat for several")
     p.add_argument("--out", default="sample.png",
                    help="a .png file (several images: NAME-000.png, ...) or a folder (000.png, ...)")
     p.set_defaults(func=run)

@@ -141,6 +141,8 @@ class L2PPipeline:
         self.attention = attention
         # model_index.json's "_l2p" block of the folder this came from (None if built here).
         self.conversion_record = None
+        # The LoRAs fused into the weights, in order (see fuse_lora).
+        self.fused_loras = []
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -186,7 +188,12 @@ class L2PPipeline:
             index["transformer"] = PIXEL_ENTRY
             if "vae" in index:
                 index["vae"] = [None, None]
-            index["_l2p"] = self.conversion_record or self._describe_conversion()
+            record = dict(self.conversion_record or self._describe_conversion())
+            if self.fused_loras:  # the saved weights have them baked in: say which
+                record["fused_loras"] = list(record.get("fused_loras", [])) + [
+                    {"file": Path(f.path).name, "scale": f.scale, "layers": len(f.fused)}
+                    for f in self.fused_loras]
+            index["_l2p"] = record
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             finish_folder(tmp, out)
         finally:
@@ -241,6 +248,39 @@ class L2PPipeline:
 
     def disable_head_tiling(self) -> None:
         self.transformer.disable_head_tiling()
+
+    # -- LoRAs -----------------------------------------------------------------------------
+    def _lora_components(self) -> dict:
+        """The modules a source LoRA names, by diffusers' component names: the source transformer
+        inside the pixel model and the source pipeline's text encoders."""
+        components = {"transformer": self.transformer.transformer}
+        for name, module in self.text_pipeline.components.items():
+            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module):
+                components[name] = module
+        return components
+
+    def fuse_lora(self, path: str | Path, lora_scale: float = 1.0):
+        """Fuse a LoRA made for the source model (a .safetensors file in diffusers', kohya's or
+        another format the source pipeline's ``lora_state_dict`` converts) into the weights,
+        scaled by ``lora_scale``. Returns the ``FusedLora`` record (``.fused``, ``.skipped``);
+        ``unfuse_lora`` undoes every fused LoRA exactly. See l2p/models/lora.py for what differs
+        from the source (layers the pixel model replaced, blocks L2P trained)."""
+        from l2p.models.lora import fuse_lora, read_lora
+
+        adapter = self.transformer.adapter
+        lora = read_lora(path, type(self.text_pipeline))
+        fused = fuse_lora(self._lora_components(), lora, lora_scale,
+                          replaced={"transformer": {adapter.input_module, adapter.output_module}})
+        self.fused_loras.append(fused)
+        return fused
+
+    def unfuse_lora(self) -> None:
+        """Restore the weights from before the first ``fuse_lora``, bit for bit."""
+        from l2p.models.lora import unfuse_lora
+
+        components = self._lora_components()
+        while self.fused_loras:
+            unfuse_lora(components, self.fused_loras.pop())
 
     @property
     def default_size(self) -> int:
