@@ -61,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"fused {path} at scale {scale:g} into {len(fused.fused)} layers"
               + (f" ({len(fused.skipped)} LoRA layers not in the pixel model, see the warnings)"
                  if fused.skipped else ""))
-    pipe.to(device)
+    if args.offload:
+        pipe.enable_model_cpu_offload(device)
+    else:
+        pipe.to(device)
     if args.tile_size is not None:
         pipe.enable_head_tiling(args.tile_size or None)
     # A CPU generator: diffusers draws the noise on the CPU and moves it, so an image does
@@ -120,6 +123,9 @@ def register(subparsers) -> None:
     p.add_argument("--guidance-option", action="append", default=[], type=_guidance_option, metavar="NAME=VALUE",
                    help="an option of the source pipeline's own guidance, by its name (repeatable): "
                         "Lumina2 cfg_trunc_ratio, cfg_normalization; Z-Image cfg_truncation, cfg_normalization")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the text encoders and the transformer in host memory and move each to the "
+                        "device only while it runs (for GPUs that cannot hold both)")
     p.add_argument("--lora", action="append", default=[], type=_lora, metavar="PATH[:SCALE]",
                    help="a LoRA made for the source model (.safetensors), fused into the weights at "
                         "SCALE (default 1); repeat for several")

@@ -17,6 +17,7 @@ model's output sign, and the final image clipped to [-1, 1].
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -143,6 +144,8 @@ class L2PPipeline:
         self.conversion_record = None
         # The LoRAs fused into the weights, in order (see fuse_lora).
         self.fused_loras = []
+        # Where the models run under enable_model_cpu_offload (None: where they are).
+        self._offload_device: torch.device | None = None
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -224,6 +227,10 @@ class L2PPipeline:
 
     @property
     def device(self) -> torch.device:
+        """Where sampling runs: the offload device under ``enable_model_cpu_offload``, else the
+        transformer's."""
+        if self._offload_device is not None:
+            return self._offload_device
         return next(self.transformer.parameters()).device
 
     @property
@@ -231,9 +238,48 @@ class L2PPipeline:
         return next(self.transformer.parameters()).dtype
 
     def to(self, *args, **kwargs) -> "L2PPipeline":
+        if self._offload_device is not None:
+            raise ValueError("model CPU offload is on (it moves each model to "
+                             f"{self._offload_device} while it runs); call "
+                             "pipe.disable_model_cpu_offload() before pipe.to(...)")
         self.transformer.to(*args, **kwargs)
         self.text_pipeline.to(*args, **kwargs)
         return self
+
+    def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> None:
+        """Keep the text encoders and the transformer in host memory and move each to
+        ``device`` (default: the accelerator) only while it runs, the encoders for the prompts
+        and the transformer for the denoising loop, so the device holds the larger of the two
+        instead of both. diffusers' enable_model_cpu_offload, without accelerate. The images
+        are those of the pipeline moved to ``device``."""
+        from l2p.devices import pick_device
+
+        target = pick_device(None if device is None else str(device), "device")
+        self._offload_device = None
+        self.to("cpu")
+        self._offload_device = target
+
+    def disable_model_cpu_offload(self) -> None:
+        """Stop offloading; the models stay in host memory until ``pipe.to(...)``."""
+        self._offload_device = None
+
+    @contextlib.contextmanager
+    def _loaded(self, modules):
+        """The ``modules`` on the offload device for the block (nothing to do without offload)."""
+        if self._offload_device is None:
+            yield
+            return
+        try:
+            for module in modules:
+                module.to(self._offload_device)
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
+
+    def _text_encoders(self) -> list[torch.nn.Module]:
+        return [m for name, m in self.text_pipeline.components.items()
+                if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)]
 
     def set_progress_bar_config(self, **kwargs) -> None:
         self.text_pipeline.set_progress_bar_config(**kwargs)
@@ -298,16 +344,20 @@ class L2PPipeline:
         """(cond, uncond): the source pipeline's conditioning of each prompt (and negative
         prompt, "" by default, when guiding), each repeated num_images_per_prompt times."""
         prompts = _prompt_list(prompt, "prompt")
+        negatives = None
+        if do_classifier_free_guidance:
+            negatives = _prompt_list(negative_prompt if negative_prompt is not None else "", "negative_prompt")
+            if len(negatives) == 1:
+                negatives = negatives * len(prompts)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
         device = self.device
-        cond = _repeat(self.family.encode(self.text_pipeline, prompts, device), num_images_per_prompt)
-        if not do_classifier_free_guidance:
-            return cond, None
-        negatives = _prompt_list(negative_prompt if negative_prompt is not None else "", "negative_prompt")
-        if len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
-        uncond = _repeat(self.family.encode_negative(self.text_pipeline, negatives, device), num_images_per_prompt)
+        with self._loaded(self._text_encoders()):
+            cond = _repeat(self.family.encode(self.text_pipeline, prompts, device), num_images_per_prompt)
+            if negatives is None:
+                return cond, None
+            uncond = _repeat(self.family.encode_negative(self.text_pipeline, negatives, device),
+                             num_images_per_prompt)
         return cond, uncond
 
     # -- sampling ----------------------------------------------------------------------------
@@ -427,7 +477,7 @@ class L2PPipeline:
             def on_step_end(i, t, sample):
                 kwargs = {name: sample for name in callback_on_step_end_tensor_inputs}
                 return (callback_on_step_end(self, i, t, kwargs) or {}).get("latents")
-        with self.text_pipeline.progress_bar(total=num_inference_steps) as progress:
+        with self.text_pipeline.progress_bar(total=num_inference_steps) as progress, self._loaded([model]):
             x = denoise(model, self.family, self.recipe, scheduler, x, cond, uncond, steps=num_inference_steps,
                         cfg_scale=cfg_scale, embedded_guidance=guidance_scale if self.recipe.distilled_guidance
                         else 1.0, mu=mu, guidance_options=guidance_options,
