@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"fused {path} at scale {scale:g} into {len(fused.fused)} layers"
               + (f" ({len(fused.skipped)} LoRA layers not in the pixel model, see the warnings)"
                  if fused.skipped else ""))
+    if args.int8:
+        report = pipe.quantize_int8()
+        print(f"int8 weights in {report.layers} block layers: transformer "
+              f"{report.bytes_before / 2**20:.1f} -> {report.bytes_after / 2**20:.1f} MiB")
     if args.offload:
         pipe.enable_model_cpu_offload(device)
     else:
@@ -123,6 +127,9 @@ def register(subparsers) -> None:
     p.add_argument("--guidance-option", action="append", default=[], type=_guidance_option, metavar="NAME=VALUE",
                    help="an option of the source pipeline's own guidance, by its name (repeatable): "
                         "Lumina2 cfg_trunc_ratio, cfg_normalization; Z-Image cfg_truncation, cfg_normalization")
+    p.add_argument("--int8", action="store_true",
+                   help="store the transformer blocks' Linear weights as int8 (weight-only, per-row "
+                        "scales; after --lora): about half the memory of bf16 weights")
     p.add_argument("--offload", action="store_true",
                    help="keep the text encoders and the transformer in host memory and move each to the "
                         "device only while it runs (for GPUs that cannot hold both)")

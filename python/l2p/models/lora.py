@@ -219,6 +219,8 @@ def fuse_lora(components: dict[str, nn.Module], lora: LoraFile, scale: float = 1
         except AttributeError:
             skipped[name] = f"no such layer in the {component}"
             continue
+        if hasattr(layer, "weight_int8"):
+            raise ValueError(f"{name} is quantized (int8): fuse LoRAs before quantize_int8")
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
             raise ValueError(f"{lora.path}: {name} is a {type(layer).__name__}; LoRA layers can be fused "
                              f"into Linear and Conv2d layers only")

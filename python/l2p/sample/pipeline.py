@@ -181,7 +181,11 @@ class L2PPipeline:
         writes: no VAE, safetensors only). The folder must not exist or be empty; it appears
         complete or not at all."""
         from l2p.conversion.folders import finish_folder, prepare_folder
+        from l2p.models.quantize import is_quantized
 
+        if is_quantized(self.transformer):
+            raise ValueError("this pipeline's transformer is quantized (quantize_int8) for sampling only; "
+                             "save the pipeline before quantizing it, and quantize again after loading")
         out = Path(save_directory)
         tmp = prepare_folder(out)
         try:
@@ -319,6 +323,15 @@ class L2PPipeline:
                           replaced={"transformer": {adapter.input_module, adapter.output_module}})
         self.fused_loras.append(fused)
         return fused
+
+    def quantize_int8(self):
+        """Store the transformer blocks' Linear weights as int8 with a scale per output row
+        (weight-only; l2p/models/quantize.py), about half their bf16 bytes; the pixel
+        embedding, the head and the text encoders keep their dtype. For sampling: fuse LoRAs
+        first; a quantized pipeline is not saved. Returns the ``QuantizationReport``."""
+        from l2p.models.quantize import quantize_blocks_int8
+
+        return quantize_blocks_int8(self.transformer)
 
     def unfuse_lora(self) -> None:
         """Restore the weights from before the first ``fuse_lora``, bit for bit."""
