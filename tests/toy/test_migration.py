@@ -149,6 +149,12 @@ def test_eval_scores_source_and_pixel_folders(tmp_path, monkeypatch, capsys):
     none_guided = source.generate(pipe, texts, guidance=4.5, guidance_max_sigma=0.0, **kw)
     assert np.abs(none_guided - unguided).max() <= 1 < np.abs(guided - unguided).max()
     assert main(["eval", "--model", str(tmp_path / "nope"), "--prompts", str(tmp_path / "prompts.jsonl")]) == 2
+    # int8 block weights: recorded, paired with the full-precision run; refused for a latent source.
+    assert main(["eval", "--model", str(tmp_path / "pixel"), "--out", str(out), "--int8", *prompts]) == 0
+    assert json.loads(out.read_text())["int8"] is True
+    assert main(["compare", str(out), str(tmp_path / "pixel-scores.json"), "--rounds", "20"]) == 0
+    assert main(["eval", "--model", "toy", "--out", str(out), "--int8", *prompts]) == 2
+    assert "int8 weights are for L2P pixel pipelines" in capsys.readouterr().err
 
 
 @pytest.mark.slow

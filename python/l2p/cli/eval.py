@@ -17,11 +17,11 @@ def run(args: argparse.Namespace) -> int:
         records = records[: args.limit]
     images = images_for_prompts(model, [r.prompt for r in records], seed=args.seed, steps=args.steps,
                                 guidance=args.guidance, guidance_max_sigma=args.guidance_max_sigma,
-                                pixel_shift=args.shift, batch_size=args.batch_size)
+                                pixel_shift=args.shift, batch_size=args.batch_size, int8=args.int8)
     summary = score_generated(images, records)
     summary.update(model=str(model), prompts=str(args.prompts), seed=args.seed, steps=args.steps,
                    guidance=args.guidance, guidance_max_sigma=args.guidance_max_sigma, shift=args.shift,
-                   noise_device="cpu")
+                   noise_device="cpu", int8=args.int8)
     write_json(args.out, summary, indent=2)
     low, high = summary["ci95"]
     print(f"overall {summary['overall']:.3f} (95% CI {low:.3f}-{high:.3f}) on {summary['n']} images; "
@@ -51,4 +51,6 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, default=0, help="score only the first N records")
+    p.add_argument("--int8", action="store_true",
+                   help="a pixel pipeline with int8 block weights (L2PPipeline.quantize_int8)")
     p.set_defaults(func=run)

@@ -142,21 +142,28 @@ def is_pixel_pipeline(folder: str | Path) -> bool:
 @torch.no_grad()
 def images_for_prompts(folder: str | Path, prompts: list[str], *, seed: int = 0,
                        steps: int = 20, guidance: float = 4.5, guidance_max_sigma: float | None = None,
-                       pixel_shift: float | None = None, batch_size: int = 32) -> np.ndarray:
+                       pixel_shift: float | None = None, batch_size: int = 32, int8: bool = False) -> np.ndarray:
     """Images of a toy model for ``prompts`` as uint8 (n, H, W, 3), image i seeded with
     ``seed + i``: an L2P pixel pipeline through L2PPipeline, a latent source through its own
     diffusers pipeline; ``guidance_max_sigma`` limits guidance to the steps at most that noisy
     in both; ``pixel_shift`` is the flow time shift a pixel pipeline samples at (None: its
-    scheduler's), a latent source keeps its own."""
+    scheduler's), a latent source keeps its own. ``int8``: a pixel pipeline's blocks with int8
+    weights (``L2PPipeline.quantize_int8``)."""
     from l2p.toy.source import generate, load_toy_source
 
     if not is_pixel_pipeline(folder):
+        if int8:
+            raise ValueError(f"{folder} is a latent source pipeline; int8 weights are for L2P pixel "
+                             "pipelines (l2p convert / l2p-train output)")
         pipe = load_toy_source(folder)
         return generate(pipe, prompts, seed=seed, steps=steps, guidance=guidance,
                         guidance_max_sigma=guidance_max_sigma, batch_size=batch_size)
     from l2p.sample.pipeline import L2PPipeline
 
-    return pixel_images(L2PPipeline.from_pretrained(folder), prompts, seed=seed, steps=steps,
+    pipe = L2PPipeline.from_pretrained(folder)
+    if int8:
+        pipe.quantize_int8()
+    return pixel_images(pipe, prompts, seed=seed, steps=steps,
                         guidance=guidance, guidance_max_sigma=guidance_max_sigma, shift=pixel_shift,
                         batch_size=batch_size)
 
