@@ -101,7 +101,7 @@ if [ $ok = 1 ]; then
   log "op tests (CPU and CUDA, 8 processes)"
   within 200 120 python3 -m pytest ${TESTS:-tests/test_extension_build.py tests/ops/test_cuda_ops.py \
     tests/ops/test_patch_ops.py tests/ops/test_attention.py tests/ops/test_fused_unpatchify_epilogue.py \
-    tests/train/test_cuda.py tests/sample/test_attention_routing.py tests/sample/test_offload.py tests/test_info.py} \
+    tests/train/test_cuda.py tests/sample/test_attention_routing.py tests/sample/test_offload.py tests/sample/test_quantize.py tests/test_info.py} \
     -q -rfE -p no:cacheprovider -n 8 > "$LOGS/tests.log" 2>&1
   log "tests exit $? :: $(tail -1 "$LOGS/tests.log")"
   grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | head -20 | tee -a "$OUT/run.log"

@@ -83,3 +83,13 @@ def test_sample_cli_int8_with_offload(converted, tmp_path, capsys):
                  "--width", "16", "--steps", "2", "--int8", "--offload", "--device", "cpu",
                  "--out", str(tmp_path / "a.png")]) == 0
     assert "int8 weights in" in capsys.readouterr().out and (tmp_path / "a.png").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_int8_on_cuda_in_bfloat16_stays_close(converted):
+    pipe = _fresh(converted, "flux", dtype=torch.bfloat16).to("cuda")
+    reference = _run(pipe).float()
+    pipe.quantize_int8()
+    assert all(m.weight_int8.is_cuda for m in pipe.transformer.modules() if hasattr(m, "weight_int8"))
+    images = _run(pipe).float()
+    assert (images - reference).abs().mean() < 0.01
