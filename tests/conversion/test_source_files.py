@@ -99,3 +99,23 @@ def test_os_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypa
     monkeypatch.setattr(convert_cli, "run", bug)
     with pytest.raises(KeyError):
         cli(["convert", "--source", str(tmp_path), "--out", str(tmp_path / "px")])
+
+
+def test_config_that_does_not_fit_the_weights_is_one_line_naming_the_tensor(tmp_path, capsys):
+    # A config.json edited or copied from another checkpoint: diffusers' answer was a
+    # multi-line RuntimeError suggesting ignore_mismatched_sizes.
+    src = _source(tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "joint_attention_dim": 48}))
+    assert cli(["convert", "--source", str(src), "--out", str(tmp_path / "px")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert (f"the transformer config in {src} does not match its weights: context_embedder.weight is "
+            f"stored as (32, 32) but the config builds (32, 48);") in err
+    assert "config.json that was saved with these weights" in err and "more)" not in err
+    assert not (tmp_path / "px").exists()
+
+    # Many mismatches: the first few are named and the rest counted.
+    (src / "config.json").write_text(json.dumps({**config, "attention_head_dim": 8}))
+    with pytest.raises(ValueError, match=r"does not match its weights: .* \(and \d+ more\); config.json"):
+        l2p.conversion.convert_folder(src, tmp_path / "px")

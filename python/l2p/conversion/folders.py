@@ -103,6 +103,45 @@ def stored_dtypes(files: list[Path]) -> dict[str, torch.dtype]:
     return dtypes
 
 
+def stored_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's stored shape, from the safetensors headers (no data read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with open_safetensors(path) as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+# How many mismatching tensors a config/weights error names; one is usually enough to see
+# which config entry is off, a few show whether it is one entry or the whole config.
+_MISMATCHES_NAMED = 3
+
+
+def check_config_fits_weights(model_type, config: dict, shapes: dict[str, tuple[int, ...]],
+                              folder: Path, component: str) -> None:
+    """Refuse a folder whose config.json builds tensors of other shapes than its weights hold.
+
+    diffusers would raise a multi-line RuntimeError from deep inside from_pretrained (and
+    suggest ignore_mismatched_sizes, which would silently re-initialise those tensors). The
+    model is built on the meta device, so this costs no memory and reads no weights."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in model_type.from_config(config).state_dict().items()}
+    mismatched = [(k, shapes[k], expected[k]) for k in sorted(expected)
+                  if k in shapes and shapes[k] != expected[k]]
+    if not mismatched:
+        return
+    named = "; ".join(f"{k} is stored as {tuple(s)} but the config builds {tuple(e)}"
+                      for k, s, e in mismatched[:_MISMATCHES_NAMED])
+    more = (f" (and {len(mismatched) - _MISMATCHES_NAMED} more)"
+            if len(mismatched) > _MISMATCHES_NAMED else "")
+    raise ValueError(
+        f"the {component} config in {folder} does not match its weights: {named}{more}; "
+        f"config.json and the weights come from different checkpoints: put back the "
+        f"config.json that was saved with these weights (save_pretrained writes both)"
+    )
+
+
 def _widest(dtypes) -> torch.dtype:
     """A dtype that holds every one of ``dtypes`` exactly (bf16 and fp16 together: fp32)."""
     kinds = set(dtypes)
@@ -126,6 +165,7 @@ def load_source_transformer(folder: Path):
         )
     adapter = get_adapter(name, config)
     variant, files = weights_variant(folder)
+    check_config_fits_weights(adapter.source_type(), config, stored_shapes(files), folder, "transformer")
     stored = stored_dtypes(files)
     # from_pretrained takes one dtype; a checkpoint that mixes them (bf16 weights with fp32
     # norms) is read at one that holds all exactly and each tensor is put back in its own,
