@@ -80,3 +80,50 @@ def test_the_fingerprint_reads_values_not_storage():
     with torch.no_grad():
         dict(model.named_parameters())["transformer.transformer_blocks.1.attn.to_q.weight"].mul_(1.01)
     assert base_fingerprint(model) != bf16
+
+
+def test_a_float32_delta_merges_onto_a_bfloat16_base(tmp_path, capsys):
+    # The trainer keeps what trains in float32 over a source stored in bfloat16: its delta
+    # used to be refused by the folder it was trained from.
+    torch.manual_seed(3)
+    getattr(diffusers, NAME).from_config(TINY[NAME]).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    assert cli(["convert", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "base"), "--head", "linear"]) == 0
+    trained = l2p.PixelTransformer2DModel.from_pretrained(tmp_path / "base")
+    assert trained.dtype == torch.bfloat16
+    l2p.set_trainable(trained, "first_last:1")
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.data = p.data.float() + 1e-3  # fp32 master weights, off the bfloat16 grid
+    delta = tmp_path / "delta.safetensors"
+    names = l2p.save_delta(trained, delta)
+    capsys.readouterr()
+
+    assert cli(["merge", "--base", str(tmp_path / "base"), "--delta", str(delta), "--out", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert f"l2p merge: {len(names)} of the delta's {len(names)} tensors are float32 where" in out
+    assert "stores bfloat16: written as the delta holds them" in out
+    merged = l2p.conversion.folders.load_state(tmp_path / "m")
+    base = l2p.conversion.folders.load_state(tmp_path / "base")
+    for name, value in trained.state_dict().items():
+        expected = value if name in names else base[name]
+        assert merged[name].dtype == expected.dtype and torch.equal(merged[name], expected), name
+    l2p.PixelTransformer2DModel.from_pretrained(tmp_path / "m", torch_dtype=torch.float32)
+
+    # In memory the model keeps the dtype it was loaded in.
+    model = l2p.PixelTransformer2DModel.from_pretrained(tmp_path / "base")
+    l2p.merge_delta(model, delta)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], trained.state_dict()[n].to(torch.bfloat16)) for n in names)
+
+    # What truly does not fit is still refused: another shape, or an integer tensor.
+    tensors = load_file(str(delta))
+    from safetensors import safe_open
+
+    with safe_open(str(delta), "pt") as f:
+        metadata = f.metadata()
+    for bad in ({"head.bias": tensors["head.bias"][:-1]}, {"head.bias": tensors["head.bias"].long()}):
+        save_file({**tensors, **bad}, str(tmp_path / "bad.safetensors"), metadata=metadata)
+        with pytest.raises(ValueError, match="delta tensor head.bias is .* merge the delta onto the folder"):
+            merge_folder(tmp_path / "base", tmp_path / "bad.safetensors", tmp_path / "m2")
+    assert not (tmp_path / "m2").exists()

@@ -8,7 +8,7 @@ import argparse
 def run(args: argparse.Namespace) -> int:
     from l2p.conversion import merge_folder
 
-    names = merge_folder(args.base, args.delta, args.out)
+    names = merge_folder(args.base, args.delta, args.out, log=lambda line: print(f"l2p merge: {line}"))
     print(f"merged {len(names)} tensors from {args.delta} into {args.out}")
     return 0
 

@@ -139,7 +139,12 @@ def check_delta_base(model: PixelTransformer2DModel, delta_names: Iterable[str],
 
 def merge_delta(model: PixelTransformer2DModel, delta) -> list[str]:
     """Overwrite ``model``'s tensors with those of ``delta`` (a path or a name -> tensor
-    dict), bit for bit. Returns the names merged."""
+    dict), bit for bit where the model holds the delta's dtype. Returns the names merged.
+
+    A floating delta tensor goes into a model of another floating dtype in the model's dtype
+    (a float32 delta into a model loaded with torch_dtype=torch.bfloat16 is rounded to
+    bfloat16, as every other tensor of that model was): the model keeps the dtype it was
+    loaded in. ``l2p merge`` (merge_folder) writes the delta's values exactly."""
     if isinstance(delta, (str, os.PathLike)):
         tensors, metadata = load_delta(delta)
         check_delta_config(dict(model.config), metadata)
@@ -151,10 +156,12 @@ def merge_delta(model: PixelTransformer2DModel, delta) -> list[str]:
         if name not in params:
             raise ValueError(f"delta tensor {name} has no place in this model")
         target = params[name]
-        if target.shape != value.shape or target.dtype != value.dtype:
+        floats = target.is_floating_point() and value.is_floating_point()
+        if target.shape != value.shape or (target.dtype != value.dtype and not floats):
             raise ValueError(
                 f"delta tensor {name} is {tuple(value.shape)} {value.dtype} but the model has "
-                f"{tuple(target.shape)} {target.dtype}"
+                f"{tuple(target.shape)} {target.dtype}; merge the delta into the model it was "
+                f"trained from"
             )
     with torch.no_grad():
         for name, value in tensors.items():

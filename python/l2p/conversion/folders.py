@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -322,9 +323,19 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def merge_folder(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike) -> list[str]:
+def _dtype_names(tensors) -> str:
+    return "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors}))
+
+
+def merge_folder(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike,
+                 *, log: Callable[[str], None] = print) -> list[str]:
     """Write ``base`` (a converted model or pipeline folder) with the delta's tensors in
-    place, bit-identical to the model the delta was saved from. Returns the merged names."""
+    place, bit-identical to the model the delta was saved from. Returns the merged names.
+
+    A delta tensor in another floating dtype than the base stores (the trainer keeps what
+    trains in float32 over a bfloat16 or float16 base) is written as the delta holds it, so
+    the merged folder is the trained model, not a rounding of it; ``log`` gets one line
+    saying so. Loading it with ``torch_dtype`` gives one dtype throughout."""
     base, out = Path(base), Path(out)
     model_dir = _pixel_model_dir(base)
     config = _read_json(model_dir / "config.json")
@@ -336,15 +347,27 @@ def merge_folder(base: str | os.PathLike, delta: str | os.PathLike, out: str | o
     tensors, metadata = load_delta(delta)
     check_delta_config(config, metadata)
     state = load_state(model_dir)
+    other_dtype: list[str] = []
     for name, value in tensors.items():
         if name not in state:
             raise ValueError(f"delta tensor {name} has no place in {model_dir}")
-        if state[name].shape != value.shape or state[name].dtype != value.dtype:
+        stored = state[name]
+        floats = stored.is_floating_point() and value.is_floating_point()
+        if stored.shape != value.shape or (stored.dtype != value.dtype and not floats):
             raise ValueError(
                 f"delta tensor {name} is {tuple(value.shape)} {value.dtype} but {model_dir} has "
-                f"{tuple(state[name].shape)} {state[name].dtype}"
+                f"{tuple(stored.shape)} {stored.dtype}; merge the delta onto the folder l2p "
+                f"convert wrote for the model it was trained from"
             )
-        state[name] = value
+        if stored.dtype != value.dtype:
+            other_dtype.append(name)
+    if other_dtype:
+        log(f"{len(other_dtype)} of the delta's {len(tensors)} tensors are "
+            f"{_dtype_names(tensors[n] for n in other_dtype)} where {model_dir} stores "
+            f"{_dtype_names(state[n] for n in other_dtype)}: written as the delta holds them, so "
+            f"the merged model is the trained one exactly (from_pretrained(..., torch_dtype=...) "
+            f"loads it in one dtype)")
+    state.update(tensors)
     with parameters_on_meta():  # every parameter is about to be assigned from `state`
         model = PixelTransformer2DModel.from_config(config)
     model.load_state_dict(state, strict=True, assign=True)
