@@ -46,8 +46,10 @@ def _kind(folder: Path) -> str:
 
 
 # diffusers' weight file names: diffusion_pytorch_model[.<variant>][-00001-of-0000N].safetensors
-# (and the sharded index, .safetensors.index.json, which the glob below does not match).
+# (and the sharded index, .safetensors.index.json, which the glob below does not match);
+# transformers' (text encoders) are the same with "model".
 _WEIGHTS_NAME = "diffusion_pytorch_model"
+_TRANSFORMERS_WEIGHTS_NAME = "model"
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -60,36 +62,72 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _variant(name: str) -> str | None:
-    """The variant of a diffusers weight file name ("fp16" of
-    diffusion_pytorch_model.fp16-00001-of-00002.safetensors), None for the plain name."""
-    stem = name.removesuffix(".safetensors")
-    if not stem.startswith(_WEIGHTS_NAME):
-        return None
-    rest = stem[len(_WEIGHTS_NAME):].split("-", 1)[0]  # drop a shard suffix
-    return rest[1:] if rest.startswith(".") and len(rest) > 1 else None
+def _split_weight_name(name: str) -> tuple[str, str | None]:
+    """(base name, variant) of a weight file name: ("diffusion_pytorch_model", "fp16") of
+    diffusion_pytorch_model.fp16-00001-of-00002.safetensors, ("model", None) of model.safetensors."""
+    stem = name.removesuffix(".safetensors").split("-", 1)[0]  # drop a shard suffix
+    base, _, variant = stem.partition(".")
+    return base, variant or None
 
 
-def weights_variant(folder: Path) -> tuple[str | None, list[Path]]:
+def _variant(name: str, weights_name: str = _WEIGHTS_NAME) -> str | None:
+    """The variant of a weight file name called ``weights_name``, None for the plain name."""
+    base, variant = _split_weight_name(name)
+    return variant if base == weights_name else None
+
+
+def weights_variant(folder: Path, weights_name: str = _WEIGHTS_NAME) -> tuple[str | None, list[Path]]:
     """The ``variant=`` from_pretrained needs for ``folder`` and the files it then reads: None
     when the folder holds the plain weights (which diffusers loads by default), else the one
-    variant its files carry.
+    variant its files carry. ``weights_name`` is "model" for a transformers model (a text
+    encoder).
 
     diffusers looks only for diffusion_pytorch_model.safetensors unless told the variant, and
     a folder saved with save_pretrained(..., variant="fp16") holds nothing else."""
     files = _weight_files(folder)
     names = [p.name for p in files]
-    plain = [p for p in files if p.name.removesuffix(".safetensors").split("-", 1)[0] == _WEIGHTS_NAME]
+    plain = [p for p in files if _split_weight_name(p.name) == (weights_name, None)]
     if plain:
         return None, plain
-    variants = sorted({v for v in map(_variant, names) if v is not None})
+    variants = sorted({v for v in (_variant(n, weights_name) for n in names) if v is not None})
     if len(variants) == 1:
-        return variants[0], [p for p in files if _variant(p.name) == variants[0]]
+        return variants[0], [p for p in files if _variant(p.name, weights_name) == variants[0]]
     if not variants:
-        raise ValueError(f"{folder} has no {_WEIGHTS_NAME}*.safetensors weights (found {', '.join(names)}); "
+        raise ValueError(f"{folder} has no {weights_name}*.safetensors weights (found {', '.join(names)}); "
                          f"pass the folder save_pretrained wrote")
     raise ValueError(f"{folder} holds weights of several variants ({', '.join(variants)}) and no plain "
-                     f"{_WEIGHTS_NAME}.safetensors; copy the one variant you want into a folder of its own")
+                     f"{weights_name}.safetensors; copy the one variant you want into a folder of its own")
+
+
+def pipeline_variant(folder: Path, skip=()) -> str | None:
+    """The ``variant=`` DiffusionPipeline.from_pretrained needs for the pipeline ``folder``
+    (its components but those named in ``skip``): None when each has plain weights, else the
+    variant of those stored only as a variant (save_pretrained(..., variant="fp16") writes
+    model.fp16.safetensors for a text encoder, diffusion_pytorch_model.fp16.safetensors for a
+    VAE or transformer, and nothing else).
+
+    diffusers takes one variant per pipeline: it then reads that variant of every component
+    that has it and falls back to the plain weights of one that has only those, but refuses
+    the variant where no component has it; so it is asked for only where one needs it."""
+    folder = Path(folder)
+    index = _read_json(folder / "model_index.json")
+    variants: dict[str, str] = {}
+    for name, spec in index.items():
+        if name.startswith("_") or name in skip or not isinstance(spec, list) or spec[-1] is None:
+            continue
+        component = folder / name
+        if not component.is_dir() or not any(component.glob("*.safetensors")):
+            continue  # a tokenizer or scheduler (no weights), or pickle-only (refused on load)
+        weights_name = (_TRANSFORMERS_WEIGHTS_NAME if spec[0] == "transformers" else _WEIGHTS_NAME)
+        variant, _ = weights_variant(component, weights_name)
+        if variant is not None:
+            variants[name] = variant
+    if len(set(variants.values())) > 1:
+        listed = ", ".join(f"{name}: {variant}" for name, variant in sorted(variants.items()))
+        raise ValueError(f"the components of {folder} are stored only as different variants ({listed}); "
+                         f"diffusers loads one variant per pipeline: re-save them with one variant "
+                         f"(save_pretrained(..., variant=...)) or with plain weights")
+    return next(iter(variants.values()), None)
 
 
 def stored_dtypes(files: list[Path]) -> dict[str, torch.dtype]:

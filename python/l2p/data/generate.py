@@ -144,13 +144,18 @@ def source_digest(source: str | os.PathLike) -> str:
 def load_pipeline(source: str | os.PathLike, *, device: str = "cpu",
                   dtype: torch.dtype = torch.float32, **components):
     """``DiffusionPipeline.from_pretrained`` on a local folder: no download, no remote code,
-    safetensors only. ``components`` overrides pipeline parts (``transformer=None`` skips one)."""
+    safetensors only, components stored only as a variant (fp16) read as such.
+    ``components`` overrides pipeline parts (``transformer=None`` skips one)."""
     from diffusers import DiffusionPipeline
 
+    from l2p.conversion.folders import pipeline_variant
+
+    path = resolve_source(source)
     if dtype != torch.float32:  # float32 is the default; diffusers >= 0.36 renames the argument
         components["torch_dtype"] = dtype
-    pipe = DiffusionPipeline.from_pretrained(resolve_source(source), local_files_only=True,
-                                             use_safetensors=True, **components)
+    variant = pipeline_variant(path, skip={name for name, value in components.items() if value is None})
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                             variant=variant, **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -155,6 +155,7 @@ class L2PPipeline:
         import l2p  # noqa: F401  (diffusers resolves the "l2p" library of the transformer entry)
         from diffusers import DiffusionPipeline
 
+        from l2p.conversion.folders import pipeline_variant
         from l2p.models import PixelTransformer2DModel
 
         path = Path(path)
@@ -168,6 +169,8 @@ class L2PPipeline:
                              f"{index.get('transformer')}); convert it with `l2p convert --source {path}`")
         dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
         skip = {name: None for name in ("transformer", "vae") if name in index}
+        # l2p convert copies the text encoders as the source stored them, fp16-only ones included.
+        kwargs.setdefault("variant", pipeline_variant(path, skip))
         text_pipeline = DiffusionPipeline.from_pretrained(
             str(path), use_safetensors=True, local_files_only=True, **skip, **dtype, **kwargs)
         transformer = PixelTransformer2DModel.from_pretrained(

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from l2p.conversion.folders import stored_dtypes, vae_scale_factor, weights_variant
+from l2p.conversion.folders import pipeline_variant, stored_dtypes, vae_scale_factor, weights_variant
 
 
 @dataclass
@@ -42,7 +42,9 @@ class Source:
         if not index.get("vae") or index["vae"][1] is None:
             raise ValueError(f"{self.path} has no VAE; align.weight > 0 and model.embed_init=vae encode "
                              "images with the source's VAE: use the source pipeline folder with its vae/")
-        vae = getattr(diffusers, index["vae"][1]).from_pretrained(str(self.path / "vae"), torch_dtype=dtype)
+        variant, _ = weights_variant(self.path / "vae")
+        vae = getattr(diffusers, index["vae"][1]).from_pretrained(
+            str(self.path / "vae"), torch_dtype=dtype, variant=variant, use_safetensors=True)
         # Empty stand-ins, not None: encoding never runs them, but Qwen-Image's VAE counts the
         # decoder's layers when it resets its caches; a decode fails at once.
         for name in ("decoder", "post_quant_conv"):
@@ -58,7 +60,8 @@ class Source:
         skip = {name: None for name in ("transformer", "vae") if name in index}
         # Text encoders run without gradients: bf16 on GPUs halves their memory (T5-XXL: 9 GB).
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        pipe = DiffusionPipeline.from_pretrained(str(self.path), torch_dtype=dtype, **skip)
+        pipe = DiffusionPipeline.from_pretrained(str(self.path), torch_dtype=dtype, use_safetensors=True,
+                                                 variant=pipeline_variant(self.path, skip), **skip)
         pipe.set_progress_bar_config(disable=True)
         for name, module in pipe.components.items():
             if isinstance(module, torch.nn.Module):
