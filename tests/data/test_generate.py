@@ -222,6 +222,40 @@ def test_torchrun_two_ranks_merge_one_metadata(tiny_pixart, prompt_file, tmp_pat
     assert [r["file_name"] for r in _metadata(out)] == _all_names()
 
 
+@pytest.mark.slow
+def test_torchrun_ranks_agree_on_the_status_after_metadata_is_written(tiny_pixart, prompt_file, tmp_path):
+    """Every image of rank 1 fails: it used to exit 1 at once, which lets torchrun stop rank 0
+    while it writes metadata.csv, and rank 0 exited 0. Now both wait for the metadata and
+    both exit 1, rank 0 saying which rank failed."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, sys, torch\ntorch.set_num_threads(1)\nfrom l2p.cli import main\nfrom l2p.data import generate\n"
+        "def broken(*args, **kwargs):\n    raise RuntimeError('simulated')\n"
+        "if os.environ['RANK'] == '1':\n    generate._render = broken\n"
+        "code = main(sys.argv[1:])\nprint(f\"rank {os.environ['RANK']} exits {code}\", flush=True)\nsys.exit(code)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), str(script), "data", "generate", "--source", str(tiny_pixart),
+         "--prompts", str(prompt_file), "--out", str(out), "--images-per-prompt", "2", "--steps", "2",
+         "--height", "32", "--width", "32", "--device", "cpu", "--batch-size", "4"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0
+    assert "rank 0 exits 1" in proc.stdout and "rank 1 exits 1" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "rank 0/2: 4 rendered" in proc.stdout and "4 failed on all ranks" in proc.stdout
+    assert "every image failed on rank 1: the run failed" in proc.stdout
+    assert [r["file_name"] for r in _metadata(out)] == _all_names()[0::2]  # rank 0's slice
+
+
 def _drop_one_image(out):
     (out / G.image_name(0, 0)).unlink()
 

@@ -73,12 +73,10 @@ def run_generate(args: argparse.Namespace) -> int:
     _log_to_stderr()
     summary = generate_images(config)
     print(summary)
-    # Some failed images are not an error of the run (the next run retries them); a non-zero
-    # exit would make torchrun stop the other ranks while rank 0 writes metadata.csv. When every
-    # image this rank tried failed, the run is broken, not unlucky: say so in the exit status.
-    if summary.failed and not summary.rendered:
-        return 1
-    return 0
+    # Some failed images are not an error of the run (the next run retries them). When every
+    # image one rank tried failed, the run is broken, not unlucky: every rank says so in its
+    # exit status, agreed after metadata.csv is written (generate_images ends collectively).
+    return 1 if summary.broken_ranks else 0
 
 
 def run_embed(args: argparse.Namespace) -> int:

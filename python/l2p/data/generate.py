@@ -202,6 +202,12 @@ class GenerationSummary:
     metadata_rows: int | None = None  # set on the rank that rebuilt metadata.csv
     beyond: int = 0  # images kept on disk with an image index >= images_per_prompt
     images_per_prompt: int = 0
+    # Agreed by every rank at the end of the run: the images that failed on all ranks
+    # together (None without a process group), and the ranks where every image tried failed
+    # (a broken rank, not an unlucky prompt: the whole run fails; this rank alone without a
+    # process group).
+    failed_all_ranks: int | None = None
+    broken_ranks: list[int] = field(default_factory=list)
 
     def __str__(self) -> str:
         text = (f"rank {self.rank}/{self.world_size}: {self.rendered} rendered, {self.existing} already "
@@ -211,6 +217,10 @@ class GenerationSummary:
             text += f" (failed: {', '.join(self.failed[:5])}{more}; re-run to retry them)"
         if self.metadata_rows is not None:
             text += f"; metadata.csv has {self.metadata_rows} rows"
+        if self.failed_all_ranks is not None and self.world_size > 1:
+            text += f"; {self.failed_all_ranks} failed on all ranks"
+        if self.broken_ranks:
+            text += f"; every image failed on rank {', '.join(map(str, self.broken_ranks))}: the run failed"
         if self.beyond:
             # Kept (they are valid images of the same settings) but the manifest now says fewer.
             text += (f"; {self.beyond} images beyond --images-per-prompt {self.images_per_prompt} from an "
@@ -232,6 +242,14 @@ class _Ranks:
     def barrier(self) -> None:
         if self.joined and self.world_size > 1:
             torch.distributed.barrier(group=self.group)
+
+    def all_gather(self, value) -> list:
+        """``value`` of every rank, by rank (a collective: every rank must call it)."""
+        if not (self.joined and self.world_size > 1):
+            return [value]
+        values = [None] * self.world_size
+        torch.distributed.all_gather_object(values, value, group=self.group)
+        return values
 
     def close(self) -> None:
         if self.owns_process_group:
@@ -530,10 +548,20 @@ def generate_images(config: GenerationConfig, *, pipe=None, rank: int | None = N
                     summary.rendered += 1
                 bar.update(len(batch))
             bar.close()
-        ranks.barrier()
+        # The end is collective: every rank reports its failures (which waits for all to
+        # finish rendering), rank 0 writes metadata.csv, and no rank returns before it is
+        # written. Ranks then agree on the status, so none exits early with an error and
+        # makes torchrun stop rank 0 mid-write.
+        if ranks.joined:
+            outcomes = dict(enumerate(ranks.all_gather((len(summary.failed), summary.rendered))))
+            summary.failed_all_ranks = sum(failed for failed, _ in outcomes.values())
+        else:
+            outcomes = {ranks.rank: (len(summary.failed), summary.rendered)}
+        summary.broken_ranks = [r for r, (failed, rendered) in outcomes.items() if failed and not rendered]
         if ranks.rank == 0 and (ranks.joined or ranks.world_size == 1):
             summary.metadata_rows = rebuild_metadata(out)
             summary.beyond = _count_beyond(out, config.images_per_prompt)
+        ranks.barrier()
         summary.seconds = time.perf_counter() - start_time
         return summary
     finally:
