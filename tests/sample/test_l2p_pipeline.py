@@ -332,3 +332,29 @@ def test_callback_on_step_end_sees_and_replaces_the_sample(pipelines):
     assert not torch.equal(plain, replaced)
     with pytest.raises(ValueError, match="latents"):
         _run(pipe, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
+
+@pytest.mark.parametrize("name", ["pixart", "sd3"])
+def test_a_stochastic_scheduler_draws_its_step_noise_from_the_generator(pipelines, name):
+    """A scheduler that adds noise at each step (set the diffusers way, pipe.scheduler = ...)
+    takes it from the call's generator: a seed gives one image, and image i of a batch seeded
+    with a list equals that image generated alone with the same generator."""
+    from diffusers import EulerAncestralDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+    pipe = pipelines[name]
+    own = pipe.scheduler
+    if name == "pixart":
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(own.config)
+    else:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(own.config, stochastic_sampling=True)
+    try:
+        assert pipe.text_pipeline.scheduler is pipe.scheduler
+        a = _run(pipe, generator=torch.Generator().manual_seed(0), num_inference_steps=3)
+        b = _run(pipe, generator=torch.Generator().manual_seed(0), num_inference_steps=3)
+        assert torch.equal(a, b)
+        both = _run(pipe, prompt=["a", "b"], num_inference_steps=3,
+                    generator=[torch.Generator().manual_seed(s) for s in (1, 2)])
+        alone = _run(pipe, prompt="b", generator=torch.Generator().manual_seed(2), num_inference_steps=3)
+        torch.testing.assert_close(both[1:], alone, rtol=1e-5, atol=1e-5)
+    finally:
+        pipe.scheduler = own

@@ -43,8 +43,8 @@ def sample_images(model, cond: dict, empty_cond: dict, *, scheduler_config: dict
         scheduler_config: the source pipeline's scheduler config (with ``_class_name``).
         guidance: CFG scale; 1 turns CFG off. ``flow_guidance`` feeds guidance-distilled
             models (FLUX-dev style guidance embedding).
-        seed: the initial noise is drawn on the CPU from this seed, so images do not depend
-            on the device.
+        seed: the initial noise (and a stochastic scheduler's step noise) is drawn on the CPU
+            from this seed, so images do not depend on the device.
     The loop is ``L2PPipeline``'s (``l2p.sample.pipeline.denoise``): the source pipeline's
     timesteps (incl. the dynamic shift from the token count) and calls.
     """
@@ -56,7 +56,7 @@ def sample_images(model, cond: dict, empty_cond: dict, *, scheduler_config: dict
     if guidance != 1.0:
         uncond = condmod.select(cond, torch.zeros(batch, dtype=torch.bool), empty_cond)
     x = denoise(model, condmod.family_for(source_class), recipe_for(source_class), _scheduler(scheduler_config),
-                x, cond, uncond, steps=steps, cfg_scale=guidance, embedded_guidance=flow_guidance)
+                x, cond, uncond, steps=steps, cfg_scale=guidance, embedded_guidance=flow_guidance, generator=g)
     return x.clamp(-1, 1)
 
 

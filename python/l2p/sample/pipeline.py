@@ -18,6 +18,7 @@ model's output sign, and the final image clipped to [-1, 1].
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def guidance_options_for(family, given: dict) -> dict:
 def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncond: dict | None, *,
             steps: int, cfg_scale: float = 1.0, embedded_guidance: float = 1.0, mu: float | None = None,
             guidance_options: dict | None = None, guidance_max_sigma: float | None = None, progress=None,
-            on_step_end=None) -> torch.Tensor:
+            on_step_end=None, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """The source pipeline's denoising loop in pixel space; returns the final image (B, 3, H, W)
     in float32, not clipped.
 
@@ -81,6 +82,10 @@ def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncon
             at most this; the steps above it run the conditional branch alone.
         on_step_end: called as ``on_step_end(i, t, x)`` after step i; a tensor it returns
             replaces x (diffusers' callback_on_step_end contract).
+        generator: handed to ``scheduler.step`` where it takes one, as the diffusers pipelines
+            do (``prepare_extra_step_kwargs``): the noise a stochastic scheduler adds at each
+            step (DDPM, Euler ancestral, SDE DPM-Solver, flow Euler with stochastic_sampling)
+            then comes from it, so a seeded call gives the same image every time.
     """
     p = model.config.patch_size
     device = next(model.parameters()).device
@@ -92,6 +97,7 @@ def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncon
     both = None
     if uncond is not None:
         both = condmod.stack([condmod.to_device(uncond, device, dtype), cond])
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     sigmas = None
     if guidance_max_sigma is not None:
         sigmas = getattr(scheduler, "sigmas", None)
@@ -110,7 +116,7 @@ def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncon
             out_uncond, out_cond = out.chunk(2)
             out = family.guide(out_uncond, out_cond, cfg_scale, p, options)
         # The pixel model keeps the source transformer's sign; its pipeline undoes it here.
-        x = scheduler.step(out * model.output_sign, t, x, return_dict=False)[0]
+        x = scheduler.step(out * model.output_sign, t, x, return_dict=False, **step_kwargs)[0]
         if on_step_end is not None:
             replaced = on_step_end(i, t, x)
             x = x if replaced is None else replaced
@@ -231,6 +237,11 @@ class L2PPipeline:
     @property
     def scheduler(self):
         return self.text_pipeline.scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler) -> None:
+        # diffusers' way to change the sampler: pipe.scheduler = X.from_config(pipe.scheduler.config)
+        self.text_pipeline.scheduler = scheduler
 
     @property
     def device(self) -> torch.device:
@@ -412,7 +423,8 @@ class L2PPipeline:
                 guidance embedding (where the transformer has one), as in FluxPipeline and
                 QwenImagePipeline, and ``true_cfg_scale`` (> 1) turns on classifier-free
                 guidance; unlike those pipelines, the negative prompt then defaults to "".
-            generator: a torch.Generator (or one per image) for the initial noise.
+            generator: a torch.Generator (or a list, one per image) for the initial noise and
+                for the noise a stochastic scheduler adds at each step.
             latents: the initial noise (B, 3, H, W) instead of drawing it.
             shift: flow time shift k overriding the source's; for dynamically shifted
                 schedulers mu = log(k). "recommended": up to 1024 x 1024 the source's own
@@ -497,7 +509,8 @@ class L2PPipeline:
             x = denoise(model, self.family, self.recipe, scheduler, x, cond, uncond, steps=num_inference_steps,
                         cfg_scale=cfg_scale, embedded_guidance=guidance_scale if self.recipe.distilled_guidance
                         else 1.0, mu=mu, guidance_options=guidance_options,
-                        guidance_max_sigma=guidance_max_sigma, progress=progress, on_step_end=on_step_end)
+                        guidance_max_sigma=guidance_max_sigma, progress=progress, on_step_end=on_step_end,
+                        generator=generator)
         images = VaeImageProcessor(do_resize=False).postprocess(x.clamp(-1, 1), output_type=output_type)
         if not return_dict:
             return (images,)
