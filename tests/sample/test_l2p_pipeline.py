@@ -358,3 +358,12 @@ def test_a_stochastic_scheduler_draws_its_step_noise_from_the_generator(pipeline
         torch.testing.assert_close(both[1:], alone, rtol=1e-5, atol=1e-5)
     finally:
         pipe.scheduler = own
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_generator_list_must_hold_one_generator_per_image(pipelines, count):
+    """As in the diffusers pipelines: a list of generators of another length than the batch
+    (2 prompts x 1 image) is refused, not reused (length 1) or cut short (length 3)."""
+    gens = [torch.Generator().manual_seed(s) for s in range(count)]
+    with pytest.raises(ValueError, match=f"list of {count} generators for 2 images"):
+        _run(pipelines["pixart"], prompt=["a", "b"], generator=gens)

@@ -477,6 +477,13 @@ class L2PPipeline:
                     f"{name} must be a positive multiple of the pixel patch size {p}, got {value!r} "
                     f"(e.g. {max(p, round(value / p) * p) if isinstance(value, (int, float)) else p})"
                 )
+        num_prompts = len(_prompt_list(prompt, "prompt"))
+        batch = num_prompts * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != batch:
+            # randn_tensor would reuse a 1-list's generator for every image and ignore extras.
+            raise ValueError(f"generator is a list of {len(generator)} generators for {batch} images "
+                             f"({num_prompts} prompts x num_images_per_prompt="
+                             f"{num_images_per_prompt}); pass one per image, or a single generator")
         if self.recipe.distilled_guidance:
             cfg_scale = true_cfg_scale
         else:
@@ -484,7 +491,6 @@ class L2PPipeline:
         do_cfg = cfg_scale > 1
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
                                           do_classifier_free_guidance=do_cfg)
-        batch = len(_prompt_list(prompt, "prompt")) * num_images_per_prompt
         device = self.device
         set_attention(model, self.attention)
 
