@@ -367,3 +367,17 @@ def test_a_generator_list_must_hold_one_generator_per_image(pipelines, count):
     gens = [torch.Generator().manual_seed(s) for s in range(count)]
     with pytest.raises(ValueError, match=f"list of {count} generators for 2 images"):
         _run(pipelines["pixart"], prompt=["a", "b"], generator=gens)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_torch_dtype_loads_every_weight_in_that_dtype(converted, name):
+    """from_pretrained(torch_dtype=torch.bfloat16) gives a bfloat16 transformer for every family
+    (SD3's float32 position table used to keep all its weights in float32, silently), and it
+    samples: float32 images in [0, 1]."""
+    from l2p import L2PPipeline
+
+    pipe = L2PPipeline.from_pretrained(converted[name], torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    assert {t.dtype for t in pipe.transformer.parameters()} == {torch.bfloat16} and pipe.dtype == torch.bfloat16
+    image = _run(pipe, generator=torch.Generator().manual_seed(0), num_inference_steps=1)
+    assert image.dtype == torch.float32 and torch.isfinite(image).all() and 0 <= image.min() and image.max() <= 1

@@ -73,6 +73,24 @@ class PixelTransformer2DModel(ModelMixin, ConfigMixin):
         )
         self._source_signature = inspect.signature(self.transformer.forward)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``ModelMixin.from_pretrained``, with every weight in ``torch_dtype``
+        (or ``dtype``) when one is given.
+
+        Without accelerate, diffusers loads by assigning the file's tensors in place of the
+        model's whenever the first entry of the model's state dict already has the file's
+        dtype; for SD3 that entry is the float32 position table, so a float32 file loaded
+        with torch_dtype=torch.bfloat16 kept every weight in float32. The cast below is what
+        diffusers' accelerate path does to each tensor it loads."""
+        dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
+        loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point and getattr(model, "hf_quantizer", None) is None:
+            if any(t.is_floating_point() and t.dtype != dtype for t in model.parameters()):
+                model.to(dtype)
+        return loaded
+
     # -- what the source pipeline needs to know ------------------------------------------
     @property
     def prediction(self) -> str:
