@@ -113,6 +113,19 @@ def test_dit_classes_are_the_sources(sources, pipelines):
     assert calls[0]["timestep"].dtype == torch.long
 
 
+
+def test_dit_class_names_survive_save_pretrained(pipelines, tmp_path):
+    """The folder's id2label (which DiTPipeline reads but does not write back) is saved with
+    the pipeline, so class names still work after the round trip, with the same images."""
+    from l2p import L2PPipeline
+
+    pipe = pipelines["dit"]
+    pipe.save_pretrained(tmp_path / "saved")
+    again = L2PPipeline.from_pretrained(tmp_path / "saved")
+    again.set_progress_bar_config(disable=True)
+    assert again.text_pipeline.labels == pipe.text_pipeline.labels and "goldfish" in again.text_pipeline.labels
+    assert torch.equal(_run(again, "dit"), _run(pipe, "dit"))
+
 def test_qwen_image_conditioning_is_the_sources(sources, pipelines):
     """encode_prompt's embeddings without their padding; a call pads them back with the mask
     QwenImagePipeline passes (None where no caption is padded)."""

@@ -47,6 +47,11 @@ def _prompt_list(prompt: str | list[str], what: str) -> list[str]:
     raise ValueError(f"{what} must be a string or a non-empty list of strings, got {prompt!r}")
 
 
+def _is_component_entry(value) -> bool:
+    """A model_index.json component entry: [library, class name], [null, null] for none."""
+    return isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)
+
+
 def guidance_options_for(family, given: dict) -> dict:
     """The family pipeline's guidance options: its defaults updated by ``given``; a name the
     family's pipeline does not take is an error that lists those it does."""
@@ -148,6 +153,9 @@ class L2PPipeline:
         self.attention = attention
         # model_index.json's "_l2p" block of the folder this came from (None if built here).
         self.conversion_record = None
+        # The other model_index.json entries of that folder that are not components, which
+        # the source pipeline class may not write back itself (DiTPipeline's id2label).
+        self.folder_settings: dict = {}
         # The LoRAs fused into the weights, in order (see fuse_lora).
         self.fused_loras = []
         # Where the models run under enable_model_cpu_offload (None: where they are).
@@ -183,6 +191,8 @@ class L2PPipeline:
             str(path / "transformer"), use_safetensors=True, local_files_only=True, **dtype)
         pipe = cls(transformer.eval(), text_pipeline, attention=attention)
         pipe.conversion_record = index.get("_l2p")
+        pipe.folder_settings = {key: value for key, value in index.items()
+                                if not key.startswith("_") and not _is_component_entry(value)}
         return pipe
 
     def save_pretrained(self, save_directory: str | Path) -> None:
@@ -204,6 +214,8 @@ class L2PPipeline:
             index["transformer"] = PIXEL_ENTRY
             if "vae" in index:
                 index["vae"] = [None, None]
+            for key, value in self.folder_settings.items():
+                index.setdefault(key, value)
             record = dict(self.conversion_record or self._describe_conversion())
             if self.fused_loras:  # the saved weights have them baked in: say which
                 record["fused_loras"] = list(record.get("fused_loras", [])) + [
