@@ -381,3 +381,13 @@ def test_torch_dtype_loads_every_weight_in_that_dtype(converted, name):
     assert {t.dtype for t in pipe.transformer.parameters()} == {torch.bfloat16} and pipe.dtype == torch.bfloat16
     image = _run(pipe, generator=torch.Generator().manual_seed(0), num_inference_steps=1)
     assert image.dtype == torch.float32 and torch.isfinite(image).all() and 0 <= image.min() and image.max() <= 1
+
+
+def test_precomputed_embeddings_are_refused_by_name(pipelines):
+    """diffusers' prompt_embeds & co. are not taken: the error names them and says to pass the
+    text, instead of calling them unknown guidance options (or a missing prompt)."""
+    embeds = torch.zeros(1, 4, 32)
+    for kwargs in ({"prompt_embeds": embeds}, {"prompt": "a", "negative_prompt_embeds": embeds},
+                   {"prompt": "a", "pooled_prompt_embeds": embeds, "prompt_attention_mask": embeds}):
+        with pytest.raises(TypeError, match=r"no precomputed conditioning \((pooled_)?\w*prompt_\w+.*pass the text"):
+            pipelines["sd3"](height=32, width=24, num_inference_steps=1, **kwargs)

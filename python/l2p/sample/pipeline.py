@@ -47,6 +47,13 @@ def _prompt_list(prompt: str | list[str], what: str) -> list[str]:
     raise ValueError(f"{what} must be a string or a non-empty list of strings, got {prompt!r}")
 
 
+# The diffusers pipelines' arguments for conditioning encoded beforehand; L2PPipeline encodes
+# the prompts itself, and these would otherwise reach **guidance_options as unknown options.
+_PRECOMPUTED_CONDITIONING = frozenset(
+    f"{side}{name}" for side in ("", "negative_") for name in (
+        "prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask", "prompt_embeds_mask"))
+
+
 def _is_component_entry(value) -> bool:
     """A model_index.json component entry: [library, class name], [null, null] for none."""
     return isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)
@@ -403,7 +410,7 @@ class L2PPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         *,
         height: int | None = None,
@@ -466,6 +473,11 @@ class L2PPipeline:
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
 
+        precomputed = sorted(set(guidance_options) & _PRECOMPUTED_CONDITIONING)
+        if precomputed:
+            raise TypeError(f"L2PPipeline encodes the prompts itself with the source's text encoders and takes "
+                            f"no precomputed conditioning ({', '.join(precomputed)}); pass the text as prompt "
+                            f"(and negative_prompt)")
         unknown = set(callback_on_step_end_tensor_inputs) - {"latents"}
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs may only hold 'latents' (the pixel-space "
