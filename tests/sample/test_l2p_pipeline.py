@@ -308,6 +308,12 @@ def test_save_pretrained_round_trip(pipelines, converted, name, tmp_path):
     assert not list((tmp_path / "saved").rglob("*.bin")) and list((tmp_path / "saved").rglob("*.safetensors"))
     with pytest.raises(ValueError, match="not empty"):
         pipe.save_pretrained(tmp_path / "saved")
+    # diffusers' keyword, as scripts written for diffusers pipelines pass it; pickle is refused.
+    pipe.save_pretrained(tmp_path / "safe", safe_serialization=True)
+    assert (tmp_path / "safe" / "model_index.json").is_file()
+    with pytest.raises(ValueError, match="safetensors only"):
+        pipe.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert not (tmp_path / "pickled").exists()
     # A pipeline assembled in memory describes its conversion itself.
     built = L2PPipeline(again.transformer, again.text_pipeline)
     built.save_pretrained(tmp_path / "built")

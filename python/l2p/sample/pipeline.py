@@ -202,13 +202,17 @@ class L2PPipeline:
                                 if not key.startswith("_") and not _is_component_entry(value)}
         return pipe
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
+    def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True) -> None:
         """Write the pipeline as the folder ``from_pretrained`` reads (what ``l2p convert``
         writes: no VAE, safetensors only). The folder must not exist or be empty; it appears
-        complete or not at all."""
+        complete or not at all. ``safe_serialization`` is taken as diffusers' pipelines take
+        it, and must stay True."""
         from l2p.conversion.folders import finish_folder, prepare_folder
         from l2p.models.quantize import is_quantized
 
+        if safe_serialization is not True:
+            raise ValueError("L2P pipeline folders are written as safetensors only (no pickle): leave "
+                             "safe_serialization=True")
         if is_quantized(self.transformer):
             raise ValueError("this pipeline's transformer is quantized (quantize_int8) for sampling only; "
                              "save the pipeline before quantizing it, and quantize again after loading")
