@@ -156,6 +156,13 @@ def load_pipeline(source: str | os.PathLike, *, device: str = "cpu",
     variant = pipeline_variant(path, skip={name for name, value in components.items() if value is None})
     pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, use_safetensors=True,
                                              variant=variant, **components)
+    from diffusers import ModelMixin
+
+    from l2p.models.loading import cast_loaded
+
+    for module in pipe.components.values():
+        if isinstance(module, ModelMixin):  # transformers' models honour torch_dtype themselves
+            cast_loaded(module, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -82,13 +82,12 @@ class PixelTransformer2DModel(ModelMixin, ConfigMixin):
         model's whenever the first entry of the model's state dict already has the file's
         dtype; for SD3 that entry is the float32 position table, so a float32 file loaded
         with torch_dtype=torch.bfloat16 kept every weight in float32. The cast below is what
-        diffusers' accelerate path does to each tensor it loads."""
-        dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
+        diffusers' accelerate path does to each tensor it loads (l2p.models.loading)."""
+        from l2p.models.loading import cast_loaded
+
         loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        model = loaded[0] if kwargs.get("output_loading_info") else loaded
-        if isinstance(dtype, torch.dtype) and dtype.is_floating_point and getattr(model, "hf_quantizer", None) is None:
-            if any(t.is_floating_point() and t.dtype != dtype for t in model.parameters()):
-                model.to(dtype)
+        cast_loaded(loaded[0] if kwargs.get("output_loading_info") else loaded,
+                    kwargs.get("dtype") or kwargs.get("torch_dtype"))
         return loaded
 
     # -- what the source pipeline needs to know ------------------------------------------

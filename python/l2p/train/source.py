@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from l2p.conversion.folders import pipeline_variant, stored_dtypes, vae_scale_factor, weights_variant
+from l2p.models.loading import cast_loaded
 
 
 @dataclass
@@ -25,7 +26,9 @@ class Source:
 
         cls = getattr(diffusers, self.transformer_class)
         variant, _ = weights_variant(self.path / "transformer")
-        return cls.from_pretrained(str(self.path / "transformer"), torch_dtype=dtype, variant=variant)
+        model = cls.from_pretrained(str(self.path / "transformer"), torch_dtype=dtype, variant=variant,
+                                    use_safetensors=True)
+        return cast_loaded(model, dtype)
 
     def loads_exactly(self, dtype: torch.dtype) -> bool:
         """Whether reading the transformer in ``dtype`` keeps every stored value: each tensor is
@@ -45,6 +48,7 @@ class Source:
         variant, _ = weights_variant(self.path / "vae")
         vae = getattr(diffusers, index["vae"][1]).from_pretrained(
             str(self.path / "vae"), torch_dtype=dtype, variant=variant, use_safetensors=True)
+        cast_loaded(vae, dtype)
         # Empty stand-ins, not None: encoding never runs them, but Qwen-Image's VAE counts the
         # decoder's layers when it resets its caches; a decode fails at once.
         for name in ("decoder", "post_quant_conv"):
