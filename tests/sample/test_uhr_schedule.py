@@ -91,3 +91,21 @@ def test_sd3_sizes_beyond_its_position_table_are_refused_in_pixels(pipelines, ca
     assert cli(["sample", "--model", str(converted["sd3"]), "--prompt", "x", "--height", "96", "--width", "32",
                 "--steps", "1", "--out", str(tmp_path / "a.png")]) == 2
     assert "at most 64 px a side" in capsys.readouterr().err
+
+
+def test_a_pipeline_built_in_memory_at_a_larger_patch_keeps_the_source_patch(pipelines, tmp_path):
+    # SD3 converted at P=32 (twice its natural 2 x 8, the 4K recipe) and assembled in memory:
+    # the recorded VAE factor is the source family's 8, not P / latent patch = 16, so after a
+    # save and load the recommended shift still anchors on the source's 1K token grid.
+    import l2p
+    from l2p import L2PPipeline
+
+    text = pipelines["sd3"].text_pipeline
+    config = pipelines["sd3"].transformer.config.source_config
+    latent = pipelines["sd3"].transformer.adapter.source_type().from_config(config)
+    wide = l2p.convert_to_pixel(latent, vae_scale_factor=8, patch_size=32,
+                                head={"type": "detailer", "channels": [4, 4, 4, 4, 4]})
+    built = L2PPipeline(wide, text)
+    assert built._source_patch() == 16
+    built.save_pretrained(tmp_path / "wide")
+    assert L2PPipeline.from_pretrained(tmp_path / "wide")._source_patch() == 16

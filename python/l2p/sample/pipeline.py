@@ -246,7 +246,9 @@ class L2PPipeline:
         return {"source_pipeline": type(self.text_pipeline).__name__,
                 "source_transformer": model.config.source_class, "pixel_transformer": PIXEL_ENTRY[1],
                 "patch_size": model.config.patch_size,
-                "vae_scale_factor": model.config.patch_size // model.adapter.latent_patch,
+                # The source VAE's factor (the family's), not patch / latent patch: a model
+                # converted at a larger patch keeps the source's factor and 1K token grid.
+                "vae_scale_factor": model.adapter.vae_scale_factor,
                 "prediction": model.prediction, "output_sign": model.output_sign}
 
     def _source_patch(self) -> int:
