@@ -46,6 +46,22 @@ def test_halo_is_two_patches(p):
     assert tiling.head_halo(head) == 2 * p
 
 
+@pytest.mark.parametrize("p,channels,grid,tile", [CASES[1], (16, [4, 8, 8, 16], (7, 5), 2), CASES[5]])
+def test_published_layout_tiled_equals_untiled_with_a_three_patch_halo(p, channels, grid, tile, monkeypatch):
+    # Max pooling and a 3x3 conv after each upsampling (the published L2P decoder): halo 3P,
+    # derived from the modules; one patch less is not exact.
+    head = DetailerHead(p, 12, channels, pool="max", up_convs=True).double().eval()
+    assert tiling.head_halo(head) == 3 * p
+    image, tokens = (t.double() for t in _inputs(p, *grid))
+    with torch.no_grad():
+        full = head(image, tokens)
+        head.enable_tiling(tile * p)
+        torch.testing.assert_close(head(image, tokens), full, rtol=0, atol=1e-10)
+        if max(grid) > tile + 4:  # else a 2P halo already reaches across the whole image
+            monkeypatch.setattr(tiling, "head_halo", lambda h: 2 * p)
+            assert (head(image, tokens) - full).abs().max() > 1e-9
+
+
 def test_smaller_halo_is_not_exact(monkeypatch):
     """The derivation is tight to the grid: one patch less of halo changes the output."""
     p = 16

@@ -56,6 +56,9 @@ class SourceAdapter:
     output_module: ClassVar[str]
     block_groups: ClassVar[tuple[str, ...]]
     output_modules: ClassVar[tuple[str, ...]] = ()
+    # The module that takes the last block's output first (the final norm, modulation and
+    # projection), where a head with features "blocks" reads; None where not mapped.
+    final_layer_module: ClassVar[str | None] = None
     # Name of the source forward's first (noisy latent) argument.
     pixel_argument: ClassVar[str] = "hidden_states"
     # "epsilon" or "flow" (velocity eps - x0), as the source scheduler reads the output.

@@ -58,6 +58,10 @@ class ZImageAdapter(SourceAdapter):
     def output_module(self) -> str:
         return f"all_final_layer.{self._key}.linear"
 
+    @property
+    def final_layer_module(self) -> str:
+        return f"all_final_layer.{self._key}"
+
     def pixels_from_input(self, value):
         # The source takes a list of (C, 1, H, W); accept that form too.
         if isinstance(value, (list, tuple)):

@@ -9,7 +9,8 @@ def run(args: argparse.Namespace) -> int:
     from l2p.conversion import convert_folder
 
     report = convert_folder(
-        args.source, args.out, patch_size=args.patch_size, head=args.head, seed=args.seed
+        args.source, args.out, patch_size=args.patch_size, head=args.head, seed=args.seed,
+        published_l2p=args.published_l2p,
     )
     print(report)
     print(f"wrote {args.out}")
@@ -30,4 +31,8 @@ def register(subparsers) -> None:
                    help="pixel patch P (default latent patch x VAE factor: 16, Sana 32)")
     p.add_argument("--head", choices=("detailer", "linear"), default="detailer", help="output head")
     p.add_argument("--seed", type=int, default=0, help="seed of the new layers' initialisation")
+    p.add_argument("--published-l2p", default=None, metavar="CHECKPOINT",
+                   help="a published L2P checkpoint of this source (.safetensors file or folder of "
+                        "shards): the pixel model takes its weights, patch and decoder layout "
+                        "(Z-Image L2P)")
     p.set_defaults(func=run)

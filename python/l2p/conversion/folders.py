@@ -289,16 +289,41 @@ def convert_folder(
     patch_size: int | None = None,
     head: str | dict = "detailer",
     seed: int = 0,
+    published_l2p: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
 ) -> ConversionReport:
     """Convert a transformer folder, or a pipeline folder (written without its VAE; text
     encoders, tokenizers and scheduler copied; model_index.json names the pixel
     transformer as ["l2p", "PixelTransformer2DModel"] and records the conversion under
-    "_l2p")."""
+    "_l2p").
+
+    ``published_l2p``: a published L2P checkpoint of this source (l2p.conversion.published_l2p)
+    whose weights the pixel model takes; its patch and head layout replace ``patch_size`` and
+    ``head``."""
     source, out = Path(source), Path(out)
+    published = None
+    if published_l2p is not None:
+        from l2p.conversion.published_l2p import published_layout
+
+        published_patch, head = published_layout(published_l2p)
+        if patch_size not in (None, published_patch):
+            raise ValueError(f"--patch-size {patch_size} but {published_l2p} was trained at {published_patch}; "
+                             f"leave the patch size out")
+        patch_size = published_patch
+
+    def finish(pixel):
+        if published_l2p is not None:
+            from l2p.conversion.published_l2p import load_published_l2p
+
+            nonlocal published
+            published = load_published_l2p(pixel, published_l2p)
+            log(str(published))
+        return pixel
+
     kind = _kind(source)
     if kind == "model":
         transformer = load_source_transformer(source)
-        pixel = convert_to_pixel(transformer, patch_size=patch_size, head=head, seed=seed)
+        pixel = finish(convert_to_pixel(transformer, patch_size=patch_size, head=head, seed=seed))
         tmp = prepare_folder(out)
         try:
             pixel.save_pretrained(str(tmp), safe_serialization=True)
@@ -316,9 +341,9 @@ def convert_folder(
         )
     transformer = load_source_transformer(source / "transformer")
     factor = vae_scale_factor(source / "vae")
-    pixel = convert_to_pixel(
+    pixel = finish(convert_to_pixel(
         transformer, vae_scale_factor=factor, patch_size=patch_size, head=head, seed=seed
-    )
+    ))
     tmp = prepare_folder(out)
     try:
         _copy_pipeline_parts(source, tmp, skip={"vae", "transformer", "model_index.json"})
@@ -335,6 +360,8 @@ def convert_folder(
             "prediction": _scheduler_prediction(source / "scheduler") or pixel.prediction,
             "output_sign": pixel.output_sign,
         }
+        if published is not None:
+            index["_l2p"]["weights"] = {"published_l2p": [Path(f).name for f in published.files]}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         finish_folder(tmp, out)
     finally:

@@ -22,11 +22,14 @@ def default_detailer_channels(patch_size: int, max_channels: int = 512) -> list[
 class DetailerHead(nn.Module):
     """Conv U-Net over the full noisy image x_t with the token features at its bottleneck.
 
-    Encoder: per level a 3x3 conv + SiLU (kept as the skip), then 2x2 average pooling;
-    log2(P) levels bring (H, W) down to the token grid (H/P, W/P). Bottleneck: the token
-    features (B, D, H/P, W/P) are concatenated and fused by a 1x1 conv. Decoder: per level
-    2x nearest upsampling, concatenation with the skip, 3x3 conv + SiLU (widths mirror the
+    Encoder: per level a 3x3 conv + SiLU (kept as the skip), then 2x2 pooling (average, or
+    max with ``pool="max"``); log2(P) levels bring (H, W) down to the token grid (H/P, W/P).
+    Bottleneck: the token features (B, D, H/P, W/P) are concatenated and fused by a 1x1 conv
+    + SiLU. Decoder: per level 2x nearest upsampling (followed by a width-keeping 3x3 conv
+    with ``up_convs=True``), concatenation with the skip, 3x3 conv + SiLU (widths mirror the
     encoder: 512 -> 256 -> 128 -> 64 -> 64 at P=16); a 1x1 conv gives the output channels.
+    ``pool="max", up_convs=True`` is the decoder of the published L2P checkpoints
+    (l2p.conversion.published_l2p).
     """
 
     def __init__(
@@ -36,8 +39,12 @@ class DetailerHead(nn.Module):
         channels: list[int] | tuple[int, ...] | None = None,
         in_channels: int = 3,
         out_channels: int = 3,
+        pool: str = "avg",
+        up_convs: bool = False,
     ):
         super().__init__()
+        if pool not in ("avg", "max"):
+            raise ValueError(f"DetailerHead pool must be 'avg' or 'max', got {pool!r}")
         if patch_size < 2 or patch_size & (patch_size - 1):
             raise ValueError(
                 f"DetailerHead needs a power-of-two patch_size >= 2 (one 2x2 pooling per level), "
@@ -66,6 +73,9 @@ class DetailerHead(nn.Module):
             for k in range(levels)
         )
         self.proj_out = nn.Conv2d(self.channels[0], out_channels, 1)
+        self.pool = pool
+        # Decoder level k's upsampled input through a 3x3 conv of the same width (no activation).
+        self.up = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for c in dec_in) if up_convs else None
 
     # Set by enable_tiling: None = untiled, 0 = tiles sized from free memory, else the tile
     # side in pixels (l2p.sample.tiling).
@@ -96,12 +106,15 @@ class DetailerHead(nn.Module):
         """image (B, C, H, W), token features as a grid (B, D, H/P, W/P) -> (B, out, H, W)."""
         skips = []
         x = image
+        pool = F.max_pool2d if self.pool == "max" else F.avg_pool2d
         for conv in self.encoder:
             x = F.silu(conv(x))
             skips.append(x)
-            x = F.avg_pool2d(x, 2)
+            x = pool(x, 2)
         x = F.silu(self.fuse(torch.cat([x, grid.to(x.dtype)], dim=1)))
-        for conv in self.decoder:
+        for k, conv in enumerate(self.decoder):
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            if self.up is not None:
+                x = self.up[k](x)
             x = F.silu(conv(torch.cat([x, skips.pop()], dim=1)))
         return self.proj_out(x)

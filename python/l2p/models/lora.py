@@ -211,7 +211,7 @@ def fuse_lora(components: dict[str, nn.Module], lora: LoraFile, scale: float = 1
         if root is None:
             skipped[name] = f"this pipeline has no {component}"
             continue
-        if module in (replaced or {}).get(component, set()):
+        if any(module == r or module.startswith(r + ".") for r in (replaced or {}).get(component, ())):
             skipped[name] = "the pixel model replaced this layer (pixel embedding or output head)"
             continue
         try:

@@ -13,7 +13,7 @@ from torch import nn
 
 from l2p.adapters import get_adapter
 from l2p.models.heads import build_head, complete_head_config
-from l2p.models.splice import FeatureTap, PixelInput
+from l2p.models.splice import BlockFeatureTap, FeatureTap, PixelInput
 from l2p.ops import _checks
 
 
@@ -67,10 +67,20 @@ class PixelTransformer2DModel(ModelMixin, ConfigMixin):
         has_bias = latent_in.bias is not None
         pixel_in = PixelInput(patch_size, token_dim, has_bias, adapter.arrange_tokens)
         _replace(self.transformer, adapter.input_module, pixel_in)
-        _replace(self.transformer, adapter.output_module, FeatureTap(latent_out.weight.shape[0]))
-        self.head = build_head(
-            complete_head_config(head_config, patch_size), token_dim=token_dim, patch_size=patch_size
-        )
+        head_config = complete_head_config(head_config, patch_size)
+        if head_config.get("features") == "blocks":
+            # The head reads the last block's output: the source's whole final layer (norm,
+            # modulation, projection) gives way to the tap.
+            if adapter.final_layer_module is None:
+                raise ValueError(f"head features 'blocks' is not available for {source_class} (l2p knows "
+                                 f"where its final layer starts only for ZImageTransformer2DModel); use "
+                                 f"the default features")
+            self._tap_module = adapter.final_layer_module
+            _replace(self.transformer, self._tap_module, BlockFeatureTap(latent_out.weight.shape[0]))
+        else:
+            self._tap_module = adapter.output_module
+            _replace(self.transformer, self._tap_module, FeatureTap(latent_out.weight.shape[0]))
+        self.head = build_head(head_config, token_dim=token_dim, patch_size=patch_size)
         self._source_signature = inspect.signature(self.transformer.forward)
 
     @classmethod
@@ -151,7 +161,7 @@ class PixelTransformer2DModel(ModelMixin, ConfigMixin):
             raise TypeError(f"{self.config.source_class} forward arguments: {exc}") from None
         self.adapter.check_arguments(bound.arguments, rows, cols, p)
 
-        pixel_in, tap = self.pixel_embed, self.transformer.get_submodule(self.adapter.output_module)
+        pixel_in, tap = self.pixel_embed, self.transformer.get_submodule(self._tap_module)
         pixel_in.pending = pixels
         try:
             self.transformer(*bound.args, **bound.kwargs)

@@ -55,3 +55,11 @@ class FeatureTap(nn.Module):
 
     def extra_repr(self) -> str:
         return f"out_features={self.out_features} (zeros; features go to the pixel head)"
+
+
+class BlockFeatureTap(FeatureTap):
+    """A ``FeatureTap`` in the place of a whole final layer (norm, modulation, projection),
+    called as the source calls that layer: keeps the last block's output, its first argument."""
+
+    def forward(self, features: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return super().forward(features)

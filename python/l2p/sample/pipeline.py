@@ -359,7 +359,7 @@ class L2PPipeline:
         adapter = self.transformer.adapter
         lora = read_lora(path, type(self.text_pipeline))
         fused = fuse_lora(self._lora_components(), lora, lora_scale,
-                          replaced={"transformer": {adapter.input_module, adapter.output_module}})
+                          replaced={"transformer": {adapter.input_module, self.transformer._tap_module}})
         self.fused_loras.append(fused)
         return fused
 

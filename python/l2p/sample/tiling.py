@@ -17,7 +17,10 @@ the width b (in pixels) of the band along the edge that may hold wrong values:
   widen the band.
 - decoder level i (coarse to fine): nearest upsampling keeps the band in pixels, the skip
   concatenation takes the wider of the two bands, the conv adds r 2^i:
-  b = P + P/2 + ... + 1 = 2P - 1 with 3x3 convs; the final 1x1 conv adds nothing.
+  b = P + P/2 + ... + 1 = 2P - 1 with 3x3 convs; the final 1x1 conv adds nothing. A head
+  with a 3x3 conv after each upsampling (``up_convs``, the published L2P decoder) adds as
+  much again before each concatenation: b = P + 2 (P/2 + ... + 1) = 3P - 2, a 3P halo.
+  Max pooling and average pooling read the same whole cells.
 
 So a halo of ``head_halo(head)`` = 2P - 1 rounded up to the P grid = 2P pixels around each
 tile (two tokens) makes the tile's interior exact; at the image border the tile edge is the
@@ -48,15 +51,18 @@ def _conv_reach(conv: torch.nn.Conv2d) -> int:
 
 def head_halo(head) -> int:
     """The halo in pixels (a multiple of the patch size) that makes tiled == untiled; see the
-    module docstring for the derivation (2P for the 3x3 Detailer Head)."""
+    module docstring for the derivation (2P for the 3x3 Detailer Head, 3P with up convs)."""
     p, band = head.patch_size, 0
     for i, conv in enumerate(head.encoder):
         cell = 2**i
         band = math.ceil(band / cell) * cell + _conv_reach(conv) * cell
         band = math.ceil(band / (2 * cell)) * 2 * cell
     band += _conv_reach(head.fuse) * p
+    up = getattr(head, "up", None)
     for k, conv in enumerate(head.decoder):
         cell = 2 ** (len(head.decoder) - 1 - k)
+        if up is not None:  # the conv after the upsampling widens the band before the skip joins
+            band = math.ceil(band / cell) * cell + _conv_reach(up[k]) * cell
         band = math.ceil(band / cell) * cell + _conv_reach(conv) * cell
     band += _conv_reach(head.proj_out)
     return math.ceil(band / p) * p
@@ -70,9 +76,12 @@ def head_bytes_per_pixel(head, dtype: torch.dtype = torch.float32) -> float:
     levels = len(head.encoder)
     skips = sum(c / 4**i for i, c in enumerate(head.channels))
     widest = 0.0
+    up = getattr(head, "up", None)
     for k, conv in enumerate(head.decoder):
         i = levels - 1 - k
-        widest = max(widest, (2 * conv.in_channels + conv.out_channels) / 4**i)
+        upsampled = conv.in_channels - head.channels[i]  # the decoder's own part of the concat
+        extra = upsampled if up is not None else 0  # the up conv's output beside its input
+        widest = max(widest, (2 * conv.in_channels + conv.out_channels + extra) / 4**i)
     io = head.encoder[0].in_channels + head.proj_out.out_channels
     return size * (skips + widest + io)
 
