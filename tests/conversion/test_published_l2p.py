@@ -59,7 +59,7 @@ class PublishedDecoder(nn.Module):
         return self.out_conv(x)
 
 
-def _published(tmp_path, *, drop=None):
+def _published(tmp_path, *, drop=None, prefix=""):
     """A tiny published-layout checkpoint: (path, pixel-space Z-Image, decoder)."""
     torch.manual_seed(7)
     pixel_dit = getattr(diffusers, Z_IMAGE).from_config(
@@ -67,7 +67,7 @@ def _published(tmp_path, *, drop=None):
     decoder = PublishedDecoder(TINY[Z_IMAGE]["dim"], CHANNELS).eval()
     tensors = dict(pixel_dit.state_dict())
     tensors.update({f"local_decoder.{k}": v for k, v in decoder.state_dict().items()})
-    tensors = {k: v.contiguous() for k, v in tensors.items() if k != drop}
+    tensors = {prefix + k: v.contiguous() for k, v in tensors.items() if k != drop}
     path = tmp_path / "l2p-z-image.safetensors"
     save_file(tensors, str(path))
     return path, pixel_dit, decoder
@@ -96,10 +96,11 @@ def _reference(pixel_dit, decoder, x, kwargs):
     return decoder(x, grid)
 
 
-def test_converted_published_checkpoint_computes_the_published_model(tmp_path, capsys):
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])  # as saved, or in ComfyUI's file layout
+def test_converted_published_checkpoint_computes_the_published_model(tmp_path, capsys, prefix):
     from l2p.models import PixelTransformer2DModel
 
-    path, pixel_dit, decoder = _published(tmp_path)
+    path, pixel_dit, decoder = _published(tmp_path, prefix=prefix)
     out = tmp_path / "pixel"
     assert main(["convert", "--source", str(_source(tmp_path)), "--out", str(out),
                  "--published-l2p", str(path)]) == 0

@@ -73,13 +73,24 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     return [path]
 
 
+# Prefixes that other tools put before every key of a model file (ComfyUI's single-file
+# checkpoints, trainer state dicts); a checkpoint whose every key has one is read without it.
+_WRAPPER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "dit.", "transformer.")
+
+
 def _shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """The stored shapes by key, the keys without a prefix that every one of them carries."""
     shapes = {}
     for path in files:
         with open_safetensors(path) as f:
             for key in f.keys():
                 shapes[key] = tuple(f.get_slice(key).get_shape())
-    return shapes
+    prefix = _wrapper_prefix(shapes)
+    return {key[len(prefix):]: shape for key, shape in shapes.items()}
+
+
+def _wrapper_prefix(keys) -> str:
+    return next((p for p in _WRAPPER_PREFIXES if keys and all(k.startswith(p) for k in keys)), "")
 
 
 def published_layout(path: str | Path) -> tuple[int, dict]:
@@ -166,9 +177,11 @@ def load_published_l2p(model, path: str | Path) -> PublishedLoad:
                          f"{', ...' if len(missing) > 4 else ''}): is it a published L2P checkpoint of this source?")
 
     load = PublishedLoad([str(f) for f in files], ignored=sorted(ignored))
+    prefix = _wrapper_prefix([k for f in files for k in _keys(f)])
     with torch.no_grad():
         for file in files:
-            wanted = {key: name for name, (key, _) in plan.items() if key in _keys(file)}
+            stored = {key[len(prefix):]: key for key in _keys(file)}
+            wanted = {stored[key]: name for name, (key, _) in plan.items() if key in stored}
             for key, value in read_tensors(file, list(wanted)).items():
                 name = wanted[key]
                 how = plan[name][1]
