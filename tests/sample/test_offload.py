@@ -22,7 +22,7 @@ def test_each_model_is_on_the_device_only_while_it_runs(converted, name):
     # This machine's only device is the CPU, so the moves are recorded rather than seen.
     pipe.enable_model_cpu_offload("cpu")
     events = []
-    encoders = pipe._text_encoders()
+    encoders = list(pipe._text_encoders().values())
     assert encoders
     for module in [pipe.transformer, *encoders]:
         def spy(*args, _module=module, _original=module.to, **kwargs):
@@ -80,5 +80,5 @@ def test_offload_to_cuda_matches_the_pipeline_on_cuda(converted):
     pipe.to("cpu").enable_model_cpu_offload("cuda")
     offloaded = _run(pipe).cpu()
     torch.testing.assert_close(offloaded, on_gpu, rtol=0, atol=0)
-    modules = [pipe.transformer, *pipe._text_encoders()]
+    modules = [pipe.transformer, *pipe._text_encoders().values()]
     assert all(p.device.type == "cpu" for m in modules for p in m.parameters())

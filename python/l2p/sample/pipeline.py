@@ -320,9 +320,10 @@ class L2PPipeline:
             for module in modules:
                 module.to("cpu")
 
-    def _text_encoders(self) -> list[torch.nn.Module]:
-        return [m for name, m in self.text_pipeline.components.items()
-                if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)]
+    def _text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The source pipeline's text encoders by component name (text_encoder, text_encoder_2, ...)."""
+        return {name: m for name, m in self.text_pipeline.components.items()
+                if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)}
 
     def set_progress_bar_config(self, **kwargs) -> None:
         self.text_pipeline.set_progress_bar_config(**kwargs)
@@ -342,11 +343,7 @@ class L2PPipeline:
     def _lora_components(self) -> dict:
         """The modules a source LoRA names, by diffusers' component names: the source transformer
         inside the pixel model and the source pipeline's text encoders."""
-        components = {"transformer": self.transformer.transformer}
-        for name, module in self.text_pipeline.components.items():
-            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module):
-                components[name] = module
-        return components
+        return {"transformer": self.transformer.transformer, **self._text_encoders()}
 
     def fuse_lora(self, path: str | Path, lora_scale: float = 1.0):
         """Fuse a LoRA made for the source model (a .safetensors file in diffusers', kohya's or
@@ -404,7 +401,7 @@ class L2PPipeline:
             if len(negatives) != len(prompts):
                 raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
         device = self.device
-        with self._loaded(self._text_encoders()):
+        with self._loaded(self._text_encoders().values()):
             cond = _repeat(self.family.encode(self.text_pipeline, prompts, device), num_images_per_prompt)
             if negatives is None:
                 return cond, None
