@@ -147,3 +147,31 @@ def test_fsdp_keeps_frozen_blocks_in_the_low_memory_dtype(sources, images, tmp_p
         finally:
             shutdown_distributed()
         assert torch.allclose(torch.tensor(plain.losses), torch.tensor(result.losses), rtol=1e-4, atol=1e-6)
+
+
+def test_resume_on_another_world_size(sources, images, tmp_path):
+    """A checkpoint resumes on another number of processes: FSDP2 shards of 2 ranks on one
+    process, and one process's checkpoint under FSDP2 on 2 ranks, at the same global batch,
+    follow the uninterrupted one-process run (raw and EMA weights, losses)."""
+    common = dict(train__max_steps=4, checkpoint__every=2, optim__schedule="constant", optim__warmup_steps=0)
+    reference = tmp_path / "reference"
+    train(load_config(None, overrides(sources["pixart"], images, reference, train__batch_size=4, **common)))
+    two_then_one, one_then_two = tmp_path / "two-then-one", tmp_path / "one-then-two"
+    train(load_config(None, overrides(sources["pixart"], images, one_then_two, train__batch_size=4,
+                                      **dict(common, train__max_steps=2))))
+    fsdp = dict(common, train__batch_size=2, distributed__strategy="fsdp")
+    runs = [overrides(sources["pixart"], images, two_then_one, **dict(fsdp, train__max_steps=2)),
+            overrides(sources["pixart"], images, one_then_two, train__resume="latest", **fsdp)]
+    mp.spawn(run_rank, args=(2, _free_ports(len(runs)), runs), nprocs=2, join=True)
+    assert sorted(p.name for p in (two_then_one / "checkpoints" / "step-00000002").glob("trainable*")) == \
+        ["trainable-rank0.safetensors", "trainable-rank1.safetensors"]
+    train(load_config(None, overrides(sources["pixart"], images, two_then_one, train__batch_size=4,
+                                      train__resume="latest", **common)))
+    for run in (two_then_one, one_then_two):
+        assert torch.allclose(torch.tensor(_losses(reference)), torch.tensor(_losses(run)), rtol=1e-5, atol=1e-7)
+        for name in ("delta-raw", "delta"):
+            a = load_file(str(reference / "final" / f"{name}.safetensors"))
+            b = load_file(str(run / "final" / f"{name}.safetensors"))
+            assert a.keys() == b.keys()
+            for k in a:
+                assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (run.name, name, k)

@@ -13,8 +13,12 @@ A checkpoint is a directory ``<run>/checkpoints/step-00000100/``:
 Everything is written into a hidden temporary directory that is renamed into place only when
 complete, so a run killed at any instant leaves either the old or the new checkpoint, never a
 half-written one. Only tensors (safetensors) and JSON are written: nothing is pickled, and
-loading never executes code. Under FSDP the sharded tensors are stored per rank
-(``*-rank<R>.safetensors``) and resuming needs the same world size.
+loading never executes code. Under FSDP every rank stores its shards of the trainable, EMA and
+optimizer tensors (``trainable-rank<R>.safetensors`` ...). Any checkpoint resumes on any number
+of processes, with or without FSDP: a run of the world size that wrote the shards reads its own,
+any other joins them into whole tensors (FSDP2 cuts dim 0 as ``torch.chunk`` does, so the
+pieces in rank order concatenate to the tensor) and an FSDP run takes its part of whole tensors
+with ``distribute_tensor``. RNG states are restored only at the same world size.
 """
 
 from __future__ import annotations
@@ -150,6 +154,15 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+def seed_rng(seed: int, step: int, rank: int) -> None:
+    """Seed torch's (CPU and CUDA), python's and numpy's global generators from (seed, step,
+    rank): a resume on another number of processes, which has no saved states to restore."""
+    a, b = np.random.SeedSequence([seed, step, rank, 0x52]).generate_state(2)
+    torch.manual_seed(int(a) << 32 | int(b))
+    random.seed(int(a) << 32 | int(b))
+    np.random.seed(int(a))
+
+
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
     cuda = sorted((k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
@@ -218,28 +231,50 @@ def save_checkpoint(run_dir: str | Path, step: int, *, rank: int, trainable: dic
     return final
 
 
-def load_checkpoint(path: str | Path, *, rank: int) -> dict:
-    """The pieces of a checkpoint as tensors and JSON (see the module docstring)."""
+def load_checkpoint(path: str | Path, *, rank: int, world_size: int | None = None) -> dict:
+    """The pieces of a checkpoint as tensors and JSON (see the module docstring), for process
+    ``rank`` of ``world_size`` (None: the world size that wrote it). ``out["whole"]`` says
+    whether the trainable, EMA and optimizer tensors are whole (False: this rank's FSDP shards,
+    read where the checkpoint is sharded and the world size is the same). ``out["rng"]`` and
+    ``out["rng_meta"]`` are None where the world size differs: the generators of another number
+    of processes are not this run's."""
     path = Path(path)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"{path} is not a complete l2p checkpoint (no state.json)")
     state = _read_json(path / "state.json")
-    suffix = f"-rank{rank}" if state.get("sharded") else ""
-    rng_file = path / f"rng-rank{rank}.safetensors"
-    if not rng_file.is_file():
-        raise ValueError(f"{path} was written by {state.get('world_size')} processes; resume with "
-                         f"the same number (rank {rank} has no RNG state there)")
-    out = {
-        "state": state,
-        "trainable": _read_tensors(path / f"trainable{suffix}.safetensors"),
-        "optimizer": _read_tensors(path / f"optimizer{suffix}.safetensors"),
-        "optimizer_meta": _read_json(path / f"optimizer{suffix}.json"),
-        "rng": _read_tensors(rng_file),
-        "rng_meta": _read_json(path / f"rng-rank{rank}.json"),
-    }
-    ema_file = path / f"ema{suffix}.safetensors"
-    out["ema"] = _read_tensors(ema_file) if ema_file.is_file() else None
+    saved_world = int(state.get("world_size", 1))
+    same_world = world_size is None or world_size == saved_world
+    sharded = bool(state.get("sharded"))
+    out = {"state": state, "whole": not (sharded and same_world), "rng": None, "rng_meta": None}
+    if same_world:
+        rng_file = path / f"rng-rank{rank}.safetensors"
+        out["rng"] = _read_tensors(rng_file)
+        out["rng_meta"] = _read_json(path / f"rng-rank{rank}.json")
+    if not sharded:
+        read = lambda stem: _read_tensors(path / f"{stem}.safetensors")  # noqa: E731
+    elif same_world:
+        read = lambda stem: _read_tensors(path / f"{stem}-rank{rank}.safetensors")  # noqa: E731
+    else:
+        read = lambda stem: _join_shards(path, stem, saved_world)  # noqa: E731
+    out["trainable"] = read("trainable")
+    out["optimizer"] = read("optimizer")
+    out["optimizer_meta"] = _read_json(path / (f"optimizer-rank{rank if same_world else 0}.json" if sharded
+                                               else "optimizer.json"))
+    has_ema = (path / ("ema-rank0.safetensors" if sharded else "ema.safetensors")).is_file()
+    out["ema"] = read("ema") if has_ema else None
     return out
+
+
+def _join_shards(path: Path, stem: str, world_size: int) -> dict[str, torch.Tensor]:
+    """Whole tensors from the FSDP2 shards ``<stem>-rank<R>.safetensors`` of ``world_size``
+    ranks: the dim-0 pieces in rank order, concatenated (0-dim tensors, such as AdamW's step,
+    are the same on every rank)."""
+    parts = [_read_tensors(path / f"{stem}-rank{r}.safetensors") for r in range(world_size)]
+    for r, part in enumerate(parts[1:], start=1):
+        if part.keys() != parts[0].keys():
+            raise ValueError(f"{path / f'{stem}-rank{r}.safetensors'} holds other tensors than rank 0's: the "
+                             f"checkpoint {path} is damaged; delete it to resume from the one before")
+    return {k: v if v.dim() == 0 else torch.cat([p[k] for p in parts]) for k, v in parts[0].items()}
 
 
 @contextlib.contextmanager

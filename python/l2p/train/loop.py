@@ -355,18 +355,21 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.out) if which == "latest" else Path(which)
         if path is None:
             return  # "latest" with nothing to resume: a fresh run
-        loaded = ckpt.load_checkpoint(path, rank=self.env.rank)
+        loaded = ckpt.load_checkpoint(path, rank=self.env.rank, world_size=self.env.world_size)
         state = loaded["state"]
-        if state.get("world_size", 1) != self.env.world_size and state.get("sharded"):
-            raise ValueError(f"{path} holds FSDP shards of {state['world_size']} processes; resume "
-                             f"with the same number (got {self.env.world_size})")
+        named = dict(self.model.named_parameters())
+        if self.fsdp and loaded["whole"]:
+            # Whole tensors (another world size, or a run without FSDP): this rank's part.
+            loaded["trainable"] = _shards_of(loaded["trainable"], named)
+            loaded["optimizer"] = _shards_of(loaded["optimizer"], named)
+            if loaded["ema"] is not None:
+                loaded["ema"] = _shards_of(loaded["ema"], named)
         global_batch = self.cfg.train.batch_size * self.cfg.train.grad_accum * self.env.world_size
         if state.get("global_batch", global_batch) != global_batch:
             self._log(f"warning: {path} was trained at a global batch of {state['global_batch']}, this run "
                       f"continues at {global_batch} (batch_size x grad_accum x {self.env.world_size} "
                       "processes); the data order goes on from the same image, the learning-rate "
                       "schedule from the same step")
-        named = dict(self.model.named_parameters())
         with torch.no_grad():
             for name in self.param_names:
                 if name not in loaded["trainable"]:
@@ -400,7 +403,15 @@ class Trainer:
         self.skipped_steps = int(state["skipped_steps"])
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
         self.images_seen = int(state["images_seen"])
-        self._rng_to_restore = (loaded["rng"], loaded["rng_meta"])
+        if loaded["rng"] is not None:
+            self._rng_to_restore = (loaded["rng"], loaded["rng_meta"])
+        else:
+            # Only global-generator draws (none of the noise, times or caption dropout, which are
+            # seeded per sample) depend on this.
+            self._rng_to_restore = "reseed"
+            self._log(f"{path} was written by {state.get('world_size', 1)} processes, this run has "
+                      f"{self.env.world_size}: each process seeds its global random generators from "
+                      "(train.seed, step, rank)")
         self._log(f"resumed from {path} at step {self.step}")
 
     def _set_aside_later_checkpoints(self, path: Path, step: int) -> None:
@@ -628,11 +639,13 @@ class Trainer:
                     writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
                 except ImportError:
                     self._log("tensorboard is not installed; scalars go to metrics.jsonl only")
-        if self._rng_to_restore is not None:
+        if self._rng_to_restore == "reseed":
+            ckpt.seed_rng(cfg.train.seed, self.step, env.rank)
+        elif self._rng_to_restore is not None:
             ckpt.set_rng_state(*self._rng_to_restore)
-            self._rng_to_restore = None
         else:
             torch.manual_seed(cfg.train.seed + env.rank)
+        self._rng_to_restore = None
         self._start_loader()
         progress = None
         if env.is_main and cfg.logging.progress_bar:
@@ -798,6 +811,26 @@ def _like(param: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
         return shard
     return DTensor.from_local(shard.to(param.device), param.device_mesh, param.placements,
                               shape=param.shape, stride=param.stride())
+
+
+def _shards_of(tensors: dict[str, torch.Tensor], named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole checkpoint tensors -> this rank's FSDP2 shards (plain tensors, laid out as
+    ``to_local()`` of their parameter). Keys are parameter names, or "<name>/<optimizer state>";
+    0-dim tensors (AdamW's step) are kept whole."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    out = {}
+    for key, value in tensors.items():
+        param = named[key] if key in named else named.get(key.rpartition("/")[0])
+        if isinstance(param, DTensor) and value.dim() > 0:
+            if value.shape != param.shape:
+                raise ValueError(f"the checkpoint holds {key} of shape {tuple(value.shape)} but this model's is "
+                                 f"{tuple(param.shape)}; resume with the run's own config")
+            # Every rank holds the whole tensor: no scatter (src_data_rank=None).
+            value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
+                                      src_data_rank=None).to_local().cpu()
+        out[key] = value
+    return out
 
 
 def _as_dtensors(tensors: dict[str, torch.Tensor], named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
