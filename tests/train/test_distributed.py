@@ -150,9 +150,10 @@ def test_fsdp_keeps_frozen_blocks_in_the_low_memory_dtype(sources, images, tmp_p
 
 
 def test_resume_on_another_world_size(sources, images, tmp_path):
-    """A checkpoint resumes on another number of processes: FSDP2 shards of 2 ranks on one
-    process, and one process's checkpoint under FSDP2 on 2 ranks, at the same global batch,
-    follow the uninterrupted one-process run (raw and EMA weights, losses)."""
+    """A checkpoint resumes on another number of processes or another strategy: FSDP2 shards of
+    2 ranks on one process and under DDP, and one process's checkpoint under FSDP2 on 2 ranks,
+    at the same global batch, follow the uninterrupted one-process run (raw and EMA weights,
+    losses)."""
     common = dict(train__max_steps=4, checkpoint__every=2, optim__schedule="constant", optim__warmup_steps=0)
     reference = tmp_path / "reference"
     train(load_config(None, overrides(sources["pixart"], images, reference, train__batch_size=4, **common)))
@@ -160,14 +161,18 @@ def test_resume_on_another_world_size(sources, images, tmp_path):
     train(load_config(None, overrides(sources["pixart"], images, one_then_two, train__batch_size=4,
                                       **dict(common, train__max_steps=2))))
     fsdp = dict(common, train__batch_size=2, distributed__strategy="fsdp")
+    fsdp_then_ddp = tmp_path / "fsdp-then-ddp"
     runs = [overrides(sources["pixart"], images, two_then_one, **dict(fsdp, train__max_steps=2)),
-            overrides(sources["pixart"], images, one_then_two, train__resume="latest", **fsdp)]
+            overrides(sources["pixart"], images, one_then_two, train__resume="latest", **fsdp),
+            overrides(sources["pixart"], images, fsdp_then_ddp, **dict(fsdp, train__max_steps=2)),
+            overrides(sources["pixart"], images, fsdp_then_ddp, train__resume="latest",
+                      **dict(fsdp, distributed__strategy="ddp"))]
     mp.spawn(run_rank, args=(2, _free_ports(len(runs)), runs), nprocs=2, join=True)
     assert sorted(p.name for p in (two_then_one / "checkpoints" / "step-00000002").glob("trainable*")) == \
         ["trainable-rank0.safetensors", "trainable-rank1.safetensors"]
     train(load_config(None, overrides(sources["pixart"], images, two_then_one, train__batch_size=4,
                                       train__resume="latest", **common)))
-    for run in (two_then_one, one_then_two):
+    for run in (two_then_one, one_then_two, fsdp_then_ddp):
         assert torch.allclose(torch.tensor(_losses(reference)), torch.tensor(_losses(run)), rtol=1e-5, atol=1e-7)
         for name in ("delta-raw", "delta"):
             a = load_file(str(reference / "final" / f"{name}.safetensors"))

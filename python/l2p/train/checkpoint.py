@@ -15,10 +15,11 @@ complete, so a run killed at any instant leaves either the old or the new checkp
 half-written one. Only tensors (safetensors) and JSON are written: nothing is pickled, and
 loading never executes code. Under FSDP every rank stores its shards of the trainable, EMA and
 optimizer tensors (``trainable-rank<R>.safetensors`` ...). Any checkpoint resumes on any number
-of processes, with or without FSDP: a run of the world size that wrote the shards reads its own,
-any other joins them into whole tensors (FSDP2 cuts dim 0 as ``torch.chunk`` does, so the
-pieces in rank order concatenate to the tensor) and an FSDP run takes its part of whole tensors
-with ``distribute_tensor``. RNG states are restored only at the same world size.
+of processes, with or without FSDP: an FSDP run of the world size that wrote the shards reads
+its own; any other run (another world size, or DDP) joins them into whole tensors (FSDP2 cuts
+dim 0 as ``torch.chunk`` does, so the pieces in rank order concatenate to the tensor), and an
+FSDP run takes its part of whole tensors with ``distribute_tensor``. RNG states are restored
+only at the same world size.
 """
 
 from __future__ import annotations
@@ -231,11 +232,12 @@ def save_checkpoint(run_dir: str | Path, step: int, *, rank: int, trainable: dic
     return final
 
 
-def load_checkpoint(path: str | Path, *, rank: int, world_size: int | None = None) -> dict:
+def load_checkpoint(path: str | Path, *, rank: int, world_size: int | None = None, fsdp: bool = False) -> dict:
     """The pieces of a checkpoint as tensors and JSON (see the module docstring), for process
-    ``rank`` of ``world_size`` (None: the world size that wrote it). ``out["whole"]`` says
-    whether the trainable, EMA and optimizer tensors are whole (False: this rank's FSDP shards,
-    read where the checkpoint is sharded and the world size is the same). ``out["rng"]`` and
+    ``rank`` of ``world_size`` (None: the world size that wrote it) of a run that shards with
+    FSDP2 (``fsdp``) or not. ``out["whole"]`` says whether the trainable, EMA and optimizer
+    tensors are whole (False: this rank's FSDP shards, read where the checkpoint is sharded, the
+    world size is the same and this run shards too). ``out["rng"]`` and
     ``out["rng_meta"]`` are None where the world size differs: the generators of another number
     of processes are not this run's."""
     path = Path(path)
@@ -245,20 +247,21 @@ def load_checkpoint(path: str | Path, *, rank: int, world_size: int | None = Non
     saved_world = int(state.get("world_size", 1))
     same_world = world_size is None or world_size == saved_world
     sharded = bool(state.get("sharded"))
-    out = {"state": state, "whole": not (sharded and same_world), "rng": None, "rng_meta": None}
+    own_shards = sharded and same_world and fsdp
+    out = {"state": state, "whole": not own_shards, "rng": None, "rng_meta": None}
     if same_world:
         rng_file = path / f"rng-rank{rank}.safetensors"
         out["rng"] = _read_tensors(rng_file)
         out["rng_meta"] = _read_json(path / f"rng-rank{rank}.json")
     if not sharded:
         read = lambda stem: _read_tensors(path / f"{stem}.safetensors")  # noqa: E731
-    elif same_world:
+    elif own_shards:
         read = lambda stem: _read_tensors(path / f"{stem}-rank{rank}.safetensors")  # noqa: E731
     else:
         read = lambda stem: _join_shards(path, stem, saved_world)  # noqa: E731
     out["trainable"] = read("trainable")
     out["optimizer"] = read("optimizer")
-    out["optimizer_meta"] = _read_json(path / (f"optimizer-rank{rank if same_world else 0}.json" if sharded
+    out["optimizer_meta"] = _read_json(path / (f"optimizer-rank{rank if own_shards else 0}.json" if sharded
                                                else "optimizer.json"))
     has_ema = (path / ("ema-rank0.safetensors" if sharded else "ema.safetensors")).is_file()
     out["ema"] = read("ema") if has_ema else None

@@ -355,11 +355,12 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.out) if which == "latest" else Path(which)
         if path is None:
             return  # "latest" with nothing to resume: a fresh run
-        loaded = ckpt.load_checkpoint(path, rank=self.env.rank, world_size=self.env.world_size)
+        loaded = ckpt.load_checkpoint(path, rank=self.env.rank, world_size=self.env.world_size,
+                                      fsdp=self.fsdp)
         state = loaded["state"]
         named = dict(self.model.named_parameters())
         if self.fsdp and loaded["whole"]:
-            # Whole tensors (another world size, or a run without FSDP): this rank's part.
+            # Whole tensors (another world size, or a checkpoint without FSDP): this rank's part.
             loaded["trainable"] = _shards_of(loaded["trainable"], named)
             loaded["optimizer"] = _shards_of(loaded["optimizer"], named)
             if loaded["ema"] is not None:
