@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from _trainkit import overrides
-from _dist_worker import run_rank
+from _dist_worker import run_rank, run_rank_own_folder
 from l2p.train.config import load_config
 from l2p.train.loop import train
 
@@ -180,3 +180,19 @@ def test_resume_on_another_world_size(sources, images, tmp_path):
             assert a.keys() == b.keys()
             for k in a:
                 assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (run.name, name, k)
+
+
+def test_output_folder_not_shared_by_the_ranks_is_refused_at_the_start(sources, images, tmp_path):
+    """Ranks that see different train.output_dir folders (node-local disks; here each rank is
+    given its own) stop before training, all with the same ConfigError, instead of one failing
+    to write into the checkpoint folder rank 0 made (and the other losing its peer) at the first
+    checkpoint."""
+    outs = [tmp_path / f"node{r}" / "run" for r in range(2)]
+    per_rank = [overrides(sources["pixart"], images, out, train__max_steps=2, checkpoint__every=1) for out in outs]
+    errors = mp.Manager().dict()
+    mp.spawn(run_rank_own_folder, args=(2, _free_ports(1), per_rank, errors), nprocs=2, join=True)
+    assert sorted(errors.keys()) == [0, 1]
+    for rank in (0, 1):
+        assert errors[rank].startswith("ConfigError: train.output_dir") and "rank(s) 1 of 2" in errors[rank], errors[rank]
+    assert not any(out.joinpath("checkpoints").exists() for out in outs)
+    assert not list(outs[0].glob(".l2p-shared-*"))  # the probe file is removed

@@ -7,7 +7,9 @@ torch.distributed.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -88,6 +90,35 @@ def reshard(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def check_shared_folder(folder: Path, env: DistEnv, device: torch.device) -> None:
+    """Fail at the start, on every rank alike, unless every process sees the same ``folder``:
+    rank 0 writes a file with a fresh token there and each rank looks for it. The checkpoint
+    folders rank 0 creates are written into by every rank and read back by every rank on
+    resume, so a node-local output folder would otherwise fail at the first checkpoint (or
+    resume some ranks and start others afresh)."""
+    from l2p.atomic import write_text
+    from l2p.train.config import ConfigError
+
+    token = torch.tensor([int.from_bytes(os.urandom(7), "little") if env.is_main else 0], device=device)
+    torch.distributed.broadcast(token, src=0)
+    marker = folder / f".l2p-shared-{int(token.item()):x}"
+    if env.is_main:
+        write_text(marker, "the output folder is shared by every process\n")
+    torch.distributed.barrier()
+    missing = torch.zeros(env.world_size, device=device)
+    missing[env.rank] = float(not marker.is_file())
+    # Every rank has looked once all have added their flag.
+    torch.distributed.all_reduce(missing, op=torch.distributed.ReduceOp.SUM)
+    if env.is_main:
+        marker.unlink(missing_ok=True)
+    blind = [r for r, m in enumerate(missing.tolist()) if m]
+    if blind:
+        raise ConfigError(f"train.output_dir {folder} is not the same folder on every process: rank(s) "
+                          f"{', '.join(map(str, blind))} of {env.world_size} do not see the file rank 0 wrote "
+                          "there. Every rank writes into and resumes from the run's checkpoints: put "
+                          "train.output_dir on a filesystem that every node mounts at the same path")
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,8 @@ from l2p.train import conditioning as condmod
 from l2p.train.align import SourceAlignment
 from l2p.train.config import Config, ConfigError
 from l2p.train.data import BatchPlan, DataPosition, collate, local_batches, open_dataset, sample_seed
-from l2p.train.distributed import (DistEnv, all_reduce_sum, init_distributed, pick_device,
-                                   reshard, shutdown_distributed, wrap_ddp, wrap_fsdp)
+from l2p.train.distributed import (DistEnv, all_reduce_sum, check_shared_folder, init_distributed,
+                                   pick_device, reshard, shutdown_distributed, wrap_ddp, wrap_fsdp)
 from l2p.train.objective import Objective
 from l2p.train.source import encode_latents, open_source
 
@@ -120,6 +120,8 @@ class Trainer:
         self.device = pick_device(cfg.train.device, self.env)
         init_distributed(self.env, self.device, cfg.distributed.backend)
         self.out = Path(cfg.train.output_dir)
+        if self.env.enabled:
+            check_shared_folder(self.out, self.env, self.device)
         # FSDP2 runs in any process group, one process included (torchrun --nproc-per-node 1).
         self.fsdp = self.env.has_process_group and cfg.distributed.strategy == "fsdp"
         if cfg.low_memory.cpu_offload and not self.fsdp:
@@ -850,9 +852,8 @@ def _as_dtensors(tensors: dict[str, torch.Tensor], named: dict[str, torch.Tensor
 
 
 def train(cfg: Config, env: DistEnv | None = None) -> TrainResult:
-    trainer = Trainer(cfg, env)
     try:
-        result = trainer.run()
+        result = Trainer(cfg, env).run()
     except BaseException:
         # No waiting for the other ranks here: they may never get to the end (torchrun stops
         # them once this one has failed).
