@@ -15,6 +15,29 @@ def test_defaults_round_trip_through_yaml(tmp_path):
     assert load_config(path) == cfg
 
 
+def test_a_failed_save_leaves_the_old_config(tmp_path):
+    """A rewrite of a run's config.yaml that fails part-way (the file-size limit stands in for
+    a full disk) keeps the old file whole, as `l2p-train --resume RUN_DIR` needs it."""
+    import resource
+    import signal
+
+    cfg = load_config(None, ["train.max_steps=12"])
+    path = tmp_path / "config.yaml"
+    cfg.save(path)
+    before = path.read_text()
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, limits[1]))
+    try:
+        with pytest.raises(OSError):
+            load_config(None, ["train.max_steps=13"]).save(path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temporary left behind
+
+
 def test_set_overrides_are_typed():
     cfg = load_config(None, ["optim.lr=1e-4", "train.max_steps=12", "ema.enabled=false",
                              "sample.prompts=[a cat, a dog]", "sample.seeds=1,2", "model.patch_size=null",

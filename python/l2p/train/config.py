@@ -227,7 +227,12 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
+        """Write the YAML atomically: a resumed run rewrites its run's config.yaml, which
+        ``l2p-train --resume RUN_DIR`` reads; a write that fails (a full disk) or is killed
+        leaves the old file."""
+        from l2p.atomic import write_text
+
+        write_text(path, self.to_yaml())
 
     def validate(self) -> "Config":
         _check_choice("model.gradient_checkpointing", self.model.gradient_checkpointing,
