@@ -8,6 +8,7 @@ torch.distributed.
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -107,6 +108,10 @@ def check_shared_folder(folder: Path, env: DistEnv, device: torch.device) -> Non
     if env.is_main:
         write_text(marker, "the output folder is shared by every process\n")
     torch.distributed.barrier()
+    # A few seconds' grace for filesystems whose other clients see new files late.
+    deadline = time.monotonic() + 5.0
+    while not marker.is_file() and time.monotonic() < deadline:
+        time.sleep(0.25)
     missing = torch.zeros(env.world_size, device=device)
     missing[env.rank] = float(not marker.is_file())
     # Every rank has looked once all have added their flag.
