@@ -46,3 +46,16 @@ def test_trainer_fits_the_embedding_on_the_corpus(family, sources, images, tmp_p
     for name, tensor in fitted.model.named_parameters():
         if not name.startswith("transformer." + fitted.model.adapter.input_module):
             assert torch.equal(tensor, dict(fresh.model.named_parameters())[name]), name
+
+
+def test_a_frozen_fitted_embedding_is_refused(sources, images, tmp_path):
+    """A policy that freezes the pixel embedding would keep the fitted one out of the deltas
+    (and out of the FSDP export, which merges them onto a fresh conversion, leaving its random
+    embedding): refused before anything is fitted, naming the tensors."""
+    cfg = make_config(sources["pixart"], images, tmp_path / "run", model__embed_init="vae",
+                      model__trainable="head.*")
+    with pytest.raises(ConfigError, match=r"transformer\.pos_embed\.proj\.weight.*pos_embed\.proj\.\*"):
+        Trainer(cfg)
+    # Trained with the head, the fitted embedding is fine.
+    Trainer(make_config(sources["pixart"], images, tmp_path / "ok", model__embed_init="vae",
+                        model__embed_init_images=2, model__trainable="head.*,transformer.pos_embed.*"))

@@ -89,6 +89,19 @@ def lr_at(cfg: Config, step: int) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _check_fitted_embedding_trains(model, policy) -> None:
+    """model.embed_init=vae changes the pixel embedding away from the conversion's: it must be
+    among the trainable tensors, which are all that the deltas (and, under FSDP, the exported
+    pipeline, merged from them onto a fresh conversion) carry of the trained model."""
+    embed = {id(p) for p in model.pixel_embed.parameters()}
+    frozen = [n for n, p in model.named_parameters() if id(p) in embed and not p.requires_grad]
+    if frozen:
+        raise ConfigError(f"model.embed_init=vae fits the pixel embedding, but model.trainable={policy} leaves "
+                          f"{', '.join(frozen)} frozen: the deltas hold only trainable tensors, so the fitted "
+                          "embedding would be lost from them (and from the exported pipeline under FSDP). Add "
+                          f"{frozen[0].rsplit('.', 1)[0]}.* to model.trainable, or set model.embed_init=random")
+
+
 def _checkpoint_blocks(blocks: list[nn.Module]) -> None:
     """Recompute each block's activations in the backward pass (non-reentrant checkpoint)."""
     from torch.utils.checkpoint import checkpoint
@@ -152,6 +165,8 @@ class Trainer:
                                  seed=cfg.model.init_seed)
         del transformer
         self.trainable_report = set_trainable(model, cfg.model.trainable)
+        if cfg.model.embed_init == "vae":
+            _check_fitted_embedding_trains(model, cfg.model.trainable)
         # The frozen tensors' fingerprint, which the deltas record so that l2p merge refuses
         # another base: taken now, before FSDP shards them. None (the delta then merges with
         # a warning) where the frozen tensors are not the stored values, a wider source read
