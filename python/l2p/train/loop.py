@@ -378,10 +378,10 @@ class Trainer:
         named = dict(self.model.named_parameters())
         if self.fsdp and loaded["whole"]:
             # Whole tensors (another world size, or a checkpoint without FSDP): this rank's part.
-            loaded["trainable"] = _shards_of(loaded["trainable"], named)
-            loaded["optimizer"] = _shards_of(loaded["optimizer"], named)
+            loaded["trainable"] = _shards_of(loaded["trainable"], named, path)
+            loaded["optimizer"] = _shards_of(loaded["optimizer"], named, path)
             if loaded["ema"] is not None:
-                loaded["ema"] = _shards_of(loaded["ema"], named)
+                loaded["ema"] = _shards_of(loaded["ema"], named, path)
         global_batch = self.cfg.train.batch_size * self.cfg.train.grad_accum * self.env.world_size
         if state.get("global_batch", global_batch) != global_batch:
             self._log(f"warning: {path} was trained at a global batch of {state['global_batch']}, this run "
@@ -831,7 +831,7 @@ def _like(param: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
                               shape=param.shape, stride=param.stride())
 
 
-def _shards_of(tensors: dict[str, torch.Tensor], named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _shards_of(tensors: dict[str, torch.Tensor], named: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """Whole checkpoint tensors -> this rank's FSDP2 shards (plain tensors, laid out as
     ``to_local()`` of their parameter). Keys are parameter names, or "<name>/<optimizer state>";
     0-dim tensors (AdamW's step) are kept whole."""
@@ -842,10 +842,11 @@ def _shards_of(tensors: dict[str, torch.Tensor], named: dict[str, torch.Tensor])
         param = named[key] if key in named else named.get(key.rpartition("/")[0])
         if isinstance(param, DTensor) and value.dim() > 0:
             if value.shape != param.shape:
-                raise ValueError(f"the checkpoint holds {key} of shape {tuple(value.shape)} but this model's is "
+                raise ValueError(f"{path} holds {key} of shape {tuple(value.shape)} but this model's is "
                                  f"{tuple(param.shape)}; resume with the run's own config")
-            # Every rank holds the whole tensor: no scatter (src_data_rank=None).
-            value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
+            # Every rank holds the whole tensor: no scatter (src_data_rank=None). It moves to the
+            # mesh's device type on its own.
+            value = distribute_tensor(value, param.device_mesh, param.placements,
                                       src_data_rank=None).to_local().cpu()
         out[key] = value
     return out
