@@ -87,6 +87,25 @@ def test_low_memory_needs_the_cache(sources, images, tmp_path):
         Trainer(make_config(sources["sd3"], images, tmp_path / "run", low_memory__enabled="true"))
 
 
+def test_captions_missing_from_the_cache_are_refused_at_the_start(sources, images, tmp_path):
+    """An image added after `l2p data embed` would fail only when drawn (hours in, and under
+    torchrun on one rank, leaving the others waiting): the trainer refuses it before training."""
+    import csv
+    import shutil
+
+    from l2p.data.embed import build_embedding_cache
+
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    build_embedding_cache(sources["pixart"], data, progress=False, device="cpu")
+    shutil.copy(data / "img_000.png", data / "img_new.png")
+    with open(data / "metadata.csv", "a", newline="") as f:
+        csv.writer(f).writerow(["img_new.png", "a caption added after embedding"])
+    with pytest.raises(ConfigError, match=r"1 captions .* not in the text-embedding cache .*'a caption added after "
+                                          r"embedding'.*l2p data embed"):
+        Trainer(make_config(sources["pixart"], data, tmp_path / "run", data__embeddings="auto"))
+
+
 def test_low_memory_trains_from_cached_embeddings(sources, images, tmp_path):
     import shutil
 

@@ -353,6 +353,13 @@ class Trainer:
                           f"which is not the model now at model.source {self.source.path.resolve()}; "
                           "unless their text encoders are the same, embed again with `l2p data embed` "
                           "or set data.embeddings=null")
+            # Checked here rather than when an image is drawn: that could be hours in, and under
+            # torchrun on one rank only, which leaves the others waiting on it.
+            missing = sorted({f.caption for f in self.dataset.files} - set(cache.captions))
+            if missing:
+                raise ConfigError(f"{len(missing)} captions of {cfg.data.path} are not in the text-embedding cache "
+                                  f"{cache_dir}, e.g. {missing[0][:60]!r}: the dataset changed after `l2p data "
+                                  "embed`; run it again, or set data.embeddings=null")
             return cache
         if cfg.low_memory.enabled:
             raise ConfigError("low_memory.enabled needs cached text embeddings (text encoders are never "
