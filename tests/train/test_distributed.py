@@ -58,6 +58,9 @@ def test_two_processes_match_one(sources, images, tmp_path):
     # An FSDP run stopped at step 2 and resumed from its sharded checkpoint.
     runs += [two("fsdp-resumed", distributed__strategy="fsdp", train__max_steps=2),
              two("fsdp-resumed", distributed__strategy="fsdp", train__resume="latest")]
+    # The same for DDP (one checkpoint, every rank's RNG state beside it).
+    runs += [two("ddp-resumed", distributed__strategy="ddp", train__max_steps=2),
+             two("ddp-resumed", distributed__strategy="ddp", train__resume="latest")]
     mp.spawn(run_rank, args=(2, _free_ports(len(runs)), runs), nprocs=2, join=True)
     for strategy in STRATEGIES:
         reference = single_frozen if strategy == "fsdp-offload" else single
@@ -76,10 +79,13 @@ def test_two_processes_match_one(sources, images, tmp_path):
     # FSDP checkpoints hold one shard file per rank, and resuming from them is exact.
     shards = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "step-00000004").glob("trainable*"))
     assert shards == ["trainable-rank0.safetensors", "trainable-rank1.safetensors"]
-    straight = load_file(str(tmp_path / "fsdp" / "final" / "delta-raw.safetensors"))
-    resumed = load_file(str(tmp_path / "fsdp-resumed" / "final" / "delta-raw.safetensors"))
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    assert _losses(tmp_path / "fsdp-resumed") == _losses(tmp_path / "fsdp")
+    for strategy in ("fsdp", "ddp"):
+        for name in ("delta-raw", "delta"):
+            straight = load_file(str(tmp_path / strategy / "final" / f"{name}.safetensors"))
+            resumed = load_file(str(tmp_path / f"{strategy}-resumed" / "final" / f"{name}.safetensors"))
+            assert straight.keys() == resumed.keys()
+            assert all(torch.equal(straight[k], resumed[k]) for k in straight), (strategy, name)
+        assert _losses(tmp_path / f"{strategy}-resumed") == _losses(tmp_path / strategy)
 
     # FSDP exports what a single process exports: the EMA delta and the merged pipeline, and
     # it renders sample grids (every rank samples, rank 0 writes).
