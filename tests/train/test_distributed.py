@@ -202,6 +202,7 @@ def test_output_folder_not_shared_by_the_ranks_is_refused_at_the_start(sources, 
     mp.spawn(run_rank_own_folder, args=(2, _free_ports(1), per_rank, errors), nprocs=2, join=True)
     assert sorted(errors.keys()) == [0, 1]
     for rank in (0, 1):
-        assert errors[rank].startswith("ConfigError: train.output_dir") and "rank(s) 1 of 2" in errors[rank], errors[rank]
+        message = errors[rank]
+        assert message.startswith("ConfigError: train.output_dir") and "rank(s) 1 of 2" in message, message
     assert not any(out.joinpath("checkpoints").exists() for out in outs)
     assert not list(outs[0].glob(".l2p-shared-*"))  # the probe file is removed
