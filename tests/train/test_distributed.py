@@ -206,3 +206,41 @@ def test_output_folder_not_shared_by_the_ranks_is_refused_at_the_start(sources, 
         assert message.startswith("ConfigError: train.output_dir") and "rank(s) 1 of 2" in message, message
     assert not any(out.joinpath("checkpoints").exists() for out in outs)
     assert not list(outs[0].glob(".l2p-shared-*"))  # the probe file is removed
+
+
+def test_fsdp_export_over_a_bf16_source_keeps_the_trained_tensors_as_trained(sources, images, tmp_path, monkeypatch):
+    """A source stored in bf16: the trainer trains in float32, and the FSDP2 export (a fresh
+    conversion, bf16, + the delta) writes the trained tensors in float32 exactly, as the
+    single-process export does, instead of rounding them to the source's bf16."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from l2p.torchrun import DistEnv
+
+    source = tmp_path / "pixart-bf16"
+    shutil.copytree(sources["pixart"], source)
+    original = {}
+    for weights in (source / "transformer").glob("*.safetensors"):
+        tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}
+        original.update(tensors)
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    common = dict(train__max_steps=2, train__batch_size=2, optim__schedule="constant", optim__warmup_steps=0,
+                  checkpoint__every=0, model__trainable="first_last:0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_ports(1)))
+    train(load_config(None, overrides(source, images, tmp_path / "fsdp", **common, distributed__strategy="fsdp")),
+          DistEnv(rank=0, world_size=1, local_rank=0, launched=True))
+    train(load_config(None, overrides(source, images, tmp_path / "single", **common)))
+    for run in ("fsdp", "single"):
+        delta = load_file(str(tmp_path / run / "final" / "delta.safetensors"))
+        stored = {}
+        for weights in (tmp_path / run / "final" / "pipeline" / "transformer").glob("*.safetensors"):
+            stored.update(load_file(str(weights)))
+        assert delta and all(v.dtype == torch.float32 for v in delta.values())
+        assert all(torch.equal(stored[k], v) for k, v in delta.items()), run
+        # The frozen blocks keep the source's values (the FSDP export in the source's bf16, the
+        # single-process one as the float32 copy the run held).
+        frozen = [k for k in original if k.startswith("transformer_blocks.")]
+        assert frozen and all(torch.equal(stored[f"transformer.{k}"].float(), original[k].float()) for k in frozen)
+    assert not (tmp_path / "fsdp" / "final" / ".pipeline-unmerged").exists()

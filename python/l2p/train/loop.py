@@ -741,9 +741,8 @@ class Trainer:
         the sharded tensors and rank 0 merges them onto a fresh conversion of the source."""
         import shutil
 
-        from l2p.conversion import convert_folder, merge_delta
+        from l2p.conversion import convert_folder, merge_folder
         from l2p.conversion.delta import BASE_FINGERPRINT, DELTA_FORMAT, _config_json, atomic_save_file
-        from l2p.models import PixelTransformer2DModel
 
         final = self.out / "final"
         if self.fsdp:
@@ -757,10 +756,14 @@ class Trainer:
         final.mkdir(parents=True, exist_ok=True)
         pipeline = final / "pipeline"
         shutil.rmtree(pipeline, ignore_errors=True)
-        convert_folder(self.source.path, pipeline, patch_size=self.cfg.model.patch_size,
+        # Under FSDP the trained tensors are merged onto a fresh conversion (the whole model is
+        # on no rank), the way `l2p merge` does it.
+        converted = final / ".pipeline-unmerged" if self.fsdp else pipeline
+        shutil.rmtree(converted, ignore_errors=True)
+        convert_folder(self.source.path, converted, patch_size=self.cfg.model.patch_size,
                        head=self._head_config(), seed=self.cfg.model.init_seed)
         if self.scheduler_config is not self.source.scheduler_config:
-            write_text(pipeline / "scheduler" / "scheduler_config.json",
+            write_text(converted / "scheduler" / "scheduler_config.json",
                        json.dumps(self.scheduler_config, indent=2, sort_keys=True) + "\n")
         metadata = {"format": DELTA_FORMAT, "config": _config_json(self.model)}
         if self.base_fingerprint is not None:
@@ -768,9 +771,10 @@ class Trainer:
         if self.fsdp:
             atomic_save_file({k: v.contiguous() for k, v in raw.items()}, final / "delta-raw.safetensors", metadata)
             atomic_save_file({k: v.contiguous() for k, v in averaged.items()}, final / "delta.safetensors", metadata)
-            transformer = PixelTransformer2DModel.from_pretrained(str(pipeline / "transformer"))
-            merge_delta(transformer, averaged)
-            transformer.save_pretrained(str(pipeline / "transformer"), safe_serialization=True)
+            # The trained tensors are written as trained (float32 over a bf16 source's bf16
+            # frozen ones), as the single-process export saves them; not rounded to the source's.
+            merge_folder(converted, final / "delta.safetensors", pipeline, log=self._log)
+            shutil.rmtree(converted, ignore_errors=True)
             return final
         def trainable() -> dict[str, torch.Tensor]:
             return {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
