@@ -153,3 +153,29 @@ def test_blocks_features_need_a_mapped_final_layer():
     source = diffusers.PixArtTransformer2DModel.from_config(TINY["PixArtTransformer2DModel"])
     with pytest.raises(ValueError, match="features 'blocks' is not available for PixArtTransformer2DModel"):
         l2p.convert_to_pixel(source, head={"type": "detailer", "features": "blocks"})
+
+
+def test_the_converted_folder_stores_each_tensor_as_the_checkpoint_does(tmp_path):
+    # The published files mix float32 and bfloat16; a bf16 source must not round the float32
+    # ones, nor a float32 source widen the bf16 ones.
+    from safetensors.torch import load_file
+
+    from l2p.conversion import convert_folder
+
+    path, _, _ = _published(tmp_path)
+    tensors = load_file(str(path))
+    mixed = {k: v.to(torch.bfloat16) if k.startswith("local_decoder.") or "adaLN" in k else v
+             for k, v in tensors.items()}
+    save_file(mixed, str(path))
+    source = _source(tmp_path)
+    for weights in source.glob("*.safetensors"):  # the source stored in bf16
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}, str(weights))
+    convert_folder(source, tmp_path / "out", published_l2p=path, log=lambda _: None)
+    stored = {}
+    for weights in (tmp_path / "out").glob("*.safetensors"):
+        stored.update(load_file(str(weights)))
+    to_q = "layers.0.attention.to_q.weight"
+    assert stored[f"transformer.{to_q}"].dtype == torch.float32
+    assert torch.equal(stored[f"transformer.{to_q}"], mixed[to_q])
+    assert stored["head.encoder.0.weight"].dtype == torch.bfloat16
+    assert torch.equal(stored["head.proj_out.weight"], -mixed["local_decoder.out_conv.weight"])

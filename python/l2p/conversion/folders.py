@@ -316,7 +316,7 @@ def convert_folder(
             from l2p.conversion.published_l2p import load_published_l2p
 
             nonlocal published
-            published = load_published_l2p(pixel, published_l2p)
+            published = load_published_l2p(pixel, published_l2p, keep_stored_dtypes=True)
             log(str(published))
         return pixel
 

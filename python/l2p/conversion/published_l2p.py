@@ -141,10 +141,15 @@ def _our_name(key: str, levels: int, input_module: str) -> tuple[str | None, str
     return f"transformer.{key}", ""
 
 
-def load_published_l2p(model, path: str | Path) -> PublishedLoad:
+def load_published_l2p(model, path: str | Path, *, keep_stored_dtypes: bool = False) -> PublishedLoad:
     """Assign a published L2P checkpoint to ``model`` (a PixelTransformer2DModel converted from
     the same source with PUBLISHED_HEAD and the checkpoint's patch). Every tensor the model has
-    must come from the file, with its shape; nothing is changed unless all of them do."""
+    must come from the file, with its shape; nothing is changed unless all of them do.
+
+    Each tensor takes the model parameter's dtype (those stored wider are counted in
+    ``rounded``), or with ``keep_stored_dtypes`` the dtype the file stores it in, so that a
+    model about to be saved holds the checkpoint exactly (the published files mix float32 and
+    bfloat16); such a model is for saving, not for running."""
     source_class = model.config.source_class
     if source_class not in SUPPORTED_SOURCES:
         raise ValueError(f"published L2P checkpoints exist for {', '.join(SUPPORTED_SOURCES)}; this model "
@@ -190,9 +195,12 @@ def load_published_l2p(model, path: str | Path) -> PublishedLoad:
                 elif how == "embed":  # (D, P*P*3) in (row, column, channel) order -> (D, 3, P, P)
                     value = value.reshape(value.shape[0], patch, patch, 3).permute(0, 3, 1, 2)
                 param = params[name]
-                if value.is_floating_point() and torch.finfo(value.dtype).bits > torch.finfo(param.dtype).bits:
-                    load.rounded += 1
-                param.copy_(value)
+                if keep_stored_dtypes:
+                    param.data = value.contiguous()
+                else:
+                    if value.is_floating_point() and torch.finfo(value.dtype).bits > torch.finfo(param.dtype).bits:
+                        load.rounded += 1
+                    param.copy_(value)
                 load.tensors += 1
     return load
 

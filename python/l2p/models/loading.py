@@ -27,3 +27,15 @@ def cast_loaded(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
             if param.is_floating_point() and param.dtype != dtype and not keep & set(name.split(".")):
                 param.data = param.data.to(dtype)
     return model
+
+
+def one_dtype(model: nn.Module) -> nn.Module:
+    """A model loaded without ``torch_dtype`` from a folder that stores mixed float dtypes
+    (float32 trained tensors over a bfloat16 base after ``l2p merge``; the published L2P
+    checkpoints) in the narrowest dtype that holds all of them exactly, so that its layers
+    can run: float32, unless every tensor is one 16-bit type."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) > 1:
+        widest = max(dtypes, key=lambda d: torch.finfo(d).bits)
+        cast_loaded(model, widest if torch.finfo(widest).bits > 16 else torch.float32)  # bf16 + fp16: fp32
+    return model

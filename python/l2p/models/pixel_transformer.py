@@ -86,18 +86,23 @@ class PixelTransformer2DModel(ModelMixin, ConfigMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' ``ModelMixin.from_pretrained``, with every weight in ``torch_dtype``
-        (or ``dtype``) when one is given.
+        (or ``dtype``) when one is given, and without one a folder that mixes dtypes (a merged
+        float32 delta over a bf16 base; a published L2P checkpoint) in the widest of them.
 
         Without accelerate, diffusers loads by assigning the file's tensors in place of the
         model's whenever the first entry of the model's state dict already has the file's
         dtype; for SD3 that entry is the float32 position table, so a float32 file loaded
         with torch_dtype=torch.bfloat16 kept every weight in float32. The cast below is what
         diffusers' accelerate path does to each tensor it loads (l2p.models.loading)."""
-        from l2p.models.loading import cast_loaded
+        from l2p.models.loading import cast_loaded, one_dtype
 
         loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        cast_loaded(loaded[0] if kwargs.get("output_loading_info") else loaded,
-                    kwargs.get("dtype") or kwargs.get("torch_dtype"))
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded
+        dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
+        if dtype is None:
+            one_dtype(model)  # a folder of mixed dtypes runs in the widest
+        else:
+            cast_loaded(model, dtype)
         return loaded
 
     # -- what the source pipeline needs to know ------------------------------------------
