@@ -54,6 +54,10 @@ class ModelConfig:
     embed_init_ridge: float = 0.1
     # Recompute block activations in the backward pass: "none", "trainable" or "all" blocks.
     gradient_checkpointing: str = "none"
+    # A published L2P checkpoint of model.source (Z-Image L2P; a .safetensors file or a folder of
+    # shards) to continue training from: the pixel model takes its weights, patch and decoder
+    # layout (l2p.conversion.published_l2p), and the export converts with it.
+    published_l2p: str | None = None
 
 
 @dataclass
@@ -248,6 +252,17 @@ class Config:
                 raise ConfigError(f"model.embed_init_images must be >= 1, got {self.model.embed_init_images}")
             if not self.model.embed_init_ridge >= 0:
                 raise ConfigError(f"model.embed_init_ridge must be >= 0, got {self.model.embed_init_ridge}")
+        if self.model.published_l2p is not None:
+            given = [name for name, value in (
+                ("model.init=random", self.model.init == "random"),
+                ("model.embed_init=vae", self.model.embed_init == "vae"),
+                ("model.patch_size", self.model.patch_size is not None),
+                ("model.head_channels", bool(self.model.head_channels)),
+                ("model.head_max_channels", self.model.head_max_channels is not None),
+                ("model.head", self.model.head != "detailer")) if value]
+            if given:
+                raise ConfigError(f"model.published_l2p brings its own weights, patch and decoder: leave "
+                                  f"{', '.join(given)} at the default")
         if self.model.init == "random" and self.model.trainable != "all":
             raise ConfigError("model.init=random leaves frozen blocks random: set model.trainable=all "
                               f"(got {self.model.trainable!r})")

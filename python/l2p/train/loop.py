@@ -160,19 +160,31 @@ class Trainer:
             # Same class and config, fresh weights: the from-scratch baseline.
             torch.manual_seed(cfg.model.init_seed)
             transformer = type(transformer).from_config(transformer.config).to(frozen_dtype)
+        patch_size, head = cfg.model.patch_size, self._head_config()
+        if cfg.model.published_l2p is not None:
+            from l2p.conversion.published_l2p import published_layout
+
+            patch_size, head = published_layout(cfg.model.published_l2p)
         model = convert_to_pixel(transformer, vae_scale_factor=self.source.vae_scale_factor,
-                                 patch_size=cfg.model.patch_size, head=self._head_config(),
-                                 seed=cfg.model.init_seed)
+                                 patch_size=patch_size, head=head, seed=cfg.model.init_seed)
         del transformer
+        published_rounded = False
+        if cfg.model.published_l2p is not None:
+            from l2p.conversion.published_l2p import load_published_l2p
+
+            published = load_published_l2p(model, cfg.model.published_l2p)
+            published_rounded = published.rounded > 0
+            self._log(str(published))
         self.trainable_report = set_trainable(model, cfg.model.trainable)
         if cfg.model.embed_init == "vae":
             _check_fitted_embedding_trains(model, cfg.model.trainable)
         # The frozen tensors' fingerprint, which the deltas record so that l2p merge refuses
         # another base: taken now, before FSDP shards them. None (the delta then merges with
-        # a warning) where the frozen tensors are not the stored values, a wider source read
-        # in low_memory.frozen_dtype: the rounded values would refuse the run's own base.
+        # a warning) where the frozen tensors are not the stored values, a wider source (or
+        # published checkpoint) read in low_memory.frozen_dtype: the rounded values would
+        # refuse the run's own base.
         self.base_fingerprint = (base_fingerprint(model) if self.source.loads_exactly(frozen_dtype)
-                                 else None)
+                                 and not published_rounded else None)
         self.dataset = open_dataset(cfg.data.path, cfg.data.resolution, cfg.train.seed,
                                     patch_size=model.config.patch_size, max_aspect=cfg.data.bucket_max_aspect)
         # The source's VAE encoder, read once for both things that encode images with it.
@@ -761,7 +773,8 @@ class Trainer:
         converted = final / ".pipeline-unmerged" if self.fsdp else pipeline
         shutil.rmtree(converted, ignore_errors=True)
         convert_folder(self.source.path, converted, patch_size=self.cfg.model.patch_size,
-                       head=self._head_config(), seed=self.cfg.model.init_seed)
+                       head=self._head_config(), seed=self.cfg.model.init_seed,
+                       published_l2p=self.cfg.model.published_l2p, log=self._log)
         if self.scheduler_config is not self.source.scheduler_config:
             write_text(converted / "scheduler" / "scheduler_config.json",
                        json.dumps(self.scheduler_config, indent=2, sort_keys=True) + "\n")
