@@ -389,6 +389,12 @@ def test_torch_dtype_loads_every_weight_in_that_dtype(converted, name):
     assert image.dtype == torch.float32 and torch.isfinite(image).all() and 0 <= image.min() and image.max() <= 1
 
 
+def test_custom_schedules_are_refused_by_name(pipelines):
+    for kwargs in ({"timesteps": [999, 500]}, {"sigmas": [1.0, 0.5]}):
+        with pytest.raises(TypeError, match=r"takes no (timesteps|sigmas); choose it with num_inference_steps"):
+            pipelines["sd3"]("a", height=32, width=24, num_inference_steps=2, **kwargs)
+
+
 def test_precomputed_embeddings_are_refused_by_name(pipelines):
     """diffusers' prompt_embeds & co. are not taken: the error names them and says to pass the
     text, instead of calling them unknown guidance options (or a missing prompt)."""

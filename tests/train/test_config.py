@@ -136,3 +136,23 @@ def test_l2p_train_subcommand_is_registered():
 
     args = build_parser().parse_args(["train", "cfg.yaml", "--set", "optim.lr=1"])
     assert args.config == "cfg.yaml" and args.overrides == ["optim.lr=1"]
+
+
+def test_the_collective_timeout_is_configurable(monkeypatch):
+    from datetime import timedelta
+
+    import torch
+
+    from l2p.torchrun import DistEnv
+    from l2p.train.config import ConfigError, load_config
+    from l2p.train.distributed import init_distributed
+
+    with pytest.raises(ConfigError, match="distributed.timeout_minutes must be > 0"):
+        load_config(None, ["distributed.timeout_minutes=0"])
+    cfg = load_config(None, ["distributed.timeout_minutes=5"])
+    seen = {}
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: seen.update(kw))
+    init_distributed(DistEnv(rank=0, world_size=2, local_rank=0, launched=True), torch.device("cpu"),
+                     cfg.distributed.backend, cfg.distributed.timeout_minutes)
+    assert seen["timeout"] == timedelta(minutes=5) and seen["backend"] == "gloo"

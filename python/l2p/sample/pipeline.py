@@ -54,6 +54,11 @@ _PRECOMPUTED_CONDITIONING = frozenset(
         "prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask", "prompt_embeds_mask"))
 
 
+# The diffusers pipelines' arguments for a schedule given step by step; L2PPipeline sets the
+# source pipeline's own (num_inference_steps, and shift for the flow time shift).
+_CUSTOM_SCHEDULE = frozenset({"timesteps", "sigmas"})
+
+
 def _is_component_entry(value) -> bool:
     """A model_index.json component entry: [library, class name], [null, null] for none."""
     return isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)
@@ -481,6 +486,11 @@ class L2PPipeline:
             raise TypeError(f"L2PPipeline encodes the prompts itself with the source's text encoders and takes "
                             f"no precomputed conditioning ({', '.join(precomputed)}); pass the text as prompt "
                             f"(and negative_prompt)")
+        schedule = sorted(set(guidance_options) & _CUSTOM_SCHEDULE)
+        if schedule:
+            raise TypeError(f"L2PPipeline sets the source pipeline's own schedule and takes no {', '.join(schedule)}; "
+                            f"choose it with num_inference_steps, shift (the flow time shift) and "
+                            f"pipe.scheduler = SchedulerClass.from_config(pipe.scheduler.config)")
         unknown = set(callback_on_step_end_tensor_inputs) - {"latents"}
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs may only hold 'latents' (the pixel-space "

@@ -177,6 +177,9 @@ class DistributedConfig:
     strategy: str = "ddp"
     # None = nccl on GPUs, gloo on the CPU.
     backend: str | None = None
+    # How long a collective waits for a rank that does not arrive before the run fails (a rank
+    # that died on another node); long enough for the slowest checkpoint write or export.
+    timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -293,6 +296,8 @@ class Config:
         ]:
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
+        if not self.distributed.timeout_minutes > 0:
+            raise ConfigError(f"distributed.timeout_minutes must be > 0, got {self.distributed.timeout_minutes}")
         if self.data.bucket_max_aspect is not None and self.data.bucket_max_aspect < 1.0:
             raise ConfigError(f"data.bucket_max_aspect must be >= 1 (or null), got {self.data.bucket_max_aspect}")
         if not 0.0 <= self.data.caption_dropout <= 1.0:

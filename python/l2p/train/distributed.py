@@ -18,7 +18,8 @@ from torch import nn
 from l2p.torchrun import DistEnv
 
 
-def init_distributed(env: DistEnv, device: torch.device, backend: str | None = None) -> None:
+def init_distributed(env: DistEnv, device: torch.device, backend: str | None = None,
+                     timeout_minutes: float = 30.0) -> None:
     """Join the process group that torchrun (or a test's launcher) set up (env:// rendezvous)."""
     if not env.has_process_group or torch.distributed.is_initialized():
         return
@@ -27,7 +28,7 @@ def init_distributed(env: DistEnv, device: torch.device, backend: str | None = N
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.distributed.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                                         timeout=timedelta(minutes=30))
+                                         timeout=timedelta(minutes=timeout_minutes))
 
 
 def shutdown_distributed(wait_for_peers: bool = False) -> None:

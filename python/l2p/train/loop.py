@@ -131,7 +131,7 @@ class Trainer:
         self.cfg = cfg
         self.env = env or DistEnv.from_torchrun()
         self.device = pick_device(cfg.train.device, self.env)
-        init_distributed(self.env, self.device, cfg.distributed.backend)
+        init_distributed(self.env, self.device, cfg.distributed.backend, cfg.distributed.timeout_minutes)
         self.out = Path(cfg.train.output_dir)
         if self.env.enabled:
             check_shared_folder(self.out, self.env, self.device)
@@ -760,9 +760,21 @@ class Trainer:
         if self.fsdp:
             reshard(self.model)
             named = dict(self.model.named_parameters())
-            raw = {n: _full(named[n]).detach().cpu() for n in self.param_names}
-            averaged = ({n: _full(_like(named[n], shard)).detach().cpu() for n, shard in self.ema.shadow.items()}
-                        if self.ema is not None else raw)
+            # Every rank joins each gather (a collective); only rank 0 keeps the whole tensors,
+            # so the others never hold a full copy of the trainable set in host memory.
+            keep = self.env.is_main
+            raw, averaged = {}, {}
+            for n in self.param_names:
+                whole = _full(named[n]).detach()
+                if keep:
+                    raw[n] = whole.cpu()
+            if self.ema is None:
+                averaged = raw
+            else:
+                for n, shard in self.ema.shadow.items():
+                    whole = _full(_like(named[n], shard)).detach()
+                    if keep:
+                        averaged[n] = whole.cpu()
         if not self.env.is_main:
             return None
         final.mkdir(parents=True, exist_ok=True)
