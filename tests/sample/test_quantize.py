@@ -36,6 +36,8 @@ def test_int8_linear_rounds_each_row_to_half_its_scale():
     x = torch.randn(3, 7, 48, generator=gen)
     torch.testing.assert_close(q(x), nn.functional.linear(x, q.weight, linear.bias))
     assert q(x.bfloat16()).dtype == torch.bfloat16
+    assert q.weight.dtype == torch.float32 and q.to(torch.bfloat16).weight.dtype == torch.bfloat16
+    assert q.weight_int8.dtype == torch.int8
 
 
 @pytest.mark.parametrize("name", ("pixart", "sd3", "flux"))

@@ -49,6 +49,12 @@ class Int8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(quantized, scale, bias, linear.weight.dtype)
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype), .half(), ...: the dtype ``weight`` reports follows, as a Linear's would
+        # (fn casts floating tensors only; the int8 buffer and device moves leave it).
+        self.original_dtype = fn(torch.empty(0, dtype=self.original_dtype)).dtype
+        return super()._apply(fn, recurse)
+
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.weight_int8.to(torch.float32) * self.weight_scale).to(dtype)
 
