@@ -194,10 +194,9 @@ def test_cli_generate(tiny_pixart, prompt_file, tmp_path, capsys, monkeypatch):
     assert "toy source is missing" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_torchrun_two_ranks_merge_one_metadata(tiny_pixart, prompt_file, tmp_path):
-    """Two real processes under torchrun (gloo, CPU): each renders its slice, rank 0 merges
-    after the barrier."""
+def _torchrun_generate(script: str, source, prompt_file, out, tmp_path, *extra):
+    """``l2p data generate`` in two real processes under torchrun (gloo, CPU), started through
+    ``script`` (Python that ends by running the CLI); the finished process."""
     import os
     import socket
     import subprocess
@@ -206,17 +205,23 @@ def test_torchrun_two_ranks_merge_one_metadata(tiny_pixart, prompt_file, tmp_pat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / "out"
-    script = tmp_path / "run.py"
-    script.write_text("import sys, torch\ntorch.set_num_threads(1)\nfrom l2p.cli import main\n"
-                      "sys.exit(main(sys.argv[1:]))\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(
+    (tmp_path / "run.py").write_text(script)
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(port), str(script), "data", "generate", "--source", str(tiny_pixart),
+         "--master_port", str(port), str(tmp_path / "run.py"), "data", "generate", "--source", str(source),
          "--prompts", str(prompt_file), "--out", str(out), "--images-per-prompt", "2", "--steps", "2",
-         "--height", "32", "--width", "32", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, env=env)
+         "--height", "32", "--width", "32", "--device", "cpu", *extra],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_merge_one_metadata(tiny_pixart, prompt_file, tmp_path):
+    """Two real processes under torchrun (gloo, CPU): each renders its slice, rank 0 merges
+    after the barrier."""
+    out = tmp_path / "out"
+    proc = _torchrun_generate("import sys, torch\ntorch.set_num_threads(1)\nfrom l2p.cli import main\n"
+                              "sys.exit(main(sys.argv[1:]))\n", tiny_pixart, prompt_file, out, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0/2: 4 rendered" in proc.stdout and "rank 1/2: 4 rendered" in proc.stdout
     assert [r["file_name"] for r in _metadata(out)] == _all_names()
@@ -227,28 +232,13 @@ def test_torchrun_ranks_agree_on_the_status_after_metadata_is_written(tiny_pixar
     """Every image of rank 1 fails: it used to exit 1 at once, which lets torchrun stop rank 0
     while it writes metadata.csv, and rank 0 exited 0. Now both wait for the metadata and
     both exit 1, rank 0 saying which rank failed."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "out"
-    script = tmp_path / "run.py"
-    script.write_text(
+    proc = _torchrun_generate(
         "import os, sys, torch\ntorch.set_num_threads(1)\nfrom l2p.cli import main\nfrom l2p.data import generate\n"
         "def broken(*args, **kwargs):\n    raise RuntimeError('simulated')\n"
         "if os.environ['RANK'] == '1':\n    generate._render = broken\n"
-        "code = main(sys.argv[1:])\nprint(f\"rank {os.environ['RANK']} exits {code}\", flush=True)\nsys.exit(code)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(port), str(script), "data", "generate", "--source", str(tiny_pixart),
-         "--prompts", str(prompt_file), "--out", str(out), "--images-per-prompt", "2", "--steps", "2",
-         "--height", "32", "--width", "32", "--device", "cpu", "--batch-size", "4"],
-        capture_output=True, text=True, timeout=300, env=env)
+        "code = main(sys.argv[1:])\nprint(f\"rank {os.environ['RANK']} exits {code}\", flush=True)\nsys.exit(code)\n",
+        tiny_pixart, prompt_file, out, tmp_path, "--batch-size", "4")
     assert proc.returncode != 0
     assert "rank 0 exits 1" in proc.stdout and "rank 1 exits 1" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     assert "rank 0/2: 4 rendered" in proc.stdout and "4 failed on all ranks" in proc.stdout

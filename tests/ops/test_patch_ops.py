@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import l2p.ops
 from l2p.ops.reference import patch_embed_reference, unpatchify_reference
