@@ -203,3 +203,12 @@ def test_kohya_file_is_converted_by_the_source_pipeline(converted, tmp_path):
     fused = pipe.fuse_lora(lora)
     assert fused.fused == ["transformer.single_transformer_blocks.0.proj_out"]
     torch.testing.assert_close(layer.weight, before + 0.5 * b @ a)
+
+
+def test_kohya_names_for_a_family_without_a_diffusers_lora_loader_are_a_clear_error(converted, tmp_path):
+    pipe = _fresh(converted, "pixart")  # PixArtSigmaPipeline has no lora_state_dict
+    lora = _write(tmp_path / "kohya.safetensors", {
+        "lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.randn(2, 32),
+        "lora_unet_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.randn(32, 2)})
+    with pytest.raises(ValueError, match="converted only for families whose diffusers pipeline loads LoRAs"):
+        pipe.fuse_lora(lora)

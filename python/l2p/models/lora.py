@@ -131,8 +131,10 @@ def _split_alphas(path: str, state_dict: dict, configs: dict) -> LoraFile:
         elif _LAYER_KEY.match(key):
             layers[key] = value
         else:
-            raise ValueError(f"{path}: {key!r} is not a LoRA layer key (expected <module>.lora_A.weight / "
-                             f"lora_B.weight after conversion; LoKr, LoHa and other adapters are not supported)")
+            raise ValueError(f"{path}: {key!r} is not a LoRA layer key in diffusers' naming (<module>.lora_A.weight / "
+                             f"lora_B.weight): other trainers' names (lora_down/lora_up) are converted only for "
+                             f"families whose diffusers pipeline loads LoRAs, and LoKr, LoHa and other adapters "
+                             f"are not supported")
     if not layers:
         raise ValueError(f"{path} holds no LoRA layers (no lora_A/lora_B weights)")
     return LoraFile(path, layers, alphas, configs)
