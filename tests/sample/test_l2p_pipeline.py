@@ -366,6 +366,25 @@ def test_a_stochastic_scheduler_draws_its_step_noise_from_the_generator(pipeline
         pipe.scheduler = own
 
 
+def test_ddim_eta_reaches_the_scheduler_and_is_refused_where_there_is_none(pipelines):
+    from diffusers import DDIMScheduler
+
+    pipe = pipelines["pixart"]
+    own = pipe.scheduler
+    with pytest.raises(ValueError, match="eta=0.5 is DDIM's; DPMSolverMultistepScheduler takes none"):
+        _run(pipe, eta=0.5, generator=torch.Generator().manual_seed(0))
+    pipe.scheduler = DDIMScheduler.from_config(own.config)
+    try:
+        plain = _run(pipe, generator=torch.Generator().manual_seed(0), num_inference_steps=3)
+        noisy = _run(pipe, eta=1.0, generator=torch.Generator().manual_seed(0), num_inference_steps=3)
+        again = _run(pipe, eta=1.0, generator=torch.Generator().manual_seed(0), num_inference_steps=3)
+        assert torch.equal(noisy, again) and (noisy - plain).abs().max() > 1e-3
+        assert torch.equal(_run(pipe, eta=0.0, generator=torch.Generator().manual_seed(0), num_inference_steps=3),
+                           plain)
+    finally:
+        pipe.scheduler = own
+
+
 @pytest.mark.parametrize("count", [1, 3])
 def test_a_generator_list_must_hold_one_generator_per_image(pipelines, count):
     """As in the diffusers pipelines: a list of generators of another length than the batch

@@ -78,7 +78,8 @@ def guidance_options_for(family, given: dict) -> dict:
 def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncond: dict | None, *,
             steps: int, cfg_scale: float = 1.0, embedded_guidance: float = 1.0, mu: float | None = None,
             guidance_options: dict | None = None, guidance_max_sigma: float | None = None, progress=None,
-            on_step_end=None, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+            on_step_end=None, generator: torch.Generator | list[torch.Generator] | None = None,
+            eta: float = 0.0) -> torch.Tensor:
     """The source pipeline's denoising loop in pixel space; returns the final image (B, 3, H, W)
     in float32, not clipped.
 
@@ -103,6 +104,8 @@ def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncon
             do (``prepare_extra_step_kwargs``): the noise a stochastic scheduler adds at each
             step (DDPM, Euler ancestral, SDE DPM-Solver, flow Euler with stochastic_sampling)
             then comes from it, so a seeded call gives the same image every time.
+        eta: DDIM's eta, handed to ``scheduler.step`` where it takes one (as the diffusers
+            pipelines do); a nonzero eta for a scheduler without one is an error.
     """
     p = model.config.patch_size
     device = next(model.parameters()).device
@@ -114,7 +117,13 @@ def denoise(model, family, recipe, scheduler, x: torch.Tensor, cond: dict, uncon
     both = None
     if uncond is not None:
         both = condmod.stack([condmod.to_device(uncond, device, dtype), cond])
-    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    step_takes = inspect.signature(scheduler.step).parameters
+    step_kwargs = {"generator": generator} if "generator" in step_takes else {}
+    if "eta" in step_takes:
+        step_kwargs["eta"] = eta
+    elif eta:
+        raise ValueError(f"eta={eta} is DDIM's; {type(scheduler).__name__} takes none: leave eta at 0 or set "
+                         f"pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
     sigmas = None
     if guidance_max_sigma is not None:
         sigmas = getattr(scheduler, "sigmas", None)
@@ -428,6 +437,7 @@ class L2PPipeline:
         true_cfg_scale: float = 1.0,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        eta: float = 0.0,
         latents: torch.Tensor | None = None,
         shift: float | str | None = None,
         guidance_max_sigma: float | None = None,
@@ -452,6 +462,7 @@ class L2PPipeline:
                 guidance; unlike those pipelines, the negative prompt then defaults to "".
             generator: a torch.Generator (or a list, one per image) for the initial noise and
                 for the noise a stochastic scheduler adds at each step.
+            eta: DDIM's eta (with a scheduler whose step takes one; 0 by default, as in diffusers).
             latents: the initial noise (B, 3, H, W) instead of drawing it.
             shift: flow time shift k overriding the source's; for dynamically shifted
                 schedulers mu = log(k). "recommended": up to 1024 x 1024 the source's own
@@ -553,7 +564,7 @@ class L2PPipeline:
                         cfg_scale=cfg_scale, embedded_guidance=guidance_scale if self.recipe.distilled_guidance
                         else 1.0, mu=mu, guidance_options=guidance_options,
                         guidance_max_sigma=guidance_max_sigma, progress=progress, on_step_end=on_step_end,
-                        generator=generator)
+                        generator=generator, eta=eta)
         images = VaeImageProcessor(do_resize=False).postprocess(x.clamp(-1, 1), output_type=output_type)
         if not return_dict:
             return (images,)
