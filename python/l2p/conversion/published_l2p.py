@@ -78,15 +78,25 @@ def checkpoint_files(path: str | Path) -> list[Path]:
 _WRAPPER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "dit.", "transformer.")
 
 
-def _shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """The stored shapes by key, the keys without a prefix that every one of them carries."""
-    shapes = {}
+@dataclass
+class _Headers:
+    """What the headers of a checkpoint's files say, read once: each tensor's shape and the
+    file holding it, by key without the prefix every stored key carries."""
+
+    shapes: dict[str, tuple[int, ...]]
+    stored: dict[str, tuple[Path, str]]  # key -> (file, the key as stored)
+
+
+def _headers(files: list[Path]) -> _Headers:
+    shapes, where = {}, {}
     for path in files:
         with open_safetensors(path) as f:
             for key in f.keys():
                 shapes[key] = tuple(f.get_slice(key).get_shape())
+                where[key] = path
     prefix = _wrapper_prefix(shapes)
-    return {key[len(prefix):]: shape for key, shape in shapes.items()}
+    return _Headers({key[len(prefix):]: shape for key, shape in shapes.items()},
+                    {key[len(prefix):]: (path, key) for key, path in where.items()})
 
 
 def _wrapper_prefix(keys) -> str:
@@ -95,8 +105,10 @@ def _wrapper_prefix(keys) -> str:
 
 def published_layout(path: str | Path) -> tuple[int, dict]:
     """(pixel patch P, head config) of a published L2P checkpoint, from its headers alone."""
-    files = checkpoint_files(path)
-    shapes = _shapes(files)
+    return _layout(path, _headers(checkpoint_files(path)).shapes)
+
+
+def _layout(path, shapes: dict[str, tuple[int, ...]]) -> tuple[int, dict]:
     embedders = {(int(m[1]), int(m[2])) for k in shapes if (m := _EMBEDDER.match(k))}
     if not any(k.startswith("local_decoder.") for k in shapes) or len(embedders) != 1:
         raise ValueError(f"{path} is not an L2P checkpoint of the published layout (one pixel patch "
@@ -155,16 +167,16 @@ def load_published_l2p(model, path: str | Path, *, keep_stored_dtypes: bool = Fa
         raise ValueError(f"published L2P checkpoints exist for {', '.join(SUPPORTED_SOURCES)}; this model "
                          f"was converted from {source_class}")
     files = checkpoint_files(path)
-    patch, head = published_layout(path)
+    headers = _headers(files)
+    patch, head = _layout(path, headers.shapes)
     if model.config.patch_size != patch or model.config.head_config != head:
         raise ValueError(f"the model has patch {model.config.patch_size} and head {model.config.head_config} "
                          f"but {path} needs patch {patch} and head {head}: convert with "
                          f"l2p convert --published-l2p {path}")
     levels = patch.bit_length() - 1
     params = dict(model.named_parameters())
-    shapes = _shapes(files)
     plan, ignored = {}, []
-    for key, shape in shapes.items():
+    for key, shape in headers.shapes.items():
         name, how = _our_name(key, levels, model.adapter.input_module)
         if name is None or name not in params:
             ignored.append(key)
@@ -182,11 +194,10 @@ def load_published_l2p(model, path: str | Path, *, keep_stored_dtypes: bool = Fa
                          f"{', ...' if len(missing) > 4 else ''}): is it a published L2P checkpoint of this source?")
 
     load = PublishedLoad([str(f) for f in files], ignored=sorted(ignored))
-    prefix = _wrapper_prefix([k for f in files for k in _keys(f)])
     with torch.no_grad():
         for file in files:
-            stored = {key[len(prefix):]: key for key in _keys(file)}
-            wanted = {stored[key]: name for name, (key, _) in plan.items() if key in stored}
+            wanted = {headers.stored[key][1]: name for name, (key, _) in plan.items()
+                      if headers.stored[key][0] == file}
             for key, value in read_tensors(file, list(wanted)).items():
                 name = wanted[key]
                 how = plan[name][1]
@@ -204,7 +215,3 @@ def load_published_l2p(model, path: str | Path, *, keep_stored_dtypes: bool = Fa
                 load.tensors += 1
     return load
 
-
-def _keys(file: Path) -> set[str]:
-    with open_safetensors(file) as f:
-        return set(f.keys())
