@@ -18,6 +18,7 @@ from l2p.conversion.convert import ConversionReport, convert_to_pixel, parameter
 from l2p.conversion.delta import check_delta_base, check_delta_config, load_delta
 from l2p.conversion.safetensors_io import open_safetensors, read_tensors
 from l2p.models import PixelTransformer2DModel
+from l2p.models.loading import widest_dtype
 
 PIXEL_CLASS = PixelTransformer2DModel.__name__
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -181,14 +182,6 @@ def check_config_fits_weights(model_type, config: dict, shapes: dict[str, tuple[
     )
 
 
-def _widest(dtypes) -> torch.dtype:
-    """A dtype that holds every one of ``dtypes`` exactly (bf16 and fp16 together: fp32)."""
-    kinds = set(dtypes)
-    if len(kinds) == 1:
-        return kinds.pop()
-    return torch.float64 if torch.float64 in kinds else torch.float32
-
-
 def load_source_transformer(folder: Path):
     """A supported diffusers transformer from its save_pretrained folder (safetensors), each
     tensor in the dtype it is stored in."""
@@ -211,7 +204,7 @@ def load_source_transformer(folder: Path):
     # so the conversion copies (and its report verifies) the stored values bit for bit.
     model = adapter.source_type().from_pretrained(
         str(folder), use_safetensors=True, variant=variant,
-        torch_dtype=_widest(stored.values()) if stored else torch.float32,
+        torch_dtype=widest_dtype(stored.values()) if stored else torch.float32,
     )
     if len(set(stored.values())) > 1:
         tensors = dict(model.named_parameters())

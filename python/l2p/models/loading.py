@@ -29,6 +29,14 @@ def cast_loaded(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     return model
 
 
+def widest_dtype(dtypes) -> torch.dtype:
+    """A dtype that holds every one of ``dtypes`` exactly (bf16 and fp16 together: fp32)."""
+    kinds = set(dtypes)
+    if len(kinds) == 1:
+        return kinds.pop()
+    return torch.float64 if torch.float64 in kinds else torch.float32
+
+
 def one_dtype(model: nn.Module) -> nn.Module:
     """A model loaded without ``torch_dtype`` from a folder that stores mixed float dtypes
     (float32 trained tensors over a bfloat16 base after ``l2p merge``; the published L2P
@@ -36,6 +44,5 @@ def one_dtype(model: nn.Module) -> nn.Module:
     can run: float32, unless every tensor is one 16-bit type."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(dtypes) > 1:
-        widest = max(dtypes, key=lambda d: torch.finfo(d).bits)
-        cast_loaded(model, widest if torch.finfo(widest).bits > 16 else torch.float32)  # bf16 + fp16: fp32
+        cast_loaded(model, widest_dtype(dtypes))
     return model
