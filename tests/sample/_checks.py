@@ -36,3 +36,17 @@ def assert_attention_modes_agree(pipe, run, monkeypatch) -> None:
     finally:
         pipe.set_attention("auto")
     torch.testing.assert_close(images["l2p"], images["native"], rtol=1e-5, atol=1e-5)
+
+
+def assert_block_offload_agrees(pipe, run) -> None:
+    """``run(pipe)`` under block offload (to the CPU, the only device here) gives the images it
+    gives without, with every block of the family's block groups offloaded on its own."""
+    plain = run(pipe)
+    pipe.enable_block_offload("cpu")
+    try:
+        offload = pipe._block_offloads[id(pipe.transformer)]
+        source = pipe.transformer.transformer
+        assert len(offload.blocks) == sum(len(source.get_submodule(g)) for g in pipe.transformer.adapter.block_groups)
+        assert torch.equal(run(pipe), plain)
+    finally:
+        pipe.disable_block_offload()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _checks import assert_attention_modes_agree, converted_pipelines
+from _checks import assert_attention_modes_agree, assert_block_offload_agrees, converted_pipelines
 from l2p import testing
 
 # name -> (builder, pixel patch of its tiny VAE x latent patch, image side)
@@ -74,6 +74,11 @@ def test_two_images_with_guidance_and_seed(pipelines, name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_attention_modes_give_the_same_image(pipelines, name, monkeypatch):
     assert_attention_modes_agree(pipelines[name], lambda pipe: _run(pipe, name), monkeypatch)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_block_offload_gives_the_same_images(pipelines, name):
+    assert_block_offload_agrees(pipelines[name], lambda pipe: _run(pipe, name))
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
         report = pipe.quantize_int8()
         print(f"int8 weights in {report.layers} block layers: transformer "
               f"{report.bytes_before / 2**20:.1f} -> {report.bytes_after / 2**20:.1f} MiB")
-    if args.offload:
+    if args.offload == "blocks":
+        pipe.enable_block_offload(device)
+    elif args.offload == "model":
         pipe.enable_model_cpu_offload(device)
     else:
         pipe.to(device)
@@ -130,9 +132,11 @@ def register(subparsers) -> None:
     p.add_argument("--int8", action="store_true",
                    help="store the transformer blocks' Linear weights as int8 (weight-only, per-row "
                         "scales; after --lora): about half the memory of bf16 weights")
-    p.add_argument("--offload", action="store_true",
-                   help="keep the text encoders and the transformer in host memory and move each to the "
-                        "device only while it runs (for GPUs that cannot hold both)")
+    p.add_argument("--offload", nargs="?", const="model", choices=("model", "blocks"), default=None,
+                   help="keep the weights in host memory: 'model' (the default of a bare --offload) moves "
+                        "the text encoders and the transformer to the device each only while it runs (for "
+                        "GPUs that cannot hold both); 'blocks' moves each block only for its own forward "
+                        "(for GPUs that cannot hold the transformer; slower)")
     p.add_argument("--lora", action="append", default=[], type=_lora, metavar="PATH[:SCALE]",
                    help="a LoRA made for the source model (.safetensors), fused into the weights at "
                         "SCALE (default 1); repeat for several")

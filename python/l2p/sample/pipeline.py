@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from l2p.sample.attention import resolve_attention, set_attention
+from l2p.sample.offload import BlockOffload, largest_block_list
 from l2p.sample.schedule import recipe_for, recommended_sampling_shift, set_timesteps, with_shift
 from l2p.train import conditioning as condmod
 
@@ -179,8 +180,10 @@ class L2PPipeline:
         self.folder_settings: dict = {}
         # The LoRAs fused into the weights, in order (see fuse_lora).
         self.fused_loras = []
-        # Where the models run under enable_model_cpu_offload (None: where they are).
+        # Where the models run under enable_model_cpu_offload or enable_block_offload (None:
+        # where they are), and the latter's per-model BlockOffload (empty under the former).
         self._offload_device: torch.device | None = None
+        self._block_offloads: dict[int, BlockOffload] = {}
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -284,8 +287,8 @@ class L2PPipeline:
 
     @property
     def device(self) -> torch.device:
-        """Where sampling runs: the offload device under ``enable_model_cpu_offload``, else the
-        transformer's."""
+        """Where sampling runs: the offload device under ``enable_model_cpu_offload`` or
+        ``enable_block_offload``, else the transformer's."""
         if self._offload_device is not None:
             return self._offload_device
         return next(self.transformer.parameters()).device
@@ -296,8 +299,8 @@ class L2PPipeline:
 
     def to(self, *args, **kwargs) -> "L2PPipeline":
         if self._offload_device is not None:
-            raise ValueError("model CPU offload is on (it moves each model to "
-                             f"{self._offload_device} while it runs); call "
+            raise ValueError(f"{self._offload_kind()} offload is on (it moves the weights to "
+                             f"{self._offload_device} while they run); call "
                              "pipe.disable_model_cpu_offload() before pipe.to(...)")
         self.transformer.to(*args, **kwargs)
         self.text_pipeline.to(*args, **kwargs)
@@ -312,27 +315,74 @@ class L2PPipeline:
         from l2p.devices import pick_device
 
         target = pick_device(None if device is None else str(device), "device")
-        self._offload_device = None
+        self.disable_model_cpu_offload()
         self.to("cpu")
         self._offload_device = target
 
+    def enable_block_offload(self, device: str | torch.device | None = None) -> None:
+        """Keep every weight in host memory and copy it to ``device`` (default: the
+        accelerator) only while it runs: each transformer block for its own forward, the rest
+        of the transformer for the denoising loop, and likewise each text encoder's layers
+        (its largest list of blocks) and rest for the prompts. The device then holds one block
+        and the small non-block layers instead of the whole transformer, for GPUs that cannot
+        hold it even in int8, at the price of copying the blocks over at every model call.
+        diffusers' enable_group_offload(offload_type="block_level", num_blocks_per_group=1),
+        without accelerate (l2p/sample/offload.py). Fuse LoRAs and quantize before enabling
+        it. The images are those of the pipeline moved to ``device``."""
+        from l2p.devices import pick_device
+
+        target = pick_device(None if device is None else str(device), "device")
+        self.disable_model_cpu_offload()
+        self.to("cpu")
+        source = self.transformer.transformer
+        blocks = [block for group in self.transformer.adapter.block_groups
+                  for block in source.get_submodule(group)]
+        offloads = [BlockOffload(self.transformer, blocks, target)]
+        offloads += [BlockOffload(encoder, largest_block_list(encoder), target)
+                     for encoder in self._text_encoders().values()]
+        self._block_offloads = {id(offload.model): offload for offload in offloads}
+        self._offload_device = target
+
     def disable_model_cpu_offload(self) -> None:
-        """Stop offloading; the models stay in host memory until ``pipe.to(...)``."""
+        """Stop offloading (model or block offload); the models stay in host memory until
+        ``pipe.to(...)``."""
+        for offload in self._block_offloads.values():
+            offload.remove()
+        self._block_offloads = {}
         self._offload_device = None
+
+    disable_block_offload = disable_model_cpu_offload
+
+    def _offload_kind(self) -> str:
+        return "block" if self._block_offloads else "model CPU"
+
+    def _refuse_under_block_offload(self, action: str) -> None:
+        if self._block_offloads:
+            raise ValueError(f"{action} is not possible under block offload (it keeps each weight's "
+                             f"host copy); call pipe.disable_block_offload(), {action}, then "
+                             f"pipe.enable_block_offload(...) again")
 
     @contextlib.contextmanager
     def _loaded(self, modules):
-        """The ``modules`` on the offload device for the block (nothing to do without offload)."""
+        """The ``modules`` on the offload device for the block (nothing to do without offload);
+        under block offload, their non-block layers (each block comes and goes by itself)."""
         if self._offload_device is None:
             yield
             return
+        by_blocks = bool(self._block_offloads)
         try:
             for module in modules:
-                module.to(self._offload_device)
+                if by_blocks:
+                    self._block_offloads[id(module)].onload_rest()
+                else:
+                    module.to(self._offload_device)
             yield
         finally:
             for module in modules:
-                module.to("cpu")
+                if by_blocks:
+                    self._block_offloads[id(module)].offload()
+                else:
+                    module.to("cpu")
 
     def _text_encoders(self) -> dict[str, torch.nn.Module]:
         """The source pipeline's text encoders by component name (text_encoder, text_encoder_2, ...)."""
@@ -367,6 +417,7 @@ class L2PPipeline:
         from the source (layers the pixel model replaced, blocks L2P trained)."""
         from l2p.models.lora import fuse_lora, read_lora
 
+        self._refuse_under_block_offload("fusing a LoRA")
         adapter = self.transformer.adapter
         lora = read_lora(path, type(self.text_pipeline))
         fused = fuse_lora(self._lora_components(), lora, lora_scale,
@@ -381,12 +432,15 @@ class L2PPipeline:
         first; a quantized pipeline is not saved. Returns the ``QuantizationReport``."""
         from l2p.models.quantize import quantize_blocks_int8
 
+        self._refuse_under_block_offload("quantizing")
         return quantize_blocks_int8(self.transformer)
 
     def unfuse_lora(self) -> None:
         """Restore the weights from before the first ``fuse_lora``, bit for bit."""
         from l2p.models.lora import unfuse_lora
 
+        if self.fused_loras:
+            self._refuse_under_block_offload("unfusing LoRAs")
         components = self._lora_components()
         while self.fused_loras:
             unfuse_lora(components, self.fused_loras.pop())
