@@ -123,6 +123,27 @@ def test_low_memory_trains_from_cached_embeddings(sources, images, tmp_path):
     result = trainer.run()
     assert all(torch.isfinite(torch.tensor(result.losses)))
 
+    # The export is the source + the delta, as `l2p merge` writes it: the frozen tensors as the
+    # float32 source stores them, not the bf16 copies the run held.
+    from safetensors.torch import load_file
+
+    from l2p.conversion import convert_folder, merge_folder
+
+    final = tmp_path / "run" / "final"
+    convert_folder(sources["flux"], tmp_path / "converted", head=trainer._head_config(),
+                   seed=trainer.cfg.model.init_seed)
+    merge_folder(tmp_path / "converted", final / "delta.safetensors", tmp_path / "merged")
+
+    def stored(folder):
+        return {k: v for f in sorted((folder / "transformer").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    exported, expected = stored(final / "pipeline"), stored(tmp_path / "merged")
+    assert exported.keys() == expected.keys()
+    assert all(exported[k].dtype == v.dtype and torch.equal(exported[k], v) for k, v in expected.items())
+    frozen = [n for n, p in trainer.model.named_parameters() if not p.requires_grad]
+    assert frozen and all(exported[n].dtype == torch.float32 for n in frozen)
+    assert not (final / ".pipeline-unmerged").exists()
+
 
 def test_sample_grid_from_the_embedding_cache_needs_its_prompts_cached(sources, images, tmp_path, capsys):
     import shutil

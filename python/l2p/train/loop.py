@@ -750,7 +750,8 @@ class Trainer:
         ``l2p convert`` writes) with the trained transformer, EMA weights when EMA is on;
         ``final/delta.safetensors``: its trainable tensors; ``final/delta-raw.safetensors``:
         the raw (non-averaged) trainable tensors. Under FSDP every rank joins the gathers of
-        the sharded tensors and rank 0 merges them onto a fresh conversion of the source."""
+        the sharded tensors and rank 0 merges them onto a fresh conversion of the source, as
+        a low_memory run does too (its frozen tensors are rounded copies)."""
         import shutil
 
         from l2p.conversion import convert_folder, merge_folder
@@ -777,12 +778,25 @@ class Trainer:
                         averaged[n] = whole.cpu()
         if not self.env.is_main:
             return None
+        if not self.fsdp:
+            def trainable() -> dict[str, torch.Tensor]:
+                # Copies: on the CPU .cpu() would alias the parameters, which the EMA swap overwrites.
+                return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
+                        if p.requires_grad}
+
+            raw = trainable()
+            with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
+                averaged = trainable()
         final.mkdir(parents=True, exist_ok=True)
         pipeline = final / "pipeline"
         shutil.rmtree(pipeline, ignore_errors=True)
-        # Under FSDP the trained tensors are merged onto a fresh conversion (the whole model is
-        # on no rank), the way `l2p merge` does it.
-        converted = final / ".pipeline-unmerged" if self.fsdp else pipeline
+        # The trained tensors are merged onto a fresh conversion, the way `l2p merge` does it,
+        # where the run does not hold the source's frozen tensors as the source stores them:
+        # under FSDP no rank holds the whole model, and under low_memory they are rounded to
+        # low_memory.frozen_dtype (the export must be the source + the delta, as `l2p merge`
+        # writes it, not a bf16 copy of a float32 source).
+        merged = self.fsdp or self.cfg.low_memory.enabled
+        converted = final / ".pipeline-unmerged" if merged else pipeline
         shutil.rmtree(converted, ignore_errors=True)
         convert_folder(self.source.path, converted, patch_size=self.cfg.model.patch_size,
                        head=self._head_config(), seed=self.cfg.model.init_seed,
@@ -793,21 +807,15 @@ class Trainer:
         metadata = {"format": DELTA_FORMAT, "config": _config_json(self.model)}
         if self.base_fingerprint is not None:
             metadata[BASE_FINGERPRINT] = self.base_fingerprint
-        if self.fsdp:
-            atomic_save_file({k: v.contiguous() for k, v in raw.items()}, final / "delta-raw.safetensors", metadata)
-            atomic_save_file({k: v.contiguous() for k, v in averaged.items()}, final / "delta.safetensors", metadata)
+        atomic_save_file({k: v.contiguous() for k, v in raw.items()}, final / "delta-raw.safetensors", metadata)
+        atomic_save_file({k: v.contiguous() for k, v in averaged.items()}, final / "delta.safetensors", metadata)
+        if merged:
             # The trained tensors are written as trained (float32 over a bf16 source's bf16
             # frozen ones), as the single-process export saves them; not rounded to the source's.
             merge_folder(converted, final / "delta.safetensors", pipeline, log=self._log)
             shutil.rmtree(converted, ignore_errors=True)
             return final
-        def trainable() -> dict[str, torch.Tensor]:
-            return {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
-
-        atomic_save_file(trainable(), final / "delta-raw.safetensors", metadata)
-        ctx = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
-        with ctx:
-            atomic_save_file(trainable(), final / "delta.safetensors", metadata)
+        with self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext():
             self.model.save_pretrained(str(pipeline / "transformer"), safe_serialization=True)
         return final
 
