@@ -6,7 +6,8 @@
 #      compute-sanitizer memcheck smoke run checks every kernel;
 #   3. once the GPU is quiet again: the CUDA op benchmarks (l2p and torch in the same run; the
 #      unpatchify ways also interleaved round by round),
-#      the pixel vs latent sampling benchmark up to 16K (issue 7) and, if time is left, the
+#      the pixel vs latent sampling benchmark up to 16K (issue 7), block offload against the
+#      resident transformer (bench/test_bench_offload.py) and, if time is left, the
 #      trainer's peak memory on an SD3-Medium-sized source (issue 6).
 # Each step gets what is left of DEADLINE_S (seconds from the start); steps that no longer fit
 # are skipped and say so. Results land in $OUT as few files (the device tool brings back at
@@ -14,7 +15,7 @@
 # memory logs and JSON) and the toy sources as one tarball split into 15 MB parts.
 # Usage (repo root): OUT=/some/dir [DEADLINE_S=540] [TOY=0] [TOY_BUDGET_S=220] [TOY_ARGS="..."] \
 #   [REPRODUCE="args|args"] [TESTS="pytest paths"] [MEMCHECK=0] [BENCH=0] [CHUNKS=1] [HOST=1] \
-#   [PROFILE=1] [SAMPLING=0] [PEAK=0] bash bench/gpu/device_run.sh
+#   [PROFILE=1] [SAMPLING=0] [OFFLOAD=0] [PEAK=0] bash bench/gpu/device_run.sh
 # REPRODUCE runs `l2p toy reproduce` once per '|'-separated argument list, each in the background
 # from the start (like the toy source) into /tmp/reproduce-<k>; their reports, scores and logs
 # come back in reproduce.tgz, and the final l2p-align pipeline of the last one in reproduce-model.tgz.
@@ -209,6 +210,13 @@ if [ "${SAMPLING:-1}" = 1 ]; then
     --benchmark-json "$LOGS/sampling.json" > "$LOGS/sampling.log" 2>&1
   log "sampling exit $? :: $(tail -1 "$LOGS/sampling.log")"
   grep -E "\^2 (pixel|latent)" "$LOGS/sampling.log" | tee -a "$OUT/run.log"
+fi
+if [ "${OFFLOAD:-1}" = 1 ]; then
+  log "block offload against the resident transformer (one pixel FLUX-width call, 1024^2, bf16)"
+  within 90 5 python3 -m pytest bench/test_bench_offload.py --benchmark-enable -s -q -p no:cacheprovider \
+    --benchmark-json "$LOGS/offload.json" > "$LOGS/offload.log" 2>&1
+  log "offload exit $? :: $(tail -1 "$LOGS/offload.log")"
+  grep -E "^(resident|blocks):" "$LOGS/offload.log" | tee -a "$OUT/run.log"
 fi
 pack_logs
 if [ "${PEAK:-1}" = 1 ]; then
