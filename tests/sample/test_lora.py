@@ -166,6 +166,45 @@ def test_unprefixed_keys_are_the_transformers_and_rank_patterns_apply(converted,
     torch.testing.assert_close(source.get_submodule(k).weight, before_k + 4.0 * kb @ ka)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("prefix", ["transformer.", ""], ids=["pipeline-names", "model-names"])
+def test_a_lora_trained_on_the_pixel_model_fuses_into_its_blocks_and_head(converted, tmp_path, name, prefix):
+    """PEFT on the PixelTransformer2DModel names the source's layers under its ``transformer.``
+    and the Detailer Head's convs under ``head.``; a pipeline's LoRA file adds the component
+    prefix "transformer.", a model's (save_lora_adapter) does not."""
+    import torch.nn.functional as F
+
+    pipe = _fresh(converted, name)
+    model = pipe.transformer
+    block = "transformer." + _first_linear(model.transformer, model.adapter.block_groups[0])
+    conv = next(n for n, m in model.head.named_modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    conv, layer = f"head.{conv}", model.get_submodule(f"head.{conv}")
+    rank = 2
+    a, b = _pair(model.get_submodule(block), rank=rank, seed=6)
+    gen = torch.Generator().manual_seed(7)
+    conv_a = torch.randn(rank, layer.in_channels, 3, 3, generator=gen)   # PEFT: Conv2d(in, r, 3x3)
+    conv_b = torch.randn(layer.out_channels, rank, 1, 1, generator=gen)  # then Conv2d(r, out, 1x1)
+    lora = _write(tmp_path / "pixel.safetensors", {
+        f"{prefix}{block}.lora_A.weight": a, f"{prefix}{block}.lora_B.weight": b,
+        f"{prefix}{conv}.lora_A.weight": conv_a, f"{prefix}{conv}.lora_B.weight": conv_b,
+    }, config={f"{prefix}r" if prefix else "r": rank, f"{prefix}lora_alpha" if prefix else "lora_alpha": 4})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    fused = pipe.fuse_lora(lora, lora_scale=0.5)
+    assert len(fused.fused) == 2 and fused.skipped == {}
+    factor = 0.5 * 4 / rank
+    torch.testing.assert_close(model.get_submodule(block).weight, before[f"{block}.weight"] + factor * b @ a)
+    # The fused conv computes what PEFT's LoRA conv adds at run time: W x + factor * B(A(x)).
+    x = torch.randn(1, layer.in_channels, 6, 5, generator=gen)
+    expected = (F.conv2d(x, before[f"{conv}.weight"], before[f"{conv}.bias"], padding=1)
+                + factor * F.conv2d(F.conv2d(x, conv_a, padding=1), conv_b))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {f"{block}.weight", f"{conv}.weight"}
+    pipe.unfuse_lora()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_sample_cli_fuses_loras_and_save_records_them(converted, tmp_path, capsys):
     pipe = _fresh(converted, "pixart")
     layer = "transformer_blocks.0.attn1.to_q"

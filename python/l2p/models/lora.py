@@ -1,7 +1,11 @@
-"""LoRAs trained for the source model, fused into the pixel model's weights.
+"""LoRAs fused into the pixel model's weights: ones trained for the source model, and ones
+trained on the pixel model itself.
 
 L2P copies every source layer it keeps bit for bit and under the same name, so a LoRA made for
-the source (its transformer, its text encoders) names layers the pixel pipeline still has.
+the source (its transformer, its text encoders) names layers the pixel pipeline still has. A
+LoRA trained on the pixel model (PEFT on a ``PixelTransformer2DModel``) names them with the
+pixel model's prefix (``transformer.transformer_blocks...``) and may also name the Detailer
+Head's convs (``head...``); both namings are found.
 Fusing writes ``W + scale * alpha / r * B @ A`` into each such layer, which needs neither PEFT
 nor any change to the forward. ``unfuse_lora`` puts the original tensors back exactly (they are
 kept on the CPU while a LoRA is fused).
@@ -195,13 +199,33 @@ def _delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (b.flatten(1).float() @ a.flatten(1).float()).reshape(b.shape[0], *a.shape[1:])
 
 
+def _find_layer(root: nn.Module, module: str, source_prefix: str) -> tuple[str, str | None]:
+    """Where ``module`` is in ``root``: (its name in ``root``, its name in the source model or
+    None). A name of ``root``'s own (a LoRA trained on the pixel model) is taken first; else
+    the source's layer of that name under ``source_prefix`` (a LoRA made for the source)."""
+    for path, source_name in ((module, None), (source_prefix + module, module)):
+        try:
+            root.get_submodule(path)
+        except AttributeError:
+            continue
+        if source_name is None and source_prefix and path.startswith(source_prefix):
+            source_name = path[len(source_prefix):]  # the pixel model's name for a source layer
+        return path, source_name
+    raise AttributeError(module)
+
+
 def fuse_lora(components: dict[str, nn.Module], lora: LoraFile, scale: float = 1.0, *,
-              replaced: dict[str, set[str]] | None = None) -> FusedLora:
+              replaced: dict[str, set[str]] | None = None,
+              source_prefix: dict[str, str] | None = None) -> FusedLora:
     """Add ``scale * alpha / r * B @ A`` to every layer the LoRA names.
 
     ``components`` maps diffusers' component names ("transformer", "text_encoder", ...) to the
-    modules whose submodule names the LoRA uses. ``replaced`` names, per component, the
-    modules the pixel model put in place of source layers: LoRA layers there are skipped.
+    modules whose submodule names the LoRA uses. ``source_prefix`` says, per component, where
+    the source model's layers are inside that module ("transformer." in the pixel model): a
+    LoRA may then name either the module's own layers (one trained on the pixel model, its
+    Detailer Head included) or the source's (one made for the source). ``replaced`` names, per
+    component, the source layers the pixel model put its own modules in place of: a source
+    LoRA's layers there are skipped (a pixel-model LoRA's names for those modules are fused).
     Nothing is changed unless every layer that is to be fused fits (checked first).
     """
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -213,14 +237,16 @@ def fuse_lora(components: dict[str, nn.Module], lora: LoraFile, scale: float = 1
         if root is None:
             skipped[name] = f"this pipeline has no {component}"
             continue
-        if any(module == r or module.startswith(r + ".") for r in (replaced or {}).get(component, ())):
-            skipped[name] = "the pixel model replaced this layer (pixel embedding or output head)"
-            continue
         try:
-            layer = root.get_submodule(module)
+            path, source_name = _find_layer(root, module, (source_prefix or {}).get(component, ""))
         except AttributeError:
             skipped[name] = f"no such layer in the {component}"
             continue
+        if path != module and any(source_name == r or source_name.startswith(r + ".")
+                                  for r in (replaced or {}).get(component, ())):
+            skipped[name] = "the pixel model replaced this layer (pixel embedding or output head)"
+            continue
+        layer = root.get_submodule(path)
         if hasattr(layer, "weight_int8"):
             raise ValueError(f"{name} is quantized (int8): fuse LoRAs before quantize_int8")
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
@@ -234,7 +260,7 @@ def fuse_lora(components: dict[str, nn.Module], lora: LoraFile, scale: float = 1
         if bias is not None and (layer.bias is None or bias.shape != layer.bias.shape):
             raise ValueError(f"{lora.path}: {name} has a LoRA bias but the layer's bias is "
                              f"{None if layer.bias is None else tuple(layer.bias.shape)}")
-        plan.append((component, module, name, layer, delta, bias,
+        plan.append((component, path, name, layer, delta, bias,
                      scale * _scale_of(lora, component, module, parts["A"].shape[0])))
     if not plan:
         reasons = sorted(set(skipped.values()))

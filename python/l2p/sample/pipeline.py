@@ -405,23 +405,26 @@ class L2PPipeline:
 
     # -- LoRAs -----------------------------------------------------------------------------
     def _lora_components(self) -> dict:
-        """The modules a source LoRA names, by diffusers' component names: the source transformer
-        inside the pixel model and the source pipeline's text encoders."""
-        return {"transformer": self.transformer.transformer, **self._text_encoders()}
+        """The modules a LoRA names, by diffusers' component names: the pixel model (whose
+        source transformer is its ``transformer.``) and the source pipeline's text encoders."""
+        return {"transformer": self.transformer, **self._text_encoders()}
 
     def fuse_lora(self, path: str | Path, lora_scale: float = 1.0):
-        """Fuse a LoRA made for the source model (a .safetensors file in diffusers', kohya's or
-        another format the source pipeline's ``lora_state_dict`` converts) into the weights,
-        scaled by ``lora_scale``. Returns the ``FusedLora`` record (``.fused``, ``.skipped``);
-        ``unfuse_lora`` undoes every fused LoRA exactly. See l2p/models/lora.py for what differs
-        from the source (layers the pixel model replaced, blocks L2P trained)."""
+        """Fuse a LoRA into the weights, scaled by ``lora_scale``: one made for the source model
+        (a .safetensors file in diffusers', kohya's or another format the source pipeline's
+        ``lora_state_dict`` converts) or one trained on the pixel model (PEFT names of the
+        ``PixelTransformer2DModel``, the Detailer Head's convs included). Returns the
+        ``FusedLora`` record (``.fused``, ``.skipped``); ``unfuse_lora`` undoes every fused LoRA
+        exactly. See l2p/models/lora.py for what differs from the source (layers the pixel
+        model replaced, blocks L2P trained)."""
         from l2p.models.lora import fuse_lora, read_lora
 
         self._refuse_under_block_offload("fusing a LoRA")
         adapter = self.transformer.adapter
         lora = read_lora(path, type(self.text_pipeline))
         fused = fuse_lora(self._lora_components(), lora, lora_scale,
-                          replaced={"transformer": {adapter.input_module, self.transformer._tap_module}})
+                          replaced={"transformer": {adapter.input_module, self.transformer._tap_module}},
+                          source_prefix={"transformer": "transformer."})
         self.fused_loras.append(fused)
         return fused
 
