@@ -275,3 +275,25 @@ def test_config_ranges_are_refused_before_any_work(tmp_path, capsys):
         assert main(["toy", "train-source", "--out", str(out), flag, value]) == 2, flag
         assert message in capsys.readouterr().err, flag
     assert not out.exists() and not source.work_dir_for(out).exists()
+
+
+def test_source_toy_names_the_shipped_source_for_convert_and_the_trainer(tmp_path, monkeypatch):
+    """`--source toy` resolves to the shipped source wherever a source folder is accepted."""
+    from safetensors.torch import load_file
+
+    from l2p.cli import main
+    from l2p.toy.source import SHIPPED_SOURCE_DIR
+    from l2p.train.source import resolve_source_path
+
+    assert main(["convert", "--source", "toy", "--out", str(tmp_path / "a")]) == 0
+    assert main(["convert", "--source", str(SHIPPED_SOURCE_DIR), "--out", str(tmp_path / "b")]) == 0
+    a, b = (load_file(str(tmp_path / x / "transformer" / "diffusion_pytorch_model.safetensors")) for x in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resolve_source_path("toy") == SHIPPED_SOURCE_DIR
+
+    # Without the shipped weights: the trainer's error says what to do instead.
+    import l2p.toy.source as toy_source
+
+    monkeypatch.setattr(toy_source, "SHIPPED_SOURCE_DIR", tmp_path / "absent")
+    with pytest.raises(ValueError, match="l2p toy train-source.*model.source"):
+        resolve_source_path("toy")

@@ -7,9 +7,11 @@ import argparse
 
 def run(args: argparse.Namespace) -> int:
     from l2p.conversion import convert_folder
+    from l2p.data.generate import TOY_SOURCE, resolve_source
 
+    source = resolve_source(args.source) if args.source == TOY_SOURCE else args.source
     report = convert_folder(
-        args.source, args.out, patch_size=args.patch_size, head=args.head, seed=args.seed,
+        source, args.out, patch_size=args.patch_size, head=args.head, seed=args.seed,
         published_l2p=args.published_l2p,
     )
     if not args.published_l2p:  # else every tensor came from the checkpoint (convert_folder said so)
@@ -26,7 +28,8 @@ def register(subparsers) -> None:
         "without its VAE), to an L2P pixel model. Reads safetensors only.",
     )
     p.add_argument("--source", required=True,
-                   help="transformer or pipeline folder (save_pretrained layout)")
+                   help="transformer or pipeline folder (save_pretrained layout), or 'toy' (the toy "
+                        "source shipped with l2p)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="pixel patch P (default latent patch x VAE factor: 16, Sana 32)")

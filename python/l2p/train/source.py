@@ -93,16 +93,15 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_source_path(name: str) -> Path:
-    if name == "toy":
+    """model.source as a folder: "toy" is the toy source shipped inside the package."""
+    from l2p.data.generate import TOY_SOURCE, resolve_source
+
+    if name == TOY_SOURCE:
         try:
-            from l2p.toy.source import SHIPPED_SOURCE_DIR
-        except ImportError:
-            SHIPPED_SOURCE_DIR = None
-        if SHIPPED_SOURCE_DIR is None or not (Path(SHIPPED_SOURCE_DIR) / "model_index.json").is_file():
-            raise ValueError("the built-in toy source model is not available in this install yet "
-                             "(`l2p toy train-source` builds it); set model.source to a diffusers "
-                             "pipeline folder (--set model.source=DIR)")
-        return Path(SHIPPED_SOURCE_DIR)
+            return resolve_source(name)
+        except FileNotFoundError as exc:
+            raise ValueError(f"{exc}; or set model.source to a diffusers pipeline folder "
+                             "(--set model.source=DIR)") from None
     return Path(name)
 
 
