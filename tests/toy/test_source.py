@@ -290,6 +290,12 @@ def test_source_toy_names_the_shipped_source_for_convert_and_the_trainer(tmp_pat
     a, b = (load_file(str(tmp_path / x / "transformer" / "diffusion_pytorch_model.safetensors")) for x in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resolve_source_path("toy") == SHIPPED_SOURCE_DIR
+    # ... and for l2p toy train-source's --init-from / --vae-from.
+    seen = []
+    monkeypatch.setattr("l2p.toy.source.train_toy_source", lambda cfg, *a, **k: seen.append(cfg))
+    assert main(["toy", "train-source", "--init-from", "toy", "--out", str(tmp_path / "c")]) == 0
+    assert main(["toy", "train-source", "--vae-from", "toy", "--out", str(tmp_path / "d")]) == 0
+    assert (seen[0].init_from, seen[1].vae_from) == (str(SHIPPED_SOURCE_DIR),) * 2
 
     # Without the shipped weights: the trainer's error says what to do instead.
     import l2p.toy.source as toy_source

@@ -20,6 +20,9 @@ def run_train_source(args: argparse.Namespace) -> int:
         value = getattr(args, f.name, None)
         if value is not None:
             overrides[f.name] = value
+    for name in ("init_from", "vae_from"):  # 'toy': the shipped source, as for every --source
+        if overrides.get(name) == "toy":
+            overrides[name] = str(SHIPPED_SOURCE_DIR)
     cfg = ToySourceConfig(**overrides).validate()
     if args.eval_prompts < 0 or args.threads < 0:
         raise ValueError(f"--eval-prompts and --threads must be >= 0, got {args.eval_prompts} and {args.threads}")
@@ -159,12 +162,12 @@ def register(subparsers) -> None:
                    help="CPU threads for torch (default: torch's choice). On a CPU shared with "
                         "other work, 1 avoids the threads waiting on each other")
     p.add_argument("--init-from", dest="init_from", metavar="FOLDER",
-                   help="continue training this toy source folder (same architecture; its "
-                        "autoencoder is kept) instead of starting from random weights")
+                   help="continue training this toy source folder ('toy': the shipped one; same "
+                        "architecture, its autoencoder kept) instead of starting from random weights")
     p.add_argument("--vae-from", dest="vae_from", metavar="FOLDER",
-                   help="take the trained autoencoder of this toy source folder and train a new "
-                        "transformer and text encoder from random weights (the transformer and "
-                        "text-encoder sizes may differ from the folder's)")
+                   help="take the trained autoencoder of this toy source folder ('toy': the shipped "
+                        "one) and train a new transformer and text encoder from random weights (the "
+                        "transformer and text-encoder sizes may differ from the folder's)")
     from l2p.toy.source import ToySourceConfig
 
     for f in fields(ToySourceConfig):
