@@ -6,6 +6,7 @@ import argparse
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from l2p.cli import main
@@ -65,3 +66,31 @@ def test_guidance_max_sigma_reaches_the_pipeline(converted, tmp_path, capsys):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert main([*common, "--guidance-max-sigma", "-1", "--out", str(tmp_path / "d.png")]) == 2
     assert "guidance_max_sigma must be a noise level >= 0" in capsys.readouterr().err
+
+
+def test_data_generate_renders_with_a_converted_pipeline(converted, tmp_path):
+    """`l2p data generate --source PIXEL_FOLDER`: the pixel model's images, resumable like the
+    source's, each the image L2PPipeline draws from that image's seed."""
+    import csv
+
+    from l2p import L2PPipeline
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\na green triangle\n")
+    args = ["data", "generate", "--source", str(converted["sd3"]), "--prompts", str(prompts), "--out",
+            str(tmp_path / "out"), "--height", "16", "--width", "24", "--steps", "2", "--images-per-prompt", "1",
+            "--batch-size", "2", "--guidance", "3.0", "--device", "cpu"]
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(tmp_path / "out" / "metadata.csv")))
+    assert [r["text"] for r in rows] == ["a red circle", "two blue squares", "a green triangle"]
+    pipe = L2PPipeline.from_pretrained(converted["sd3"])
+    pipe.set_progress_bar_config(disable=True)
+    for row in rows:
+        expected = pipe(row["text"], height=16, width=24, num_inference_steps=2, guidance_scale=3.0,
+                        generator=torch.Generator().manual_seed(int(row["seed"])), output_type="pil").images[0]
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / row["file_name"])), np.asarray(expected))
+    # A size off the pixel patch is refused before any image is tried.
+    bad = args[:args.index("--height")] + ["--height", "18", "--width", "24"] + args[args.index("--steps"):]
+    bad[bad.index("--out") + 1] = str(tmp_path / "bad")
+    assert main(bad) == 2
+    assert not list((tmp_path / "bad").glob("images/*/*.png"))

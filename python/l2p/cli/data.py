@@ -122,7 +122,9 @@ def register(subparsers) -> None:
 
     g = sub.add_parser("generate", help="render images + metadata.csv with the source pipeline "
                                         "(resumable; run under torchrun for several GPUs)")
-    g.add_argument("--source", default=None, help="local diffusers pipeline folder (or 'toy')")
+    g.add_argument("--source", default=None,
+                   help="local diffusers pipeline folder (or 'toy'); a converted L2P pipeline folder "
+                        "renders with the pixel model")
     g.add_argument("--prompts", default=None, help="prompt file: .txt, .csv or .jsonl")
     g.add_argument("--out", required=True, help="output folder: images/, metadata.csv, generation.json")
     g.add_argument("--images-per-prompt", type=int, default=2)

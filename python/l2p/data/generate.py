@@ -151,6 +151,13 @@ def load_pipeline(source: str | os.PathLike, *, device: str = "cpu",
     from l2p.conversion.folders import pipeline_variant
 
     path = resolve_source(source)
+    if not components and _is_pixel_pipeline(path):
+        # A converted (L2P) folder renders with the pixel model: no VAE, the pixel sampler.
+        from l2p.sample.pipeline import L2PPipeline
+
+        pipe = L2PPipeline.from_pretrained(path, torch_dtype=None if dtype == torch.float32 else dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
     if dtype != torch.float32:  # float32 is the default; diffusers >= 0.36 renames the argument
         components["torch_dtype"] = dtype
     variant = pipeline_variant(path, skip={name for name, value in components.items() if value is None})
@@ -165,6 +172,17 @@ def load_pipeline(source: str | os.PathLike, *, device: str = "cpu",
             cast_loaded(module, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _is_pixel_pipeline(path: Path) -> bool:
+    """Whether ``path`` is a converted L2P pipeline folder (its transformer is l2p's)."""
+    from l2p.sample.pipeline import PIXEL_ENTRY
+
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return list(index.get("transformer") or []) == PIXEL_ENTRY
 
 
 def image_name(prompt_index: int, image_index: int) -> str:
@@ -413,11 +431,20 @@ def _check_size(pipe, height: int, width: int) -> None:
     factor = getattr(pipe, "vae_scale_factor", None)
     patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None)
     multiple = factor * patch if isinstance(factor, int) and isinstance(patch, int) else None
+    what = f"{multiple} (vae scale factor {factor} x patch size {patch})"
+    if _renders_pixels(pipe):  # no VAE: the pixel patch
+        multiple, what = patch, f"the pixel patch size {patch}"
     if problem is None and multiple and (height % multiple or width % multiple):
-        problem = f"height and width must be multiples of {multiple} (vae scale factor {factor} x patch size {patch})"
+        problem = f"height and width must be multiples of {what}"
     if problem:
         raise ValueError(f"--height {height} --width {width} do not suit this {type(pipe).__name__}: "
                          f"{problem}; pick a size it accepts")
+
+
+def _renders_pixels(pipe) -> bool:
+    from l2p.sample.pipeline import L2PPipeline
+
+    return isinstance(pipe, L2PPipeline)
 
 
 def _count_beyond(out: Path, images_per_prompt: int) -> int:
