@@ -495,3 +495,20 @@ def test_dq_is_the_same_on_every_run():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(dq, dqs[0]) for dq in dqs[1:])
+
+
+@pytest.mark.parametrize("dtype, mask_dtype", [(torch.bfloat16, torch.float32),
+                                               (torch.float64, torch.float64),
+                                               (torch.float32, torch.float64)],
+                         ids=["bf16-f32mask", "f64-f64mask", "f32-f64mask"])
+def test_mask_values_beyond_the_compute_dtype_stay_finite(dtype, mask_dtype, device, backend):
+    # A mask cast to a narrower dtype (to q's for SDPA, to float32 for the kernels) turned
+    # finfo(mask dtype).min into -inf: the row gave zeros on that path and averaged V on the other.
+    q, k, v = _qkv(1, 2, 2, 5, 6, 8, 8, dtype, device=device)
+    mask = torch.zeros(1, 1, 5, 6, dtype=mask_dtype, device=device)
+    mask[0, 0, 1] = torch.finfo(mask_dtype).min
+    tol = TOLERANCE.get(dtype, 1e-6)
+    for b in (backend, "torch", "auto"):
+        out = attention(q, k, v, attn_mask=mask, backend=b)
+        torch.testing.assert_close(out[0, :, 1].float(), v[0].float().mean(dim=1),
+                                   rtol=tol, atol=tol, msg=lambda m: f"backend={b}: {m}")

@@ -128,16 +128,27 @@ def _additive_mask(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) ->
         # One kernel; a zeros tensor filled through the inverted mask takes three.
         additive = torch.where(attn_mask, 0.0, float("-inf"))
     else:
-        additive = attn_mask
-    if additive.dtype != torch.float32:
-        additive = additive.to(torch.float32)
+        additive = _mask_as(attn_mask, torch.float32)
     return additive.expand(_mask_target(q, k))
 
 
 def _torch_mask(attn_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
     if attn_mask is None or attn_mask.dtype == torch.bool:
         return attn_mask
-    return attn_mask.to(q.dtype)
+    return _mask_as(attn_mask, q.dtype)
+
+
+def _mask_as(attn_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float mask in ``dtype`` with its finite values kept finite. A plain cast turns a value
+    beyond dtype's range (finfo(float32).min in bfloat16 or float16, finfo(float64).min in
+    float32) into -inf, and a row masked with it everywhere from one that averages V into one
+    that attends to nothing; saturated at finfo(dtype).min it still averages V."""
+    if attn_mask.dtype == dtype:
+        return attn_mask
+    info = torch.finfo(dtype)
+    if info.max >= torch.finfo(attn_mask.dtype).max:
+        return attn_mask.to(dtype)
+    return torch.where(attn_mask.isinf(), attn_mask, attn_mask.clamp(info.min, info.max)).to(dtype)
 
 
 def _register_fake_kernels() -> None:
