@@ -430,9 +430,13 @@ void attention_backward_kernel(const acc_t* grad_out, const acc_t* q, const acc_
   const int64_t total_rows = sh.batch * sh.q_heads * Nq;
   std::vector<acc_t> shift(total_rows), inv_sum(total_rows, acc_t(1));
   std::vector<uint8_t> coarse(total_rows, 0), coarse_tile(sh.batch * sh.q_heads * q_tiles, 0);
+  // The saved logsumexp is float32: its rounding (a relative 6e-8 of |lse|) passes into every
+  // probability, which a float32 backward cannot tell but a float64 one can (its gradients came
+  // out float32-accurate). In double, every live row takes the recomputation instead.
+  constexpr bool lse_serves = std::is_same_v<acc_t, float>;
   for (int64_t i = 0; i < total_rows; ++i) {
     const double lse2 = static_cast<double>(lse[i]) * kLog2e;  // in double: cannot overflow
-    if (lse[i] == -kInf || std::abs(lse2) < kCoarseLse2) {
+    if (lse[i] == -kInf || (lse_serves && std::abs(lse2) < kCoarseLse2)) {
       shift[i] = static_cast<acc_t>(lse2);
     } else {
       coarse[i] = 1;
