@@ -22,6 +22,28 @@ def require_input(name: str, t: object, rank: int, layout: str, *, floating: boo
     return t
 
 
+def autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``tensors`` as ``torch.autocast`` hands them to F.conv2d, F.linear and SDPA (its
+    lower-precision ops): inside an autocast region of their device, the float16, bfloat16 and
+    float32 ones in the autocast dtype; float64, non-float ones and None as they are. The
+    compiled kernels have no autocast rule, so without this they ran in float32 where the torch
+    way ran in bfloat16, and refused the mixed dtypes autocast leaves (bfloat16 activations,
+    float32 weights) that the torch way takes."""
+    device_type = tensors[0].device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return tensors
+    if not enabled:
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype not in (dtype, torch.float64)
+        else t
+        for t in tensors
+    )
+
+
 def require_tensor(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -44,6 +44,7 @@ def attention(
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.require_input(name, t, 4, "(B, H, N, D)")
+    q, k, v = _checks.autocast(q, k, v)
     _checks.require_same("q", q, k=k, v=v)
     batch, hq, nq, dh = q.shape
     k_batch, hk, nk, k_dh = k.shape

@@ -34,6 +34,7 @@ def patch_embed(
     _checks.require_input("weight", weight, 4, "(D, C, p, p)", floating=False)
     if bias is not None:
         _checks.require_input("bias", bias, 1, "(D,)", floating=False)
+    x, weight, bias = _checks.autocast(x, weight, bias)
     p = _checks.require_patch_size(patch_size)
     _checks.require_same("x", x, weight=weight, bias=bias)
     _, channels, height, width = x.shape

@@ -38,6 +38,7 @@ def unpatchify(
     _checks.require_input("weight", weight, 2, "(C*p*p, D)", floating=False)
     if bias is not None:
         _checks.require_input("bias", bias, 1, "(C*p*p,)", floating=False)
+    tokens, weight, bias = _checks.autocast(tokens, weight, bias)
     p = _checks.require_patch_size(patch_size)
     _checks.require_same("tokens", tokens, weight=weight, bias=bias)
     height = _checks.require_positive_int("height", height)
