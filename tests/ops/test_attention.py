@@ -529,3 +529,18 @@ def test_float64_backward_is_exact(mask_kind, device, backend, request):
     _, _, ref_grads = _reference(q, k, v, mask, 24**-0.5, grad_out)
     for name, g, ref_g in zip(("dq", "dk", "dv"), grads, ref_grads):
         torch.testing.assert_close(g.cpu(), ref_g, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_scale_takes_numpy_floats(device, backend):
+    # np.float32 is not a Python float: the front refused it as "not a finite number", where
+    # SDPA (and so a model whose attention is routed to l2p) takes it.
+    import numpy as np
+
+    q, k, v = _qkv(1, 2, 2, 5, 6, 8, 8, device=device)
+    want = attention(q, k, v, scale=0.3, backend="torch")
+    for scale in (np.float32(0.3), np.float64(0.3)):
+        for b in (backend, "torch"):
+            torch.testing.assert_close(attention(q, k, v, scale=scale, backend=b), want)
+    for bad in (float("nan"), True, "0.3", np.float32("inf")):
+        with pytest.raises(ValueError, match="scale must be a finite real number"):
+            attention(q, k, v, scale=bad, backend=backend)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +65,10 @@ def attention(
         raise ValueError(f"q head dim {dh} differs from k head dim {k_dh}")
     if scale is None:
         scale = 1.0 / math.sqrt(dh)
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    elif (not isinstance(scale, numbers.Real) or isinstance(scale, bool)
+          or not math.isfinite(scale)):
+        # numbers.Real: numpy's floats too (np.float32 is no float), which SDPA takes.
+        raise ValueError(f"scale must be a finite real number, got {scale!r}")
     mask_needs_grad = False
     if attn_mask is not None:
         _check_mask(attn_mask, q, k)
