@@ -544,3 +544,21 @@ def test_scale_takes_numpy_floats(device, backend):
     for bad in (float("nan"), True, "0.3", np.float32("inf")):
         with pytest.raises(ValueError, match="scale must be a finite real number"):
             attention(q, k, v, scale=bad, backend=backend)
+
+
+def test_huge_positive_mask_value_gives_its_key_the_row(device, backend):
+    # log2(e) * 3e38 overflowed to +inf in the kernel: the row's maximum became +inf and every
+    # probability inf - inf = NaN, where SDPA and the reference give that key all the weight.
+    q, k, v = _qkv(1, 2, 2, 5, 6, 8, 8, requires_grad=True, device=device)
+    mask = torch.zeros(1, 1, 5, 6, device=device)
+    mask[0, 0, 2, 3] = 3e38
+    out = attention(q, k, v, attn_mask=mask, backend=backend)
+    want = attention(q, k, v, attn_mask=mask, backend="torch")
+    torch.testing.assert_close(out[0, :, 2], v[0, :, 3].detach())
+    torch.testing.assert_close(out, want)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad_out)
+    for g, w in zip(grads, want_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

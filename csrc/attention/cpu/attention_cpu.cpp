@@ -308,12 +308,15 @@ MaskView mask_view(const c10::optional<at::Tensor>& mask) {
 // overflow to -inf and make a row that the float32 softmax of the reference and of SDPA spreads
 // evenly over its keys (the score vanishes beside finfo.min) a dead row of zeros. It becomes
 // the lowest finite value instead, beside which the score vanishes in the same way; only -inf
-// stays -inf. A compare and a select per element.
+// stays -inf. Likewise a finite m above max / log2(e) becomes the largest finite value: as
+// +inf it made the row's maximum +inf and every probability inf - inf = NaN, where the
+// reference and SDPA give that key all the weight. Compares and selects per element.
 template <typename T>
 L2P_ALWAYS_INLINE T scaled_mask(float m) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
   const T x = static_cast<T>(kLog2e) * static_cast<T>(m);
-  return (x == -std::numeric_limits<T>::infinity() && m != -kInf)
-             ? std::numeric_limits<T>::lowest() : x;
+  if (x == -inf && m != -kInf) return std::numeric_limits<T>::lowest();
+  return (x == inf && m != kInf) ? std::numeric_limits<T>::max() : x;
 }
 
 // s[r, c] += log2(e) * mask[i0 + r, j0 + c] for the tile at (i0, j0) of head (b, h).
