@@ -562,3 +562,44 @@ def test_huge_positive_mask_value_gives_its_key_the_row(device, backend):
     for g, w in zip(grads, want_grads):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_fake_kernels_refuse_what_the_kernels_refuse():
+    # Meta tensors run the fake kernels: they traced a shape for any arguments ((2, 4, 8, 8) for a
+    # 3-D q, say) where the real kernels refuse them.
+    if not _extension.is_compiled():
+        pytest.skip("l2p._C is not built")
+    ops = torch.ops.l2p
+
+    def e(*shape, dtype=torch.float32):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    fwd = ops.attention_forward
+    bad = [
+        (lambda: fwd(e(2, 4, 8), e(1, 2, 4, 8), e(1, 2, 4, 8), None, 1.0), ValueError),
+        (lambda: fwd(e(1, 3, 4, 8), e(1, 2, 4, 8), e(1, 2, 4, 8), None, 1.0), ValueError),
+        (lambda: fwd(e(1, 2, 4, 8), e(1, 2, 4, 6), e(1, 2, 4, 8), None, 1.0), ValueError),
+        (lambda: fwd(e(1, 2, 4, 8), e(1, 2, 5, 8), e(1, 2, 4, 8), None, 1.0), ValueError),
+        (lambda: fwd(e(2, 2, 4, 8), e(1, 2, 4, 8), e(1, 2, 4, 8), None, 1.0), ValueError),
+        (lambda: fwd(e(1, 2, 4, 8), e(1, 2, 4, 8), e(1, 2, 4, 0), None, 1.0), ValueError),
+        (lambda: fwd(e(1, 2, 4, 8), e(1, 2, 4, 8, dtype=torch.float64), e(1, 2, 4, 8), None, 1.0),
+         TypeError),
+        (lambda: fwd(*(e(1, 2, 4, 8, dtype=torch.int64),) * 3, None, 1.0), TypeError),
+        (lambda: fwd(*(e(1, 2, 4, 8),) * 3, e(1, 1, 1, 4), 1.0), ValueError),
+        (lambda: fwd(*(e(1, 2, 4, 8),) * 3, e(1, 2, 4, 4, dtype=torch.float64), 1.0), TypeError),
+        (lambda: ops.attention_backward(e(1, 2, 4, 8), e(1, 2, 4, 8), e(1, 2, 5, 8), e(1, 2, 4, 8),
+                                        e(1, 2, 4, 8), e(1, 2, 4), None, 1.0), ValueError),
+        (lambda: ops.attention_backward(e(1, 1, 4, 8), *(e(1, 2, 4, 8),) * 4, e(1, 2, 4), None,
+                                        1.0), ValueError),
+        (lambda: ops.attention_backward(*(e(1, 2, 4, 8),) * 5, e(1, 2, 4, dtype=torch.float64),
+                                        None, 1.0), TypeError),
+    ]
+    for i, (call, error) in enumerate(bad):
+        with pytest.raises(error, match="l2p"):
+            call()
+            pytest.fail(f"case {i} was not refused")
+    out, lse = fwd(e(2, 4, 5, 8), e(2, 2, 7, 8), e(2, 2, 7, 3), e(2, 4, 5, 7), 1.0)
+    assert out.shape == (2, 4, 5, 3) and lse.shape == (2, 4, 5) and lse.dtype == torch.float32
+    grads = ops.attention_backward(e(2, 4, 5, 3), e(2, 4, 5, 8), e(2, 2, 7, 8), e(2, 2, 7, 3),
+                                   e(2, 4, 5, 3), e(2, 4, 5), None, 1.0)
+    assert [g.shape for g in grads] == [(2, 4, 5, 8), (2, 2, 7, 8), (2, 2, 7, 3)]

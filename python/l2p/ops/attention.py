@@ -158,15 +158,64 @@ def _mask_as(attn_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _register_fake_kernels() -> None:
     """Shape-only kernels for torch.compile and FakeTensor; the autograd is C++
     (csrc/attention/attention_autograd.cpp)."""
+    # The checks mirror check_qkv and check_mask in csrc/attention/cpu/attention_cpu.cpp, so
+    # that FakeTensor and torch.compile refuse what the real kernels refuse instead of tracing
+    # a shape for it.
     @torch.library.register_fake("l2p::attention_forward")
     def _(q, k, v, attn_mask, scale):
+        _check_fake_args(q, k, v, attn_mask)
         out = q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
         lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
         return out, lse
 
     @torch.library.register_fake("l2p::attention_backward")
     def _(grad_out, q, k, v, out, lse, attn_mask, scale):
+        _check_fake_args(q, k, v, attn_mask)
+        out_shape = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+        for name, t in (("grad_out", grad_out), ("out", out)):
+            torch._check_value(tuple(t.shape) == out_shape,
+                               lambda: f"l2p: attention_backward {name} must be {out_shape}, "
+                                       f"got {tuple(t.shape)}")
+            torch._check_type(t.dtype == q.dtype,
+                              lambda: f"l2p: attention_backward {name} dtype {t.dtype} differs "
+                                      f"from q dtype {q.dtype}")
+        torch._check_value(tuple(lse.shape) == out_shape[:3],
+                           lambda: f"l2p: attention_backward lse must be (B, Hq, Nq), "
+                                   f"got {tuple(lse.shape)}")
+        torch._check_type(lse.dtype == torch.float32,
+                          lambda: f"l2p: attention_backward lse must be float32, got {lse.dtype}")
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _check_fake_args(q, k, v, attn_mask) -> None:
+    """The fake-kernel form of check_qkv and check_mask in csrc/attention/cpu/attention_cpu.cpp."""
+    shapes = lambda: f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"  # noqa: E731
+    torch._check_value(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+                       lambda: f"l2p: attention q, k, v must be (B, H, N, D), got shapes {shapes()}")
+    torch._check_type(q.is_floating_point(),
+                      lambda: f"l2p: attention q must be floating point, got {q.dtype}")
+    torch._check_type(k.dtype == q.dtype and v.dtype == q.dtype,
+                      lambda: f"l2p: attention q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    torch._check_value(k.shape[0] == q.shape[0] and v.shape[0] == q.shape[0],
+                       lambda: f"l2p: attention batch sizes differ: {shapes()}")
+    torch._check_value(v.shape[1] == k.shape[1] and v.shape[2] == k.shape[2],
+                       lambda: f"l2p: attention k and v must have the same heads and length: {shapes()}")
+    torch._check_value(k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0,
+                       lambda: f"l2p: attention q has {q.shape[1]} heads, not a multiple of the "
+                               f"{k.shape[1]} kv heads")
+    torch._check_value(k.shape[3] == q.shape[3],
+                       lambda: f"l2p: attention q head dim {q.shape[3]} differs from k head dim "
+                               f"{k.shape[3]}")
+    torch._check_value(q.shape[3] > 0 and v.shape[3] > 0,
+                       lambda: f"l2p: attention head dims must be positive: {shapes()}")
+    if attn_mask is not None:
+        torch._check_type(attn_mask.dtype == torch.float32,
+                          lambda: f"l2p: attention attn_mask must be an additive float32 tensor, "
+                                  f"got {attn_mask.dtype}")
+        target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        torch._check_value(tuple(attn_mask.shape) == target,
+                           lambda: f"l2p: attention attn_mask must be expanded to (B, Hq, Nq, Nk) "
+                                   f"= {target}, got {tuple(attn_mask.shape)}")
 
 
 if _extension.is_compiled():
