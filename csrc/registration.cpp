@@ -14,8 +14,9 @@ TORCH_LIBRARY(l2p, m) {
   // sum over batch and patches of grad_tokens[b,n,d] * patch(x)[b,n,c,i,j] -> (D,C,p,p):
   // the weight gradient of patch_embed, and (transposed) of unpatchify.
   m.def("patch_weight_grad(Tensor x, Tensor grad_tokens, int patch_size) -> Tensor");
-  // q (B,Hq,Nq,Dh), k/v (B,Hk,Nk,Dh[v]) with Hq % Hk == 0; attn_mask: float32 additive,
-  // already expanded to (B,Hq,Nq,Nk) (zero strides allowed). Returns out and the
+  // q (B,Hq,Nq,Dh), k/v (B,Hk,Nk,Dh[v]) with Hq % Hk == 0; attn_mask: float32 additive
+  // (float64 for float64 inputs on the CPU), already expanded to (B,Hq,Nq,Nk) (zero strides
+  // allowed). Returns out and the
   // logsumexp (B,Hq,Nq) in float32 (-inf for a row that attends to nothing).
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale) "

@@ -268,13 +268,15 @@ void softmax_grad(double* ds, const double* p, int64_t rows, int64_t cols, int64
   softmax_grad_impl(ds, p, rows, cols, ld, delta);
 }
 
-// The additive float32 mask (B, Hq, Nq, Nk), read through its strides: a broadcast mask
-// (zero strides) is never materialised.
+// The additive mask (B, Hq, Nq, Nk) in the compute type T (float32, or float64 for float64
+// inputs, whose mask rounded to float32 cost the output its float64 accuracy), read through
+// its strides: a broadcast mask (zero strides) is never materialised.
+template <typename T>
 struct MaskView {
-  const float* data = nullptr;
+  const T* data = nullptr;
   int64_t stride_b = 0, stride_h = 0, stride_q = 0, stride_k = 0;
 
-  const float* at(int64_t b, int64_t h, int64_t i, int64_t j) const {
+  const T* at(int64_t b, int64_t h, int64_t i, int64_t j) const {
     return data + b * stride_b + h * stride_h + i * stride_q + j * stride_k;
   }
 
@@ -283,7 +285,7 @@ struct MaskView {
   // row decides; padded key tiles then cost nothing.
   bool keys_masked(int64_t b, int64_t h, int64_t j0, int64_t cols) const {
     if (data == nullptr || stride_q != 0) return false;
-    const float* row = at(b, h, 0, j0);
+    const T* row = at(b, h, 0, j0);
     for (int64_t c = 0; c < cols; ++c) {
       if (row[c * stride_k] != -kInf) return false;
     }
@@ -291,10 +293,11 @@ struct MaskView {
   }
 };
 
-MaskView mask_view(const c10::optional<at::Tensor>& mask) {
-  MaskView view;
+template <typename T>
+MaskView<T> mask_view(const c10::optional<at::Tensor>& mask) {
+  MaskView<T> view;
   if (mask.has_value()) {
-    view.data = mask->data_ptr<float>();
+    view.data = mask->data_ptr<T>();
     view.stride_b = mask->stride(0);
     view.stride_h = mask->stride(1);
     view.stride_q = mask->stride(2);
@@ -312,19 +315,19 @@ MaskView mask_view(const c10::optional<at::Tensor>& mask) {
 // +inf it made the row's maximum +inf and every probability inf - inf = NaN, where the
 // reference and SDPA give that key all the weight. Compares and selects per element.
 template <typename T>
-L2P_ALWAYS_INLINE T scaled_mask(float m) {
+L2P_ALWAYS_INLINE T scaled_mask(T m) {
   constexpr T inf = std::numeric_limits<T>::infinity();
-  const T x = static_cast<T>(kLog2e) * static_cast<T>(m);
-  if (x == -inf && m != -kInf) return std::numeric_limits<T>::lowest();
-  return (x == inf && m != kInf) ? std::numeric_limits<T>::max() : x;
+  const T x = static_cast<T>(kLog2e) * m;
+  if (x == -inf && m != -inf) return std::numeric_limits<T>::lowest();
+  return (x == inf && m != inf) ? std::numeric_limits<T>::max() : x;
 }
 
 // s[r, c] += log2(e) * mask[i0 + r, j0 + c] for the tile at (i0, j0) of head (b, h).
 template <typename T>
-void add_mask(T* s, int64_t rows, int64_t cols, int64_t ld, const MaskView& mask, int64_t b,
+void add_mask(T* s, int64_t rows, int64_t cols, int64_t ld, const MaskView<T>& mask, int64_t b,
               int64_t h, int64_t i0, int64_t j0) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float* src = mask.at(b, h, i0 + r, j0);
+    const T* src = mask.at(b, h, i0 + r, j0);
     T* row = s + r * ld;
     if (mask.stride_k == 1) {
 #pragma omp simd
@@ -343,7 +346,7 @@ struct Shape {
 // acc_t: compute type (float or double); q, k, v are contiguous in acc_t; out_t: output dtype.
 template <typename acc_t, typename out_t>
 void attention_forward_kernel(const acc_t* q, const acc_t* k, const acc_t* v,
-                              const MaskView& mask, double scale_d, const Shape& sh,
+                              const MaskView<acc_t>& mask, double scale_d, const Shape& sh,
                               out_t* out, float* lse) {
   const int64_t Dh = sh.head_dim, Dv = sh.value_dim, Nq = sh.q_len, Nk = sh.kv_len;
   // Taller query tiles mean fewer re-packings of each key tile by the GEMM; shorter ones
@@ -412,7 +415,7 @@ constexpr double kCoarseLse2 = 1024.0;
 template <typename acc_t, typename grad_t>
 void attention_backward_kernel(const acc_t* grad_out, const acc_t* q, const acc_t* k,
                                const acc_t* v, const acc_t* delta, const float* lse,
-                               const MaskView& mask, double scale_d, const Shape& sh,
+                               const MaskView<acc_t>& mask, double scale_d, const Shape& sh,
                                acc_t* dq, grad_t* dk, grad_t* dv) {
   const int64_t Dh = sh.head_dim, Dv = sh.value_dim, Nq = sh.q_len, Nk = sh.kv_len;
   const int64_t G = sh.group();
@@ -597,10 +600,12 @@ Shape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   return sh;
 }
 
-void check_mask(const c10::optional<at::Tensor>& mask, const Shape& sh) {
+void check_mask(const c10::optional<at::Tensor>& mask, const Shape& sh, at::ScalarType dtype) {
   if (!mask.has_value()) return;
-  TORCH_CHECK_TYPE(mask->scalar_type() == at::kFloat,
-                   "l2p: attention attn_mask must be an additive float32 tensor, got ",
+  const bool in_double = dtype == at::kDouble;
+  TORCH_CHECK_TYPE(mask->scalar_type() == (in_double ? at::kDouble : at::kFloat),
+                   "l2p: attention attn_mask must be an additive ",
+                   in_double ? "float64" : "float32", " tensor for ", dtype, " inputs, got ",
                    mask->scalar_type());
   TORCH_CHECK_VALUE(mask->device().is_cpu(), "l2p: attention attn_mask is on ",
                     mask->device());
@@ -616,11 +621,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const c10::optional<at::Tensor>& attn_mask, double scale) {
   const Shape sh = check_qkv(q_in, k_in, v_in);
-  check_mask(attn_mask, sh);
+  check_mask(attn_mask, sh, q_in.scalar_type());
   at::Tensor out = at::empty({sh.batch, sh.q_heads, sh.q_len, sh.value_dim}, q_in.options());
   at::Tensor lse = at::empty({sh.batch, sh.q_heads, sh.q_len}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  const MaskView mask = mask_view(attn_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, q_in.scalar_type(), "attention_forward_cpu", [&] {
         using acc_t = acc_type_t<scalar_t>;
@@ -628,7 +632,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
         const at::Tensor q = as_acc<acc_t>(q_in), k = as_acc<acc_t>(k_in),
                          v = as_acc<acc_t>(v_in);
         attention_forward_kernel<acc_t, scalar_t>(
-            q.data_ptr<acc_t>(), k.data_ptr<acc_t>(), v.data_ptr<acc_t>(), mask, scale, sh,
+            q.data_ptr<acc_t>(), k.data_ptr<acc_t>(), v.data_ptr<acc_t>(),
+            mask_view<acc_t>(attn_mask), scale, sh,
             out.data_ptr<scalar_t>(), lse.data_ptr<float>());
       });
   return {out, lse};
@@ -645,7 +650,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     const c10::optional<at::Tensor>& attn_mask, double scale) {
   const Shape sh = check_qkv(q_in, k_in, v_in);
-  check_mask(attn_mask, sh);
+  check_mask(attn_mask, sh, q_in.scalar_type());
   const std::vector<int64_t> out_shape{sh.batch, sh.q_heads, sh.q_len, sh.value_dim};
   auto check_like_out = [&](const char* name, const at::Tensor& t) {
     TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(out_shape), "l2p: attention_backward ",
@@ -693,7 +698,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
           });
           attention_backward_kernel<acc_t, scalar_t>(
               do_ptr, q.data_ptr<acc_t>(), k.data_ptr<acc_t>(), v.data_ptr<acc_t>(), delta_ptr,
-              lse.data_ptr<float>(), mask_view(attn_mask), scale, sh, dq_acc.data_ptr<acc_t>(),
+              lse.data_ptr<float>(), mask_view<acc_t>(attn_mask), scale, sh, dq_acc.data_ptr<acc_t>(),
               dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
         } else {
           dk.zero_();

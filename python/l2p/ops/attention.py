@@ -126,13 +126,17 @@ def _check_mask(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> No
 
 
 def _additive_mask(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """A float32 additive view of a checked mask at (B, Hq, Nq, Nk), broadcast without
-    copying: what the compiled kernels take (torch's SDPA takes the mask as given)."""
+    """An additive view of a checked mask at (B, Hq, Nq, Nk), broadcast without copying:
+    what the compiled kernels take (torch's SDPA takes the mask as given). float32, except
+    float64 for float64 inputs on the CPU, whose kernel computes in float64."""
+    dtype = torch.float64 if q.dtype == torch.float64 and q.device.type == "cpu" else torch.float32
     if attn_mask.dtype == torch.bool:
         # One kernel; a zeros tensor filled through the inverted mask takes three.
         additive = torch.where(attn_mask, 0.0, float("-inf"))
+        if additive.dtype != dtype:
+            additive = additive.to(dtype)
     else:
-        additive = _mask_as(attn_mask, torch.float32)
+        additive = _mask_as(attn_mask, dtype)
     return additive.expand(_mask_target(q, k))
 
 
@@ -209,9 +213,12 @@ def _check_fake_args(q, k, v, attn_mask) -> None:
     torch._check_value(q.shape[3] > 0 and v.shape[3] > 0,
                        lambda: f"l2p: attention head dims must be positive: {shapes()}")
     if attn_mask is not None:
-        torch._check_type(attn_mask.dtype == torch.float32,
-                          lambda: f"l2p: attention attn_mask must be an additive float32 tensor, "
-                                  f"got {attn_mask.dtype}")
+        # float64 for float64 inputs on the CPU, as _additive_mask builds it.
+        in_double = q.dtype == torch.float64 and q.device.type == "cpu"
+        mask_dtype = torch.float64 if in_double else torch.float32
+        torch._check_type(attn_mask.dtype == mask_dtype,
+                          lambda: f"l2p: attention attn_mask must be an additive {mask_dtype} "
+                                  f"tensor for {q.dtype} inputs, got {attn_mask.dtype}")
         target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         torch._check_value(tuple(attn_mask.shape) == target,
                            lambda: f"l2p: attention attn_mask must be expanded to (B, Hq, Nq, Nk) "
