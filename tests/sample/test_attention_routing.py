@@ -59,3 +59,17 @@ def test_auto_mode_and_bad_name():
     assert resolve_attention("auto", torch.device("cpu"), torch.float32) == cpu
     with pytest.raises(ValueError, match="attention must be one of"):
         resolve_attention("flash", torch.device("cpu"), torch.float32)
+
+
+def test_a_value_head_dim_beyond_the_kernels_goes_to_torch():
+    """Routed SDPA with q/k head dim 64 and value head dim 300 (above MAX_HEAD_DIM): the torch
+    path serves it, as native SDPA would, instead of the kernel refusing it."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 5, 64, generator=gen), torch.randn(1, 2, 7, 64, generator=gen)
+    v = torch.randn(1, 2, 7, attn_mod.MAX_HEAD_DIM + 44, generator=gen)
+    expected = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(attn_mod.scaled_dot_product_attention(q, k, v), expected)
+    out = attn_mod.dispatch_attention_fn(*(t.transpose(1, 2) for t in (q, k, v)))
+    torch.testing.assert_close(out.transpose(1, 2), expected)

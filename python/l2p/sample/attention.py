@@ -32,10 +32,11 @@ from l2p.ops.attention import MAX_HEAD_DIM
 MODES = ("auto", "l2p", "native")
 
 
-def _kernel_backend(q: torch.Tensor) -> str:
-    """The compiled l2p kernel for q's device, or "auto" (torch) where none serves it."""
+def _kernel_backend(q: torch.Tensor, v: torch.Tensor) -> str:
+    """The compiled l2p kernel for q's device, or "auto" (torch) where none serves it (the
+    kernels take head dims up to MAX_HEAD_DIM, the value's as well as the query's)."""
     compiled = {"cpu": "cpp", "cuda": "cuda"}.get(q.device.type)
-    if compiled is None or max(q.shape[-1], 1) > MAX_HEAD_DIM:
+    if compiled is None or max(q.shape[-1], v.shape[-1], 1) > MAX_HEAD_DIM:
         return "auto"
     if _dispatch.auto_choice("attention", q.device.type, q.dtype) == compiled:
         return compiled
@@ -52,7 +53,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if dropout_p or is_causal:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    return l2p_attention(query, key, value, attn_mask=attn_mask, scale=scale, backend=_kernel_backend(query))
+    return l2p_attention(query, key, value, attn_mask=attn_mask, scale=scale,
+                         backend=_kernel_backend(query, value))
 
 
 def _native_dispatch():
@@ -70,7 +72,7 @@ def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_c
                                   attention_kwargs=attention_kwargs, backend=backend,
                                   parallel_config=parallel_config)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    out = l2p_attention(q, k, v, attn_mask=attn_mask, scale=scale, backend=_kernel_backend(q))
+    out = l2p_attention(q, k, v, attn_mask=attn_mask, scale=scale, backend=_kernel_backend(q, v))
     return out.transpose(1, 2)
 
 
