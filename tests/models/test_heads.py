@@ -94,3 +94,23 @@ def test_head_config_by_bottleneck_width_follows_the_patch_size():
     assert default_detailer_channels(16, 32) == [8, 8, 16, 32]   # never narrower than 8
     with pytest.raises(ValueError, match="not both"):
         complete_head_config({"type": "detailer", "channels": [8, 8], "max_channels": 8}, 4)
+
+
+@pytest.mark.parametrize("head, match", [
+    ({"type": "detailer", "max_channels": 0}, "max_channels must be a positive int, got 0"),
+    ({"type": "detailer", "max_channels": -8}, "max_channels must be a positive int, got -8"),
+    ({"type": "detailer", "max_channels": "512"}, "max_channels must be a positive int"),
+    ({"type": "detailer", "channels": [8, 16.5]}, "channels entry must be a positive int, got 16.5"),
+    ({"type": "detailer", "channels": [8, 0]}, "channels entry must be a positive int, got 0"),
+    ({"type": "detailer", "channels": []}, "channels must be a list of positive ints"),
+    ({"type": "detailer", "channels": "8,16"}, "channels must be a list of positive ints"),
+    (None, "head must be one of"),
+    (16, "head must be one of"),
+])
+def test_head_config_mistakes_are_refused_not_replaced(head, match):
+    # A zero width used to give the default 512-wide head, a negative one the narrowest, and a
+    # fractional width was truncated, all silently.
+    from l2p.models.heads import complete_head_config
+
+    with pytest.raises(ValueError, match=match):
+        complete_head_config(head, 4)

@@ -6,12 +6,14 @@ the list, which then follows from the patch size. Detailer layout options: ``poo
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from l2p.models.detailer_head import DetailerHead, default_detailer_channels
 from l2p.models.linear_head import LinearHead
+from l2p.ops._checks import require_positive_int
 
 HEADS = ("detailer", "linear")
 # What the head reads from the transformer: "final_norm", the last-layer token features after
@@ -22,17 +24,27 @@ FEATURES = ("final_norm", "blocks")
 
 def complete_head_config(head: str | dict[str, Any], patch_size: int) -> dict[str, Any]:
     """The complete, explicit config of a head given by name or partial dict."""
+    if not isinstance(head, (str, Mapping)):
+        raise ValueError(f"head must be one of {HEADS} (or a dict with 'type'), got {head!r}")
     config = {"type": head} if isinstance(head, str) else dict(head)
     kind = config.get("type")
     if kind not in HEADS:
         raise ValueError(f"head must be one of {HEADS} (or a dict with 'type'), got {head!r}")
     if kind == "detailer":
-        if config.get("channels") and config.get("max_channels"):
+        channels, max_channels = config.get("channels"), config.get("max_channels")
+        if channels is not None and max_channels is not None:
             raise ValueError("give the detailer head either channels or max_channels, not both")
-        channels = config.get("channels") or default_detailer_channels(
-            patch_size, int(config.get("max_channels") or 512))
+        if channels is None:
+            # 0 or a negative width is a mistake, not a request for the default (512).
+            width = 512 if max_channels is None else require_positive_int("detailer head max_channels",
+                                                                          max_channels)
+            channels = default_detailer_channels(patch_size, width)
+        elif isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence) or not channels:
+            raise ValueError(f"detailer head channels must be a list of positive ints (one width per "
+                             f"level), got {channels!r}")
         unknown = set(config) - {"type", "channels", "max_channels", "pool", "up_convs", "features"}
-        complete = {"type": "detailer", "channels": [int(c) for c in channels]}
+        complete = {"type": "detailer",
+                    "channels": [require_positive_int("detailer head channels entry", c) for c in channels]}
         # Non-default layout options only, so configs written before they existed read the same.
         pool = config.get("pool", "avg")
         if pool not in ("avg", "max"):
