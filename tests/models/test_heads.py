@@ -114,3 +114,32 @@ def test_head_config_mistakes_are_refused_not_replaced(head, match):
 
     with pytest.raises(ValueError, match=match):
         complete_head_config(head, 4)
+
+
+@pytest.mark.parametrize("image_shape, tokens_shape, match", [
+    ((1, 3, 16, 16), (1, 10, 12), r"got tokens \(1, 10, 12\)"),  # another grid's token count
+    ((2, 3, 16, 16), (1, 16, 12), r"here \(2, 16, 12\)"),  # one sample's tokens for two images
+    ((1, 3, 16, 16), (1, 16, 10), r"token_dim 12"),
+    ((1, 3, 18, 16), (1, 16, 12), "not a multiple of patch_size 4; resize or pad it to 20x16"),
+    ((1, 4, 16, 16), (1, 16, 12), r"image \(B, 3, H, W\)"),
+    ((3, 16, 16), (1, 16, 12), r"image must be \(B, C, H, W\)"),
+])
+@pytest.mark.parametrize("tiled", [False, True])
+def test_detailer_head_inputs_that_do_not_fit_are_named(image_shape, tokens_shape, match, tiled):
+    # These failed inside torch (a reshape, the decoder's concatenation, a conv), in terms of
+    # the head's internals.
+    head = DetailerHead(4, 12, [8, 16])
+    if tiled:
+        head.enable_tiling(4)
+    with pytest.raises(ValueError, match=match):
+        head(torch.randn(*image_shape), torch.randn(*tokens_shape))
+
+
+@pytest.mark.parametrize("build", [
+    lambda: PixelPatchEmbed(0, 8), lambda: PixelPatchEmbed(4, 0), lambda: DetailerHead(4.0, 8),
+    lambda: DetailerHead("4", 8), lambda: DetailerHead(4, 0), lambda: LinearHead(0, 8),
+])
+def test_module_sizes_must_be_positive_ints(build):
+    # PixelPatchEmbed(0, 8) divided by zero; DetailerHead(4.0, 8) compared floats bitwise.
+    with pytest.raises(ValueError, match="must be a positive int"):
+        build()

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from l2p.ops import _checks
+
 
 def default_detailer_channels(patch_size: int, max_channels: int = 512) -> list[int]:
     """Encoder widths, one per level, doubling up to ``max_channels`` at the bottleneck (at
@@ -43,6 +45,8 @@ class DetailerHead(nn.Module):
         up_convs: bool = False,
     ):
         super().__init__()
+        patch_size = _checks.require_patch_size(patch_size)
+        token_dim = _checks.require_positive_int("token_dim", token_dim)
         if pool not in ("avg", "max"):
             raise ValueError(f"DetailerHead pool must be 'avg' or 'max', got {pool!r}")
         if patch_size < 2 or patch_size & (patch_size - 1):
@@ -93,8 +97,21 @@ class DetailerHead(nn.Module):
 
     def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """image (B, C, H, W), tokens (B, (H/P)*(W/P), D) row-major -> (B, out, H, W)."""
-        b, _, h, w = image.shape
+        _checks.require_input("image", image, 4, "(B, C, H, W)")
+        _checks.require_input("tokens", tokens, 3, "(B, (H/P)*(W/P), D)")
+        b, c, h, w = image.shape
+        # Off the patch grid the pooling floors and the decoder's concatenation fails in torch
+        # terms; a token count for another grid fails in the reshape below.
+        _checks.require_divisible(h, w, self.patch_size, what="image")
         rows, cols = h // self.patch_size, w // self.patch_size
+        expected = (b, rows * cols, self.token_dim)
+        if c != self.encoder[0].in_channels or tuple(tokens.shape) != expected:
+            raise ValueError(
+                f"the Detailer Head (patch_size {self.patch_size}, token_dim {self.token_dim}) takes an "
+                f"image (B, {self.encoder[0].in_channels}, H, W) and its tokens (B, (H/P)*(W/P), "
+                f"{self.token_dim}), here {expected} for the {tuple(image.shape)} image; got tokens "
+                f"{tuple(tokens.shape)}"
+            )
         grid = tokens.transpose(1, 2).reshape(b, tokens.shape[2], rows, cols)
         if self.tile_size is not None:
             from l2p.sample.tiling import tiled_forward

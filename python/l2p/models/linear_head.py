@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from l2p.ops import unpatchify
+from l2p.ops import _checks, unpatchify
 
 
 class LinearHead(nn.Module):
@@ -16,6 +16,9 @@ class LinearHead(nn.Module):
 
     def __init__(self, patch_size: int, token_dim: int, out_channels: int = 3):
         super().__init__()
+        patch_size = _checks.require_patch_size(patch_size)
+        token_dim = _checks.require_positive_int("token_dim", token_dim)
+        out_channels = _checks.require_positive_int("out_channels", out_channels)
         self.patch_size = patch_size
         self.token_dim = token_dim
         self.out_channels = out_channels

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from l2p.ops import patch_embed
+from l2p.ops import _checks, patch_embed
 
 
 class PixelPatchEmbed(nn.Module):
@@ -19,6 +19,9 @@ class PixelPatchEmbed(nn.Module):
 
     def __init__(self, patch_size: int, embed_dim: int, in_channels: int = 3, bias: bool = True):
         super().__init__()
+        patch_size = _checks.require_patch_size(patch_size)
+        embed_dim = _checks.require_positive_int("embed_dim", embed_dim)
+        in_channels = _checks.require_positive_int("in_channels", in_channels)
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.in_channels = in_channels
