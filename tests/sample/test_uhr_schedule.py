@@ -25,6 +25,24 @@ def test_shift_anchors():
         recommended_shift(4000, 4096, 64)
 
 
+@pytest.mark.parametrize("call, match", [
+    (lambda: recommended_patch_size(0, 1024), "height must be a positive int, got 0"),
+    (lambda: recommended_patch_size(4096, -4096), "width must be a positive int, got -4096"),
+    (lambda: recommended_patch_size(4096, 4096, base_patch=0), "base_patch must be a positive int"),
+    (lambda: recommended_patch_size(4096, 4096, max_tokens=0), "max_tokens must be a positive int"),
+    (lambda: recommended_patch_size(4096.0, 4096), "height must be a positive int"),
+    (lambda: recommended_shift(0, 0), "height must be a positive int, got 0"),
+    (lambda: recommended_shift(-4096, 4096), "height must be a positive int"),
+    (lambda: recommended_shift(4096, 4096, 0), "patch must be a positive int, got 0"),
+    (lambda: recommended_shift(4096, 4096, base_shift=0), "base_shift must be a positive number"),
+])
+def test_recommendations_refuse_sizes_that_are_not_images(call, match):
+    # A zero or negative side was answered with the 1K values (patch 16, shift 3),
+    # max_tokens=0 with a patch larger than the image, base_patch=0 with a ZeroDivisionError.
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
 def _flux_like():
     from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from l2p.ops._checks import require_positive_int
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -47,10 +49,16 @@ def dynamic_mu(image_seq_len: int, config, max_shift_default: float = 1.15) -> f
                            config.get("max_shift", max_shift_default))
 
 
-def _check_shift(shift) -> float:
+def _check_shift(shift, name: str = "shift") -> float:
     if isinstance(shift, bool) or not (isinstance(shift, (int, float)) and shift > 0 and math.isfinite(shift)):
-        raise ValueError(f"shift must be a positive number, got {shift!r}")
+        raise ValueError(f"{name} must be a positive number, got {shift!r}")
     return float(shift)
+
+
+def _check_size(height, width) -> tuple[int, int]:
+    """The image size in pixels as positive ints (a zero or negative side is a mistake the
+    recommendations would otherwise answer with the 1K values)."""
+    return require_positive_int("height", height), require_positive_int("width", width)
 
 
 def _shift_key(config, class_name: str) -> str:
@@ -141,6 +149,10 @@ def recommended_shift(height: int, width: int, patch: int | None = None, *,
     multiples of it); the shift does not depend on it. At and below 1K, base_shift is
     returned; ``L2PPipeline(shift="recommended")`` then keeps the source's scheduler as it is.
     """
+    height, width = _check_size(height, width)
+    base_shift = _check_shift(base_shift, "base_shift")
+    if patch is not None:
+        patch = require_positive_int("patch", patch)
     if patch is not None and (height % patch or width % patch):
         raise ValueError(f"{height}x{width} is not a multiple of the patch size {patch}")
     ratio = height * width / _ONE_K**2
@@ -180,7 +192,9 @@ def recommended_patch_size(height: int, width: int, *, base_patch: int = 16,
     grid): base_patch times the smallest power of two that does, e.g. 16 at 1K, 32 at 2K,
     64 at 4K (4096 tokens, the official 4K model), 128 at 8K. Convert with
     ``l2p convert --patch-size`` (and train) for that size."""
-    patch = base_patch
+    height, width = _check_size(height, width)
+    patch = require_positive_int("base_patch", base_patch)
+    max_tokens = require_positive_int("max_tokens", max_tokens)
     while (height // patch) * (width // patch) > max_tokens:
         patch *= 2
     return patch
