@@ -127,3 +127,20 @@ def test_a_pipeline_built_in_memory_at_a_larger_patch_keeps_the_source_patch(pip
     assert built._source_patch() == 16
     built.save_pretrained(tmp_path / "wide")
     assert L2PPipeline.from_pretrained(tmp_path / "wide")._source_patch() == 16
+
+
+def test_default_size_keeps_the_source_token_grid_at_a_larger_patch(sources, pipelines, tmp_path):
+    # SD3 takes its default side from the config's sample_size, FLUX (no sample_size) from
+    # FluxPipeline's 1024 px: converted at twice the patch, both default to twice the side, the
+    # source's default token grid. FLUX stayed at 1024 px, a quarter of the tokens.
+    from l2p import L2PPipeline
+    from l2p.conversion import convert_folder
+
+    for name in ("sd3", "flux"):
+        pipe = pipelines[name]
+        patch = pipe.transformer.config.patch_size
+        convert_folder(sources[name], tmp_path / name, patch_size=2 * patch,
+                       head={"type": "detailer", "channels": [4, 4, 4]}, log=lambda line: None)
+        wide = L2PPipeline.from_pretrained(tmp_path / name)
+        assert wide.default_size == 2 * pipe.default_size, name
+        assert wide.default_size // wide.transformer.config.patch_size == pipe.default_size // patch

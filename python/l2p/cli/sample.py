@@ -101,9 +101,11 @@ def register(subparsers) -> None:
                    help="prompt (repeat for several prompts); DiT: a class name or id")
     p.add_argument("--negative-prompt", default=None, help="negative prompt for guidance (default empty)")
     p.add_argument("--height", type=int, default=None,
-                   help="pixels, a multiple of the patch size (default: the source's)")
+                   help="pixels, a multiple of the patch size (default: the source's, scaled by the "
+                        "model's patch over the source's)")
     p.add_argument("--width", type=int, default=None,
-                   help="pixels, a multiple of the patch size (default: the source's)")
+                   help="pixels, a multiple of the patch size (default: the source's, scaled by the "
+                        "model's patch over the source's)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--guidance", type=float, default=4.5,
                    help="guidance scale, read as the source's own pipeline reads it (classifier-free; "

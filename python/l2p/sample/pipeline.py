@@ -450,12 +450,15 @@ class L2PPipeline:
 
     @property
     def default_size(self) -> int:
-        """The source pipeline's default image side (sample_size x VAE factor, else 1024)."""
+        """The image side of the source pipeline's default token grid: the source's default
+        side (sample_size x VAE factor, else 1024 as in FluxPipeline, QwenImagePipeline and
+        ZImagePipeline) times pixel patch / source patch, so a model converted at a larger
+        patch samples by default at the larger size its grid was made for."""
         config = self.transformer.config
         sample_size = config.source_config.get("sample_size")
         if isinstance(sample_size, int):
             return sample_size * config.patch_size // self.transformer.adapter.latent_patch
-        return 1024
+        return 1024 * config.patch_size // self._source_patch()
 
     # -- prompts ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -510,7 +513,8 @@ class L2PPipeline:
             prompt / negative_prompt: a string or a list (one image set per prompt); for DiT a
                 class: a name its pipeline knows (``DiTPipeline.labels``) or an id ("207"),
                 and "" (the default negative) is the null class.
-            height, width: multiples of the pixel patch size (default: the source's size).
+            height, width: multiples of the pixel patch size (default: ``default_size``, the side of the
+                source's default token grid at this model's patch).
             guidance_scale: classifier-free guidance as the source pipeline reads it: the
                 weight w of uncond + w (cond - uncond), off when <= 1; for Z-Image g of
                 cond + g (cond - uncond), off when <= 0. For FLUX and Qwen-Image it feeds the
