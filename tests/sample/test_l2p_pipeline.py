@@ -422,3 +422,13 @@ def test_precomputed_embeddings_are_refused_by_name(pipelines):
                    {"prompt": "a", "pooled_prompt_embeds": embeds, "prompt_attention_mask": embeds}):
         with pytest.raises(TypeError, match=r"no precomputed conditioning \((pooled_)?\w*prompt_\w+.*pass the text"):
             pipelines["sd3"](height=32, width=24, num_inference_steps=1, **kwargs)
+
+
+def test_a_refused_attention_mode_leaves_the_pipeline_as_it_was(pipelines):
+    # The mode was recorded before it was checked: every later call failed on it.
+    pipe = pipelines["pixart"]
+    before = pipe.attention
+    with pytest.raises(ValueError, match="attention must be one of"):
+        pipe.set_attention("flash")
+    assert pipe.attention == before
+    assert _run(pipe, height=8, width=8, num_inference_steps=1).shape == (1, 3, 8, 8)

@@ -394,8 +394,9 @@ class L2PPipeline:
 
     def set_attention(self, mode: str) -> str:
         """"l2p", "native" or "auto" for the transformer's attention; returns the mode applied."""
+        applied = set_attention(self.transformer, mode)  # a name it refuses leaves the mode as it was
         self.attention = mode
-        return set_attention(self.transformer, mode)
+        return applied
 
     def enable_head_tiling(self, tile_size: int | None = None) -> None:
         self.transformer.enable_head_tiling(tile_size)
