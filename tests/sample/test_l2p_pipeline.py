@@ -432,3 +432,32 @@ def test_a_refused_attention_mode_leaves_the_pipeline_as_it_was(pipelines):
         pipe.set_attention("flash")
     assert pipe.attention == before
     assert _run(pipe, height=8, width=8, num_inference_steps=1).shape == (1, 3, 8, 8)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"guidance_scale": None}, "guidance_scale must be a number, got None"),
+    ({"true_cfg_scale": "4"}, "true_cfg_scale must be a number"),
+    ({"num_images_per_prompt": True}, "num_images_per_prompt must be a positive int"),
+    ({"generator": 0}, r"torch.Generator\(\).manual_seed\(s\)"),
+    ({"generator": [None]}, "generator must be a torch.Generator or a list of them"),
+    ({"latents": [[0.0]]}, r"latents must be a tensor \(B, 3, H, W\)"),
+    ({"callback_on_step_end": lambda pipe, i, t, kw: (kw["latents"],)}, "must return a dict"),
+    ({"callback_on_step_end": lambda pipe, i, t, kw: {"latents": kw["latents"][..., :4]}},
+     r"returned latents \(1, 3, 8, 4\); the pixel-space sample it replaces is \(1, 3, 8, 8\)"),
+])
+def test_call_arguments_of_the_wrong_kind_are_named(pipelines, kwargs, match):
+    # These failed as "unsupported operand type(s) for +", "'int' object has no attribute
+    # 'device'", "'list' object has no attribute 'shape'" or "'tuple' object has no attribute
+    # 'get'"; True was taken as one image per prompt, and a callback's latents of another size
+    # went on to be sampled as a smaller image than asked for.
+    with pytest.raises(ValueError, match=match):
+        _run(pipelines["pixart"], height=8, width=8, **kwargs)
+
+
+def test_numpy_integer_sizes_are_sizes(pipelines):
+    # np.int64(8) was refused as "must be a positive multiple of the pixel patch size 4, got 8".
+    pipe = pipelines["pixart"]
+    image = _run(pipe, height=np.int64(8), width=np.int32(12), generator=torch.Generator().manual_seed(0))
+    assert image.shape == (1, 3, 8, 12)
+    torch.testing.assert_close(image, _run(pipe, height=8, width=12, generator=torch.Generator().manual_seed(0)),
+                               rtol=0, atol=0)

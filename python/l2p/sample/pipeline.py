@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import numbers
 from pathlib import Path
 
 import torch
@@ -575,18 +576,30 @@ class L2PPipeline:
                              f"got {guidance_max_sigma!r}")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        for name, value in (("guidance_scale", guidance_scale), ("true_cfg_scale", true_cfg_scale)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         model = self.transformer
         p = model.config.patch_size
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < p or value % p:
+            # numbers.Integral: numpy's integers too, as arrays and config files hand them over.
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < p or value % p:
                 raise ValueError(
                     f"{name} must be a positive multiple of the pixel patch size {p}, got {value!r} "
-                    f"(e.g. {max(p, round(value / p) * p) if isinstance(value, (int, float)) else p})"
+                    f"(e.g. {max(p, round(value / p) * p) if isinstance(value, numbers.Real) else p})"
                 )
+        height, width = int(height), int(width)
+        generators = generator if isinstance(generator, list) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            raise ValueError(f"generator must be a torch.Generator or a list of them (for a seed s: "
+                             f"torch.Generator().manual_seed(s)), got {generator!r}")
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise ValueError(f"latents must be a tensor (B, 3, H, W) of initial noise, got {type(latents).__name__}")
         num_prompts = len(_prompt_list(prompt, "prompt"))
         batch = num_prompts * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != batch:
@@ -620,7 +633,17 @@ class L2PPipeline:
         if callback_on_step_end is not None:
             def on_step_end(i, t, sample):
                 kwargs = {name: sample for name in callback_on_step_end_tensor_inputs}
-                return (callback_on_step_end(self, i, t, kwargs) or {}).get("latents")
+                returned = callback_on_step_end(self, i, t, kwargs)
+                if returned is not None and not isinstance(returned, dict):
+                    raise ValueError(f"callback_on_step_end must return a dict (or None), e.g. "
+                                     f"{{'latents': sample}} to replace the sample; got {type(returned).__name__}")
+                replaced = (returned or {}).get("latents")
+                if replaced is not None and (not isinstance(replaced, torch.Tensor)
+                                             or replaced.shape != sample.shape):
+                    got = tuple(replaced.shape) if isinstance(replaced, torch.Tensor) else type(replaced).__name__
+                    raise ValueError(f"callback_on_step_end returned latents {got}; the pixel-space sample it "
+                                     f"replaces is {tuple(sample.shape)}")
+                return replaced
         with self.text_pipeline.progress_bar(total=num_inference_steps) as progress, self._loaded([model]):
             x = denoise(model, self.family, self.recipe, scheduler, x, cond, uncond, steps=num_inference_steps,
                         cfg_scale=cfg_scale, embedded_guidance=guidance_scale if self.recipe.distilled_guidance
