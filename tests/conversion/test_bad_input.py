@@ -163,3 +163,27 @@ def test_text_conditioning_and_sampling_recipe_come_from_the_adapter():
         family_for("UNet2DConditionModel")
     with pytest.raises(ValueError, match="families:"):
         recipe_for("UNet2DConditionModel")
+
+
+def test_api_arguments_of_the_wrong_kind_are_named(tmp_path):
+    # These failed as "'NoneType' object is not iterable", "'list' object has no attribute
+    # 'is_floating_point'" or "'Linear' object has no attribute 'config'"; seed=1.5 converted
+    # silently as seed 1.
+    model = _model("SD3Transformer2DModel")
+    for policy in (None, 5):
+        with pytest.raises(ValueError, match="policy must be 'all', 'first_last:N' or name patterns"):
+            l2p.set_trainable(model, policy)
+    for delta in (None, 123):
+        with pytest.raises(TypeError, match="merge_delta takes a delta file's path"):
+            l2p.merge_delta(model, delta)
+    with pytest.raises(TypeError, match="delta entry head.fuse.bias is a list, not a tensor"):
+        l2p.merge_delta(model, {"head.fuse.bias": [0.0] * 4})
+    with pytest.raises(TypeError, match="save_delta takes a PixelTransformer2DModel"):
+        l2p.save_delta(torch.nn.Linear(2, 2), tmp_path / "delta.safetensors")
+    with pytest.raises(TypeError, match="merge_delta takes a PixelTransformer2DModel"):
+        l2p.merge_delta(torch.nn.Linear(2, 2), {})
+    assert not (tmp_path / "delta.safetensors").exists()
+    source = diffusers.SD3Transformer2DModel.from_config(TINY["SD3Transformer2DModel"])
+    for seed in (1.5, "x", True):
+        with pytest.raises(ValueError, match="seed must be an int"):
+            l2p.convert_to_pixel(source, seed=seed)

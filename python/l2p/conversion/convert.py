@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,9 @@ def convert_to_pixel(
         raise ValueError(
             f"{name} is not supported by L2P; supported transformers: {', '.join(ADAPTERS)}"
         )
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        # torch.manual_seed would take 1.5 as 1, and fail on "x" in int()'s words.
+        raise ValueError(f"seed must be an int, got {seed!r}")
     config = _source_config(transformer)
     adapter = get_adapter(name, config)
     patch = adapter.pixel_patch_size(vae_scale_factor, patch_size)

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -72,10 +72,17 @@ def base_fingerprint(model: PixelTransformer2DModel, delta_names: Iterable[str] 
     return f"sha256:{digest.hexdigest()}"
 
 
+def _require_pixel_model(what: str, model) -> None:
+    if not isinstance(model, PixelTransformer2DModel):
+        raise TypeError(f"{what} takes a PixelTransformer2DModel (from convert_to_pixel), got "
+                        f"{type(model).__name__}")
+
+
 def save_delta(model: PixelTransformer2DModel, path: str | os.PathLike) -> list[str]:
     """Write the trainable tensors (``requires_grad``) of ``model`` to a safetensors file,
     with the model's config and the fingerprint of its frozen tensors (``base_fingerprint``)
     in its metadata. Returns the tensor names written."""
+    _require_pixel_model("save_delta", model)
     tensors = {
         name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad
     }
@@ -145,16 +152,22 @@ def merge_delta(model: PixelTransformer2DModel, delta) -> list[str]:
     (a float32 delta into a model loaded with torch_dtype=torch.bfloat16 is rounded to
     bfloat16, as every other tensor of that model was): the model keeps the dtype it was
     loaded in. ``l2p merge`` (merge_folder) writes the delta's values exactly."""
+    _require_pixel_model("merge_delta", model)
     if isinstance(delta, (str, os.PathLike)):
         tensors, metadata = load_delta(delta)
         check_delta_config(dict(model.config), metadata)
         check_delta_base(model, tensors, metadata, where="model")
-    else:
+    elif isinstance(delta, Mapping):
         tensors = dict(delta)
+    else:
+        raise TypeError(f"merge_delta takes a delta file's path (l2p.save_delta) or a dict of name -> "
+                        f"tensor, got {type(delta).__name__}")
     params = dict(model.named_parameters())
     for name, value in tensors.items():
         if name not in params:
             raise ValueError(f"delta tensor {name} has no place in this model")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"delta entry {name} is a {type(value).__name__}, not a tensor")
         target = params[name]
         floats = target.is_floating_point() and value.is_floating_point()
         if target.shape != value.shape or (target.dtype != value.dtype and not floats):

@@ -82,7 +82,10 @@ def set_trainable(
         }
         label = policy
     else:
-        patterns = [p.strip() for p in policy.split(",")] if isinstance(policy, str) else list(policy)
+        if isinstance(policy, str):
+            patterns = [p.strip() for p in policy.split(",")]
+        else:
+            patterns = list(policy) if isinstance(policy, Sequence) else []
         if not patterns or not all(isinstance(p, str) and p for p in patterns):
             raise ValueError(
                 f"policy must be 'all', 'first_last:N' or name patterns, got {policy!r}"
