@@ -90,3 +90,8 @@ def test_ridge_shrinks_and_bad_input_is_refused():
         fit_pixel_embedding(model, source, encode, [], ridge=0.1)
     with pytest.raises(ValueError, match="token grid"):
         fit_pixel_embedding(model, source, lambda images: encode(images)[..., :-1], batches)
+
+    # An image off the pixel patch grid was blamed on the patch size ("must keep the source's
+    # token grid (model.patch_size=null)").
+    with pytest.raises(ValueError, match="image size 72x64 is not a multiple of patch_size 16"):
+        fit_pixel_embedding(model, source, encode, [torch.rand(1, 3, 72, 64, generator=g) * 2 - 1])

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from l2p.ops import _checks
+
 
 @dataclass
 class EmbeddingFit:
@@ -86,6 +88,8 @@ def fit_pixel_embedding(
     for images in image_batches:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        # Else the latent grid check below blames the patch size for the image size.
+        _checks.require_divisible(images.shape[2], images.shape[3], pixel_patch, what="image")
         latents = encode(images)
         rows, cols = images.shape[2] // pixel_patch, images.shape[3] // pixel_patch
         if tuple(latents.shape[1:]) != (channels, rows * p, cols * p):
