@@ -187,3 +187,20 @@ def test_api_arguments_of_the_wrong_kind_are_named(tmp_path):
     for seed in (1.5, "x", True):
         with pytest.raises(ValueError, match="seed must be an int"):
             l2p.convert_to_pixel(source, seed=seed)
+
+
+@pytest.mark.parametrize("name", ["ZImageTransformer2DModel", "Lumina2Transformer2DModel"])
+def test_sizes_beyond_the_rotary_table_are_refused_in_pixels(name):
+    # axes_lens 32 rows and 32 columns in the tiny configs: 512 px a side at patch 16. One token
+    # more indexed past the table: "index 32 is out of bounds for dimension 0 with size 32" on
+    # the CPU (out-of-range indexing on CUDA is a device-side assert instead; not run here).
+    model = _model(name).eval()
+    with torch.no_grad():
+        for h, w in [(16, 512), (512, 16)]:
+            kwargs = call_kwargs(name, 1, h, w, torch.Generator().manual_seed(0))
+            assert model(torch.randn(1, 3, h, w), **kwargs).sample.shape == (1, 3, h, w)
+        for h, w in [(16, 528), (528, 16)]:
+            kwargs = call_kwargs(name, 1, h, w, torch.Generator().manual_seed(0))
+            with pytest.raises(ValueError, match=rf"{h}x{w} px is beyond this {name}'s rotary position table: "
+                                                 r"at most 512 px high and 512 px wide at pixel patch 16"):
+                model(torch.randn(1, 3, h, w), **kwargs)

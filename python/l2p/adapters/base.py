@@ -25,6 +25,22 @@ def _power_of_two(n: int) -> bool:
     return n >= 1 and not n & (n - 1)
 
 
+def check_rope_grid(source_class: str, axes_lens, rows: int, cols: int, patch: int) -> None:
+    """Refuse a token grid beyond the rows and columns of a precomputed rotary table
+    (``axes_lens``: caption/frame, row, column lengths, as Lumina2 and Z-Image keep them): the
+    source would index past the table, an IndexError about tensor sizes on the CPU and a
+    device-side assert on CUDA."""
+    if axes_lens is None:  # a config without the table's lengths: nothing to check against
+        return
+    max_rows, max_cols = int(axes_lens[1]), int(axes_lens[2])
+    if rows > max_rows or cols > max_cols:
+        raise ValueError(
+            f"{rows * patch}x{cols * patch} px is beyond this {source_class}'s rotary position table: at "
+            f"most {max_rows * patch} px high and {max_cols * patch} px wide at pixel patch {patch} "
+            f"({max_rows}x{max_cols} tokens, axes_lens); sample smaller, or convert with a larger --patch-size"
+        )
+
+
 def encode_prompt_with_mask(pipe, prompts: list[str], device) -> dict[str, Any]:
     """Text conditioning of the pipelines whose encode_prompt returns (embeddings, mask,
     negative embeddings, negative mask), called with its defaults: PixArt, Lumina2."""

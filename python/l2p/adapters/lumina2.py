@@ -8,7 +8,7 @@ space is each pixel row of each colour channel (in the pipeline, each latent row
 
 import torch
 
-from l2p.adapters.base import SourceAdapter, encode_prompt_with_mask
+from l2p.adapters.base import SourceAdapter, check_rope_grid, encode_prompt_with_mask
 
 
 class Lumina2Adapter(SourceAdapter):
@@ -19,6 +19,9 @@ class Lumina2Adapter(SourceAdapter):
     output_modules = ("norm_out",)
     output_sign = -1
     flow_sigmas = True
+
+    def check_arguments(self, arguments, rows, cols, patch):
+        check_rope_grid(self.source_class, self.config.get("axes_lens"), rows, cols, patch)
 
     def image_tokens(self, captured, n_tokens, arguments):
         mask = arguments["encoder_attention_mask"]

@@ -9,7 +9,7 @@ times the conditional one's (norms over the whole image, as over the whole laten
 import torch
 from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
 
-from l2p.adapters.base import SourceAdapter
+from l2p.adapters.base import SourceAdapter, check_rope_grid
 
 
 class ZImageAdapter(SourceAdapter):
@@ -21,6 +21,9 @@ class ZImageAdapter(SourceAdapter):
     flow_sigmas = True
     guidance_scale_offset = 1.0  # ZImagePipeline guides as cond + g (cond - uncond)
     guidance_options = {"cfg_truncation": 1.0, "cfg_normalization": False}
+
+    def check_arguments(self, arguments, rows, cols, patch):
+        check_rope_grid(self.source_class, self.config.get("axes_lens"), rows, cols, patch)
 
     @staticmethod
     def guides_step(step, num_steps, t, options):
