@@ -59,9 +59,12 @@ def image_size(name: str, square: bool = False) -> tuple[int, int]:
     return 2 * p, 3 * p
 
 
-def call_kwargs(name: str, batch: int, height: int, width: int, generator: torch.Generator) -> dict:
-    """Everything but the noisy input, as the source pipeline would pass it."""
-    rows, cols = height // PATCH[name], width // PATCH[name]
+def call_kwargs(name: str, batch: int, height: int, width: int, generator: torch.Generator,
+                patch: int | None = None) -> dict:
+    """Everything but the noisy input, as the source pipeline would pass it, for the pixel
+    patch ``patch`` (default the family's, PATCH)."""
+    patch = patch or PATCH[name]
+    rows, cols = height // patch, width // patch
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator)

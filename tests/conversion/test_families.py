@@ -122,6 +122,43 @@ def test_runs_the_source_forward_unchanged(name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("factor", [2, 4])
+def test_larger_patches_feed_the_source_its_own_grid(name, factor):
+    """Converted at 2x and 4x the family's patch, at the smallest image (one token) and a
+    non-square one: the head reads what the untouched source computes for that token grid
+    (its position table, RoPE ids, img_ids / img_shapes and padding for that grid)."""
+    torch.manual_seed(123)
+    source = getattr(diffusers, name).from_config(TINY[name]).eval()
+    p = PATCH[name] * factor
+    model = l2p.convert_to_pixel(source, patch_size=p,
+                                 head={"type": "detailer", "channels": [4] * (p.bit_length() - 1)}).eval()
+    adapter = model.adapter
+    for rows, cols in [(1, 1), (3, 3) if name.startswith("DiT") else (1, 3)]:
+        g = torch.Generator().manual_seed(rows + cols)
+        x = torch.randn(2, 3, rows * p, cols * p, generator=g)
+        kwargs = call_kwargs(name, 2, rows * p, cols * p, g, patch=p)
+        tokens = model.pixel_embed.embed(x)
+        seen = {}
+        handles = [
+            source.get_submodule(adapter.input_module).register_forward_hook(
+                lambda m, inp, out: adapter.arrange_tokens(tokens, rows, cols, inp[0])),
+            source.get_submodule(adapter.output_module).register_forward_pre_hook(
+                lambda m, inp: seen.update(features=inp[0])),
+            model.head.register_forward_pre_hook(lambda m, inp: seen.update(head_tokens=inp[1])),
+        ]
+        try:
+            with torch.no_grad():
+                out = model(x, **kwargs).sample
+                source(adapter.dummy_latent(2, rows, cols, x.dtype, x.device), **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        expected = adapter.image_tokens(seen["features"], rows * cols, kwargs)
+        torch.testing.assert_close(seen["head_tokens"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_save_and_load_round_trip(name, tmp_path):
     source, model = make(name)
     model.save_pretrained(tmp_path, safe_serialization=True)
