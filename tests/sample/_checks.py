@@ -50,3 +50,23 @@ def assert_block_offload_agrees(pipe, run) -> None:
         assert torch.equal(run(pipe), plain)
     finally:
         pipe.disable_block_offload()
+
+
+def assert_batch_is_each_prompt_alone(pipe, prompts: list[str], negatives: list[str], **kwargs) -> None:
+    """A batch of different prompts (captions of different lengths, so padding and masks
+    differ), each with its own negative prompt and generator, gives each prompt's image
+    alone with the same generator (within float rounding), two per prompt as well."""
+    def generators(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    kwargs = {"num_inference_steps": 2, "output_type": "pt", **kwargs}
+    batch = pipe(prompts, negative_prompt=negatives, generator=generators(0, 1), **kwargs).images
+    alone = [pipe(p, negative_prompt=n, generator=generators(i), **kwargs).images
+             for i, (p, n) in enumerate(zip(prompts, negatives))]
+    torch.testing.assert_close(batch, torch.cat(alone), rtol=0, atol=1e-5)
+    assert (batch[0] - batch[1]).abs().max() > 1e-4  # the prompts do differ
+    pairs = pipe(prompts, negative_prompt=negatives, num_images_per_prompt=2, generator=generators(0, 1, 2, 3),
+                 **kwargs).images
+    alone = [pipe(p, negative_prompt=n, num_images_per_prompt=2, generator=generators(2 * i, 2 * i + 1),
+                  **kwargs).images for i, (p, n) in enumerate(zip(prompts, negatives))]
+    torch.testing.assert_close(pairs, torch.cat(alone), rtol=0, atol=1e-5)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from _checks import assert_attention_modes_agree, assert_block_offload_agrees, converted_pipelines
+from _checks import (assert_attention_modes_agree, assert_batch_is_each_prompt_alone, assert_block_offload_agrees,
+                     converted_pipelines)
 from l2p import testing
 from l2p.train.conditioning import stack
 
@@ -71,6 +72,15 @@ def test_two_images_with_guidance_and_seed(pipelines, name):
     # (Qwen-Image's shift_terminal needs 2 steps or more, in QwenImagePipeline as here.)
     pil = _run(pipe, name, output_type="pil")
     assert len(pil) == 2 and isinstance(pil[0], Image.Image) and pil[0].size == (SIDE, SIDE)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_batch_of_prompts_is_each_prompt_alone(pipelines, name):
+    # DiT: two classes against a class and the null class; its images are square.
+    prompts, negatives = (["1", "207"], ["3", ""]) if name == "dit" else (
+        ["a red circle", "two small blue squares on green"], ["blurry", ""])
+    assert_batch_is_each_prompt_alone(pipelines[name], prompts, negatives, height=SIDE,
+                                      width=SIDE if name == "dit" else SIDE // 2, **GUIDANCE[name])
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from _checks import assert_attention_modes_agree, assert_block_offload_agrees, converted_pipelines
+from _checks import (assert_attention_modes_agree, assert_batch_is_each_prompt_alone, assert_block_offload_agrees,
+                     converted_pipelines)
 from l2p import testing
 
 # name -> (builder, pixel patch of its tiny VAE x latent patch, image side)
@@ -69,6 +70,13 @@ def test_two_images_with_guidance_and_seed(pipelines, name):
     assert (a[0] - a[1]).abs().max() > 1e-4  # the two prompts differ
     pil = _run(pipe, name, output_type="pil", num_inference_steps=1)
     assert len(pil) == 2 and isinstance(pil[0], Image.Image) and pil[0].size == (side, side)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_batch_of_prompts_is_each_prompt_alone(pipelines, name):
+    side = FAMILIES[name][2]
+    assert_batch_is_each_prompt_alone(pipelines[name], ["a red circle", "two small blue squares on green"],
+                                      ["blurry", ""], height=side, width=side // 2, guidance_scale=3.0)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

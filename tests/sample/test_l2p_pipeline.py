@@ -37,6 +37,15 @@ def test_output_types_sizes_and_seeds(pipelines, name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+def test_a_batch_of_prompts_is_each_prompt_alone(pipelines, name):
+    from _checks import assert_batch_is_each_prompt_alone
+
+    knob = {"true_cfg_scale": 4.0} if name == "flux" else {"guidance_scale": 4.0}
+    assert_batch_is_each_prompt_alone(pipelines[name], ["a red circle", "two small blue squares on green"],
+                                      ["blurry", ""], height=16, width=24, **knob)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_cfg_off_and_on(pipelines, name):
     pipe = pipelines[name]
     batches = []
