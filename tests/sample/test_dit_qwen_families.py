@@ -187,3 +187,10 @@ def test_qwen_image_true_cfg_rescales_each_patch_to_the_conditional_norm(pipelin
         guided = guided * unfold(pos).norm(dim=1, keepdim=True) / guided.norm(dim=1, keepdim=True)
         x = x + (sigmas[i + 1] - sigmas[i]) * fold(guided)
     torch.testing.assert_close(image, x.clamp(-1, 1) / 2 + 0.5, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen_image_one_step_is_refused_by_its_shift_terminal(pipelines):
+    # One sigma stretched to end at shift_terminal is 0/0: the step failed with "index 0 is out of
+    # bounds for dimension 0 with size 0" after a transformer call at a NaN timestep.
+    with pytest.raises(ValueError, match=r"shift_terminal=0.02 needs num_inference_steps >= 2, got 1"):
+        _run(pipelines["qwen_image"], "qwen_image", num_inference_steps=1)

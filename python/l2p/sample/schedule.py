@@ -103,6 +103,11 @@ def set_timesteps(scheduler, recipe: Recipe, num_steps: int, tokens: int, device
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive int, got {num_steps!r}")
     config = scheduler.config
+    if config.get("shift_terminal") and num_steps < 2:
+        # Stretching one sigma to end at shift_terminal divides 0 by 0: the timesteps are NaN
+        # and the first scheduler step fails looking its NaN timestep up (as in the source pipeline).
+        raise ValueError(f"{type(scheduler).__name__} with shift_terminal={config['shift_terminal']} "
+                         f"needs num_inference_steps >= 2, got {num_steps}")
     kwargs = {}
     # Some pipelines (FLUX, Z-Image) compute mu whatever the scheduler; it only takes effect
     # (and DPM-Solver only accepts it) with dynamic shifting, so pass it then.
