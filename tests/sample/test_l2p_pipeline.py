@@ -470,3 +470,10 @@ def test_numpy_integer_sizes_are_sizes(pipelines):
     assert image.shape == (1, 3, 8, 12)
     torch.testing.assert_close(image, _run(pipe, height=8, width=12, generator=torch.Generator().manual_seed(0)),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("count", [0, -1, True, 2.0])
+def test_encode_prompt_refuses_a_count_that_is_not_a_number_of_images(pipelines, count):
+    # 0 returned empty conditioning, True one copy; -1 and 2.0 failed inside repeat_interleave.
+    with pytest.raises(ValueError, match="num_images_per_prompt must be a positive int"):
+        pipelines["pixart"].encode_prompt("a red circle", num_images_per_prompt=count)

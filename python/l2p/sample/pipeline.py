@@ -49,6 +49,11 @@ def _prompt_list(prompt: str | list[str], what: str) -> list[str]:
     raise ValueError(f"{what} must be a string or a non-empty list of strings, got {prompt!r}")
 
 
+def _check_images_per_prompt(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_images_per_prompt must be a positive int, got {n!r}")
+
+
 # The diffusers pipelines' arguments for conditioning encoded beforehand; L2PPipeline encodes
 # the prompts itself, and these would otherwise reach **guidance_options as unknown options.
 _PRECOMPUTED_CONDITIONING = frozenset(
@@ -469,6 +474,7 @@ class L2PPipeline:
         """(cond, uncond): the source pipeline's conditioning of each prompt (and negative
         prompt, "" by default, when guiding), each repeated num_images_per_prompt times."""
         prompts = _prompt_list(prompt, "prompt")
+        _check_images_per_prompt(num_images_per_prompt)
         negatives = None
         if do_classifier_free_guidance:
             negatives = _prompt_list(negative_prompt if negative_prompt is not None else "", "negative_prompt")
@@ -576,9 +582,7 @@ class L2PPipeline:
                              f"got {guidance_max_sigma!r}")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        _check_images_per_prompt(num_images_per_prompt)
         for name, value in (("guidance_scale", guidance_scale), ("true_cfg_scale", true_cfg_scale)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name} must be a number, got {value!r}")
