@@ -46,6 +46,16 @@ def test_halo_is_two_patches(p):
     assert tiling.head_halo(head) == 2 * p
 
 
+def test_halo_of_something_that_is_not_a_detailer_head():
+    # A LinearHead or None failed with "object has no attribute 'encoder' / 'patch_size'".
+    from l2p.models import LinearHead
+
+    with pytest.raises(TypeError, match="head_halo takes a DetailerHead .*, got NoneType"):
+        tiling.head_halo(None)
+    with pytest.raises(TypeError, match="got LinearHead; a LinearHead is per-token and needs no halo"):
+        tiling.head_halo(LinearHead(4, 8))
+
+
 @pytest.mark.parametrize("p,channels,grid,tile", [CASES[1], (16, [4, 8, 8, 16], (7, 5), 2), CASES[5]])
 def test_published_layout_tiled_equals_untiled_with_a_three_patch_halo(p, channels, grid, tile, monkeypatch):
     # Max pooling and a 3x3 conv after each upsampling (the published L2P decoder): halo 3P,

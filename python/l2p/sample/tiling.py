@@ -52,6 +52,11 @@ def _conv_reach(conv: torch.nn.Conv2d) -> int:
 def head_halo(head) -> int:
     """The halo in pixels (a multiple of the patch size) that makes tiled == untiled; see the
     module docstring for the derivation (2P for the 3x3 Detailer Head, 3P with up convs)."""
+    from l2p.models.detailer_head import DetailerHead
+
+    if not isinstance(head, DetailerHead):
+        raise TypeError(f"head_halo takes a DetailerHead (model.head of a pixel model with the detailer head), "
+                        f"got {type(head).__name__}; a LinearHead is per-token and needs no halo")
     p, band = head.patch_size, 0
     for i, conv in enumerate(head.encoder):
         cell = 2**i
