@@ -97,6 +97,22 @@ def test_guidance_only_up_to_a_noise_level(pipelines, name):
             _run(pipe, guidance_max_sigma=bad)
 
 
+def test_flux_position_ids_stay_exact_past_256_tokens_in_bfloat16(pipelines):
+    # Made in the sample's dtype, a bfloat16 sample's img_ids rounded 257 to 256 and 259 to 260:
+    # of 300 columns only 279 distinct positions.
+    from l2p.train.conditioning import family_for
+
+    pipe = pipelines["flux"]
+    p = pipe.transformer.config.patch_size
+    cond = {"prompt_embeds": torch.zeros(1, 5, 32, dtype=torch.bfloat16),
+            "pooled_prompt_embeds": torch.zeros(1, 16, dtype=torch.bfloat16)}
+    x = torch.zeros(1, 3, 2 * p, 300 * p, dtype=torch.bfloat16)
+    call = family_for("FluxTransformer2DModel").call(cond, x, torch.tensor([500.0]), pipe.transformer, 3.5)
+    ids = call["img_ids"].reshape(2, 300, 3)
+    assert torch.equal(ids[..., 1], torch.arange(2.0)[:, None].expand(2, 300))
+    assert torch.equal(ids[..., 2], torch.arange(300.0)[None, :].expand(2, 300))
+
+
 def test_flux_guidance_scale_feeds_the_embedding(pipelines):
     pipe = pipelines["flux"]
     seen = []

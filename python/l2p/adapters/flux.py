@@ -41,8 +41,12 @@ class FluxAdapter(PackedLatentAdapter):
         p = model.config.patch_size
         rows, cols = x_t.shape[-2] // p, x_t.shape[-1] // p
         embeds = cond["prompt_embeds"]
-        img_ids = FluxPipeline._prepare_latent_image_ids(x_t.shape[0], rows, cols, x_t.device, x_t.dtype)
-        txt_ids = torch.zeros(embeds.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
+        # Position ids in float32, where FluxPipeline makes them in the model's dtype: bfloat16
+        # holds integers exactly only up to 256, so past 256 tokens a side (4096 px at patch 16)
+        # columns and rows would share ids. The transformer reads them as float32 either way
+        # (FluxPosEmbed), so up to 256 nothing changes.
+        img_ids = FluxPipeline._prepare_latent_image_ids(x_t.shape[0], rows, cols, x_t.device, torch.float32)
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=x_t.device, dtype=torch.float32)
         kwargs = dict(hidden_states=x_t, encoder_hidden_states=embeds,
                       pooled_projections=cond["pooled_prompt_embeds"], timestep=times / 1000.0,
                       img_ids=img_ids, txt_ids=txt_ids)
