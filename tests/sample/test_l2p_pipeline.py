@@ -493,3 +493,13 @@ def test_encode_prompt_refuses_a_count_that_is_not_a_number_of_images(pipelines,
     # 0 returned empty conditioning, True one copy; -1 and 2.0 failed inside repeat_interleave.
     with pytest.raises(ValueError, match="num_images_per_prompt must be a positive int"):
         pipelines["pixart"].encode_prompt("a red circle", num_images_per_prompt=count)
+
+
+def test_a_latent_transformer_is_not_a_pipelines_transformer(pipelines):
+    # Failed with "'FrozenDict' object has no attribute 'source_class'".
+    from l2p import L2PPipeline
+
+    pipe = pipelines["sd3"]
+    latent = pipe.transformer.adapter.source_type().from_config(pipe.transformer.config.source_config)
+    with pytest.raises(TypeError, match="got SD3Transformer2DModel; convert a latent one with l2p.convert_to_pixel"):
+        L2PPipeline(latent, pipe.text_pipeline)

@@ -172,6 +172,11 @@ class L2PPipeline:
     """
 
     def __init__(self, transformer, text_pipeline, attention: str = "auto"):
+        from l2p.models import PixelTransformer2DModel
+
+        if not isinstance(transformer, PixelTransformer2DModel):
+            raise TypeError(f"L2PPipeline takes the pixel transformer (PixelTransformer2DModel), got "
+                            f"{type(transformer).__name__}; convert a latent one with l2p.convert_to_pixel")
         self.transformer = transformer
         self.text_pipeline = text_pipeline
         source_class = transformer.config.source_class
