@@ -194,3 +194,33 @@ def test_qwen_image_one_step_is_refused_by_its_shift_terminal(pipelines):
     # bounds for dimension 0 with size 0" after a transformer call at a NaN timestep.
     with pytest.raises(ValueError, match=r"shift_terminal=0.02 needs num_inference_steps >= 2, got 1"):
         _run(pipelines["qwen_image"], "qwen_image", num_inference_steps=1)
+
+
+def test_qwen_image_guides_by_default_only_with_a_negative_prompt(pipelines):
+    """QwenImagePipeline's true_cfg_scale defaults to 4.0 but guides only when a negative prompt
+    is given; left out here it does the same, and DiT takes its pipeline's 50 steps at 4.0."""
+    pipe = pipelines["qwen_image"]
+    for negative, batch in ((None, 1), ("blurry", 2)):
+        hook, calls = _record_calls(pipe)
+        try:
+            pipe("a red circle", negative_prompt=negative, height=SIDE, width=SIDE, num_inference_steps=2,
+                 output_type="pt", generator=torch.Generator().manual_seed(0))
+        finally:
+            hook.remove()
+        assert [len(c["hidden_states"]) for c in calls] == [batch, batch]
+    guided = pipe("a red circle", negative_prompt="blurry", height=SIDE, width=SIDE, num_inference_steps=2,
+                  output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    explicit = pipe("a red circle", negative_prompt="blurry", height=SIDE, width=SIDE, num_inference_steps=2,
+                    true_cfg_scale=4.0, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(guided, explicit)
+
+    dit = pipelines["dit"]
+    hook, calls = _record_calls(dit)
+    try:
+        left_out = dit("207", height=SIDE, width=SIDE, output_type="pt", generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert len(calls) == 50
+    explicit = dit("207", height=SIDE, width=SIDE, output_type="pt", num_inference_steps=50, guidance_scale=4.0,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.equal(left_out.images, explicit.images)

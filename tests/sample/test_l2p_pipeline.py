@@ -460,7 +460,7 @@ def test_a_refused_attention_mode_leaves_the_pipeline_as_it_was(pipelines):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"guidance_scale": None}, "guidance_scale must be a number, got None"),
+    ({"guidance_scale": "4.5"}, "guidance_scale must be a number, got '4.5'"),
     ({"true_cfg_scale": "4"}, "true_cfg_scale must be a number"),
     ({"num_images_per_prompt": True}, "num_images_per_prompt must be a positive int"),
     ({"generator": 0}, r"torch.Generator\(\).manual_seed\(s\)"),
@@ -503,3 +503,27 @@ def test_a_latent_transformer_is_not_a_pipelines_transformer(pipelines):
     latent = pipe.transformer.adapter.source_type().from_config(pipe.transformer.config.source_config)
     with pytest.raises(TypeError, match="got SD3Transformer2DModel; convert a latent one with l2p.convert_to_pixel"):
         L2PPipeline(latent, pipe.text_pipeline)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_arguments_left_out_take_the_source_pipelines_defaults(pipelines, name):
+    """num_inference_steps and guidance_scale left out sample as the source pipeline would
+    (PixArt 20 steps at 4.5, SD3 28 at 7.0, FLUX 28 at 3.5), not at one setting for all."""
+    import inspect
+
+    pipe = pipelines[name]
+    defaults = inspect.signature(type(pipe.text_pipeline).__call__).parameters
+    steps, guidance = defaults["num_inference_steps"].default, defaults["guidance_scale"].default
+    assert (steps, guidance) == {"pixart": (20, 4.5), "sd3": (28, 7.0), "flux": (28, 3.5)}[name]
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        left_out = pipe("a red circle", height=8, width=8, output_type="pt",
+                        generator=torch.Generator().manual_seed(0)).images
+        assert len(calls) == steps  # one model call per step (the guided pair is one batch)
+        explicit = pipe("a red circle", height=8, width=8, output_type="pt", num_inference_steps=steps,
+                        guidance_scale=guidance, true_cfg_scale=1.0,
+                        generator=torch.Generator().manual_seed(0)).images
+    finally:
+        hook.remove()
+    assert torch.equal(left_out, explicit)

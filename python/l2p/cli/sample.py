@@ -106,13 +106,16 @@ def register(subparsers) -> None:
     p.add_argument("--width", type=int, default=None,
                    help="pixels, a multiple of the patch size (default: the source's, scaled by the "
                         "model's patch over the source's)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=4.5,
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the source pipeline's, e.g. 20 PixArt, 28 SD3 and FLUX)")
+    p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale, read as the source's own pipeline reads it (classifier-free; "
                         "Z-Image: cond + g (cond - uncond), on for any g > 0; FLUX and Qwen-Image: "
-                        "the guidance embedding, where the model has one)")
-    p.add_argument("--true-cfg", type=float, default=1.0,
-                   help="classifier-free guidance of FLUX and Qwen-Image (> 1 turns it on)")
+                        "the guidance embedding, where the model has one); default: the source "
+                        "pipeline's (4.5 PixArt, 7.0 SD3, 3.5 FLUX, ...)")
+    p.add_argument("--true-cfg", type=float, default=None,
+                   help="classifier-free guidance of FLUX and Qwen-Image (> 1 turns it on; default: "
+                        "the source pipeline's with --negative-prompt, else off)")
     p.add_argument("--shift", type=_shift, default=None,
                    help="flow time shift overriding the source's, or 'recommended' (the source's own "
                    "schedule up to 1024x1024, above it 1.5x the source's 1K shift at 4K; "

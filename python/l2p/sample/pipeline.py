@@ -460,6 +460,14 @@ class L2PPipeline:
         while self.fused_loras:
             unfuse_lora(components, self.fused_loras.pop())
 
+    def _source_default(self, name: str, fallback):
+        """The source pipeline's default for its ``__call__`` argument ``name`` (``fallback``
+        where it has none), so that an argument left out samples as the source would."""
+        parameter = inspect.signature(type(self.text_pipeline).__call__).parameters.get(name)
+        if parameter is None or parameter.default is inspect.Parameter.empty:
+            return fallback
+        return fallback if parameter.default is None else parameter.default
+
     @property
     def default_size(self) -> int:
         """The image side of the source pipeline's default token grid: the source's default
@@ -505,9 +513,9 @@ class L2PPipeline:
         *,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 4.5,
-        true_cfg_scale: float = 1.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        true_cfg_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         eta: float = 0.0,
@@ -528,6 +536,11 @@ class L2PPipeline:
                 and "" (the default negative) is the null class.
             height, width: multiples of the pixel patch size (default: ``default_size``, the side of the
                 source's default token grid at this model's patch).
+            num_inference_steps, guidance_scale, true_cfg_scale: None (default) takes the source
+                pipeline's own default (PixArt and Sana 20 steps at 4.5, SD3 28 at 7.0, FLUX 28
+                at 3.5, Z-Image 50 at 5.0, Lumina2 30 at 4.0, DiT 50 at 4.0, Qwen-Image 50);
+                true_cfg_scale takes the source's only with a negative prompt (Qwen-Image 4.0),
+                as its pipeline guides only then, and is 1.0 (off) otherwise.
             guidance_scale: classifier-free guidance as the source pipeline reads it: the
                 weight w of uncond + w (cond - uncond), off when <= 1; for Z-Image g of
                 cond + g (cond - uncond), off when <= 0. For FLUX and Qwen-Image it feeds the
@@ -588,10 +601,24 @@ class L2PPipeline:
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         _check_images_per_prompt(num_images_per_prompt)
-        for name, value in (("guidance_scale", guidance_scale), ("true_cfg_scale", true_cfg_scale)):
+        model = self.transformer
+        if num_inference_steps is None:
+            num_inference_steps = self._source_default("num_inference_steps", 20)
+        if true_cfg_scale is None:
+            true_cfg_scale = self._source_default("true_cfg_scale", 1.0) if negative_prompt is not None else 1.0
+        if guidance_scale is None:
+            guidance_scale = self._source_default("guidance_scale", None)
+            # Qwen-Image's pipeline has none: its guidance is true_cfg_scale, and guidance_scale
+            # only feeds a guidance embedding, which its transformer has not.
+            if guidance_scale is None and not (self.recipe.distilled_guidance and not
+                                               model.config.source_config.get("guidance_embeds", False)):
+                raise ValueError(f"{type(self.text_pipeline).__name__} has no default guidance_scale for this "
+                                 f"transformer (it has a guidance embedding): pass guidance_scale")
+        checked = [("true_cfg_scale", true_cfg_scale)] + ([] if guidance_scale is None else
+                                                         [("guidance_scale", guidance_scale)])
+        for name, value in checked:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-        model = self.transformer
         p = model.config.patch_size
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
