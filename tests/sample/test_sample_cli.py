@@ -94,3 +94,17 @@ def test_data_generate_renders_with_a_converted_pipeline(converted, tmp_path):
     bad[bad.index("--out") + 1] = str(tmp_path / "bad")
     assert main(bad) == 2
     assert not list((tmp_path / "bad").glob("images/*/*.png"))
+
+
+def test_data_generate_records_the_pixel_pipelines_default_settings(converted, tmp_path):
+    """Left to its defaults, a converted SD3 pipeline samples 28 steps at 7.0 (its source
+    pipeline's) and the records say so."""
+    import csv
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["data", "generate", "--source", str(converted["sd3"]), "--prompts", str(prompts), "--out",
+                 str(tmp_path / "out"), "--height", "8", "--width", "8", "--images-per-prompt", "1",
+                 "--device", "cpu"]) == 0
+    row = next(csv.DictReader(open(tmp_path / "out" / "metadata.csv")))
+    assert (row["steps"], row["guidance"]) == ("28", "7.0")

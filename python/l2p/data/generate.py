@@ -475,6 +475,8 @@ def _call_kwargs(pipe, config: GenerationConfig) -> tuple[dict, dict]:
     effective = {}
     for name, key in (("steps", "num_inference_steps"), ("guidance", "guidance_scale")):
         default = params[key].default if key in params else ""
+        if default is None and _renders_pixels(pipe):  # it samples at its source pipeline's default
+            default = pipe.source_default(key, "")
         effective[name] = kwargs.get(key, "" if default is inspect.Parameter.empty else default)
     return kwargs, effective
 

@@ -460,7 +460,7 @@ class L2PPipeline:
         while self.fused_loras:
             unfuse_lora(components, self.fused_loras.pop())
 
-    def _source_default(self, name: str, fallback):
+    def source_default(self, name: str, fallback=None):
         """The source pipeline's default for its ``__call__`` argument ``name`` (``fallback``
         where it has none), so that an argument left out samples as the source would."""
         parameter = inspect.signature(type(self.text_pipeline).__call__).parameters.get(name)
@@ -603,11 +603,11 @@ class L2PPipeline:
         _check_images_per_prompt(num_images_per_prompt)
         model = self.transformer
         if num_inference_steps is None:
-            num_inference_steps = self._source_default("num_inference_steps", 20)
+            num_inference_steps = self.source_default("num_inference_steps", 20)
         if true_cfg_scale is None:
-            true_cfg_scale = self._source_default("true_cfg_scale", 1.0) if negative_prompt is not None else 1.0
+            true_cfg_scale = self.source_default("true_cfg_scale", 1.0) if negative_prompt is not None else 1.0
         if guidance_scale is None:
-            guidance_scale = self._source_default("guidance_scale", None)
+            guidance_scale = self.source_default("guidance_scale", None)
             # Qwen-Image's pipeline has none: its guidance is true_cfg_scale, and guidance_scale
             # only feeds a guidance embedding, which its transformer has not.
             if guidance_scale is None and not (self.recipe.distilled_guidance and not
