@@ -486,6 +486,15 @@ def test_numpy_integer_sizes_are_sizes(pipelines):
     assert image.shape == (1, 3, 8, 12)
     torch.testing.assert_close(image, _run(pipe, height=8, width=12, generator=torch.Generator().manual_seed(0)),
                                rtol=0, atol=0)
+    # numpy's numbers for the shift and the head's tile size too (np.float32 is no float).
+    shifted = _run(pipe, height=8, width=12, shift=np.float32(2.0), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(shifted, _run(pipe, height=8, width=12, shift=2.0,
+                                             generator=torch.Generator().manual_seed(0)), rtol=0, atol=0)
+    pipe.enable_head_tiling(np.int64(4))
+    try:
+        assert pipe.transformer.head.tile_size == 4 and type(pipe.transformer.head.tile_size) is int
+    finally:
+        pipe.disable_head_tiling()
 
 
 @pytest.mark.parametrize("count", [0, -1, True, 2.0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +51,8 @@ def dynamic_mu(image_seq_len: int, config, max_shift_default: float = 1.15) -> f
 
 
 def _check_shift(shift, name: str = "shift") -> float:
-    if isinstance(shift, bool) or not (isinstance(shift, (int, float)) and shift > 0 and math.isfinite(shift)):
+    # numbers.Real: numpy's floats too (np.float32 is no float).
+    if isinstance(shift, bool) or not (isinstance(shift, numbers.Real) and shift > 0 and math.isfinite(shift)):
         raise ValueError(f"{name} must be a positive number, got {shift!r}")
     return float(shift)
 

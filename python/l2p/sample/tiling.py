@@ -31,6 +31,7 @@ head's actual modules (levels, kernel sizes, paddings), not from the formula.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -121,12 +122,12 @@ def check_tile_size(head, tile_size: int | None) -> int | None:
     if tile_size is None:
         return None
     p = head.patch_size
-    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < p or tile_size % p:
+    if isinstance(tile_size, bool) or not isinstance(tile_size, numbers.Integral) or tile_size < p or tile_size % p:
         raise ValueError(
             f"tile_size must be a positive multiple of the patch size {p} (tiles sit on the "
             f"pooling grid), got {tile_size!r}"
         )
-    return tile_size
+    return int(tile_size)
 
 
 def tiled_forward(head, image: torch.Tensor, grid: torch.Tensor, tile_size: int | None) -> torch.Tensor:
