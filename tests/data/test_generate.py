@@ -366,3 +366,28 @@ def test_size_check_falls_back_to_the_latent_grid():
     G._check_size(pipe, 64, 32)
     with pytest.raises(ValueError, match="multiples of 16 \\(vae scale factor 8 x patch size 2\\)"):
         G._check_size(pipe, 64, 40)
+
+
+def test_a_folder_with_the_users_own_metadata_is_refused_not_rewritten(tiny_pixart, prompt_file, tmp_path, pipe):
+    out = tmp_path / "mine"
+    out.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(out / "photo.png")
+    own = "file_name,text\nphoto.png,my own caption\n"
+    (out / "metadata.csv").write_text(own)
+    with pytest.raises(ValueError, match="did not write .*'photo.png'.*another --out"):
+        G.generate_images(_config(tiny_pixart, prompt_file, out), pipe=pipe, progress=False)
+    assert not (out / "images").exists()  # refused before rendering anything
+    with pytest.raises(ValueError, match="did not write"):
+        G.rebuild_metadata(out)
+    (out / "metadata.csv").write_text("path,caption\nphoto.png,my own caption\n")
+    with pytest.raises(ValueError, match="no 'file_name' column"):
+        G.rebuild_metadata(out)
+    (out / "metadata.csv").write_text(own)
+    assert main(["data", "generate", "--merge-only", "--out", str(out)]) == 2
+    assert (out / "metadata.csv").read_text() == own
+
+    # A generated corpus's own metadata.csv (rows of deleted images included) is rebuilt as before.
+    corpus = tmp_path / "corpus"
+    G.generate_images(_config(tiny_pixart, prompt_file, corpus, images_per_prompt=1), pipe=pipe, progress=False)
+    (corpus / G.image_name(0, 0)).unlink()
+    assert G.rebuild_metadata(corpus) == len(PROMPTS) - 1

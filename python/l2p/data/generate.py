@@ -24,6 +24,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -317,17 +318,45 @@ def read_png_record(path: str | os.PathLike) -> dict:
         return json.loads(im.info[PNG_RECORD_KEY])
 
 
+_IMAGE_NAME = re.compile(r"images/\d+/(\d+)_(\d+)\.png")
+
+
+def _is_image_name(name: str) -> bool:
+    """Whether ``name`` is one that :func:`image_name` gives."""
+    match = _IMAGE_NAME.fullmatch(name)
+    return match is not None and image_name(int(match[1]), int(match[2])) == name
+
+
+def _read_metadata(out: Path) -> dict[str, dict]:
+    """The rows of ``out/metadata.csv`` by file name ({} without one). A metadata.csv that
+    lists files ``generate_images`` does not write (a corpus of the user's own images) is a
+    ValueError: rebuilding it from the PNGs would drop those rows."""
+    meta = out / "metadata.csv"
+    if not meta.is_file():
+        return {}
+    # utf-8-sig: a metadata.csv re-saved by Excel starts with a BOM.
+    with meta.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if "file_name" not in (reader.fieldnames or []):
+            raise ValueError(f"{meta} has no 'file_name' column: `l2p data generate` did not write it, and "
+                             "would replace it; use another --out folder")
+        known = {row["file_name"]: row for row in reader}
+    foreign = [name for name in known if not _is_image_name(name or "")]
+    if foreign:
+        raise ValueError(f"{meta} lists {len(foreign)} files that `l2p data generate` did not write (e.g. "
+                         f"{foreign[0]!r}); it would rewrite metadata.csv without them. Use another --out "
+                         "folder")
+    return known
+
+
 def rebuild_metadata(out: str | os.PathLike) -> int:
     """Write ``out/metadata.csv`` from the PNGs under ``out/images`` (sorted by name) and
     return the row count. Rows of the existing metadata.csv are reused when their file still
-    exists; only PNGs without a row are opened. Safe to run at any time."""
+    exists; only PNGs without a row are opened. Safe to run at any time; refuses a
+    metadata.csv that lists other files than generated images (see :func:`_read_metadata`)."""
     out = Path(out)
-    known: dict[str, dict] = {}
     meta = out / "metadata.csv"
-    if meta.is_file():
-        # utf-8-sig: a metadata.csv re-saved by Excel starts with a BOM.
-        with meta.open(newline="", encoding="utf-8-sig") as f:
-            known = {row["file_name"]: row for row in csv.DictReader(f)}
+    known = _read_metadata(out)
     rows = []
     for png in sorted((out / "images").glob("*/*.png")):
         if png.name.startswith("."):
@@ -546,6 +575,7 @@ def generate_images(config: GenerationConfig, *, pipe=None, rank: int | None = N
             "guidance": config.guidance, "seed": config.seed, **settings,
         }
         _check_manifest(out, manifest)
+        _read_metadata(out)  # refused now, not after rendering, if the end would drop rows
 
         chosen = range(len(prompts)) if prompt_indices is None else sorted(set(prompt_indices))
         if chosen and not 0 <= chosen[0] <= chosen[-1] < len(prompts):
