@@ -391,3 +391,23 @@ def test_a_folder_with_the_users_own_metadata_is_refused_not_rewritten(tiny_pixa
     G.generate_images(_config(tiny_pixart, prompt_file, corpus, images_per_prompt=1), pipe=pipe, progress=False)
     (corpus / G.image_name(0, 0)).unlink()
     assert G.rebuild_metadata(corpus) == len(PROMPTS) - 1
+
+
+def test_a_png_cut_short_is_rendered_again_and_left_out_of_metadata(tiny_pixart, prompt_file, tmp_path, pipe,
+                                                                      caplog):
+    out = tmp_path / "out"
+    G.generate_images(_config(tiny_pixart, prompt_file, out), pipe=pipe, progress=False)
+    cut, emptied = out / G.image_name(1, 1), out / G.image_name(3, 0)
+    whole = cut.read_bytes()
+    pixels = np.asarray(Image.open(cut), dtype=np.int16)
+    # What a machine crash can leave under the final name: the start of the file, or nothing.
+    cut.write_bytes(whole[:len(whole) // 2])
+    emptied.write_bytes(b"")
+    assert G.rebuild_metadata(out) == 6
+    assert "images/0000/0000001_001.png is cut short" in caplog.text
+    summary = G.generate_images(_config(tiny_pixart, prompt_file, out), pipe=pipe, progress=False)
+    assert (summary.rendered, summary.existing, summary.metadata_rows) == (2, 6, 8)
+    assert "2 images in" in caplog.text and "rendering them again" in caplog.text
+    # The same image as before (its seed is fixed by (p, i)), up to rounding: another batch.
+    assert np.abs(np.asarray(Image.open(cut), dtype=np.int16) - pixels).max() <= 1
+    assert [r["file_name"] for r in _metadata(out)] == _all_names()

@@ -4,8 +4,9 @@ with one ``metadata.csv`` (``file_name,text,...``, the layout the official code 
 Resume and merge design. Every image is fully determined by (prompt index, image index): its
 file name ``images/PPPP/PPPPPPP_III.png`` and its seed ``derive_seed(seed, p, i)``. A PNG is
 written to a hidden temporary name in its final folder and moved into place with
-``os.replace``, so a file with the final name is always complete; re-running skips every
-image whose PNG exists and renders the rest. The image's own record (prompt, seed, size,
+``os.replace``, so a file with the final name is complete unless the machine itself went
+down before the data reached the disk; re-running skips every image whose PNG is complete
+(it has the PNG signature and end chunk) and renders the rest. The image's own record (prompt, seed, size,
 source, steps, guidance) is stored inside the PNG as an iTXt chunk, so image and record land
 in one atomic step and can never disagree. ``metadata.csv`` is never appended to: it is
 rebuilt (atomically) from the PNGs at the end of a run, reusing the rows of the previous
@@ -312,6 +313,25 @@ def _atomic_write_png(image: Image.Image, path: Path, record: dict, tmp_tag: str
     os.replace(tmp, path)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk, the last bytes PIL writes
+
+
+def _is_complete_png(path: Path) -> bool:
+    """Whether ``path`` starts with the PNG signature and ends with the IEND chunk. A file cut
+    short (the machine went down before the data reached the disk, an interrupted copy) fails;
+    two small reads, no decode, so checking every image of a large corpus on resume is cheap."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_PNG_SIGNATURE))
+            if f.seek(0, os.SEEK_END) < len(_PNG_SIGNATURE) + len(_PNG_END):
+                return False
+            f.seek(-len(_PNG_END), os.SEEK_END)
+            return head == _PNG_SIGNATURE and f.read() == _PNG_END
+    except OSError:
+        return False
+
+
 def read_png_record(path: str | os.PathLike) -> dict:
     """The record ``generate_images`` stored inside a PNG (reads the header only)."""
     with Image.open(path) as im:
@@ -362,6 +382,10 @@ def rebuild_metadata(out: str | os.PathLike) -> int:
         if png.name.startswith("."):
             continue  # an unfinished temporary file
         name = png.relative_to(out).as_posix()
+        if not _is_complete_png(png):
+            logger.warning("%s is cut short; left out of metadata.csv (`l2p data generate` renders it again)",
+                           name)
+            continue
         row = known.get(name)
         if row is None:
             try:
@@ -582,7 +606,11 @@ def generate_images(config: GenerationConfig, *, pipe=None, rank: int | None = N
             raise ValueError(f"prompt_indices must lie in [0, {len(prompts)}), the prompt file's range")
         jobs = [(p, i) for p in chosen for i in range(config.images_per_prompt)]
         mine = jobs[ranks.rank::ranks.world_size]
-        todo = [(p, i) for p, i in mine if not (out / image_name(p, i)).exists()]
+        todo = [(p, i) for p, i in mine if not _is_complete_png(out / image_name(p, i))]
+        cut_short = sum(1 for p, i in todo if (out / image_name(p, i)).exists())
+        if cut_short:
+            logger.warning("%d images in %s are cut short (not complete PNGs); rendering them again",
+                           cut_short, out)
         summary = GenerationSummary(ranks.rank, ranks.world_size, planned=len(mine),
                                     existing=len(mine) - len(todo), images_per_prompt=config.images_per_prompt)
         if todo:
