@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from l2p.data.dataset import AspectRatioBucketSampler, ImageCaptionDataset, list_captioned_files, make_buckets
+from l2p.data.generate import MANIFEST
 
 
 def _image(path, w, h, seed=0):
@@ -227,3 +228,18 @@ def test_metadata_csv_with_a_bom(tmp_path):
     _image(tmp_path / "a.png", 16, 16)
     (tmp_path / "metadata.csv").write_bytes("file_name,text\na.png,a caption\n".encode("utf-8-sig"))
     assert [f.caption for f in list_captioned_files(tmp_path)] == ["a caption"]
+
+
+def test_a_generated_folder_without_metadata_or_with_unlisted_images_says_to_merge(generated):
+    (generated / MANIFEST).write_text("{}")  # what `l2p data generate` writes before its first image
+    # An interrupted generate run: images rendered after metadata.csv was last written.
+    _image(generated / "images/0000/0000006_000.png", 32, 32)
+    _image(generated / "images/0000/.0000007_000.rank0.tmp.png", 32, 32)  # unfinished: not an image yet
+    with pytest.warns(RuntimeWarning, match=r"1 generated images are not in metadata.csv "
+                                             r"\(e.g. images/0000/0000006_000.png\).*--merge-only"):
+        assert len(ImageCaptionDataset(generated, size=16)) == 6
+    # Interrupted before metadata.csv was first written: read as a plain folder, every image
+    # would train with the empty caption.
+    (generated / "metadata.csv").unlink()
+    with pytest.raises(ValueError, match="no metadata.csv yet.*l2p data generate --merge-only --out"):
+        ImageCaptionDataset(generated, size=16)

@@ -30,6 +30,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
+from l2p.data.generate import MANIFEST as GENERATION_MANIFEST
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 
@@ -66,6 +68,11 @@ def list_captioned_files(root: str | os.PathLike, caption_column: str | None = N
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {str(root)!r} does not exist")
     meta = root / "metadata.csv"
+    generated = (root / GENERATION_MANIFEST).is_file()
+    if generated and not meta.is_file():
+        # Read as a plain folder, every image would train with the empty caption.
+        raise ValueError(f"{root} was written by `l2p data generate` but has no metadata.csv yet (the run "
+                         f"was interrupted before writing it); run `l2p data generate --merge-only --out {root}`")
     if meta.is_file():
         # utf-8-sig: a CSV saved by Excel starts with a BOM, which would glue itself to the
         # first column's name and make 'file_name' look missing.
@@ -77,9 +84,12 @@ def list_captioned_files(root: str | os.PathLike, caption_column: str | None = N
                 raise ValueError(f"{meta} needs a 'file_name' column and a caption column "
                                  f"({caption_column or ' or '.join(CAPTION_COLUMNS)}); found {fields}")
             # Line numbers count the header as line 1, as an editor shows them.
-            return [CaptionedFile(row["file_name"], _inside(root, row["file_name"], f"{meta} line {line}"),
-                                  row[column] or "")
-                    for line, row in enumerate(reader, 2)]
+            listed = [CaptionedFile(row["file_name"], _inside(root, row["file_name"], f"{meta} line {line}"),
+                                    row[column] or "")
+                      for line, row in enumerate(reader, 2)]
+        if generated:
+            _warn_unlisted_generated_images(root, {f.file_name for f in listed})
+        return listed
     files = []
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
         name = path.relative_to(root).as_posix()
@@ -89,6 +99,17 @@ def list_captioned_files(root: str | os.PathLike, caption_column: str | None = N
         caption = sidecar.read_text("utf-8").strip() if sidecar.is_file() else ""
         files.append(CaptionedFile(name, _inside(root, name, str(path)), caption))
     return files
+
+
+def _warn_unlisted_generated_images(root: Path, listed: set[str]) -> None:
+    """Warn about PNGs of a ``l2p data generate`` folder that its metadata.csv leaves out: a run
+    interrupted after rendering them and before rewriting metadata.csv."""
+    unlisted = [name for png in sorted((root / "images").glob("*/*.png")) if not png.name.startswith(".")
+                and (name := png.relative_to(root).as_posix()) not in listed]
+    if unlisted:
+        warnings.warn(f"{root}: {len(unlisted)} generated images are not in metadata.csv (e.g. {unlisted[0]}) "
+                      "and are left out; an interrupted `l2p data generate` rendered them: run `l2p data "
+                      f"generate --merge-only --out {root}` to add them", RuntimeWarning, stacklevel=3)
 
 
 # EXIF orientations (5-8) that turn the image by 90 degrees, swapping width and height.
