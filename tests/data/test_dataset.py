@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from l2p.data.dataset import AspectRatioBucketSampler, ImageCaptionDataset, list_captioned_files, make_buckets
-from l2p.data.generate import MANIFEST
+from l2p.data.generate import MANIFEST, rebuild_metadata
 
 
 def _image(path, w, h, seed=0):
@@ -243,3 +243,20 @@ def test_a_generated_folder_without_metadata_or_with_unlisted_images_says_to_mer
     (generated / "metadata.csv").unlink()
     with pytest.raises(ValueError, match="no metadata.csv yet.*l2p data generate --merge-only --out"):
         ImageCaptionDataset(generated, size=16)
+
+
+def test_captions_not_in_utf8_are_named_and_a_bom_is_dropped(tmp_path, generated):
+    (generated / "metadata.csv").write_bytes("file_name,text\nimages/0000/0000000_000.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"metadata.csv is not UTF-8 text .*save it with the UTF-8 encoding"):
+        ImageCaptionDataset(generated, size=16)
+    with pytest.raises(ValueError, match=r"metadata.csv is not UTF-8 text"):
+        rebuild_metadata(generated)
+    root = tmp_path / "real"
+    _image(root / "a.png", 16, 16)
+    _image(root / "b.png", 16, 16)
+    (root / "a.txt").write_bytes("a caption written by Notepad".encode("utf-8-sig"))
+    (root / "b.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"b.txt is not UTF-8 text"):
+        ImageCaptionDataset(root, size=16)
+    (root / "b.txt").write_text("café")
+    assert [f.caption for f in list_captioned_files(root)] == ["a caption written by Notepad", "café"]

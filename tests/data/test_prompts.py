@@ -159,3 +159,23 @@ def test_cli_prompts_refuses_num_below_one(tmp_path, capsys, num):
     assert main(["data", "prompts", "--num", num, "--out", str(out)]) == 2
     assert "--num must be at least 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_bom_does_not_become_part_of_the_first_prompt(tmp_path, suffix):
+    """Notepad writes UTF-8 text files with a byte order mark first."""
+    path = tmp_path / f"p{suffix}"
+    lines = ["a red fox", "a blue car"] if suffix == ".txt" else ['{"text": "a red fox"}', '"a blue car"']
+    path.write_bytes("\n".join(lines).encode("utf-8-sig"))
+    assert P.read_prompts(path) == ["a red fox", "a blue car"]
+
+
+@pytest.mark.parametrize("name, content", [("p.txt", "un caf\xe9\n"), ("p.csv", "text\nun caf\xe9\n"),
+                                           ("p.jsonl", '"un caf\xe9"\n')])
+def test_a_prompt_file_not_in_utf8_is_named(tmp_path, capsys, name, content):
+    path = tmp_path / name
+    path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{name} is not UTF-8 text .*byte 0xe9.*save it with the UTF-8 encoding"):
+        P.read_prompts(path)
+    assert main(["data", "prompts", "--input", str(path), "--out", str(tmp_path / "out.jsonl")]) == 2
+    assert f"{name} is not UTF-8" in capsys.readouterr().err

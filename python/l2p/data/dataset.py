@@ -31,6 +31,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from l2p.data.generate import MANIFEST as GENERATION_MANIFEST
+from l2p.data.textfiles import read_text, utf8_errors_named
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
@@ -76,7 +77,7 @@ def list_captioned_files(root: str | os.PathLike, caption_column: str | None = N
     if meta.is_file():
         # utf-8-sig: a CSV saved by Excel starts with a BOM, which would glue itself to the
         # first column's name and make 'file_name' look missing.
-        with meta.open(newline="", encoding="utf-8-sig") as f:
+        with utf8_errors_named(meta), meta.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             fields = reader.fieldnames or []
             column = caption_column or next((c for c in CAPTION_COLUMNS if c in fields), None)
@@ -96,7 +97,7 @@ def list_captioned_files(root: str | os.PathLike, caption_column: str | None = N
         if any(part.startswith(".") for part in PurePosixPath(name).parts):
             continue  # hidden files, e.g. unfinished temporary PNGs
         sidecar = path.with_suffix(".txt")
-        caption = sidecar.read_text("utf-8").strip() if sidecar.is_file() else ""
+        caption = read_text(sidecar).strip() if sidecar.is_file() else ""
         files.append(CaptionedFile(name, _inside(root, name, str(path)), caption))
     return files
 

@@ -38,6 +38,7 @@ from PIL import Image, PngImagePlugin
 
 from l2p.atomic import atomic_path, write_text
 from l2p.data.prompts import read_prompts
+from l2p.data.textfiles import utf8_errors_named
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +356,7 @@ def _read_metadata(out: Path) -> dict[str, dict]:
     if not meta.is_file():
         return {}
     # utf-8-sig: a metadata.csv re-saved by Excel starts with a BOM.
-    with meta.open(newline="", encoding="utf-8-sig") as f:
+    with utf8_errors_named(meta), meta.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if "file_name" not in (reader.fieldnames or []):
             raise ValueError(f"{meta} has no 'file_name' column: `l2p data generate` did not write it, and "

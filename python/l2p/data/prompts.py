@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from l2p.atomic import atomic_path
+from l2p.data.textfiles import read_text, utf8_errors_named
 
 DEFAULT_MIN_CHARS = 200
 DEFAULT_MAX_CHARS = 350
@@ -88,7 +89,7 @@ def load_taxonomy(path: str | os.PathLike | None = None) -> Taxonomy:
     if path is None:
         raw = json.loads(resources.files("l2p.data").joinpath("taxonomy.json").read_text("utf-8"))
     else:
-        raw = json.loads(Path(path).read_text("utf-8"))
+        raw = json.loads(read_text(path))
     subs = []
     for major in raw["classes"]:
         for sub in major["sub_classes"]:
@@ -207,11 +208,11 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [line.strip() for line in path.read_text("utf-8").splitlines() if line.strip()]
+        return [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if suffix == ".csv":
         # utf-8-sig: a CSV saved by Excel starts with a BOM, which would glue itself to the
         # first column's name and make the 'text' column look missing.
-        with path.open(newline="", encoding="utf-8-sig") as f:
+        with utf8_errors_named(path), path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             column = next((c for c in ("text", "prompt") if c in (reader.fieldnames or [])), None)
             if column is None:
@@ -220,7 +221,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
             return [row[column].strip() for row in reader if (row[column] or "").strip()]
     if suffix == ".jsonl":
         prompts = []
-        for lineno, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+        for lineno, line in enumerate(read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -315,7 +316,7 @@ def load_block_list(path: str | os.PathLike | None = None) -> list[str]:
     else:
         if not Path(path).is_file():
             raise FileNotFoundError(f"block list {str(path)!r} does not exist")
-        text = Path(path).read_text("utf-8")
+        text = read_text(path)
     words = (line.split("#", 1)[0].strip().lower() for line in text.splitlines())
     return [w for w in words if w]
 
