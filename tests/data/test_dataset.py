@@ -72,7 +72,7 @@ def test_plain_folder_with_sidecar_captions(tmp_path):
     _image(root / "c.webp", 20, 20)
     _image(root / ".hidden.png", 20, 20)
     (root / "notes.md").write_text("not an image")
-    with pytest.warns(RuntimeWarning, match="1 images have no .txt caption"):
+    with pytest.warns(RuntimeWarning, match="1 of 3 images have no .txt caption"):
         ds = ImageCaptionDataset(root, size=16)
     assert [f.file_name for f in ds.files] == ["a.jpg", "c.webp", "sub/b.png"]
     assert [ds[i]["text"] for i in range(3)] == ["a photo of a", "", "b"]
@@ -260,3 +260,15 @@ def test_captions_not_in_utf8_are_named_and_a_bom_is_dropped(tmp_path, generated
         ImageCaptionDataset(root, size=16)
     (root / "b.txt").write_text("café")
     assert [f.caption for f in list_captioned_files(root)] == ["a caption written by Notepad", "café"]
+
+
+def test_empty_captions_in_metadata_are_counted_and_warned(tmp_path):
+    root = tmp_path / "d"
+    for name in ("a.png", "b.png", "c.png"):
+        _image(root / name, 16, 16)
+    # 'text' comes first among the caption columns, and is empty where 'caption' is filled.
+    _metadata(root, [("a.png", "", "a cat"), ("b.png", "", "a dog"), ("c.png", "a bird", "a bird")],
+              fields=("file_name", "text", "caption"))
+    with pytest.warns(RuntimeWarning, match="2 of 3 images have an empty caption in metadata.csv"):
+        ds = ImageCaptionDataset(root, size=16)
+    assert ds.missing_captions == 2 and [f.caption for f in ds.files] == ["", "", "a bird"]

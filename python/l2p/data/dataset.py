@@ -204,8 +204,8 @@ class ImageCaptionDataset(Dataset):
     ``caption_dropout`` replaces the caption with "" with that probability, decided by
     (seed, epoch, index): call ``set_epoch`` each epoch (before creating the DataLoader
     iterator when workers are used). Unusable images are dropped at construction and counted in
-    ``skipped`` (missing, corrupt, too_small); ``missing_captions`` counts images of a plain
-    folder without a ``.txt`` caption.
+    ``skipped`` (missing, corrupt, too_small); ``missing_captions`` counts images with an empty
+    caption (in metadata.csv, or no ``.txt`` beside them in a plain folder).
     """
 
     def __init__(self, root: str | os.PathLike, *, size: int | tuple[int, int] = 1024,
@@ -236,14 +236,17 @@ class ImageCaptionDataset(Dataset):
             else:
                 self.files.append(file)
                 self.image_sizes.append(wh)
-        self.missing_captions = sum(1 for f in self.files if not f.caption) \
-            if not (self.root / "metadata.csv").is_file() else 0
+        self.missing_captions = sum(1 for f in self.files if not f.caption)
         if bad:
             warnings.warn(f"{self.root}: skipped {len(bad)} of {len(candidates)} images "
                           f"({dict(self.skipped)}), e.g. {', '.join(bad[:3])}", RuntimeWarning, stacklevel=2)
         if self.missing_captions:
-            warnings.warn(f"{self.root}: {self.missing_captions} images have no .txt caption and "
-                          "train with the empty caption", RuntimeWarning, stacklevel=2)
+            # In metadata.csv too: an empty caption column (e.g. 'text' left empty beside a filled
+            # 'caption') would otherwise train unconditionally without a word.
+            where = ("an empty caption in metadata.csv" if (self.root / "metadata.csv").is_file()
+                     else "no .txt caption")
+            warnings.warn(f"{self.root}: {self.missing_captions} of {len(self.files)} images have {where} "
+                          "and train with the empty caption", RuntimeWarning, stacklevel=2)
         if self.buckets:
             ratios = np.log([w / h for h, w in self.buckets])
             self.item_buckets = [int(np.argmin(np.abs(ratios - math.log(w / h)))) for w, h in self.image_sizes]
