@@ -272,3 +272,25 @@ def test_empty_captions_in_metadata_are_counted_and_warned(tmp_path):
     with pytest.warns(RuntimeWarning, match="2 of 3 images have an empty caption in metadata.csv"):
         ds = ImageCaptionDataset(root, size=16)
     assert ds.missing_captions == 2 and [f.caption for f in ds.files] == ["", "", "a bird"]
+
+
+def test_transparent_pixels_are_white_not_their_hidden_colours(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    rgba = np.random.default_rng(0).integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    rgba[:, :4, 3] = 0  # left half transparent, over arbitrary stored colours
+    rgba[:, 4:, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(root / "rgba.png")
+    grey_alpha = np.stack([np.full((8, 8), 40, np.uint8), np.full((8, 8), 128, np.uint8)], axis=-1)
+    Image.fromarray(grey_alpha, "LA").save(root / "la.png")
+    palette = Image.fromarray(np.zeros((8, 8), np.uint8), "P")
+    palette.putpalette([10, 20, 30] * 256)
+    palette.save(root / "palette.png", transparency=0)  # palette entry 0 is transparent
+    _metadata(root, [("rgba.png", "rgba"), ("la.png", "la"), ("palette.png", "palette")])
+    ds = ImageCaptionDataset(root, size=8)
+    pixels = [((ds[i]["pixel_values"] + 1) * 127.5).round().to(torch.uint8) for i in range(3)]
+    assert (pixels[0][:, :, :4] == 255).all()
+    assert torch.equal(pixels[0][:, :, 4:], torch.from_numpy(rgba[:, 4:, :3]).permute(2, 0, 1))
+    # Half transparent grey 40 over white: (40 * 128 + 255 * 127) / 255.
+    assert (pixels[1] - round((40 * 128 + 255 * 127) / 255)).abs().max() <= 1
+    assert (pixels[2] == 255).all()

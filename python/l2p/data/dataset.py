@@ -7,7 +7,9 @@ chunk checksums; other formats: a decode, of JPEG at reduced scale, since verify
 JPEG data and a truncated JPEG would pass it), so a missing or corrupt file costs a counted
 warning, not a crash hours into training. Images are read as they are displayed: EXIF
 orientation is applied before the size is read (for aspect buckets) and before cropping, and
-16-bit greyscale is scaled to 8 bits (``convert("RGB")`` clips it to white). A ``file_name``
+16-bit greyscale is scaled to 8 bits (``convert("RGB")`` clips it to white), and transparent
+images are composited over white (``convert("RGB")`` shows the colours hidden under
+transparent pixels). A ``file_name``
 that would leave the folder (absolute, ``..``, or a symlink pointing outside) is a ValueError
 naming its row: metadata from elsewhere must not be able to make training read arbitrary
 files.
@@ -117,6 +119,8 @@ def _warn_unlisted_generated_images(root: Path, listed: set[str]) -> None:
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 # Greyscale modes with more than 8 bits a sample; PIL opens 16-bit PNG and TIFF as these.
 _WIDE_GREY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+# Modes with an alpha channel; palette and plain modes carry transparency in info instead.
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
 def _displayed_size(im: Image.Image) -> tuple[int, int]:
@@ -152,7 +156,7 @@ def _probe(path: Path, min_side: int) -> tuple[str | None, tuple[int, int]]:
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """The image as displayed, in 8-bit RGB."""
+    """The image as displayed, in 8-bit RGB; transparent parts over white."""
     im = ImageOps.exif_transpose(im)
     if im.mode in _WIDE_GREY_MODES:
         # convert("RGB") clips these at 255 (mid grey 32768 comes out white); scale the 16-bit
@@ -160,6 +164,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         # 16-bit PNG and TIFF greyscale, and values above 65535 are clipped.
         values = np.asarray(im, dtype=np.float64)
         im = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        # convert("RGB") drops the alpha and keeps the colours stored under transparent pixels,
+        # which no viewer shows and which are often arbitrary; composite over white instead,
+        # as the image looks on a page.
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
     return im.convert("RGB")
 
 
