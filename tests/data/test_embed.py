@@ -159,3 +159,29 @@ def test_cache_refuses_another_dtype_device_type_or_model(tiny_pixart, data, tmp
     summary = build_embedding_cache(tiny_pixart, data, out=out, device="cpu", progress=False, extra_captions=new)
     assert summary["encoded"] == 1 and "predates the recording of the device type" in caplog.text
     assert json.loads(index_file.read_text())["dtype"] == "float32"
+
+
+def test_a_missing_or_cut_short_shard_is_refused_at_open_and_encoded_again(tiny_pixart, data, caplog):
+    build_embedding_cache(tiny_pixart, data, shard_size=2, device="cpu", progress=False)
+    cache_dir = data / "embeddings"
+    before = EmbeddingCache(cache_dir)
+    # Copies: the cache's tensors map its files, and one is about to be cut short.
+    expected = {c: (before[c]["prompt_embeds"].clone(), before[c]["prompt_attention_mask"].clone())
+                for c in before.captions}
+    shards = before.index["shards"]
+    del before
+    whole = (cache_dir / shards[1]).read_bytes()
+    (cache_dir / shards[1]).write_bytes(whole[:len(whole) // 2])  # an interrupted copy
+    (cache_dir / shards[2]).unlink()
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors is unreadable .*2 damaged shards.*l2p data embed"):
+        EmbeddingCache(cache_dir)
+    summary = build_embedding_cache(tiny_pixart, data, shard_size=2, device="cpu", progress=False)
+    assert (summary["encoded"], summary["cached_before"]) == (4, 2)
+    assert "shard-00002.safetensors is missing; encoding its captions again" in caplog.text
+    after = EmbeddingCache(cache_dir)
+    assert sorted(after.captions) == sorted(expected)
+    for caption, (embeds, mask) in expected.items():
+        got = after[caption]
+        torch.testing.assert_close(got["prompt_attention_mask"], mask)
+        # Encoded in another batch: the same values wherever the mask lets the model look.
+        torch.testing.assert_close(got["prompt_embeds"][mask.bool()], embeds[mask.bool()], atol=1e-5, rtol=1e-5)

@@ -14,7 +14,10 @@ run from the cache sees exactly the tensors a run with the text encoders compute
 
 Per-caption keys keep variable-length conditioning (Z-Image and Qwen-Image keep one unpadded
 tensor per caption) exact. Re-running adds only captions that are not cached yet; the index
-is rewritten atomically after each shard, so an interrupted run keeps what it finished.
+is rewritten atomically after each shard, so an interrupted run keeps what it finished. A
+shard that went missing or was cut short afterwards (an interrupted copy of the folder) is
+refused when the cache is opened, not when training first needs it, and re-running encodes
+its captions again.
 """
 
 from __future__ import annotations
@@ -91,6 +94,30 @@ def _read_index(folder: Path) -> dict:
         raise ValueError(f"{folder} is an embedding cache of format {index.get('format')!r}; this l2p "
                          f"reads format {CACHE_FORMAT}: delete the folder and run `l2p data embed` again")
     return index
+
+
+def _damaged_shards(folder: Path, index: dict) -> dict[int, str]:
+    """The shards that the index's captions point to and that cannot serve them, with what is
+    wrong: missing, unreadable (cut short: safetensors checks that the file covers its
+    header), or without the rows the index places in them. Reads the headers only."""
+    rows_by_shard: dict[int, set[int]] = {}
+    for shard, row in index["captions"].values():
+        rows_by_shard.setdefault(shard, set()).add(row)
+    damaged = {}
+    for shard, rows in sorted(rows_by_shard.items()):
+        path = folder / index["shards"][shard]
+        if not path.is_file():
+            damaged[shard] = "missing"
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                stored = {int(key.partition("/")[0]) for key in f.keys()}
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+            damaged[shard] = f"unreadable ({exc})"
+            continue
+        if not rows <= stored:
+            damaged[shard] = f"without {len(rows - stored)} of its rows"
+    return damaged
 
 
 def _check_index(out: Path, index: dict, wanted: dict) -> None:
@@ -170,6 +197,12 @@ def build_embedding_cache(source: str | os.PathLike, data: str | os.PathLike, *,
         if "dtype" not in index:
             legacy_dtypes = _stored_dtypes(out, index)
         index.update(wanted)  # from now on recorded (an old index gains them on its next write)
+        damaged = _damaged_shards(out, index)
+        if damaged:
+            # Their captions are encoded again into new shards; the index stops pointing at them.
+            for shard, problem in damaged.items():
+                logger.warning("%s is %s; encoding its captions again", out / index["shards"][shard], problem)
+            index["captions"] = {c: at for c, at in index["captions"].items() if at[0] not in damaged}
     todo = [c for c in captions if c not in index["captions"]]
     summary = {"captions": len(captions), "cached_before": len(captions) - len(todo), "encoded": 0,
                "out": str(out)}
@@ -228,6 +261,12 @@ class EmbeddingCache:
             raise FileNotFoundError(f"{str(self.path)!r} holds no embedding cache ({INDEX} missing); "
                                     "create it with `l2p data embed`")
         self.index = _read_index(self.path)
+        # Checked now, not when a batch first needs the shard: that could be hours into training.
+        damaged = _damaged_shards(self.path, self.index)
+        if damaged:
+            shard, problem = next(iter(damaged.items()))
+            raise ValueError(f"{self.path / self.index['shards'][shard]} is {problem} ({len(damaged)} damaged "
+                             "shards in all); run `l2p data embed` again, which encodes their captions anew")
         self._handles: dict[int, tuple] = {}  # shard -> (open file, its keys)
 
     @property
