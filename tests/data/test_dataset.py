@@ -294,3 +294,19 @@ def test_transparent_pixels_are_white_not_their_hidden_colours(tmp_path):
     # Half transparent grey 40 over white: (40 * 128 + 255 * 127) / 255.
     assert (pixels[1] - round((40 * 128 + 255 * 127) / 255)).abs().max() <= 1
     assert (pixels[2] == 255).all()
+
+
+def test_a_quote_left_open_in_metadata_is_an_error_not_merged_rows(tmp_path):
+    root = tmp_path / "d"
+    for name in ("a.png", "b.png", "c.png"):
+        _image(root / name, 8, 8)
+    # Read leniently, a.png's caption would swallow the rows of b.png and c.png.
+    (root / "metadata.csv").write_text('file_name,text\na.png,"a cat\nb.png,a dog\nc.png,a bird\n')
+    with pytest.raises(ValueError, match=r"metadata.csv line 2: unexpected end of data; a field that starts "
+                                         r"with a double quote must end with one"):
+        ImageCaptionDataset(root, size=8)
+    (root / "metadata.csv").write_text('file_name,text\na.png,"Hello" she said\n')  # the quotes would vanish
+    with pytest.raises(ValueError, match=r"metadata.csv line 2: ',' expected after '\"'"):
+        list_captioned_files(root)
+    (root / "metadata.csv").write_text('file_name,text\na.png,"a cat, ""quoted""\nand on two lines"\nb.png,a 12" record\n')
+    assert [f.caption for f in list_captioned_files(root)] == ['a cat, "quoted"\nand on two lines', 'a 12" record']

@@ -179,3 +179,10 @@ def test_a_prompt_file_not_in_utf8_is_named(tmp_path, capsys, name, content):
         P.read_prompts(path)
     assert main(["data", "prompts", "--input", str(path), "--out", str(tmp_path / "out.jsonl")]) == 2
     assert f"{name} is not UTF-8" in capsys.readouterr().err
+
+
+def test_a_quote_left_open_in_a_prompt_csv_is_an_error_not_merged_prompts(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text('text\n"a red fox\na blue car\n')
+    with pytest.raises(ValueError, match=r"p.csv line 2: unexpected end of data"):
+        P.read_prompts(path)

@@ -17,7 +17,6 @@ files.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import warnings
@@ -33,7 +32,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from l2p.data.generate import MANIFEST as GENERATION_MANIFEST
-from l2p.data.textfiles import read_text, utf8_errors_named
+from l2p.data.textfiles import read_csv, read_text
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
@@ -77,19 +76,15 @@ def list_captioned_files(root: str | os.PathLike, caption_column: str | None = N
         raise ValueError(f"{root} was written by `l2p data generate` but has no metadata.csv yet (the run "
                          f"was interrupted before writing it); run `l2p data generate --merge-only --out {root}`")
     if meta.is_file():
-        # utf-8-sig: a CSV saved by Excel starts with a BOM, which would glue itself to the
-        # first column's name and make 'file_name' look missing.
-        with utf8_errors_named(meta), meta.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            fields = reader.fieldnames or []
-            column = caption_column or next((c for c in CAPTION_COLUMNS if c in fields), None)
-            if "file_name" not in fields or column not in fields:
-                raise ValueError(f"{meta} needs a 'file_name' column and a caption column "
-                                 f"({caption_column or ' or '.join(CAPTION_COLUMNS)}); found {fields}")
-            # Line numbers count the header as line 1, as an editor shows them.
-            listed = [CaptionedFile(row["file_name"], _inside(root, row["file_name"], f"{meta} line {line}"),
-                                    row[column] or "")
-                      for line, row in enumerate(reader, 2)]
+        fields, rows = read_csv(meta)
+        column = caption_column or next((c for c in CAPTION_COLUMNS if c in fields), None)
+        if "file_name" not in fields or column not in fields:
+            raise ValueError(f"{meta} needs a 'file_name' column and a caption column "
+                             f"({caption_column or ' or '.join(CAPTION_COLUMNS)}); found {fields}")
+        # Line numbers count the header as line 1, as an editor shows them.
+        listed = [CaptionedFile(row["file_name"], _inside(root, row["file_name"], f"{meta} line {line}"),
+                                row[column] or "")
+                  for line, row in enumerate(rows, 2)]
         if generated:
             _warn_unlisted_generated_images(root, {f.file_name for f in listed})
         return listed

@@ -38,7 +38,7 @@ from PIL import Image, PngImagePlugin
 
 from l2p.atomic import atomic_path, write_text
 from l2p.data.prompts import read_prompts
-from l2p.data.textfiles import utf8_errors_named
+from l2p.data.textfiles import read_csv
 
 logger = logging.getLogger(__name__)
 
@@ -355,13 +355,11 @@ def _read_metadata(out: Path) -> dict[str, dict]:
     meta = out / "metadata.csv"
     if not meta.is_file():
         return {}
-    # utf-8-sig: a metadata.csv re-saved by Excel starts with a BOM.
-    with utf8_errors_named(meta), meta.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if "file_name" not in (reader.fieldnames or []):
-            raise ValueError(f"{meta} has no 'file_name' column: `l2p data generate` did not write it, and "
-                             "would replace it; use another --out folder")
-        known = {row["file_name"]: row for row in reader}
+    fields, rows = read_csv(meta)
+    if "file_name" not in fields:
+        raise ValueError(f"{meta} has no 'file_name' column: `l2p data generate` did not write it, and "
+                         "would replace it; use another --out folder")
+    known = {row["file_name"]: row for row in rows}
     foreign = [name for name in known if not _is_image_name(name or "")]
     if foreign:
         raise ValueError(f"{meta} lists {len(foreign)} files that `l2p data generate` did not write (e.g. "

@@ -11,7 +11,6 @@ prompts alike.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from l2p.atomic import atomic_path
-from l2p.data.textfiles import read_text, utf8_errors_named
+from l2p.data.textfiles import read_csv, read_text
 
 DEFAULT_MIN_CHARS = 200
 DEFAULT_MAX_CHARS = 350
@@ -210,15 +209,11 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     if suffix == ".txt":
         return [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if suffix == ".csv":
-        # utf-8-sig: a CSV saved by Excel starts with a BOM, which would glue itself to the
-        # first column's name and make the 'text' column look missing.
-        with utf8_errors_named(path), path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            column = next((c for c in ("text", "prompt") if c in (reader.fieldnames or [])), None)
-            if column is None:
-                raise ValueError(f"{path}: a prompt CSV needs a 'text' or 'prompt' column "
-                                 f"(found {reader.fieldnames})")
-            return [row[column].strip() for row in reader if (row[column] or "").strip()]
+        fields, rows = read_csv(path)
+        column = next((c for c in ("text", "prompt") if c in fields), None)
+        if column is None:
+            raise ValueError(f"{path}: a prompt CSV needs a 'text' or 'prompt' column (found {fields})")
+        return [row[column].strip() for row in rows if (row[column] or "").strip()]
     if suffix == ".jsonl":
         prompts = []
         for lineno, line in enumerate(read_text(path).splitlines(), 1):
