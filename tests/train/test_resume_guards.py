@@ -87,6 +87,21 @@ def test_resume_at_another_global_batch_says_so(sources, images, tmp_path, capsy
     assert "trained at a global batch of 2, this run continues at 1" in capsys.readouterr().out
 
 
+def test_resume_on_changed_data_says_so(sources, images, tmp_path, capsys):
+    data = tmp_path / "images"
+    shutil.copytree(images, data)
+    Trainer(make_config(sources["pixart"], data, tmp_path / "run", train__max_steps=3)).run()
+    capsys.readouterr()
+    Trainer(make_config(sources["pixart"], data, tmp_path / "run", train__resume="latest"))
+    assert "trained on other data" not in capsys.readouterr().out
+    metadata = (data / "metadata.csv").read_text()
+    first_row = metadata.splitlines()[1]
+    (data / "metadata.csv").write_text(metadata + first_row + "\n")  # one image listed twice: 9 items
+    Trainer(make_config(sources["pixart"], data, tmp_path / "run", train__resume="latest"))
+    out = capsys.readouterr().out
+    assert "was trained on other data (8 usable images then, 9 in" in out and "in a new permutation" in out
+
+
 def test_a_mismatched_or_damaged_checkpoint_is_a_clear_error(sources, images, tmp_path):
     run = tmp_path / "run"
     Trainer(make_config(sources["pixart"], images, run, train__max_steps=3)).run()

@@ -8,7 +8,7 @@ A checkpoint is a directory ``<run>/checkpoints/step-00000100/``:
     optimizer.json            the rest of the optimizer state dict (param groups, names)
     rng-rank<R>.safetensors   torch CPU and CUDA generator states of rank R (uint8)
     rng-rank<R>.json          python ``random`` and numpy states of rank R
-    state.json                step, data position, counters, LR schedule, world size
+    state.json                step, data position, counters, LR schedule, world size, dataset digest
 
 Everything is written into a hidden temporary directory that is renamed into place only when
 complete, so a run killed at any instant leaves either the old or the new checkpoint, never a

@@ -8,6 +8,7 @@ one process would with the same global batch.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,6 +75,16 @@ def local_batches(plan: BatchPlan, position: DataPosition, batch_size: int, grad
         for a in range(grad_accum):
             start = a * batch_size * world_size + rank * batch_size
             yield indices[start:start + batch_size]
+
+
+def dataset_digest(dataset) -> str:
+    """A sha256 of the dataset's usable images in order (file names and captions): what the
+    batch plan is a function of, recorded in checkpoints so that a resume can tell whether
+    the data changed in between."""
+    digest = hashlib.sha256()
+    for file in dataset.files:
+        digest.update(f"{len(file.file_name)}:{file.file_name}{len(file.caption)}:{file.caption}".encode())
+    return digest.hexdigest()
 
 
 def sample_seed(seed: int, step: int, slot: int) -> int:

@@ -31,7 +31,8 @@ from l2p.train import checkpoint as ckpt
 from l2p.train import conditioning as condmod
 from l2p.train.align import SourceAlignment
 from l2p.train.config import Config, ConfigError
-from l2p.train.data import BatchPlan, DataPosition, collate, local_batches, open_dataset, sample_seed
+from l2p.train.data import (BatchPlan, DataPosition, collate, dataset_digest, local_batches, open_dataset,
+                            sample_seed)
 from l2p.train.distributed import (DistEnv, all_reduce_sum, check_shared_folder, init_distributed,
                                    pick_device, reshard, shutdown_distributed, wrap_ddp, wrap_fsdp)
 from l2p.train.objective import Objective
@@ -253,6 +254,7 @@ class Trainer:
         # -- data and text conditioning --------------------------------------------------
         self.plan = BatchPlan(self.dataset, cfg.train.batch_size * cfg.train.grad_accum * self.env.world_size,
                               cfg.train.seed, buckets=cfg.data.bucket_max_aspect is not None)
+        self.dataset_digest = dataset_digest(self.dataset)
         self.text = self._text_conditioning()
         self.empty = self.text([""])
 
@@ -407,6 +409,14 @@ class Trainer:
                       f"continues at {global_batch} (batch_size x grad_accum x {self.env.world_size} "
                       "processes); the data order goes on from the same image, the learning-rate "
                       "schedule from the same step")
+        recorded = state.get("dataset")
+        if recorded is not None and recorded["digest"] != self.dataset_digest:
+            # Not refused: data added on purpose is a reason to resume. But the order from here
+            # is a permutation of other data: not the one the interrupted run would have read.
+            self._log(f"warning: {path} was trained on other data ({recorded['images']} usable images then, "
+                      f"{len(self.dataset)} in {self.cfg.data.path} now, or other files or captions); the "
+                      "data order goes on from the same position in a new permutation, so images of this "
+                      "epoch may be read twice or not at all")
         with torch.no_grad():
             for name in self.param_names:
                 if name not in loaded["trainable"]:
@@ -630,7 +640,8 @@ class Trainer:
                                 "max_steps": self.cfg.train.max_steps,
                                 "last_lr": lr_at(self.cfg, max(self.step - 1, 0))},
                 "world_size": self.env.world_size,
-                "global_batch": self.cfg.train.batch_size * self.cfg.train.grad_accum * self.env.world_size}
+                "global_batch": self.cfg.train.batch_size * self.cfg.train.grad_accum * self.env.world_size,
+                "dataset": {"images": len(self.dataset), "digest": self.dataset_digest}}
 
     def _open_metrics(self):
         """metrics.jsonl (one JSON record per step), without records past the current step
