@@ -310,3 +310,15 @@ def test_a_quote_left_open_in_metadata_is_an_error_not_merged_rows(tmp_path):
         list_captioned_files(root)
     (root / "metadata.csv").write_text('file_name,text\na.png,"a cat, ""quoted""\nand on two lines"\nb.png,a 12" record\n')
     assert [f.caption for f in list_captioned_files(root)] == ['a cat, "quoted"\nand on two lines', 'a 12" record']
+
+
+def test_images_smaller_than_their_crop_are_counted_and_warned(tmp_path):
+    root = tmp_path / "d"
+    _image(root / "big.png", 64, 48)
+    _image(root / "narrow.png", 24, 64)
+    _metadata(root, [("big.png", "big"), ("narrow.png", "narrow")])
+    with pytest.warns(RuntimeWarning, match=r"1 of 2 images are smaller than the size they are cropped to and "
+                                             r"are upscaled \(e.g. narrow.png: 24x64 for 32x32\)"):
+        ds = ImageCaptionDataset(root, size=32)
+    assert ds.upscaled == 1
+    assert ImageCaptionDataset(root, size=24).upscaled == 0

@@ -209,7 +209,8 @@ class ImageCaptionDataset(Dataset):
     (seed, epoch, index): call ``set_epoch`` each epoch (before creating the DataLoader
     iterator when workers are used). Unusable images are dropped at construction and counted in
     ``skipped`` (missing, corrupt, too_small); ``missing_captions`` counts images with an empty
-    caption (in metadata.csv, or no ``.txt`` beside them in a plain folder).
+    caption (in metadata.csv, or no ``.txt`` beside them in a plain folder), ``upscaled`` the
+    images smaller than their crop (height or width), which are enlarged.
     """
 
     def __init__(self, root: str | os.PathLike, *, size: int | tuple[int, int] = 1024,
@@ -256,6 +257,18 @@ class ImageCaptionDataset(Dataset):
             self.item_buckets = [int(np.argmin(np.abs(ratios - math.log(w / h)))) for w, h in self.image_sizes]
         else:
             self.item_buckets = [0] * len(self.files)
+        # A corpus rendered at a lower resolution than the training one (512 for a 1024 run)
+        # would otherwise train on blurred, upscaled images without a word.
+        upscaled = [i for i, (w, h) in enumerate(self.image_sizes)
+                    if h < self.target_size(i)[0] or w < self.target_size(i)[1]]
+        self.upscaled = len(upscaled)
+        if upscaled:
+            first = upscaled[0]
+            (w, h), (th, tw) = self.image_sizes[first], self.target_size(first)
+            warnings.warn(f"{self.root}: {len(upscaled)} of {len(self.files)} images are smaller than the size they "
+                          f"are cropped to and are upscaled (e.g. {self.files[first].file_name}: {w}x{h} for "
+                          f"{tw}x{th}); render or collect images of at least that size, or train at a lower "
+                          "resolution", RuntimeWarning, stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.files)
