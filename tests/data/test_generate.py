@@ -411,3 +411,22 @@ def test_a_png_cut_short_is_rendered_again_and_left_out_of_metadata(tiny_pixart,
     # The same image as before (its seed is fixed by (p, i)), up to rounding: another batch.
     assert np.abs(np.asarray(Image.open(cut), dtype=np.int16) - pixels).max() <= 1
     assert [r["file_name"] for r in _metadata(out)] == _all_names()
+
+
+def test_images_without_a_readable_manifest_are_refused(tiny_pixart, prompt_file, tmp_path, pipe):
+    out = tmp_path / "out"
+    G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=1), pipe=pipe, progress=False)
+    manifest = out / G.MANIFEST
+    saved = manifest.read_text()
+    manifest.write_text(saved[: len(saved) // 2])
+    with pytest.raises(ValueError, match="generation.json is not readable JSON"):
+        G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=2), pipe=pipe, progress=False)
+    manifest.unlink()
+    # Without it, a run at another size would have rendered beside the old images.
+    with pytest.raises(ValueError, match="no generation.json, so the prompts and settings .* unknown"):
+        G.generate_images(_config(tiny_pixart, prompt_file, out, height=64, width=64, images_per_prompt=2),
+                          pipe=pipe, progress=False)
+    assert len(list((out / "images").glob("*/*.png"))) == len(PROMPTS)
+    manifest.write_text(saved)
+    summary = G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=2), pipe=pipe, progress=False)
+    assert (summary.rendered, summary.existing) == (len(PROMPTS), len(PROMPTS))

@@ -417,11 +417,22 @@ def _check_manifest(out: Path, manifest: dict) -> None:
     type were recorded cannot say which were used; they are assumed to match this run (the
     images cannot tell), with a warning, and the manifest written next records them. A
     manifest with no image beside it (every image of that run failed, e.g. an invalid size)
-    is simply replaced: nothing rendered under it could be mixed."""
+    is simply replaced: nothing rendered under it could be mixed; images without a manifest
+    are refused (their settings are unknown)."""
     path = out / MANIFEST
-    if not path.is_file() or not _has_images(out):
+    if not _has_images(out):
         return
-    old = json.loads(path.read_text("utf-8"))
+    if not path.is_file():
+        # generate_images writes the manifest before its first image, so it was removed (or the
+        # images came from elsewhere): nothing tells what they were rendered with.
+        raise ValueError(f"{out} holds images under images/ but no {MANIFEST}, so the prompts and settings they "
+                         f"were rendered with are unknown and this run could mix two corpora; put its {MANIFEST} "
+                         "back, or use another --out folder")
+    try:
+        old = json.loads(path.read_text("utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{path} is not readable JSON ({exc}); put the original back, or use another "
+                         "--out folder") from None
     changed = []
     for key, value in manifest.items():
         if key in ("images_per_prompt", "source"):
