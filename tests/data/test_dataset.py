@@ -322,3 +322,12 @@ def test_images_smaller_than_their_crop_are_counted_and_warned(tmp_path):
         ds = ImageCaptionDataset(root, size=32)
     assert ds.upscaled == 1
     assert ImageCaptionDataset(root, size=24).upscaled == 0
+
+
+@pytest.mark.parametrize("rows", ["text,file_name\na cat,ok.png\nonly a caption\n", "file_name,text\nok.png,a cat\n,no file\n"])
+def test_a_row_without_a_file_name_is_named(tmp_path, rows):
+    root = tmp_path / "d"
+    _image(root / "ok.png", 8, 8)
+    (root / "metadata.csv").write_text(rows)
+    with pytest.raises(ValueError, match="metadata.csv line 3: the row has no file_name"):
+        list_captioned_files(root)

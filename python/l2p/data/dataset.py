@@ -47,8 +47,11 @@ class CaptionedFile:
 
 def _inside(root: Path, file_name: str, where: str) -> Path:
     """``root / file_name`` if it stays inside ``root``; else a ValueError naming ``where``."""
+    if not file_name:
+        raise ValueError(f"{where}: the row has no file_name (a row with fewer fields than the header?); "
+                         "give every row the image's path inside the dataset folder, or remove the row")
     posix = PurePosixPath(file_name.replace("\\", "/"))
-    if (not file_name or posix.is_absolute() or PureWindowsPath(file_name).drive
+    if (posix.is_absolute() or PureWindowsPath(file_name).drive
             or ".." in posix.parts):
         raise ValueError(f"{where}: file_name {file_name!r} escapes the dataset folder; "
                          "file names must be relative paths inside it, without '..'")
@@ -82,7 +85,7 @@ def list_captioned_files(root: str | os.PathLike, caption_column: str | None = N
             raise ValueError(f"{meta} needs a 'file_name' column and a caption column "
                              f"({caption_column or ' or '.join(CAPTION_COLUMNS)}); found {fields}")
         # Line numbers count the header as line 1, as an editor shows them.
-        listed = [CaptionedFile(row["file_name"], _inside(root, row["file_name"], f"{meta} line {line}"),
+        listed = [CaptionedFile(row["file_name"], _inside(root, row["file_name"] or "", f"{meta} line {line}"),
                                 row[column] or "")
                   for line, row in enumerate(rows, 2)]
         if generated:
