@@ -430,3 +430,18 @@ def test_images_without_a_readable_manifest_are_refused(tiny_pixart, prompt_file
     manifest.write_text(saved)
     summary = G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=2), pipe=pipe, progress=False)
     assert (summary.rendered, summary.existing) == (len(PROMPTS), len(PROMPTS))
+
+
+def test_columns_added_to_metadata_survive_the_rebuild(tiny_pixart, prompt_file, tmp_path, pipe):
+    out = tmp_path / "out"
+    G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=1), pipe=pipe, progress=False)
+    rows = _metadata(out)
+    with (out / "metadata.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], "recaption"])
+        writer.writeheader()
+        writer.writerows(dict(row, recaption=f"recaptioned {i}") for i, row in enumerate(rows))
+    G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=2), pipe=pipe, progress=False)
+    rebuilt = _metadata(out)
+    assert [r["file_name"] for r in rebuilt] == _all_names()
+    assert [r["recaption"] for r in rebuilt] == [f"recaptioned {p}" if i == 0 else ""
+                                                 for p in range(len(PROMPTS)) for i in range(2)]

@@ -348,13 +348,13 @@ def _is_image_name(name: str) -> bool:
     return match is not None and image_name(int(match[1]), int(match[2])) == name
 
 
-def _read_metadata(out: Path) -> dict[str, dict]:
-    """The rows of ``out/metadata.csv`` by file name ({} without one). A metadata.csv that
-    lists files ``generate_images`` does not write (a corpus of the user's own images) is a
-    ValueError: rebuilding it from the PNGs would drop those rows."""
+def _read_metadata(out: Path) -> tuple[list[str], dict[str, dict]]:
+    """The columns of ``out/metadata.csv`` and its rows by file name ([], {} without one). A
+    metadata.csv that lists files ``generate_images`` does not write (a corpus of the user's
+    own images) is a ValueError: rebuilding it from the PNGs would drop those rows."""
     meta = out / "metadata.csv"
     if not meta.is_file():
-        return {}
+        return [], {}
     fields, rows = read_csv(meta)
     if "file_name" not in fields:
         raise ValueError(f"{meta} has no 'file_name' column: `l2p data generate` did not write it, and "
@@ -365,17 +365,19 @@ def _read_metadata(out: Path) -> dict[str, dict]:
         raise ValueError(f"{meta} lists {len(foreign)} files that `l2p data generate` did not write (e.g. "
                          f"{foreign[0]!r}); it would rewrite metadata.csv without them. Use another --out "
                          "folder")
-    return known
+    return fields, known
 
 
 def rebuild_metadata(out: str | os.PathLike) -> int:
     """Write ``out/metadata.csv`` from the PNGs under ``out/images`` (sorted by name) and
     return the row count. Rows of the existing metadata.csv are reused when their file still
-    exists; only PNGs without a row are opened. Safe to run at any time; refuses a
+    exists, with any columns added to it (a second caption, a score); only PNGs without a row
+    are opened. Safe to run at any time; refuses a
     metadata.csv that lists other files than generated images (see :func:`_read_metadata`)."""
     out = Path(out)
     meta = out / "metadata.csv"
-    known = _read_metadata(out)
+    fields, known = _read_metadata(out)
+    columns = [*METADATA_COLUMNS, *(c for c in fields if c not in METADATA_COLUMNS)]
     rows = []
     for png in sorted((out / "images").glob("*/*.png")):
         if png.name.startswith("."):
@@ -392,9 +394,9 @@ def rebuild_metadata(out: str | os.PathLike) -> int:
             except (OSError, KeyError, ValueError) as exc:
                 logger.warning("%s has no readable l2p record (%s); left out of metadata.csv", name, exc)
                 continue
-        rows.append({k: row.get(k, "") for k in METADATA_COLUMNS})
+        rows.append({k: row.get(k, "") for k in columns})
     with atomic_path(meta) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=METADATA_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     return len(rows)
