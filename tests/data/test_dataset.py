@@ -331,3 +331,12 @@ def test_a_row_without_a_file_name_is_named(tmp_path, rows):
     (root / "metadata.csv").write_text(rows)
     with pytest.raises(ValueError, match="metadata.csv line 3: the row has no file_name"):
         list_captioned_files(root)
+
+
+@pytest.mark.parametrize("name", ["metadata.jsonl", "metadata.parquet"])
+def test_metadata_in_another_format_is_refused_not_read_as_uncaptioned(tmp_path, name):
+    root = tmp_path / "d"
+    _image(root / "a.png", 8, 8)
+    (root / name).write_text('{"file_name": "a.png", "text": "a cat"}\n')
+    with pytest.raises(ValueError, match=f"has {name} but no metadata.csv.*convert it"):
+        ImageCaptionDataset(root, size=8)

@@ -36,6 +36,8 @@ from l2p.data.textfiles import read_csv, read_text
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
+# Metadata files of other tools' image-folder layouts (Hugging Face datasets reads these too).
+OTHER_METADATA_FILES = ("metadata.jsonl", "metadata.parquet")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,11 @@ def list_captioned_files(root: str | os.PathLike, caption_column: str | None = N
         # Read as a plain folder, every image would train with the empty caption.
         raise ValueError(f"{root} was written by `l2p data generate` but has no metadata.csv yet (the run "
                          f"was interrupted before writing it); run `l2p data generate --merge-only --out {root}`")
+    other = next((root / n for n in OTHER_METADATA_FILES if (root / n).is_file()), None)
+    if other is not None and not meta.is_file():
+        # Read as a plain folder, every image would train with the empty caption.
+        raise ValueError(f"{root} has {other.name} but no metadata.csv; l2p reads captions from metadata.csv "
+                         "(columns file_name and text) or from a .txt file beside each image: convert it")
     if meta.is_file():
         fields, rows = read_csv(meta)
         column = caption_column or next((c for c in CAPTION_COLUMNS if c in fields), None)
