@@ -186,3 +186,10 @@ def test_a_quote_left_open_in_a_prompt_csv_is_an_error_not_merged_prompts(tmp_pa
     path.write_text('text\n"a red fox\na blue car\n')
     with pytest.raises(ValueError, match=r"p.csv line 2: unexpected end of data"):
         P.read_prompts(path)
+
+
+def test_a_lone_surrogate_in_a_jsonl_prompt_is_named(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"text": "a red fox"}\n{"text": "a fox \\ud800 in the snow"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: the prompt holds '\\ud800', half of a UTF-16 pair"):
+        P.read_prompts(path)

@@ -227,6 +227,13 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
                 (obj[k] for k in ("text", "prompt") if isinstance(obj, dict) and k in obj), None)
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{lineno}: expected an object with a 'text' or 'prompt' string")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                # A \ud800-style escape of half a character: no text, and nothing downstream
+                # (records, metadata.csv, the manifest's hash) could write it.
+                raise ValueError(f"{path}:{lineno}: the prompt holds {exc.object[exc.start]!r}, half of a "
+                                 "UTF-16 pair, which is not a character; write the character itself") from None
             if text.strip():
                 prompts.append(text.strip())
         return prompts
