@@ -87,13 +87,16 @@ def test_resume_at_another_global_batch_says_so(sources, images, tmp_path, capsy
     assert "trained at a global batch of 2, this run continues at 1" in capsys.readouterr().out
 
 
-def test_resume_on_changed_data_says_so(sources, images, tmp_path, capsys):
+def test_resume_on_changed_data_or_seed_says_so(sources, images, tmp_path, capsys):
     data = tmp_path / "images"
     shutil.copytree(images, data)
     Trainer(make_config(sources["pixart"], data, tmp_path / "run", train__max_steps=3)).run()
     capsys.readouterr()
     Trainer(make_config(sources["pixart"], data, tmp_path / "run", train__resume="latest"))
-    assert "trained on other data" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "trained on other data" not in out and "train.seed" not in out
+    Trainer(make_config(sources["pixart"], data, tmp_path / "run", train__resume="latest", train__seed=5))
+    assert "trained with train.seed=0, this run has 5" in capsys.readouterr().out
     metadata = (data / "metadata.csv").read_text()
     first_row = metadata.splitlines()[1]
     (data / "metadata.csv").write_text(metadata + first_row + "\n")  # one image listed twice: 9 items

@@ -447,6 +447,10 @@ class Trainer:
         self._set_aside_later_checkpoints(path, int(state["step"]))
         self.step = int(state["step"])
         self.position = DataPosition(**state["position"])
+        if self.position.sampler_seed != self.cfg.train.seed:
+            self._log(f"warning: {path} was trained with train.seed={self.position.sampler_seed}, this run has "
+                      f"{self.cfg.train.seed}: the data order (a new permutation from the same position), noise "
+                      "and times from here are drawn from the new seed")
         self.skipped_steps = int(state["skipped_steps"])
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
         self.images_seen = int(state["images_seen"])
