@@ -340,3 +340,14 @@ def test_metadata_in_another_format_is_refused_not_read_as_uncaptioned(tmp_path,
     (root / name).write_text('{"file_name": "a.png", "text": "a cat"}\n')
     with pytest.raises(ValueError, match=f"has {name} but no metadata.csv.*convert it"):
         ImageCaptionDataset(root, size=8)
+
+
+def test_floating_point_images_are_skipped_not_read_as_black(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    Image.fromarray(np.full((8, 8), 0.8, np.float32), "F").save(root / "float.tif")  # light grey in [0, 1]
+    _image(root / "ok.png", 8, 8)
+    _metadata(root, [("float.tif", "float"), ("ok.png", "ok")])
+    with pytest.warns(RuntimeWarning, match=r"skipped 1 of 2 images \({'float_pixels': 1}\)"):
+        ds = ImageCaptionDataset(root, size=8)
+    assert [f.file_name for f in ds.files] == ["ok.png"]

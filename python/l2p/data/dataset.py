@@ -138,11 +138,15 @@ def _displayed_size(im: Image.Image) -> tuple[int, int]:
 
 
 def _probe(path: Path, min_side: int) -> tuple[str | None, tuple[int, int]]:
-    """("missing" | "corrupt" | "too_small" | None, (width, height) as displayed)."""
+    """("missing" | "corrupt" | "float_pixels" | "too_small" | None, (width, height) as displayed)."""
     if not path.is_file():
         return "missing", (0, 0)
     try:
         with Image.open(path) as im:
+            if im.mode == "F":
+                # Floating-point samples (TIFF) have no agreed range: convert("RGB") clips them
+                # to 0..255, and an image stored in [0, 1] would come out black.
+                return "float_pixels", (0, 0)
             is_png = im.format == "PNG"
             if is_png:
                 im.verify()  # chunk CRCs and the end marker: catches truncation without inflating
@@ -218,7 +222,7 @@ class ImageCaptionDataset(Dataset):
     ``caption_dropout`` replaces the caption with "" with that probability, decided by
     (seed, epoch, index): call ``set_epoch`` each epoch (before creating the DataLoader
     iterator when workers are used). Unusable images are dropped at construction and counted in
-    ``skipped`` (missing, corrupt, too_small); ``missing_captions`` counts images with an empty
+    ``skipped`` (missing, corrupt, float_pixels, too_small); ``missing_captions`` counts images with an empty
     caption (in metadata.csv, or no ``.txt`` beside them in a plain folder), ``upscaled`` the
     images smaller than their crop (height or width), which are enlarged.
     """
