@@ -246,7 +246,8 @@ def test_a_generated_folder_without_metadata_or_with_unlisted_images_says_to_mer
 
 
 def test_captions_not_in_utf8_are_named_and_a_bom_is_dropped(tmp_path, generated):
-    (generated / "metadata.csv").write_bytes("file_name,text\nimages/0000/0000000_000.png,caf\xe9\n".encode("latin-1"))
+    latin1 = "file_name,text\nimages/0000/0000000_000.png,caf\xe9\n".encode("latin-1")
+    (generated / "metadata.csv").write_bytes(latin1)
     with pytest.raises(ValueError, match=r"metadata.csv is not UTF-8 text .*save it with the UTF-8 encoding"):
         ImageCaptionDataset(generated, size=16)
     with pytest.raises(ValueError, match=r"metadata.csv is not UTF-8 text"):
@@ -308,7 +309,8 @@ def test_a_quote_left_open_in_metadata_is_an_error_not_merged_rows(tmp_path):
     (root / "metadata.csv").write_text('file_name,text\na.png,"Hello" she said\n')  # the quotes would vanish
     with pytest.raises(ValueError, match=r"metadata.csv line 2: ',' expected after '\"'"):
         list_captioned_files(root)
-    (root / "metadata.csv").write_text('file_name,text\na.png,"a cat, ""quoted""\nand on two lines"\nb.png,a 12" record\n')
+    (root / "metadata.csv").write_text('file_name,text\na.png,"a cat, ""quoted""\nand on two lines"\n'
+                                       'b.png,a 12" record\n')
     assert [f.caption for f in list_captioned_files(root)] == ['a cat, "quoted"\nand on two lines', 'a 12" record']
 
 
@@ -324,7 +326,8 @@ def test_images_smaller_than_their_crop_are_counted_and_warned(tmp_path):
     assert ImageCaptionDataset(root, size=24).upscaled == 0
 
 
-@pytest.mark.parametrize("rows", ["text,file_name\na cat,ok.png\nonly a caption\n", "file_name,text\nok.png,a cat\n,no file\n"])
+@pytest.mark.parametrize("rows", ["text,file_name\na cat,ok.png\nonly a caption\n",
+                                  "file_name,text\nok.png,a cat\n,no file\n"])
 def test_a_row_without_a_file_name_is_named(tmp_path, rows):
     root = tmp_path / "d"
     _image(root / "ok.png", 8, 8)

@@ -173,7 +173,8 @@ def test_a_missing_or_cut_short_shard_is_refused_at_open_and_encoded_again(tiny_
     whole = (cache_dir / shards[1]).read_bytes()
     (cache_dir / shards[1]).write_bytes(whole[:len(whole) // 2])  # an interrupted copy
     (cache_dir / shards[2]).unlink()
-    with pytest.raises(ValueError, match=r"shard-00001.safetensors is unreadable .*2 damaged shards.*l2p data embed"):
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors is unreadable .*2 damaged shards.*"
+                                         r"l2p data embed"):
         EmbeddingCache(cache_dir)
     summary = build_embedding_cache(tiny_pixart, data, shard_size=2, device="cpu", progress=False)
     assert (summary["encoded"], summary["cached_before"]) == (4, 2)

@@ -428,7 +428,8 @@ def test_images_without_a_readable_manifest_are_refused(tiny_pixart, prompt_file
                           pipe=pipe, progress=False)
     assert len(list((out / "images").glob("*/*.png"))) == len(PROMPTS)
     manifest.write_text(saved)
-    summary = G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=2), pipe=pipe, progress=False)
+    summary = G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=2), pipe=pipe,
+                                progress=False)
     assert (summary.rendered, summary.existing) == (len(PROMPTS), len(PROMPTS))
 
 

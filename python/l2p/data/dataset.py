@@ -222,9 +222,9 @@ class ImageCaptionDataset(Dataset):
     ``caption_dropout`` replaces the caption with "" with that probability, decided by
     (seed, epoch, index): call ``set_epoch`` each epoch (before creating the DataLoader
     iterator when workers are used). Unusable images are dropped at construction and counted in
-    ``skipped`` (missing, corrupt, float_pixels, too_small); ``missing_captions`` counts images with an empty
-    caption (in metadata.csv, or no ``.txt`` beside them in a plain folder), ``upscaled`` the
-    images smaller than their crop (height or width), which are enlarged.
+    ``skipped`` (missing, corrupt, float_pixels, too_small); ``missing_captions`` counts images
+    with an empty caption (in metadata.csv, or no ``.txt`` beside them in a plain folder),
+    ``upscaled`` the images smaller than their crop (height or width), which are enlarged.
     """
 
     def __init__(self, root: str | os.PathLike, *, size: int | tuple[int, int] = 1024,
@@ -279,10 +279,10 @@ class ImageCaptionDataset(Dataset):
         if upscaled:
             first = upscaled[0]
             (w, h), (th, tw) = self.image_sizes[first], self.target_size(first)
-            warnings.warn(f"{self.root}: {len(upscaled)} of {len(self.files)} images are smaller than the size they "
-                          f"are cropped to and are upscaled (e.g. {self.files[first].file_name}: {w}x{h} for "
-                          f"{tw}x{th}); render or collect images of at least that size, or train at a lower "
-                          "resolution", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{self.root}: {len(upscaled)} of {len(self.files)} images are smaller than the size "
+                          f"they are cropped to and are upscaled (e.g. {self.files[first].file_name}: {w}x{h} "
+                          f"for {tw}x{th}); render or collect images of at least that size, or train at a "
+                          "lower resolution", RuntimeWarning, stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.files)
