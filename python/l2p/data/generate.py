@@ -6,14 +6,14 @@ file name ``images/PPPP/PPPPPPP_III.png`` and its seed ``derive_seed(seed, p, i)
 written to a hidden temporary name in its final folder and moved into place with
 ``os.replace``, so a file with the final name is complete unless the machine itself went
 down before the data reached the disk; re-running skips every image whose PNG is complete
-(it has the PNG signature and end chunk) and renders the rest. The image's own record (prompt, seed, size,
-source, steps, guidance) is stored inside the PNG as an iTXt chunk, so image and record land
-in one atomic step and can never disagree. ``metadata.csv`` is never appended to: it is
-rebuilt (atomically) from the PNGs at the end of a run, reusing the rows of the previous
-``metadata.csv`` whose files still exist and reading only the headers of new PNGs. A crash
-at any instant therefore loses at most the images in flight, never leaves a half-written
-file or a duplicate row, and an interrupted run's metadata is restored by the next run or by
-``rebuild_metadata``. Under torchrun each rank renders the jobs ``j % world_size == rank``;
+(it has the PNG signature and end chunk) and renders the rest. The image's own record
+(prompt, seed, size, source, steps, guidance) is stored inside the PNG as an iTXt chunk, so
+image and record land in one atomic step and can never disagree. ``metadata.csv`` is never
+appended to: it is rebuilt (atomically) from the PNGs at the end of a run, reusing the rows
+of the previous ``metadata.csv`` whose files still exist and reading only the headers of new
+PNGs. A crash at any instant therefore loses at most the images in flight, never leaves a
+half-written file or a duplicate row, and an interrupted run's metadata is restored by the
+next run or by ``rebuild_metadata``. Under torchrun each rank renders the jobs ``j % world_size == rank``;
 after a barrier rank 0 rebuilds the one ``metadata.csv`` from everything on disk.
 """
 
@@ -372,8 +372,8 @@ def rebuild_metadata(out: str | os.PathLike) -> int:
     """Write ``out/metadata.csv`` from the PNGs under ``out/images`` (sorted by name) and
     return the row count. Rows of the existing metadata.csv are reused when their file still
     exists, with any columns added to it (a second caption, a score); only PNGs without a row
-    are opened. Safe to run at any time; refuses a
-    metadata.csv that lists other files than generated images (see :func:`_read_metadata`)."""
+    are opened. Safe to run at any time; refuses a metadata.csv that lists other files than
+    generated images (see :func:`_read_metadata`)."""
     out = Path(out)
     meta = out / "metadata.csv"
     fields, known = _read_metadata(out)
