@@ -446,3 +446,12 @@ def test_columns_added_to_metadata_survive_the_rebuild(tiny_pixart, prompt_file,
     assert [r["file_name"] for r in rebuilt] == _all_names()
     assert [r["recaption"] for r in rebuilt] == [f"recaptioned {p}" if i == 0 else ""
                                                  for p in range(len(PROMPTS)) for i in range(2)]
+
+
+def test_repeated_prompts_are_reported(tiny_pixart, tmp_path, pipe, caplog):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na blue car\na red fox\n")
+    summary = G.generate_images(_config(tiny_pixart, prompts, tmp_path / "out", images_per_prompt=1), pipe=pipe,
+                                progress=False)
+    assert summary.rendered == 3  # the copy is still a prompt of its own: the prompt indices stay as in the file
+    assert "1 prompts appear more than once" in caplog.text and "'a red fox'" in caplog.text

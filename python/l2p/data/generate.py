@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -587,6 +588,12 @@ def generate_images(config: GenerationConfig, *, pipe=None, rank: int | None = N
     if not prompts:
         raise ValueError(f"{config.prompts} holds no prompts")
     ranks = _join_ranks() if rank is None else _Ranks(rank, world_size or 1, rank)
+    repeated = [text for text, count in Counter(prompts).items() if count > 1]
+    if repeated and ranks.rank == 0:
+        # Every copy is a prompt of its own (its own images and seeds): the prompt weighs double.
+        logger.warning("%d prompts appear more than once in %s (e.g. %r); each copy gets its own %d images. "
+                       "Remove the copies to give every prompt the same weight", len(repeated), config.prompts,
+                       repeated[0][:80], config.images_per_prompt)
     try:
         out = Path(config.out)
         # Resolved before anything is compared: "auto" means another dtype on another device,
