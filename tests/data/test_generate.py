@@ -455,3 +455,12 @@ def test_repeated_prompts_are_reported(tiny_pixart, tmp_path, pipe, caplog):
                                 progress=False)
     assert summary.rendered == 3  # the copy is still a prompt of its own: the prompt indices stay as in the file
     assert "1 prompts appear more than once" in caplog.text and "'a red fox'" in caplog.text
+
+
+@pytest.mark.parametrize("steps", [0, -2])
+def test_steps_below_one_are_refused_up_front(tiny_pixart, prompt_file, tmp_path, pipe, steps):
+    out = tmp_path / "out"
+    # Zero steps would decode the starting noise: every image "renders" and the corpus is noise.
+    with pytest.raises(ValueError, match=f"--steps must be at least 1 \\(got {steps}\\)"):
+        G.generate_images(_config(tiny_pixart, prompt_file, out, steps=steps), pipe=pipe, progress=False)
+    assert not out.exists()

@@ -581,6 +581,10 @@ def generate_images(config: GenerationConfig, *, pipe=None, rank: int | None = N
         raise ValueError("--images-per-prompt and --batch-size must be at least 1")
     if config.height <= 0 or config.width <= 0:
         raise ValueError("--height and --width must be positive")
+    if config.steps is not None and config.steps < 1:
+        # Zero steps is no denoising at all: the pipeline decodes its starting noise, every
+        # image "renders" and the corpus is noise.
+        raise ValueError(f"--steps must be at least 1 (got {config.steps}); leave it out for the pipeline's default")
     start_time = time.perf_counter()
     source = str(resolve_source(config.source).resolve())
     digest = source_digest(source)
