@@ -464,3 +464,23 @@ def test_steps_below_one_are_refused_up_front(tiny_pixart, prompt_file, tmp_path
     with pytest.raises(ValueError, match=f"--steps must be at least 1 \\(got {steps}\\)"):
         G.generate_images(_config(tiny_pixart, prompt_file, out, steps=steps), pipe=pipe, progress=False)
     assert not out.exists()
+
+
+def test_non_finite_pixels_fail_the_image_instead_of_saving_black(tiny_pixart, prompt_file, tmp_path, pipe,
+                                                                    monkeypatch, caplog):
+    out = tmp_path / "out"
+    decode = pipe.vae.decode
+
+    def overflowing_decode(latents, *args, **kwargs):  # what a half-precision VAE overflow gives
+        return (decode(latents, *args, **kwargs)[0] * float("nan"),)
+
+    monkeypatch.setattr(pipe.vae, "decode", overflowing_decode)
+    summary = G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=1), pipe=pipe,
+                                progress=False)
+    assert (summary.rendered, len(summary.failed)) == (0, len(PROMPTS))
+    assert not list((out / "images").glob("*/*.png"))
+    assert "non-finite pixels (NaN or inf)" in caplog.text and "--dtype float32" in caplog.text
+    monkeypatch.setattr(pipe.vae, "decode", decode)
+    summary = G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=1), pipe=pipe,
+                                progress=False)
+    assert summary.rendered == len(PROMPTS)

@@ -530,7 +530,10 @@ def _call_kwargs(pipe, config: GenerationConfig) -> tuple[dict, dict]:
     and the steps and guidance that will really be used, for the records."""
     params = inspect.signature(pipe.__call__).parameters
     wanted = {"height": config.height, "width": config.width, "num_inference_steps": config.steps,
-              "guidance_scale": config.guidance, "num_images_per_prompt": 1, "output_type": "pil",
+              "guidance_scale": config.guidance, "num_images_per_prompt": 1,
+              # Floats, checked before _render makes 8-bit images of them: the conversion turns
+              # NaN (a half-precision overflow) into black, which would pass for an image.
+              "output_type": "np",
               # Binning renders at the nearest trained size and then resizes to the requested
               # one; resampled images would teach the pixel model interpolation artefacts.
               "use_resolution_binning": False,
@@ -548,12 +551,21 @@ def _call_kwargs(pipe, config: GenerationConfig) -> tuple[dict, dict]:
 
 
 def _render(pipe, texts: list[str], seeds: list[int], kwargs: dict, device: str) -> list[Image.Image]:
+    from diffusers.utils.pil_utils import numpy_to_pil
+
     gen_device = device if device.startswith("cuda") else "cpu"
     generators = [torch.Generator(gen_device).manual_seed(s) for s in seeds]
     images = pipe(prompt=texts, generator=generators, **kwargs).images
     if len(images) != len(texts):
         raise RuntimeError(f"the pipeline returned {len(images)} images for {len(texts)} prompts")
-    return images
+    if isinstance(images, Image.Image) or isinstance(images[0], Image.Image):
+        return list(images)  # a pipeline without output_type
+    pixels = np.stack([np.asarray(image, dtype=np.float32) for image in images])
+    broken = int((~np.isfinite(pixels).reshape(len(texts), -1).all(axis=1)).sum())
+    if broken:
+        raise FloatingPointError(f"the pipeline gave non-finite pixels (NaN or inf) for {broken} of {len(texts)} "
+                                 "images, which would be saved as black; render in float32 (--dtype float32)")
+    return numpy_to_pil(pixels)
 
 
 def _batches(jobs: list, size: int) -> Iterator[list]:
