@@ -466,6 +466,14 @@ def test_steps_below_one_are_refused_up_front(tiny_pixart, prompt_file, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.parametrize("guidance", [float("nan"), float("inf")])
+def test_a_guidance_that_is_not_finite_is_refused_up_front(tiny_pixart, prompt_file, tmp_path, pipe, guidance):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="--guidance must be a finite number"):
+        G.generate_images(_config(tiny_pixart, prompt_file, out, guidance=guidance), pipe=pipe, progress=False)
+    assert not out.exists()
+
+
 def test_non_finite_pixels_fail_the_image_instead_of_saving_black(tiny_pixart, prompt_file, tmp_path, pipe,
                                                                     monkeypatch, caplog):
     out = tmp_path / "out"

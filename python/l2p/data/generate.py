@@ -24,6 +24,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -597,6 +598,10 @@ def generate_images(config: GenerationConfig, *, pipe=None, rank: int | None = N
         # Zero steps is no denoising at all: the pipeline decodes its starting noise, every
         # image "renders" and the corpus is noise.
         raise ValueError(f"--steps must be at least 1 (got {config.steps}); leave it out for the pipeline's default")
+    if config.guidance is not None and not math.isfinite(config.guidance):
+        # NaN compares false with the pipelines' "guidance > 1": they would render without
+        # guidance while every record says nan.
+        raise ValueError(f"--guidance must be a finite number (got {config.guidance})")
     start_time = time.perf_counter()
     source = str(resolve_source(config.source).resolve())
     digest = source_digest(source)
