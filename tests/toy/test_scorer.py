@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from l2p.toy import (
-    CATEGORIES, DEFAULT_WORLD, Group, detect_objects, evaluate, generate_scenes, make_scene,
+    CATEGORIES, DEFAULT_WORLD, Group, Scene, detect_objects, evaluate, generate_scenes, make_scene,
     render, score_image, score_images, summarize,
 )
 from l2p.toy.scorer import ImageScore, ground_truth_detections, label_components, to_rgb01
@@ -120,6 +120,36 @@ def test_exact_counts_are_required():
     for count, ok in [(2, False), (3, True), (4, False)]:
         asked = dataclasses.replace(scene, groups=(Group("triangle", count),))
         assert score_image(image, asked).correct is ok, count
+
+
+def test_a_shape_in_several_colours_fails_the_colour_it_names():
+    """Both bindings drawn (a red and a blue circle, a red and a blue square): the image does not
+    bind red to the circle, so no prompt naming a colour for one of its shapes passes."""
+    both = make_scene([Group(shape, 1, color, "small") for shape in ("circle", "square")
+                       for color in ("red", "blue")], category="two_objects", seed=1)
+    found = detect_objects(render(both))
+    assert sorted((d.shape, d.color) for d in found) == [
+        ("circle", "blue"), ("circle", "red"), ("square", "blue"), ("square", "red")]
+    asked = [("color_attr", [Group("circle", 1, "red"), Group("square", 1, "blue")], None),
+             ("colors", [Group("circle", 1, "red")], None),
+             ("position", [Group("circle", 1, "red"), Group("square", 1, "blue")], "left of")]
+    for category, groups, relation in asked:
+        scene = Scene(category, tuple(groups), (), both.background, relation)
+        correct, reason = evaluate(found, scene)
+        assert not correct and "found blue circles too" in reason, scene.prompt
+    # Without a colour in the prompt the extra circles do not matter (GenEval's rule).
+    assert evaluate(found, Scene("two_objects", (Group("circle"), Group("square")), (), both.background))[0]
+
+
+def test_every_shape_in_two_colours_passes_no_colour_prompt(scenes):
+    colors = ("red", "blue", "green", "white", "yellow", "orange", "purple", "red")
+    clutter = make_scene([Group(shape, 1, colors[2 * i + k], "small") for i, shape in enumerate(DEFAULT_WORLD.shapes)
+                          for k in range(2)], category="two_objects", seed=1)
+    found = detect_objects(render(clutter))
+    assert len(found) == len(clutter.objects)
+    for scene in scenes:
+        if scene.category in ("colors", "color_attr"):
+            assert not evaluate(found, scene)[0], scene.prompt
 
 
 def test_blank_and_noise_images_fail(scenes):

@@ -25,10 +25,14 @@ Judgement follows GenEval's ``evaluate`` (evaluate_images.py): for each prompt g
 ``count`` most confident detections of its shape (and colour, when the prompt names one); fail if
 fewer are found; for counting also fail if ``count + 1`` are present (GenEval's exclude rule);
 for position, every subject detection must stand in the named relation to every reference
-detection by GenEval's ``relative_position`` (:func:`l2p.toy.world.relations`). Matching by
-colour before picking the top ``count`` is where this differs from GenEval, whose detector
-cannot see colour: a red circle next to a blue circle is found for "a red circle" whichever is
-the more confident.
+detection by GenEval's ``relative_position`` (:func:`l2p.toy.world.relations`). Colour is where
+this differs from GenEval, whose detector cannot see colour and so checks the colour of the most
+confident detections of the shape: there a red circle next to a blue circle passes "a red
+circle" or fails it by which one the detector happens to be surer of. Here the detections are
+matched by colour before the top ``count`` are taken, and a prompt that names a colour for a
+shape fails when that shape is also found in another colour: an image showing the shape in
+several colours has not bound the named colour to it (an image of every shape in every colour
+would otherwise pass every colour and colour-attribution prompt).
 
 The overall score is GenEval's: the mean over categories of the per-category accuracy.
 """
@@ -40,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from l2p.toy.render import CROSS_ARM, coverage
-from l2p.toy.world import CATEGORIES, DEFAULT_WORLD, PALETTE, Scene, World, relations
+from l2p.toy.world import CATEGORIES, DEFAULT_WORLD, PALETTE, PLURALS, Scene, World, relations
 
 FOREGROUND_DELTA_E = 22.0
 MIN_AREA_FRACTION = 0.006       # 25 px at 64 x 64; the smallest drawn shape covers about 60
@@ -306,7 +310,12 @@ def evaluate(detections: list[Detection], scene: Scene) -> tuple[bool, str]:
         what = " ".join(w for w in (group.color, group.shape) if w)
         if len(found) < group.count:
             reasons.append(f"expected {what} >= {group.count}, found {len(found)}")
-        found_groups.append(found if len(found) == group.count else None)
+        other_colors = sorted({d.color for d in detections if d.shape == group.shape
+                               and group.color is not None and d.color != group.color})
+        if other_colors:
+            reasons.append(f"expected every {group.shape} {group.color}, found {' and '.join(other_colors)} "
+                           f"{PLURALS[group.shape]} too")
+        found_groups.append(found if len(found) == group.count and not other_colors else None)
     if scene.category == "counting":
         group = scene.groups[0]
         present = [d for d in detections if d.shape == group.shape]
