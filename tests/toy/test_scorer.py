@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from l2p.toy import (
-    CATEGORIES, DEFAULT_WORLD, Group, Scene, detect_objects, evaluate, generate_scenes, make_scene,
-    render, score_image, score_images, summarize,
+    CATEGORIES, DEFAULT_WORLD, Group, Scene, ShapeInstance, detect_objects, evaluate, generate_scenes,
+    make_scene, render, score_image, score_images, summarize,
 )
 from l2p.toy.scorer import ImageScore, ground_truth_detections, label_components, to_rgb01
 
@@ -143,8 +143,9 @@ def test_a_shape_in_several_colours_fails_the_colour_it_names():
 
 def test_every_shape_in_two_colours_passes_no_colour_prompt(scenes):
     colors = ("red", "blue", "green", "white", "yellow", "orange", "purple", "red")
-    clutter = make_scene([Group(shape, 1, colors[2 * i + k], "small") for i, shape in enumerate(DEFAULT_WORLD.shapes)
-                          for k in range(2)], category="two_objects", seed=1)
+    clutter = make_scene([Group(shape, 1, colors[2 * i + k], "small")
+                          for i, shape in enumerate(DEFAULT_WORLD.shapes) for k in range(2)],
+                         category="two_objects", seed=1)
     found = detect_objects(render(clutter))
     assert len(found) == len(clutter.objects)
     for scene in scenes:
@@ -213,3 +214,23 @@ def test_connected_components():
 def test_bad_inputs_raise_clear_value_errors(scenes, call, message):
     with pytest.raises(ValueError, match=message):
         call(scenes[0])
+
+
+def test_touching_shapes_cannot_hide_from_a_count():
+    """Four circles, two of them touching: the fused pair is no circle, so only two circles are
+    read, and "two circles" must still fail."""
+    background = make_scene([Group("circle")], category="single_object", seed=0).background
+    circles = [ShapeInstance("circle", color, "small", center, 0.1) for color, center in
+               [("red", (0.2, 0.25)), ("red", (0.4, 0.25)), ("green", (0.25, 0.75)), ("blue", (0.75, 0.75))]]
+    four = Scene("counting", (Group("circle", 4),), tuple(circles), background)
+    image = render(four)
+    assert [d.shape for d in detect_objects(image)] == ["circle", "circle"]
+    for count in (2, 3, 4):
+        asked = dataclasses.replace(four, groups=(Group("circle", count),))
+        result = score_image(image, asked)
+        assert not result.correct and "may hide more circles" in result.reason, count
+    # The same circles apart are counted, and only the right count passes.
+    apart = dataclasses.replace(four, objects=(dataclasses.replace(circles[1], center=(0.6, 0.25)),
+                                               *circles[:1], *circles[2:]))
+    assert [score_image(render(apart), dataclasses.replace(four, groups=(Group("circle", n),))).correct
+            for n in (2, 3, 4)] == [False, False, True]

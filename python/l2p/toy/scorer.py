@@ -23,7 +23,9 @@ Detection, per image:
 
 Judgement follows GenEval's ``evaluate`` (evaluate_images.py): for each prompt group take the
 ``count`` most confident detections of its shape (and colour, when the prompt names one); fail if
-fewer are found; for counting also fail if ``count + 1`` are present (GenEval's exclude rule);
+fewer are found; for counting also fail if ``count + 1`` are present (GenEval's exclude rule)
+or if a foreground part of an object's size could not be read as any shape (touching shapes
+fuse into one blob, which would otherwise hide them from the count);
 for position, every subject detection must stand in the named relation to every reference
 detection by GenEval's ``relative_position`` (:func:`l2p.toy.world.relations`). Colour is where
 this differs from GenEval, whose detector cannot see colour and so checks the colour of the most
@@ -128,6 +130,12 @@ _PALETTE_LAB = {name: rgb_to_lab(np.asarray(rgb, np.float64) / 255.0)
 
 def detect_objects(image, world: World = DEFAULT_WORLD) -> list[Detection]:
     """Every shape of ``world`` found in ``image``, most confident first."""
+    return _detect(image, world)[0]
+
+
+def _detect(image, world: World) -> tuple[list[Detection], int]:
+    """(:func:`detect_objects`, how many foreground parts of an object's size no shape or colour
+    could be read from: shapes fused into one blob, smudges)."""
     rgb = to_rgb01(image)
     lab = rgb_to_lab(rgb)
     h, w, _ = lab.shape
@@ -136,14 +144,14 @@ def detect_objects(image, world: World = DEFAULT_WORLD) -> list[Detection]:
     # distance from the background is proportional to how much of it the shape covers.
     fitted = _background_distance(box_filter3(lab))
     if fitted is None:
-        return []
+        return [], 0
     smooth_distance, threshold, inliers = fitted
     design = _surface_design(h, w)
     coef = _fit_surface(design[inliers], rgb.reshape(-1, 3)[inliers])
     distance = np.linalg.norm(rgb - _surface(design, coef).reshape(h, w, 3), axis=-1)
     labels = label_components(smooth_distance > threshold)
     min_area = MIN_AREA_FRACTION * h * w
-    detections = []
+    detections, unreadable = [], 0
     for index in range(1, labels.max() + 1):
         component = labels == index
         if component.sum() < min_area:
@@ -160,10 +168,11 @@ def detect_objects(image, world: World = DEFAULT_WORLD) -> list[Detection]:
             shape, iou = _classify_shape(coverage_map[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2],
                                          world)
             if color is None or shape is None:
+                unreadable += 1
                 continue
             detections.append(Detection(shape, color, (x0 / w, y0 / h, x1 / w, y1 / h),
                                         round(iou, 4), float(mask.sum()) / (h * w)))
-    return sorted(detections, key=lambda d: -d.confidence)
+    return sorted(detections, key=lambda d: -d.confidence), unreadable
 
 
 def _outlines(component: np.ndarray, distance: np.ndarray, min_area: float):
@@ -299,8 +308,10 @@ def _classify_shape(alpha: np.ndarray, world: World) -> tuple[str | None, float]
 # judgement
 
 
-def evaluate(detections: list[Detection], scene: Scene) -> tuple[bool, str]:
-    """GenEval's rules for ``scene``'s prompt against ``detections`` (most confident first)."""
+def evaluate(detections: list[Detection], scene: Scene, unreadable: int = 0) -> tuple[bool, str]:
+    """GenEval's rules for ``scene``'s prompt against ``detections`` (most confident first).
+    ``unreadable``: foreground parts no shape was read from; a counting prompt fails on any,
+    since two shapes fused into one blob would hide an extra one from the count."""
     reasons = []
     found_groups: list[list[Detection] | None] = []
     for group in scene.groups:
@@ -321,6 +332,9 @@ def evaluate(detections: list[Detection], scene: Scene) -> tuple[bool, str]:
         present = [d for d in detections if d.shape == group.shape]
         if len(present) > group.count:
             reasons.append(f"expected {group.shape} < {group.count + 1}, found {len(present)}")
+        if unreadable:
+            reasons.append(f"{unreadable} foreground part(s) no shape could be read from, which may "
+                           f"hide more {PLURALS[group.shape]}")
     if scene.relation is not None and None not in found_groups:
         subject, reference = found_groups
         misplaced = next(((a, b) for a in subject for b in reference
@@ -340,8 +354,8 @@ def ground_truth_detections(scene: Scene) -> list[Detection]:
 
 def score_image(image, scene: Scene, world: World = DEFAULT_WORLD) -> ImageScore:
     """Judge one image (see :func:`to_rgb01` for the layouts accepted) against its scene."""
-    detections = detect_objects(image, world)
-    correct, reason = evaluate(detections, scene)
+    detections, unreadable = _detect(image, world)
+    correct, reason = evaluate(detections, scene, unreadable)
     return ImageScore(scene.category, scene.prompt, correct, reason, detections)
 
 
