@@ -12,6 +12,7 @@ from l2p.cli import main
 from l2p.toy.comparison import SOURCE_EVAL_SEEDS, compare_runs, load_scored_run
 from l2p.toy.prompts import make_records, read_prompts, save_records
 from l2p.toy.render import render_array
+from l2p.toy.scorer import SCORER_VERSION
 from l2p.toy.scoring import paired_comparison, records_digest, score_generated
 from l2p.toy.source import SHIPPED_SOURCE_DIR
 from l2p.toy.world import CATEGORIES
@@ -90,7 +91,11 @@ def test_compare_reads_a_sources_training_record(tmp_path, capsys):
     blank = [np.zeros((64, 64, 3), np.uint8) for _ in rebuilt]
     scores = _scores_file(tmp_path / "blank.json", rebuilt, blank)
     assert main(["compare", "toy", str(scores), "--rounds", "50"]) == 0
-    assert f"+{record['eval']['heldout']['overall']:.3f}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"+{record['eval']['heldout']['overall']:.3f}" in out
+    assert "int8" not in out  # neither side is int8, whether or not its file says so
+    with_int8 = _scores_file(tmp_path / "blank-full.json", rebuilt, blank, int8=False)
+    assert "int8" not in compare_runs(shipped, load_scored_run(str(with_int8)), rounds=20)["sampling_differs_in"]
 
     # `l2p toy prompts` writes the same stream, so l2p eval can score any model on it.
     assert main(["toy", "prompts", "--out", str(tmp_path / "cli.jsonl"), "--seed", "1000", "--num", str(n)]) == 0
@@ -113,3 +118,21 @@ def test_compare_reads_a_sources_training_record(tmp_path, capsys):
     (folder / "training_record.json").write_text(json.dumps(record))
     assert main(["compare", str(folder), "toy"]) == 2
     assert "holds no heldout scores" in capsys.readouterr().err
+
+
+def test_compare_says_when_the_scorer_or_int8_differ(tmp_path, capsys):
+    records = make_records(12, seed=5, split="heldout")
+    truth = [render_array(r.scene, 64) for r in records]
+    new = _scores_file(tmp_path / "new.json", records, truth, int8=True)
+    old = json.loads(new.read_text())
+    del old["scorer_version"]                       # written before scores recorded the version
+    old["int8"] = False
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    report = compare_runs(load_scored_run(str(new)), load_scored_run(str(tmp_path / "old.json")), rounds=20)
+    assert report["scorer_versions"] == [SCORER_VERSION, 1] and report["sampling_differs_in"] == ["int8"]
+    assert main(["compare", str(new), str(tmp_path / "old.json"), "--rounds", "20"]) == 0
+    out = capsys.readouterr().out
+    assert f"judged by scorer version {SCORER_VERSION} and B by version 1" in out
+    assert "different int8" in out
+    assert main(["compare", str(new), str(new), "--rounds", "20"]) == 0
+    assert "scorer version" not in capsys.readouterr().out

@@ -209,6 +209,12 @@ def test_reproduce_runs_every_arm_and_reports_paired_differences(tmp_path, monke
     assert main(args) == 0
     again = json.loads((out / "report.json").read_text())
     assert again["arms"]["l2p"]["eval"]["overall"] == report["arms"]["l2p"]["eval"]["overall"]
+    # Scores judged by an older scorer, whose verdicts differ, are not reused either.
+    older = json.loads((out / "source-scores.json").read_text())
+    del older["scorer_version"]
+    (out / "source-scores.json").write_text(json.dumps(older))
+    assert main(args) == 2
+    assert "judged by scorer version 1" in capsys.readouterr().err
 
 
 def test_paired_difference_sees_a_real_gap_and_not_a_null_one():

@@ -33,6 +33,7 @@ class ScoredRun:
     sampling: dict               # seed, steps, guidance, ... as recorded
     overall: float
     ci95: tuple[float, float]
+    scorer_version: int = 1      # scores that do not record it were judged by version 1
 
 
 def load_scored_run(where: str, split: str = "heldout") -> ScoredRun:
@@ -57,9 +58,11 @@ def load_scored_run(where: str, split: str = "heldout") -> ScoredRun:
                              "score the model again with l2p eval")
     sampling = {k: summary.get(k) for k in ("seed", "steps", "guidance", "guidance_max_sigma", "shift",
                                             "noise_device")}
+    # True or None (not int8, also in files from before l2p eval had --int8): shown only when set.
+    sampling["int8"] = True if summary.get("int8") else None
     return ScoredRun(f"{where} (model {summary.get('model', '?')})", np.asarray(summary["correct"], bool),
                      np.asarray(summary["categories"]), summary["records_digest"], sampling,
-                     summary["overall"], tuple(summary["ci95"]))
+                     summary["overall"], tuple(summary["ci95"]), summary.get("scorer_version", 1))
 
 
 def _from_training_record(where: str, split: str) -> ScoredRun:
@@ -90,8 +93,10 @@ def _from_training_record(where: str, split: str) -> ScoredRun:
                              "the prompts train-source scores on today; score the source with l2p "
                              "eval and compare the scores files")
     sampling = {k: evaluation.get(k) for k in ("seed", "steps", "guidance", "noise_device")}
+    sampling["int8"] = None   # a latent source has no int8 weights
     return ScoredRun(f"{where} ({split} scores in its training record)", np.asarray(summary["correct"], bool),
-                     np.asarray(categories), digest, sampling, summary["overall"], tuple(summary["ci95"]))
+                     np.asarray(categories), digest, sampling, summary["overall"], tuple(summary["ci95"]),
+                     summary.get("scorer_version", 1))
 
 
 def compare_runs(a: ScoredRun, b: ScoredRun, *, rounds: int = 2000) -> dict:
@@ -113,6 +118,7 @@ def compare_runs(a: ScoredRun, b: ScoredRun, *, rounds: int = 2000) -> dict:
         "per_category_b": {c: float(b.correct[b.categories == c].mean()) for c in differences["per_category"]},
         "difference": differences,
         "sampling_differs_in": differing,
+        "scorer_versions": [a.scorer_version, b.scorer_version],
         "rounds": rounds,
     }
 
@@ -142,6 +148,11 @@ def format_comparison(report: dict) -> str:
         noise = ("seed" in differing or "noise_device" in differing)
         lines.append("note: the two were sampled with different " + ", ".join(differing)
                      + (" (paired by prompt only: an image's noise may differ)" if noise else ""))
+    versions = report["scorer_versions"]
+    if versions[0] != versions[1]:
+        lines.append(f"warning: A was judged by scorer version {versions[0]} and B by version {versions[1]}, "
+                     "whose verdicts differ on some images: the difference mixes the models with the "
+                     "change in the scorer; score the older one again with l2p eval")
     return "\n".join(lines)
 
 

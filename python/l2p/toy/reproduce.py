@@ -52,6 +52,7 @@ from l2p.atomic import write_json
 from l2p.toy.corpus import (CORPORA, cache_text_embeddings, verification_summary, write_real_corpus,
                              write_synthetic_corpus, write_verified_corpus)
 from l2p.toy.prompts import make_records
+from l2p.toy.scorer import SCORER_VERSION
 from l2p.toy.scoring import paired_difference, score_generated, score_over_seeds
 from l2p.toy.source import cpu_name
 
@@ -273,6 +274,12 @@ def _cached_scores(path: Path, sampling: dict, compute: Callable[[], dict]) -> d
     if made_with != sampling:
         raise ValueError(f"{path} was scored with sampling {made_with}, this run asks for {sampling}: "
                          f"use a new --out folder or the original settings")
+    # Arms keep their summary under "eval", the source's is the scores themselves.
+    version = scores.get("eval", scores).get("scorer_version", 1)
+    if version != SCORER_VERSION:
+        raise ValueError(f"{path} was judged by scorer version {version}, this one is {SCORER_VERSION}, and "
+                         "their verdicts differ on some images: delete it to score again, or use a new "
+                         "--out folder")
     return scores
 
 

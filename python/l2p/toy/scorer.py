@@ -55,6 +55,10 @@ MIN_SHAPE_IOU = 0.6
 MAX_COLOR_DELTA_E = 45.0        # from the component's median colour to its palette colour
 MAX_CORE_SPREAD = 18.0          # median distance of core pixels from the median colour
 MIN_BACKGROUND_FRACTION = 0.4
+# Raised with every change that alters a verdict, so that scores judged by two versions are
+# never paired as if only the models differed. Scores without it were judged by version 1
+# (before a shape in several colours failed a colour prompt, and unreadable blobs a count).
+SCORER_VERSION = 2
 
 
 @dataclass(frozen=True)

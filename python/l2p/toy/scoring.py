@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from l2p.toy.prompts import PromptRecord
-from l2p.toy.scorer import score_images, summarize
+from l2p.toy.scorer import SCORER_VERSION, score_images, summarize
 from l2p.toy.world import CATEGORIES
 
 
@@ -117,14 +117,15 @@ def score_over_seeds(correct_by_seed, categories, *, rounds: int = 2000, level: 
 
 def score_generated(images, records: list[PromptRecord]) -> dict:
     """Score one image per record; the summary gains ``ci95`` (bootstrap), ``correct`` and
-    ``categories`` (per image, in the records' order), ``records_digest`` (what
-    :func:`paired_comparison` users check before pairing two summaries) and ``failures`` (the
-    reason for each failed image, first 50)."""
+    ``categories`` (per image, in the records' order), ``records_digest`` and
+    ``scorer_version`` (what :func:`paired_comparison` users check before pairing two
+    summaries) and ``failures`` (the reason for each failed image, first 50)."""
     results, summary = score_images(images, [r.scene for r in records])
     summary["ci95"] = bootstrap_interval(results)
     summary["correct"] = [bool(r.correct) for r in results]
     summary["categories"] = [r.category for r in records]
     summary["records_digest"] = records_digest(records)
+    summary["scorer_version"] = SCORER_VERSION
     summary["failures"] = [
         {"index": rec.index, "prompt": rec.prompt, "reason": res.reason}
         for rec, res in zip(records, results) if not res.correct
