@@ -234,3 +234,23 @@ def test_touching_shapes_cannot_hide_from_a_count():
                                                *circles[:1], *circles[2:]))
     assert [score_image(render(apart), dataclasses.replace(four, groups=(Group("circle", n),))).correct
             for n in (2, 3, 4)] == [False, False, True]
+
+
+def test_a_subject_on_both_sides_fails_the_relation():
+    """A circle left of the square and another right of it: "a circle to the left of a square"
+    must not pass by which circle the detector is surer of."""
+    background = make_scene([Group("circle")], category="single_object", seed=0).background
+    square = ShapeInstance("square", "white", "small", (0.5, 0.5), 0.1, 1)
+    # The left circle is the larger and the more confident detection: GenEval's rule would
+    # judge by it alone.
+    left, right = (ShapeInstance("circle", "red", size, (x, 0.5), r) for size, x, r in
+                   [("large", 0.18, 0.15), ("small", 0.84, 0.1)])
+    asked = (Group("circle"), Group("square"))
+    both = Scene("position", asked, (left, right, square), background, "left of")
+    found = detect_objects(render(both))
+    assert [d.shape for d in found] == ["circle", "circle", "square"] and found[0].box[0] < 0.1
+    correct, reason = evaluate(found, both)
+    assert not correct and "found ['right of']" in reason
+    # Either circle alone is judged by where it is.
+    assert score_image(render(dataclasses.replace(both, objects=(left, square))), both).correct
+    assert not score_image(render(dataclasses.replace(both, objects=(right, square))), both).correct

@@ -27,8 +27,11 @@ fewer are found; for counting also fail if ``count + 1`` are present (GenEval's 
 or if a foreground part of an object's size could not be read as any shape (touching shapes
 fuse into one blob, which would otherwise hide them from the count);
 for position, every subject detection must stand in the named relation to every reference
-detection by GenEval's ``relative_position`` (:func:`l2p.toy.world.relations`). Colour is where
-this differs from GenEval, whose detector cannot see colour and so checks the colour of the most
+detection by GenEval's ``relative_position`` (:func:`l2p.toy.world.relations`). GenEval takes
+only the ``count`` most confident detections of each group for that; here every detection that
+matches the group does, so a circle drawn on both sides of the square does not pass "a circle
+to the left of a square" by which of the two the detector is surer of. Colour is where
+this differs from GenEval too, whose detector cannot see colour and so checks the colour of the most
 confident detections of the shape: there a red circle next to a blue circle passes "a red
 circle" or fails it by which one the detector happens to be surer of. Here the detections are
 matched by colour before the top ``count`` are taken, and a prompt that names a colour for a
@@ -56,9 +59,10 @@ MAX_COLOR_DELTA_E = 45.0        # from the component's median colour to its pale
 MAX_CORE_SPREAD = 18.0          # median distance of core pixels from the median colour
 MIN_BACKGROUND_FRACTION = 0.4
 # Raised with every change that alters a verdict, so that scores judged by two versions are
-# never paired as if only the models differed. Scores without it were judged by version 1
-# (before a shape in several colours failed a colour prompt, and unreadable blobs a count).
-SCORER_VERSION = 2
+# never paired as if only the models differed. Scores without it were judged by version 1;
+# 2: a shape also found in another colour fails a prompt naming its colour, an unreadable blob
+# fails a count; 3: every matching detection, not the most confident, must satisfy a relation.
+SCORER_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -318,9 +322,11 @@ def evaluate(detections: list[Detection], scene: Scene, unreadable: int = 0) -> 
     since two shapes fused into one blob would hide an extra one from the count."""
     reasons = []
     found_groups: list[list[Detection] | None] = []
+    matching_groups: list[list[Detection]] = []
     for group in scene.groups:
         candidates = [d for d in detections if d.shape == group.shape
                       and (group.color is None or d.color == group.color)]
+        matching_groups.append(candidates)
         found = candidates[:group.count]
         what = " ".join(w for w in (group.color, group.shape) if w)
         if len(found) < group.count:
@@ -340,7 +346,7 @@ def evaluate(detections: list[Detection], scene: Scene, unreadable: int = 0) -> 
             reasons.append(f"{unreadable} foreground part(s) no shape could be read from, which may "
                            f"hide more {PLURALS[group.shape]}")
     if scene.relation is not None and None not in found_groups:
-        subject, reference = found_groups
+        subject, reference = matching_groups
         misplaced = next(((a, b) for a in subject for b in reference
                           if scene.relation not in relations(a.box, b.box)), None)
         if misplaced is not None:
