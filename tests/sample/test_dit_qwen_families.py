@@ -224,3 +224,22 @@ def test_qwen_image_guides_by_default_only_with_a_negative_prompt(pipelines):
     explicit = dit("207", height=SIDE, width=SIDE, output_type="pt", num_inference_steps=50, guidance_scale=4.0,
                    generator=torch.Generator().manual_seed(0))
     assert torch.equal(left_out.images, explicit.images)
+
+
+def test_precomputed_embeddings_qwen_image_takes_its_padded_batch_and_dit_none(pipelines):
+    """Qwen-Image: prompt_embeds (B, L, D) padded with prompt_embeds_mask, as QwenImagePipeline
+    encode_prompt returns them; DiT has no text conditioning to give."""
+    pipe = pipelines["qwen_image"]
+    prompts, negatives = PROMPTS["qwen_image"], ["blurry", "a much longer negative prompt than the other"]
+    embeds, mask = pipe.text_pipeline.encode_prompt(prompts, device="cpu")
+    negative_embeds, negative_mask = pipe.text_pipeline.encode_prompt(negatives, device="cpu")
+    assert mask is not None  # captions of different lengths: padded
+    kwargs = {"height": SIDE, "width": SIDE, "num_inference_steps": 2, "true_cfg_scale": 4.0, "output_type": "pt"}
+    from_text = pipe(prompts, negatives, generator=torch.Generator().manual_seed(0), **kwargs).images
+    given = pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=negative_embeds,
+                 negative_prompt_embeds_mask=negative_mask, generator=torch.Generator().manual_seed(0), **kwargs).images
+    torch.testing.assert_close(given, from_text, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"prompt_embeds_mask must be \(B, L\)"):
+        pipe(prompt_embeds=embeds, prompt_embeds_mask=mask[:, :2], **kwargs)
+    with pytest.raises(ValueError, match="DiTPipeline takes no precomputed text conditioning"):
+        pipelines["dit"](prompt_embeds=torch.zeros(1, 4, 8), height=SIDE, width=SIDE, num_inference_steps=1)

@@ -272,3 +272,17 @@ def test_training_encodes_the_empty_caption_as_the_samplers_negative_prompt(sour
     cache = EmbeddingCache(tmp_path / "cache")
     _assert_same_conditioning(cache([""]), uncond)
     _assert_same_conditioning(cache(["a red circle"]), cond)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_precomputed_embeddings_give_the_prompts_images(pipelines, name):
+    """Sana and Lumina2 take prompt_embeds + prompt_attention_mask, Z-Image a list of (L, D)
+    prompt_embeds, as their pipelines do; the images are the prompts'."""
+    pipe, side = pipelines[name], FAMILIES[name][2]
+    cond, uncond = pipe.encode_prompt(PROMPTS, ["blurry", ""])
+    assert sorted(cond) == sorted(pipe.transformer.adapter.embedding_arguments)
+    kwargs = {"height": side, "width": side, "num_inference_steps": 2, "guidance_scale": 3.0, "output_type": "pt"}
+    from_text = pipe(PROMPTS, ["blurry", ""], generator=torch.Generator().manual_seed(0), **kwargs).images
+    given = pipe(**cond, **{f"negative_{k}": v for k, v in uncond.items()},
+                 generator=torch.Generator().manual_seed(0), **kwargs).images
+    torch.testing.assert_close(given, from_text, rtol=0, atol=1e-6)

@@ -439,14 +439,37 @@ def test_custom_schedules_are_refused_by_name(pipelines):
             pipelines["sd3"]("a", height=32, width=24, num_inference_steps=2, **kwargs)
 
 
-def test_precomputed_embeddings_are_refused_by_name(pipelines):
-    """diffusers' prompt_embeds & co. are not taken: the error names them and says to pass the
-    text, instead of calling them unknown guidance options (or a missing prompt)."""
-    embeds = torch.zeros(1, 4, 32)
-    for kwargs in ({"prompt_embeds": embeds}, {"prompt": "a", "negative_prompt_embeds": embeds},
-                   {"prompt": "a", "pooled_prompt_embeds": embeds, "prompt_attention_mask": embeds}):
-        with pytest.raises(TypeError, match=r"no precomputed conditioning \((pooled_)?\w*prompt_\w+.*pass the text"):
-            pipelines["sd3"](height=32, width=24, num_inference_steps=1, **kwargs)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_precomputed_embeddings_give_the_prompts_images(pipelines, name):
+    """prompt_embeds & co. by the source pipeline's names (PixArt: + prompt_attention_mask;
+    SD3, FLUX: + pooled_prompt_embeds) sample what the prompts do; without negative ones,
+    guidance encodes negative_prompt as for text."""
+    pipe = pipelines[name]
+    prompts, negatives = ["a red circle", "two blue squares to the left of a green triangle"], ["blurry", ""]
+    cond, uncond = pipe.encode_prompt(prompts, negatives)
+    kwargs = {"height": 16, "width": 8, "num_inference_steps": 2, "output_type": "pt", "guidance_scale": 5.0,
+              "true_cfg_scale": 5.0}
+
+    def run(**more):
+        return pipe(generator=[torch.Generator().manual_seed(s) for s in (0, 1)], **kwargs, **more).images
+
+    from_text = run(prompt=prompts, negative_prompt=negatives)
+    given = run(**cond, **{f"negative_{k}": v for k, v in uncond.items()})
+    torch.testing.assert_close(given, from_text, rtol=0, atol=1e-6)
+    torch.testing.assert_close(run(**cond, negative_prompt=negatives), from_text, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="either prompt or prompt_embeds"):
+        run(prompt=prompts, **cond)
+    with pytest.raises(ValueError, match="either negative_prompt or negative_prompt_embeds"):
+        run(**cond, negative_prompt=negatives, **{f"negative_{k}": v for k, v in uncond.items()})
+    partial = dict(cond)
+    second = [k for k in cond if k != "prompt_embeds"][0]
+    del partial[second]
+    with pytest.raises(ValueError, match=f"missing {second}"):
+        run(**partial)
+    with pytest.raises(ValueError, match="given without prompt_embeds"):
+        run(prompt=None, negative_prompt_embeds=uncond["prompt_embeds"])
+    with pytest.raises(ValueError, match="one row per prompt"):
+        run(**{**cond, second: cond[second][:1]})
 
 
 def test_a_refused_attention_mode_leaves_the_pipeline_as_it_was(pipelines):

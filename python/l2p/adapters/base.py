@@ -103,6 +103,10 @@ class SourceAdapter:
     guidance_scale_offset: ClassVar[float] = 0.0
     # How the pipeline encodes negative prompts, where not as encode_prompts does (None).
     encode_negative_prompts: ClassVar[Any] = None
+    # The source pipeline's arguments for text conditioning encoded beforehand (prompt_embeds,
+    # ..., without the negative_ prefix), which encode_prompts returns under the same names;
+    # () where the pipeline takes none (DiT: class labels).
+    embedding_arguments: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def has_conditioning(cls) -> bool:
@@ -113,6 +117,34 @@ class SourceAdapter:
         """Captions -> named tensors (batch-first, or per-caption lists), by the source
         pipeline's own ``encode_prompt``; the names are those the embedding cache stores."""
         raise NotImplementedError
+
+    @classmethod
+    def conditioning_from_embeddings(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """What ``encode_prompts`` returns, from the source pipeline's own precomputed
+        arguments (``given``: ``embedding_arguments`` by name, batch-first tensors)."""
+        names = ", ".join(cls.embedding_arguments)
+        missing = [name for name in cls.embedding_arguments if given.get(name) is None]
+        unknown = sorted(set(given) - set(cls.embedding_arguments))
+        if missing or unknown:
+            raise ValueError(f"the {cls.source_class} pipeline's precomputed conditioning is {names} (negative_ "
+                             f"ones alike); " + (f"missing {', '.join(missing)}" if missing else
+                                                 f"it takes no {', '.join(unknown)}"))
+        batch = None
+        for name in cls.embedding_arguments:
+            value, rank = given[name], 3 if name == "prompt_embeds" else 2
+            if not isinstance(value, torch.Tensor) or value.dim() != rank:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{name} must be a tensor of {rank} dims (batch first), got {got}")
+            if batch is not None and value.shape[0] != batch:
+                raise ValueError(f"{names} must have one row per prompt: batch sizes "
+                                 f"{[tuple(given[n].shape) for n in cls.embedding_arguments]}")
+            batch = value.shape[0]
+        length = given["prompt_embeds"].shape[1]
+        for name in cls.embedding_arguments:
+            if name.endswith("mask") and given[name].shape[1] != length:
+                raise ValueError(f"{name} {tuple(given[name].shape)} must have one entry per token of "
+                                 f"prompt_embeds {tuple(given['prompt_embeds'].shape)}")
+        return {name: given[name] for name in cls.embedding_arguments}
 
     @staticmethod
     def transformer_kwargs(cond, x_t, times, model, guidance) -> dict[str, Any]:

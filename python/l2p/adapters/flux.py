@@ -11,6 +11,7 @@ class FluxAdapter(PackedLatentAdapter):
     input_module = "x_embedder"
     output_module = "proj_out"
     block_groups = ("transformer_blocks", "single_transformer_blocks")
+    embedding_arguments = ("prompt_embeds", "pooled_prompt_embeds")
     output_modules = ("norm_out",)
     flow_sigmas = True
     distilled_guidance = True

@@ -16,6 +16,7 @@ class Lumina2Adapter(SourceAdapter):
     input_module = "x_embedder"
     output_module = "norm_out.linear_2"
     block_groups = ("noise_refiner", "layers")
+    embedding_arguments = ("prompt_embeds", "prompt_attention_mask")
     output_modules = ("norm_out",)
     output_sign = -1
     flow_sigmas = True

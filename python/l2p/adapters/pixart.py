@@ -18,6 +18,7 @@ class PixArtAdapter(PatchEmbedAdapter):
     input_module = "pos_embed.proj"
     output_module = "proj_out"
     block_groups = ("transformer_blocks",)
+    embedding_arguments = ("prompt_embeds", "prompt_attention_mask")
     # The final adaLN table modulates the features the head reads.
     output_modules = ("norm_out", "scale_shift_table")
     prediction = "epsilon"

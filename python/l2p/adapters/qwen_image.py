@@ -20,6 +20,7 @@ class QwenImageAdapter(PackedLatentAdapter):
     input_module = "img_in"
     output_module = "proj_out"
     block_groups = ("transformer_blocks",)
+    embedding_arguments = ("prompt_embeds", "prompt_embeds_mask")
     output_modules = ("norm_out",)
     flow_sigmas = True
     distilled_guidance = True
@@ -42,6 +43,24 @@ class QwenImageAdapter(PackedLatentAdapter):
         embeds, mask = pipe.encode_prompt(prompts, device=device)
         lengths = [embeds.shape[1]] * len(prompts) if mask is None else mask.sum(dim=1).tolist()
         return {"prompt_embeds": [e[:n] for e, n in zip(embeds, lengths)]}  # variable-length
+
+    @classmethod
+    def conditioning_from_embeddings(cls, given):
+        # QwenImagePipeline's padded batch and its mask (None: nothing padded), unpadded per
+        # caption as encode_prompts keeps them.
+        embeds, mask = given.get("prompt_embeds"), given.get("prompt_embeds_mask")
+        unknown = sorted(set(given) - set(cls.embedding_arguments))
+        if unknown:
+            raise ValueError(f"the {cls.source_class} pipeline's precomputed conditioning is prompt_embeds and "
+                             f"prompt_embeds_mask (negative_ ones alike); it takes no {', '.join(unknown)}")
+        if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
+            got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise ValueError(f"prompt_embeds must be a tensor (B, L, D), got {got}")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(embeds.shape[:2])):
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"prompt_embeds_mask must be (B, L) = {tuple(embeds.shape[:2])}, got {got}")
+        lengths = [embeds.shape[1]] * len(embeds) if mask is None else mask.sum(dim=1).tolist()
+        return {"prompt_embeds": [e[:n] for e, n in zip(embeds, lengths)]}
 
     @staticmethod
     def transformer_kwargs(cond, x_t, times, model, guidance):

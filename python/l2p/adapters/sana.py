@@ -21,6 +21,7 @@ class SanaAdapter(PatchEmbedAdapter):
     input_module = "patch_embed.proj"
     output_module = "proj_out"
     block_groups = ("transformer_blocks",)
+    embedding_arguments = ("prompt_embeds", "prompt_attention_mask")
     output_modules = ("norm_out", "scale_shift_table")
     vae_scale_factor = 32
 

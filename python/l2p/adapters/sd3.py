@@ -8,6 +8,7 @@ class SD3Adapter(PatchEmbedAdapter):
     input_module = "pos_embed.proj"
     output_module = "proj_out"
     block_groups = ("transformer_blocks",)
+    embedding_arguments = ("prompt_embeds", "pooled_prompt_embeds")
     output_modules = ("norm_out",)
     max_shift = 1.16
 

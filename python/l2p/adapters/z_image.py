@@ -15,6 +15,7 @@ from l2p.adapters.base import SourceAdapter, check_rope_grid
 class ZImageAdapter(SourceAdapter):
     source_class = "ZImageTransformer2DModel"
     block_groups = ("noise_refiner", "layers")
+    embedding_arguments = ("prompt_embeds",)  # a list of (L, D), one per prompt, as ZImagePipeline takes
     output_modules = ("all_final_layer",)
     pixel_argument = "x"
     output_sign = -1
@@ -107,6 +108,21 @@ class ZImageAdapter(SourceAdapter):
     def encode_prompts(pipe, prompts, device):
         embeds, _ = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
         return {"prompt_embeds": list(embeds)}  # variable-length per caption
+
+    @classmethod
+    def conditioning_from_embeddings(cls, given):
+        embeds = given.get("prompt_embeds")
+        unknown = sorted(set(given) - {"prompt_embeds"})
+        if unknown:
+            raise ValueError(f"the {cls.source_class} pipeline's precomputed conditioning is prompt_embeds "
+                             f"(and negative_prompt_embeds); it takes no {', '.join(unknown)}")
+        if isinstance(embeds, torch.Tensor) and embeds.dim() == 3:
+            embeds = list(embeds)  # a batch of equal lengths
+        if not isinstance(embeds, (list, tuple)) or not embeds or not all(
+                isinstance(e, torch.Tensor) and e.dim() == 2 for e in embeds):
+            raise ValueError("prompt_embeds must be a list of (L, D) tensors, one per prompt, as ZImagePipeline "
+                             f"takes them (or a (B, L, D) tensor), got {type(embeds).__name__}")
+        return {"prompt_embeds": list(embeds)}
 
     @staticmethod
     def transformer_kwargs(cond, x_t, times, model, guidance):

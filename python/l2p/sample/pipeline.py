@@ -54,8 +54,8 @@ def _check_images_per_prompt(n) -> None:
         raise ValueError(f"num_images_per_prompt must be a positive int, got {n!r}")
 
 
-# The diffusers pipelines' arguments for conditioning encoded beforehand; L2PPipeline encodes
-# the prompts itself, and these would otherwise reach **guidance_options as unknown options.
+# The diffusers pipelines' arguments for conditioning encoded beforehand, which L2PPipeline
+# takes by the source pipeline's names in place of the prompt (SourceAdapter.embedding_arguments).
 _PRECOMPUTED_CONDITIONING = frozenset(
     f"{side}{name}" for side in ("", "negative_") for name in (
         "prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask", "prompt_embeds_mask"))
@@ -504,6 +504,38 @@ class L2PPipeline:
                              num_images_per_prompt)
         return cond, uncond
 
+    def _conditioning_given(self, given: dict, negative_prompt, num_images_per_prompt: int, guided: bool):
+        """(cond, uncond) from the source pipeline's precomputed arguments (prompt_embeds, ...,
+        negative_prompt_embeds, ...), as ``encode_prompt`` gives them from text. Without
+        negative ones, guidance encodes ``negative_prompt`` ("" by default), as the source
+        pipelines do."""
+        adapter = self.transformer.adapter
+        if not adapter.embedding_arguments:
+            raise ValueError(f"{type(self.text_pipeline).__name__} takes no precomputed text conditioning "
+                             f"({', '.join(given)}); pass the prompt")
+        positive = {k: v for k, v in given.items() if not k.startswith("negative_")}
+        negative = {k[len("negative_"):]: v for k, v in given.items() if k.startswith("negative_")}
+        device = self.device
+        cond = condmod.to_device(adapter.conditioning_from_embeddings(positive), device)
+        batch = len(cond["prompt_embeds"])
+        uncond = None
+        if guided and negative:
+            if negative_prompt is not None:
+                raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
+            uncond = condmod.to_device(adapter.conditioning_from_embeddings(negative), device)
+            if len(uncond["prompt_embeds"]) != batch:
+                raise ValueError(f"negative_prompt_embeds hold {len(uncond['prompt_embeds'])} rows for {batch} "
+                                 "prompts; give one per prompt")
+        elif guided:
+            negatives = _prompt_list(negative_prompt if negative_prompt is not None else "", "negative_prompt")
+            negatives = negatives * batch if len(negatives) == 1 else negatives
+            if len(negatives) != batch:
+                raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch} prompts")
+            with self._loaded(self._text_encoders().values()):
+                uncond = self.family.encode_negative(self.text_pipeline, negatives, device)
+        return (_repeat(cond, num_images_per_prompt),
+                None if uncond is None else _repeat(uncond, num_images_per_prompt))
+
     # -- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
@@ -568,6 +600,11 @@ class L2PPipeline:
             callback_on_step_end: as in diffusers, ``callback(pipe, i, t, callback_kwargs)``
                 after each step; ``callback_kwargs["latents"]`` is the current pixel-space
                 sample x_t (B, 3, H, W), and a "latents" entry in the returned dict replaces it.
+            prompt_embeds, prompt_attention_mask / pooled_prompt_embeds / prompt_embeds_mask and
+                their negative_ forms: the source pipeline's text conditioning encoded
+                beforehand, by its names and in its layout (``embedding_arguments`` of the
+                family's adapter; Z-Image a list of (L, D) tensors), in place of prompt and
+                negative_prompt. Without negative ones, guidance encodes negative_prompt ("").
             **guidance_options: the source pipeline's own guidance options, by its names and
                 with its defaults: Lumina2 ``cfg_trunc_ratio`` (1.0) and ``cfg_normalization``
                 (True), Z-Image ``cfg_truncation`` (1.0) and ``cfg_normalization`` (False).
@@ -579,11 +616,7 @@ class L2PPipeline:
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
 
-        precomputed = sorted(set(guidance_options) & _PRECOMPUTED_CONDITIONING)
-        if precomputed:
-            raise TypeError(f"L2PPipeline encodes the prompts itself with the source's text encoders and takes "
-                            f"no precomputed conditioning ({', '.join(precomputed)}); pass the text as prompt "
-                            f"(and negative_prompt)")
+        given = {name: guidance_options.pop(name) for name in sorted(set(guidance_options) & _PRECOMPUTED_CONDITIONING)}
         schedule = sorted(set(guidance_options) & _CUSTOM_SCHEDULE)
         if schedule:
             raise TypeError(f"L2PPipeline sets the source pipeline's own schedule and takes no {', '.join(schedule)}; "
@@ -636,7 +669,15 @@ class L2PPipeline:
                              f"torch.Generator().manual_seed(s)), got {generator!r}")
         if latents is not None and not isinstance(latents, torch.Tensor):
             raise ValueError(f"latents must be a tensor (B, 3, H, W) of initial noise, got {type(latents).__name__}")
-        num_prompts = len(_prompt_list(prompt, "prompt"))
+        if given:
+            if prompt is not None:
+                raise ValueError("pass either prompt or prompt_embeds (the conditioning encoded beforehand), not both")
+            if given.get("prompt_embeds") is None:
+                raise ValueError(f"{', '.join(given)} given without prompt_embeds: pass prompt_embeds (and the rest "
+                                 f"of {', '.join(self.transformer.adapter.embedding_arguments) or 'it'}), or the prompt")
+            num_prompts = len(given["prompt_embeds"])
+        else:
+            num_prompts = len(_prompt_list(prompt, "prompt"))
         batch = num_prompts * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != batch:
             # randn_tensor would reuse a 1-list's generator for every image and ignore extras.
@@ -648,8 +689,11 @@ class L2PPipeline:
         else:
             cfg_scale = guidance_scale + self.recipe.guidance_scale_offset
         do_cfg = cfg_scale > 1
-        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
-                                          do_classifier_free_guidance=do_cfg)
+        if given:
+            cond, uncond = self._conditioning_given(given, negative_prompt, num_images_per_prompt, do_cfg)
+        else:
+            cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
+                                              do_classifier_free_guidance=do_cfg)
         device = self.device
         set_attention(model, self.attention)
 
