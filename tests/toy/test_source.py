@@ -303,3 +303,20 @@ def test_source_toy_names_the_shipped_source_for_convert_and_the_trainer(tmp_pat
     monkeypatch.setattr(toy_source, "SHIPPED_SOURCE_DIR", tmp_path / "absent")
     with pytest.raises(ValueError, match="l2p toy train-source.*model.source"):
         resolve_source_path("toy")
+
+
+def test_heldout_scores_are_split_by_whether_the_prompt_names_a_heldout_combination():
+    """Held-out prompts that name no held-out combination are ones training gives too; the
+    summary scores the two kinds apart, by image, in the same layout as the whole."""
+    from l2p.toy.world import names_heldout
+
+    records = make_records(60, seed=5, split="heldout")
+    named = [names_heldout(r.scene) for r in records]
+    assert any(named) and not all(named)
+    # Right images for the prompts that name one, blank ones for the rest.
+    images = [render_array(r.scene, 64) if n else np.zeros((64, 64, 3), np.uint8) for r, n in zip(records, named)]
+    parts = score_generated(images, records)["heldout_named"]
+    assert parts["novel"]["overall"] == 1.0 and parts["novel"]["n"] == sum(named)
+    assert parts["also_in_training"]["overall"] == 0.0 and parts["also_in_training"]["n"] == len(named) - sum(named)
+    assert "single_object" not in parts["novel"]["per_category"]
+    assert "heldout_named" not in score_generated(images[:6], make_records(6, seed=5, split="train"))

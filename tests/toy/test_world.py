@@ -13,7 +13,7 @@ from l2p.toy import (
 )
 from l2p.toy.render import shape_coverage
 from l2p.toy.world import (
-    BACKGROUND_KINDS, MAX_COUNT, RELATIONS, relation_strengths, relations, scene_atoms,
+    BACKGROUND_KINDS, MAX_COUNT, RELATIONS, names_heldout, prompt_atoms, relation_strengths, relations, scene_atoms,
 )
 
 
@@ -97,14 +97,16 @@ def test_heldout_combinations_never_reach_training(train_scenes, heldout_scenes)
     assert all(scene_atoms(s) & heldout for s in heldout_scenes)
     # Held-out prompts that name a held-out combination are new text, never a training prompt.
     train_prompts = {s.prompt for s in train_scenes}
-    named = [s for s in heldout_scenes if _prompt_atoms(s) & heldout]
+    named = [s for s in heldout_scenes if names_heldout(s)]
     assert len(named) > len(heldout_scenes) // 2
     assert not {s.prompt for s in named} & train_prompts
-
-
-def _prompt_atoms(scene):
-    words_only = Scene(scene.category, scene.groups, (), scene.background, scene.relation)
-    return scene_atoms(words_only)
+    # The others' prompts are ones training gives too (single objects always: "a circle").
+    rest = [s for s in heldout_scenes if not names_heldout(s)]
+    assert {s.category for s in rest} >= {"single_object"} and not any(names_heldout(s) for s in rest)
+    assert {s.prompt for s in rest} & train_prompts
+    for s in heldout_scenes:
+        words_only = Scene(s.category, s.groups, (), s.background, s.relation)
+        assert prompt_atoms(s) == scene_atoms(words_only)
 
 
 def test_every_category_has_heldout_prompts(heldout_scenes):

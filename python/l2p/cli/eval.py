@@ -26,6 +26,11 @@ def run(args: argparse.Namespace) -> int:
     low, high = summary["ci95"]
     print(f"overall {summary['overall']:.3f} (95% CI {low:.3f}-{high:.3f}) on {summary['n']} images; "
           + " ".join(f"{k}={v:.2f}" for k, v in summary["per_category"].items()))
+    for kind, part in summary.get("heldout_named", {}).items():
+        what = ("prompts naming a held-out combination" if kind == "novel"
+                else "held-out prompts that name none (training gives them too)")
+        print(f"  {what}: overall {part['overall']:.3f} on {part['n']} images; "
+              + " ".join(f"{k}={v:.2f}" for k, v in part["per_category"].items()))
     return 0
 
 

@@ -12,7 +12,7 @@ import torch
 
 from l2p.toy.prompts import PromptRecord
 from l2p.toy.scorer import SCORER_VERSION, score_images, summarize
-from l2p.toy.world import CATEGORIES
+from l2p.toy.world import CATEGORIES, names_heldout
 
 
 def bootstrap_interval(results, *, rounds: int = 1000, level: float = 0.95, seed: int = 0):
@@ -126,6 +126,14 @@ def score_generated(images, records: list[PromptRecord]) -> dict:
     summary["categories"] = [r.category for r in records]
     summary["records_digest"] = records_digest(records)
     summary["scorer_version"] = SCORER_VERSION
+    if any(r.scene.split == "heldout" for r in records):
+        # A held-out scene holds a held-out combination, but its prompt need not name it ("a
+        # circle" drawn blue): such prompts are ones training gives too. Scored apart, the
+        # prompts that do name one measure generalisation to unseen combinations.
+        named = [names_heldout(r.scene) for r in records]
+        summary["heldout_named"] = {
+            kind: summarize([res for res, n in zip(results, named) if n == wanted])
+            for kind, wanted in (("novel", True), ("also_in_training", False)) if wanted in named}
     summary["failures"] = [
         {"index": rec.index, "prompt": rec.prompt, "reason": res.reason}
         for rec, res in zip(records, results) if not res.correct

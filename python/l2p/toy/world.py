@@ -233,12 +233,25 @@ def prompt_text(groups, relation: str | None = None) -> str:
 
 def scene_atoms(scene: Scene) -> set:
     """Every combination a scene shows or names, in the vocabulary of :meth:`World.heldout_atoms`."""
-    atoms = {("color_shape", o.color, o.shape) for o in scene.objects}
-    atoms |= {("color_shape", g.color, g.shape) for g in scene.groups if g.color}
+    return prompt_atoms(scene) | {("color_shape", o.color, o.shape) for o in scene.objects}
+
+
+def prompt_atoms(scene: Scene) -> set:
+    """The combinations a scene's prompt names (not those its reference render happens to
+    show: an uncoloured "two triangles" names no colour), in the vocabulary of
+    :meth:`World.heldout_atoms`. A held-out prompt naming none of the held-out ones is word
+    for word a prompt the training split can give ("a circle", "a circle and a square"):
+    :func:`names_heldout` tells the two kinds apart."""
+    atoms = {("color_shape", g.color, g.shape) for g in scene.groups if g.color}
     atoms |= {("count_shape", g.count, g.shape) for g in scene.groups if g.count > 1}
     shapes = sorted({g.shape for g in scene.groups})
     atoms |= {("shape_pair", a, b) for i, a in enumerate(shapes) for b in shapes[i + 1:]}
     return atoms
+
+
+def names_heldout(scene: Scene, world: "World | None" = None) -> bool:
+    """Whether the scene's prompt names a held-out combination (a prompt training never gives)."""
+    return bool(prompt_atoms(scene) & (world or DEFAULT_WORLD).heldout_atoms())
 
 
 def relations(box_a, box_b) -> set[str]:
