@@ -126,6 +126,14 @@ def _report_markdown(report: dict) -> str:
     for name, s in (("source (latent)", src), ("L2P pixel model", pix)):
         cats = " | ".join(f"{s['per_category'].get(c, float('nan')):.2f}" for c in src["per_category"])
         lines.append(f"| {name} | {s['overall']:.3f} | {s['ci95'][0]:.3f}-{s['ci95'][1]:.3f} | {cats} |")
+    named_src, named_pix = src.get("heldout_named", {}), pix.get("heldout_named", {})
+    if named_src and named_pix:
+        lines.append("")
+    for kind, what in (("novel", "that name a held-out combination (prompts training never gives)"),
+                       ("also_in_training", "that name none (training gives them too)")):
+        if kind in named_src and kind in named_pix:
+            lines.append(f"- The {named_src[kind]['n']} held-out prompts {what}: source "
+                         f"{named_src[kind]['overall']:.3f}, pixel {named_pix[kind]['overall']:.3f}.")
     ratio = report["pixel_over_source"]
     lines += ["", f"Pixel / source overall: {ratio:.2f}" if ratio is not None else
               "Pixel / source overall: undefined (the source scored 0)", "",
