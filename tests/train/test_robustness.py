@@ -208,3 +208,33 @@ def test_aspect_ratio_buckets_batch_one_shape_and_resume_exactly(sources, tmp_pa
     resumed.run()
     a, b = _params(straight), _params(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_caption_column_named_for_embed_is_named_for_training_too(sources, images, tmp_path):
+    """metadata.csv with two caption columns: `l2p data embed --caption-column long` caches the
+    long captions, and data.caption_column=long trains on them from the cache; left at its
+    default the trainer reads 'text' and says the cache may hold another column."""
+    import csv
+    import shutil
+
+    from l2p.cli import main
+    from l2p.data.embed import EmbeddingCache
+
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    with open(data / "metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(data / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file_name", "text", "long"])
+        writer.writeheader()
+        writer.writerows({"file_name": r["file_name"], "text": r["text"], "long": f"a longer caption {i}"}
+                         for i, r in enumerate(rows))
+    assert main(["data", "embed", "--source", str(sources["pixart"]), "--data", str(data), "--device", "cpu",
+                 "--caption-column", "long"]) == 0
+    trainer = Trainer(make_config(sources["pixart"], data, tmp_path / "run", data__embeddings="auto",
+                                  data__caption_column="long", train__max_steps=1))
+    assert isinstance(trainer.text, EmbeddingCache)
+    assert {f.caption for f in trainer.dataset.files} == {f"a longer caption {i}" for i in range(len(rows))}
+    trainer.run()
+    with pytest.raises(ConfigError, match="another caption column .*data.caption_column"):
+        Trainer(make_config(sources["pixart"], data, tmp_path / "run2", data__embeddings="auto"))

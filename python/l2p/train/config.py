@@ -70,6 +70,9 @@ class DataConfig:
     bucket_max_aspect: float | None = None
     # Probability that a sample's caption is replaced by the empty prompt (for CFG).
     caption_dropout: float = 0.1
+    # metadata.csv column holding the captions; None = the first of text, caption, prompt (the
+    # same choice as `l2p data embed --caption-column`, which must name the same column).
+    caption_column: str | None = None
     # Text-embedding cache of `l2p data embed`; "auto" = use <path>/embeddings when present.
     embeddings: str | None = "auto"
     # DataLoader worker processes that prefetch exactly the coming batches (0 = load in the loop).

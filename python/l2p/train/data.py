@@ -95,10 +95,11 @@ def sample_seed(seed: int, step: int, slot: int) -> int:
 
 
 def open_dataset(path: str | Path, resolution: int, seed: int = 0, *, patch_size: int | None = None,
-                 max_aspect: float | None = None) -> torch.utils.data.Dataset:
+                 max_aspect: float | None = None, caption_column: str | None = None) -> torch.utils.data.Dataset:
     """The data package's dataset (images + metadata.csv, or images with .txt captions),
     center-cropped to ``resolution`` or, with ``max_aspect``, to the aspect-ratio bucket of
-    about ``resolution``^2 pixels (sides multiples of ``patch_size``) nearest each image. Its
+    about ``resolution``^2 pixels (sides multiples of ``patch_size``) nearest each image; the
+    captions from metadata.csv's ``caption_column`` (None: text, caption or prompt). Its
     own caption dropout stays off: the trainer draws the dropout coin per (seed, step, slot) so
     that resumed and multi-process runs are exact."""
     from l2p.data.dataset import ImageCaptionDataset, make_buckets
@@ -107,7 +108,8 @@ def open_dataset(path: str | Path, resolution: int, seed: int = 0, *, patch_size
         raise ValueError("data.path is empty: set it to an images folder with metadata.csv "
                          "(--set data.path=DIR)")
     buckets = make_buckets(resolution, patch_size, max_aspect=max_aspect) if max_aspect else None
-    dataset = ImageCaptionDataset(path, size=resolution, buckets=buckets, caption_dropout=0.0, seed=seed)
+    dataset = ImageCaptionDataset(path, size=resolution, buckets=buckets, caption_dropout=0.0, seed=seed,
+                                  caption_column=caption_column)
     if len(dataset) == 0:
         raise ValueError(f"{path} holds no usable images")
     return dataset

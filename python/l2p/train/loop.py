@@ -187,7 +187,8 @@ class Trainer:
         self.base_fingerprint = (base_fingerprint(model) if self.source.loads_exactly(frozen_dtype)
                                  and not published_rounded else None)
         self.dataset = open_dataset(cfg.data.path, cfg.data.resolution, cfg.train.seed,
-                                    patch_size=model.config.patch_size, max_aspect=cfg.data.bucket_max_aspect)
+                                    patch_size=model.config.patch_size, max_aspect=cfg.data.bucket_max_aspect,
+                                    caption_column=cfg.data.caption_column)
         # The source's VAE encoder, read once for both things that encode images with it.
         needs_vae = cfg.model.embed_init == "vae" or cfg.align.weight > 0
         vae = self.source.load_vae_encoder(frozen_dtype) if needs_vae else None
@@ -373,7 +374,8 @@ class Trainer:
             if missing:
                 raise ConfigError(f"{len(missing)} captions of {cfg.data.path} are not in the text-embedding cache "
                                   f"{cache_dir}, e.g. {missing[0][:60]!r}: the dataset changed after `l2p data "
-                                  "embed`; run it again, or set data.embeddings=null")
+                                  "embed`, or it embedded another caption column (--caption-column, which "
+                                  "data.caption_column must name too); run it again, or set data.embeddings=null")
             return cache
         if cfg.low_memory.enabled:
             raise ConfigError("low_memory.enabled needs cached text embeddings (text encoders are never "
