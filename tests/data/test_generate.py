@@ -492,3 +492,11 @@ def test_non_finite_pixels_fail_the_image_instead_of_saving_black(tiny_pixart, p
     summary = G.generate_images(_config(tiny_pixart, prompt_file, out, images_per_prompt=1), pipe=pipe,
                                 progress=False)
     assert summary.rendered == len(PROMPTS)
+
+
+def test_prompt_lists_that_differ_only_in_where_a_newline_falls_differ_in_the_manifest():
+    import hashlib
+
+    assert G.prompts_digest(["a\nb", "c"]) != G.prompts_digest(["a", "b\nc"])
+    # Lists without newlines keep the digest every existing manifest recorded.
+    assert G.prompts_digest(["a red circle", "b"]) == hashlib.sha256(b"a red circle\nb").hexdigest()

@@ -190,6 +190,15 @@ def _is_pixel_pipeline(path: Path) -> bool:
     return list(index.get("transformer") or []) == PIXEL_ENTRY
 
 
+def prompts_digest(prompts: list[str]) -> str:
+    """The sha256 a manifest records of the prompt list: of the prompts joined by newlines, as
+    manifests have always recorded it, unless a prompt holds a newline itself (a CSV or JSONL
+    prompt can): then of the list as JSON, or ["a\nb", "c"] and ["a", "b\nc"] would agree."""
+    if any("\n" in p for p in prompts):
+        return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
 def image_name(prompt_index: int, image_index: int) -> str:
     """The file name (relative to the output folder) of one image; 1000 prompts a folder."""
     return f"images/{prompt_index // 1000:04d}/{prompt_index:07d}_{image_index:03d}.png"
@@ -633,7 +642,7 @@ def generate_images(config: GenerationConfig, *, pipe=None, rank: int | None = N
         settings = {"dtype": str(dtype).removeprefix("torch."), "device_type": torch.device(device).type}
         manifest = {
             "source": source, "source_digest": digest,
-            "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+            "prompts_sha256": prompts_digest(prompts),
             "num_prompts": len(prompts), "images_per_prompt": config.images_per_prompt,
             "height": config.height, "width": config.width, "steps": config.steps,
             "guidance": config.guidance, "seed": config.seed, **settings,
