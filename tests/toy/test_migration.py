@@ -129,6 +129,10 @@ def test_eval_scores_source_and_pixel_folders(tmp_path, monkeypatch, capsys):
     assert json.loads(out.read_text())["guidance_max_sigma"] == 0.5
     assert main(["eval", "--model", str(tmp_path / "pixel"), "--out", str(out), "--shift", "3", *prompts]) == 0
     assert json.loads(out.read_text())["shift"] == 3.0
+    # --limit 2 leaves categories out: the overall is over fewer, and eval says so.
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "pixel"), "--out", str(out), "--limit", "2", *prompts]) == 0
+    assert "the overall is the mean over 2 categories, not GenEval's 6" in capsys.readouterr().out
     # A pixel pipeline samples at the shift asked for; at its scheduler's own it is unchanged.
     from l2p.sample.pipeline import L2PPipeline
     from l2p.toy.scoring import pixel_images

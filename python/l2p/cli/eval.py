@@ -24,6 +24,12 @@ def run(args: argparse.Namespace) -> int:
                    noise_device="cpu", int8=args.int8)
     write_json(args.out, summary, indent=2)
     low, high = summary["ci95"]
+    from l2p.toy.world import CATEGORIES
+
+    if len(summary["per_category"]) < len(CATEGORIES):
+        absent = sorted(set(CATEGORIES) - set(summary["per_category"]))
+        print(f"note: no prompts of {', '.join(absent)} (--limit {args.limit}?): the overall is the mean over "
+              f"{len(summary['per_category'])} categories, not GenEval's {len(CATEGORIES)}")
     print(f"overall {summary['overall']:.3f} (95% CI {low:.3f}-{high:.3f}) on {summary['n']} images; "
           + " ".join(f"{k}={v:.2f}" for k, v in summary["per_category"].items()))
     for kind, part in summary.get("heldout_named", {}).items():
