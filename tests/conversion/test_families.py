@@ -247,6 +247,12 @@ def test_z_image_accepts_its_list_form():
         batched = model(x, **kwargs).sample
         listed = model([xi.unsqueeze(1) for xi in x], return_dict=False, **kwargs)[0]
     assert torch.equal(batched, listed)
+    # One size per call (the source's list takes a mix): a clear error, not torch.stack's.
+    mixed = [x[0], x[1][:, :, : x.shape[3] // 2]] if len(x) > 1 else [x[0], x[0][:, :, :-4]]
+    with pytest.raises(ValueError, match="images of one size per call"):
+        model(mixed, **kwargs)
+    with pytest.raises(ValueError, match="list of"):
+        model([x[0].numpy()], **kwargs)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

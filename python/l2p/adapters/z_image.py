@@ -69,7 +69,14 @@ class ZImageAdapter(SourceAdapter):
     def pixels_from_input(self, value):
         # The source takes a list of (C, 1, H, W); accept that form too.
         if isinstance(value, (list, tuple)):
+            if not value or not all(isinstance(v, torch.Tensor) and v.dim() in (3, 4) for v in value):
+                raise ValueError("the pixel Z-Image takes x as a (B, 3, H, W) tensor or a list of (3, 1, H, W) / "
+                                 "(3, H, W) images")
             frames = [v.squeeze(1) if v.dim() == 4 else v for v in value]
+            if len({tuple(f.shape) for f in frames}) > 1:
+                # The pixel model runs one token grid per call; the source's list takes any mix.
+                raise ValueError(f"the pixel Z-Image takes images of one size per call, got "
+                                 f"{sorted({tuple(f.shape) for f in frames})}; call it once per size")
             return torch.stack(frames)
         return value
 
