@@ -108,3 +108,15 @@ def test_data_generate_records_the_pixel_pipelines_default_settings(converted, t
                  "--device", "cpu"]) == 0
     row = next(csv.DictReader(open(tmp_path / "out" / "metadata.csv")))
     assert (row["steps"], row["guidance"]) == ("28", "7.0")
+
+
+def test_save_grid_tiles_images_and_refuses_zero_columns(tmp_path):
+    from l2p.sample.basic import save_grid
+
+    images = torch.stack([torch.full((3, 2, 2), v) for v in (-1.0, 1.0, 0.0)])
+    grid = np.asarray(Image.open(save_grid(images, tmp_path / "g.png", columns=2)))
+    assert grid.shape == (4, 4, 3)
+    assert (grid[:2, :2] == 0).all() and (grid[:2, 2:] == 255).all() and (grid[2:, :2] == 128).all()
+    assert (grid[2:, 2:] == 255).all()  # the empty cell stays white
+    with pytest.raises(ValueError, match="columns must be a positive int"):
+        save_grid(images, tmp_path / "h.png", columns=0)

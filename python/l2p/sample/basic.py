@@ -64,6 +64,8 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int) -> Path:
     """Tile (N, 3, H, W) images in [-1, 1] into one PNG, ``columns`` per row."""
     from PIL import Image
 
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+        raise ValueError(f"save_grid: columns must be a positive int, got {columns!r}")
     n, _, h, w = images.shape
     rows = math.ceil(n / columns)
     grid = torch.ones(3, rows * h, columns * w)
