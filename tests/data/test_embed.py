@@ -186,3 +186,18 @@ def test_a_missing_or_cut_short_shard_is_refused_at_open_and_encoded_again(tiny_
         torch.testing.assert_close(got["prompt_attention_mask"], mask)
         # Encoded in another batch: the same values wherever the mask lets the model look.
         torch.testing.assert_close(got["prompt_embeds"][mask.bool()], embeds[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_under_torchrun_only_rank_0_embeds(tiny_pixart, data, tmp_path, capsys, monkeypatch):
+    """Every rank encoded every caption into the same files, all on the default GPU."""
+    from l2p.cli import main
+
+    out = tmp_path / "cache"
+    args = ["data", "embed", "--source", str(tiny_pixart), "--data", str(data), "--out", str(out), "--device", "cpu"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(args) == 0
+    assert "runs on rank 0 only" in capsys.readouterr().out and not out.exists()
+    monkeypatch.setenv("RANK", "0")
+    assert main(args) == 0
+    assert (out / "index.json").is_file()

@@ -81,8 +81,15 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_embed(args: argparse.Namespace) -> int:
     from l2p.data.embed import build_embedding_cache
+    from l2p.torchrun import DistEnv
 
     _log_to_stderr()
+    env = DistEnv.from_torchrun()
+    if not env.is_main:
+        # Every rank would encode every caption into the same files, all on the default device
+        # (cuda:0): N copies of the text encoders on one GPU. One process writes the cache.
+        print(f"rank {env.rank}: l2p data embed runs on rank 0 only; nothing to do here")
+        return 0
     summary = build_embedding_cache(args.source, args.data, out=args.out, batch_size=args.batch_size,
                                     shard_size=args.shard_size, caption_column=args.caption_column,
                                     device=_device_arg(args.device), dtype=args.dtype,
