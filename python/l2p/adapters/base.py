@@ -119,16 +119,23 @@ class SourceAdapter:
         raise NotImplementedError
 
     @classmethod
+    def _refuse_unknown_embeddings(cls, given: dict[str, Any]) -> None:
+        unknown = sorted(set(given) - set(cls.embedding_arguments))
+        if unknown:
+            raise ValueError(f"the {cls.source_class} pipeline's precomputed conditioning is "
+                             f"{', '.join(cls.embedding_arguments)} (negative_ ones alike); it takes no "
+                             f"{', '.join(unknown)}")
+
+    @classmethod
     def conditioning_from_embeddings(cls, given: dict[str, Any]) -> dict[str, Any]:
         """What ``encode_prompts`` returns, from the source pipeline's own precomputed
         arguments (``given``: ``embedding_arguments`` by name, batch-first tensors)."""
         names = ", ".join(cls.embedding_arguments)
+        cls._refuse_unknown_embeddings(given)
         missing = [name for name in cls.embedding_arguments if given.get(name) is None]
-        unknown = sorted(set(given) - set(cls.embedding_arguments))
-        if missing or unknown:
+        if missing:
             raise ValueError(f"the {cls.source_class} pipeline's precomputed conditioning is {names} (negative_ "
-                             f"ones alike); " + (f"missing {', '.join(missing)}" if missing else
-                                                 f"it takes no {', '.join(unknown)}"))
+                             f"ones alike); missing {', '.join(missing)}")
         batch = None
         for name in cls.embedding_arguments:
             value, rank = given[name], 3 if name == "prompt_embeds" else 2

@@ -49,10 +49,7 @@ class QwenImageAdapter(PackedLatentAdapter):
         # QwenImagePipeline's padded batch and its mask (None: nothing padded), unpadded per
         # caption as encode_prompts keeps them.
         embeds, mask = given.get("prompt_embeds"), given.get("prompt_embeds_mask")
-        unknown = sorted(set(given) - set(cls.embedding_arguments))
-        if unknown:
-            raise ValueError(f"the {cls.source_class} pipeline's precomputed conditioning is prompt_embeds and "
-                             f"prompt_embeds_mask (negative_ ones alike); it takes no {', '.join(unknown)}")
+        cls._refuse_unknown_embeddings(given)
         if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
             got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
             raise ValueError(f"prompt_embeds must be a tensor (B, L, D), got {got}")

@@ -119,10 +119,7 @@ class ZImageAdapter(SourceAdapter):
     @classmethod
     def conditioning_from_embeddings(cls, given):
         embeds = given.get("prompt_embeds")
-        unknown = sorted(set(given) - {"prompt_embeds"})
-        if unknown:
-            raise ValueError(f"the {cls.source_class} pipeline's precomputed conditioning is prompt_embeds "
-                             f"(and negative_prompt_embeds); it takes no {', '.join(unknown)}")
+        cls._refuse_unknown_embeddings(given)
         if isinstance(embeds, torch.Tensor) and embeds.dim() == 3:
             embeds = list(embeds)  # a batch of equal lengths
         if not isinstance(embeds, (list, tuple)) or not embeds or not all(

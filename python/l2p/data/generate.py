@@ -155,10 +155,11 @@ def load_pipeline(source: str | os.PathLike, *, device: str = "cpu",
 
     from l2p.conversion.folders import pipeline_variant
 
+    from l2p.sample.pipeline import L2PPipeline, is_pixel_pipeline_folder
+
     path = resolve_source(source)
-    if not components and _is_pixel_pipeline(path):
+    if not components and is_pixel_pipeline_folder(path):
         # A converted (L2P) folder renders with the pixel model: no VAE, the pixel sampler.
-        from l2p.sample.pipeline import L2PPipeline
 
         pipe = L2PPipeline.from_pretrained(path, torch_dtype=None if dtype == torch.float32 else dtype)
         pipe.set_progress_bar_config(disable=True)
@@ -177,17 +178,6 @@ def load_pipeline(source: str | os.PathLike, *, device: str = "cpu",
             cast_loaded(module, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def _is_pixel_pipeline(path: Path) -> bool:
-    """Whether ``path`` is a converted L2P pipeline folder (its transformer is l2p's)."""
-    from l2p.sample.pipeline import PIXEL_ENTRY
-
-    try:
-        index = json.loads((path / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return list(index.get("transformer") or []) == PIXEL_ENTRY
 
 
 def prompts_digest(prompts: list[str]) -> str:

@@ -199,18 +199,17 @@ def _delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (b.flatten(1).float() @ a.flatten(1).float()).reshape(b.shape[0], *a.shape[1:])
 
 
-def _find_layer(root: nn.Module, module: str, source_prefix: str) -> tuple[str, str | None]:
-    """Where ``module`` is in ``root``: (its name in ``root``, its name in the source model or
-    None). A name of ``root``'s own (a LoRA trained on the pixel model) is taken first; else
-    the source's layer of that name under ``source_prefix`` (a LoRA made for the source)."""
-    for path, source_name in ((module, None), (source_prefix + module, module)):
+def _find_layer(root: nn.Module, module: str, source_prefix: str) -> tuple[str, bool]:
+    """Where ``module`` is in ``root``: (its name in ``root``, whether it names a source layer).
+    A name of ``root``'s own (a LoRA trained on the pixel model) is taken first; else the
+    source's layer of that name under ``source_prefix`` (a LoRA made for the source). Without
+    a prefix ``root`` is the source itself."""
+    for path, as_source in ((module, not source_prefix), (source_prefix + module, True)):
         try:
             root.get_submodule(path)
         except AttributeError:
             continue
-        if source_name is None and source_prefix and path.startswith(source_prefix):
-            source_name = path[len(source_prefix):]  # the pixel model's name for a source layer
-        return path, source_name
+        return path, as_source
     raise AttributeError(module)
 
 
@@ -238,12 +237,12 @@ def fuse_lora(components: dict[str, nn.Module], lora: LoraFile, scale: float = 1
             skipped[name] = f"this pipeline has no {component}"
             continue
         try:
-            path, source_name = _find_layer(root, module, (source_prefix or {}).get(component, ""))
+            path, as_source = _find_layer(root, module, (source_prefix or {}).get(component, ""))
         except AttributeError:
             skipped[name] = f"no such layer in the {component}"
             continue
-        if path != module and any(source_name == r or source_name.startswith(r + ".")
-                                  for r in (replaced or {}).get(component, ())):
+        if as_source and any(module == r or module.startswith(r + ".")
+                             for r in (replaced or {}).get(component, ())):
             skipped[name] = "the pixel model replaced this layer (pixel embedding or output head)"
             continue
         layer = root.get_submodule(path)

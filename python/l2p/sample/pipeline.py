@@ -33,6 +33,16 @@ from l2p.train import conditioning as condmod
 PIXEL_ENTRY = ["l2p", "PixelTransformer2DModel"]
 
 
+def is_pixel_pipeline_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is a converted L2P pipeline (what ``l2p convert`` / ``l2p-train``
+    write: its model_index.json names l2p's transformer), as opposed to a latent source."""
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return list(index.get("transformer") or []) == PIXEL_ENTRY
+
+
 def _repeat(cond: dict, n: int) -> dict:
     """Each sample's conditioning repeated n times in place (num_images_per_prompt)."""
     if n == 1:
@@ -47,6 +57,16 @@ def _prompt_list(prompt: str | list[str], what: str) -> list[str]:
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
         return list(prompt)
     raise ValueError(f"{what} must be a string or a non-empty list of strings, got {prompt!r}")
+
+
+def _negative_prompts(negative_prompt, count: int) -> list[str]:
+    """The negative prompt of each of ``count`` prompts ("" by default; one is repeated)."""
+    negatives = _prompt_list(negative_prompt if negative_prompt is not None else "", "negative_prompt")
+    if len(negatives) == 1:
+        negatives = negatives * count
+    if len(negatives) != count:
+        raise ValueError(f"negative_prompt has {len(negatives)} entries for {count} prompts")
+    return negatives
 
 
 def _check_images_per_prompt(n) -> None:
@@ -464,9 +484,9 @@ class L2PPipeline:
         """The source pipeline's default for its ``__call__`` argument ``name`` (``fallback``
         where it has none), so that an argument left out samples as the source would."""
         parameter = inspect.signature(type(self.text_pipeline).__call__).parameters.get(name)
-        if parameter is None or parameter.default is inspect.Parameter.empty:
+        if parameter is None or parameter.default is inspect.Parameter.empty or parameter.default is None:
             return fallback
-        return fallback if parameter.default is None else parameter.default
+        return parameter.default
 
     @property
     def default_size(self) -> int:
@@ -490,11 +510,7 @@ class L2PPipeline:
         _check_images_per_prompt(num_images_per_prompt)
         negatives = None
         if do_classifier_free_guidance:
-            negatives = _prompt_list(negative_prompt if negative_prompt is not None else "", "negative_prompt")
-            if len(negatives) == 1:
-                negatives = negatives * len(prompts)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+            negatives = _negative_prompts(negative_prompt, len(prompts))
         device = self.device
         with self._loaded(self._text_encoders().values()):
             cond = _repeat(self.family.encode(self.text_pipeline, prompts, device), num_images_per_prompt)
@@ -527,10 +543,7 @@ class L2PPipeline:
                 raise ValueError(f"negative_prompt_embeds hold {len(uncond['prompt_embeds'])} rows for {batch} "
                                  "prompts; give one per prompt")
         elif guided:
-            negatives = _prompt_list(negative_prompt if negative_prompt is not None else "", "negative_prompt")
-            negatives = negatives * batch if len(negatives) == 1 else negatives
-            if len(negatives) != batch:
-                raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch} prompts")
+            negatives = _negative_prompts(negative_prompt, batch)
             with self._loaded(self._text_encoders().values()):
                 uncond = self.family.encode_negative(self.text_pipeline, negatives, device)
         return (_repeat(cond, num_images_per_prompt),

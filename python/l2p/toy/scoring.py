@@ -142,10 +142,11 @@ def score_generated(images, records: list[PromptRecord]) -> dict:
 
 
 def is_pixel_pipeline(folder: str | Path) -> bool:
-    """A folder written by ``l2p convert`` / ``l2p-train`` (its model_index.json has an
-    "_l2p" block), as opposed to a latent source pipeline."""
-    index = Path(folder) / "model_index.json"
-    return index.is_file() and "_l2p" in json.loads(index.read_text())
+    """A folder written by ``l2p convert`` / ``l2p-train``, as opposed to a latent source
+    pipeline (``l2p.sample.pipeline.is_pixel_pipeline_folder``)."""
+    from l2p.sample.pipeline import is_pixel_pipeline_folder
+
+    return is_pixel_pipeline_folder(folder)
 
 
 @torch.no_grad()
